@@ -1,0 +1,35 @@
+"""Celery settings for mes_tasks, derived from the environment (see mes_tasks.settings)."""
+
+from mes_tasks.settings import get_settings
+
+_s = get_settings()
+
+broker_url = _s.redis_url
+broker_connection_retry_on_startup = True
+broker_transport_options = {
+    "visibility_timeout": _s.visibility_timeout_s,
+    "unacked_restore_interval": _s.unacked_restore_interval_s,
+    "unacked_restore_throttle": 1,
+    "socket_connect_timeout": _s.connect_timeout_s,
+    "health_check_interval": 30,
+}
+result_backend = _s.redis_url
+result_backend_transport_options = {"socket_connect_timeout": _s.connect_timeout_s}
+result_expires = 24 * 3600
+
+task_serializer = "json"
+result_serializer = "json"
+accept_content = ["json"]
+result_accept_content = ["json"]
+
+task_routes = {"mes_tasks.tasks.update_quantity": {"queue": "workorder"}}
+task_acks_late = True
+task_acks_on_failure_or_timeout = True
+task_reject_on_worker_lost = True
+worker_prefetch_multiplier = 1
+worker_cancel_long_running_tasks_on_connection_loss = True
+worker_send_task_events = True
+task_send_sent_event = True
+
+timezone = "UTC"
+enable_utc = True

@@ -1,0 +1,34 @@
+"""The Celery app (``celery -A mes_tasks``) and the worker's start-up checks."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+from celery import Celery, signals
+
+from mes_tasks import db
+from mes_tasks.errors import MesError
+from mes_tasks.settings import get_settings
+
+log = logging.getLogger(__name__)
+
+EXIT_CONFIG = 78  # EX_CONFIG from sysexits.h
+
+app = Celery("mes_tasks", include=["mes_tasks.tasks"])
+app.config_from_object("celeryconfig")
+
+
+@signals.worker_init.connect
+def prepare_worker(**_: Any) -> None:
+    """Refuse to start unless MongoDB is reachable, transactional and indexed."""
+    try:
+        settings = get_settings()
+        db.prepare(settings)
+    except MesError as exc:
+        message = f"mes_tasks: cannot start the worker [{exc.code}]: {exc.message}"
+        log.critical(message)
+        print(message, file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_CONFIG) from None
+    log.info("mes_tasks ready: %s", settings.masked())

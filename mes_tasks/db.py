@@ -1,0 +1,98 @@
+"""Connections to the two stores: MongoDB (mongoengine, transactions required) and Redis."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import mongoengine
+import redis
+from mongoengine.connection import get_connection
+from pymongo import MongoClient
+from pymongo.errors import ConnectionFailure, DuplicateKeyError, OperationFailure, PyMongoError
+
+from mes_tasks.errors import MongoUnavailable, TransactionsUnsupported, WriteConflict
+from mes_tasks.models import ALL_MODELS
+from mes_tasks.settings import Settings, mask_url
+
+Mongo = MongoClient[dict[str, Any]]
+WRITE_CONFLICT_CODE = 112
+REDIS_HEALTH_CHECK_INTERVAL_S = 30
+
+
+def redis_client(settings: Settings) -> redis.Redis:
+    """A client for mes_tasks's Redis database (locks, stats), with bounded timeouts."""
+    return redis.Redis.from_url(
+        settings.redis_url,
+        socket_connect_timeout=settings.connect_timeout_s,
+        socket_timeout=settings.connect_timeout_s,
+        health_check_interval=REDIS_HEALTH_CHECK_INTERVAL_S,
+        decode_responses=True,
+    )
+
+
+def connect(settings: Settings, alias: str = mongoengine.DEFAULT_CONNECTION_NAME) -> Mongo:
+    """Register the mongoengine connection for ``settings`` (replacing any old one)."""
+    mongoengine.disconnect(alias)
+    timeout_ms = int(settings.connect_timeout_s * 1000)
+    mongoengine.connect(
+        db=settings.mongodb_db,
+        host=settings.mongodb_uri,
+        alias=alias,
+        tz_aware=True,
+        uuidRepresentation="standard",
+        serverSelectionTimeoutMS=timeout_ms,
+        connectTimeoutMS=timeout_ms,
+    )
+    client: Mongo = get_connection(alias)
+    return client
+
+
+def prepare(settings: Settings) -> Mongo:
+    """Connect, refuse a server without transactions, create the indexes.
+
+    Raises:
+        TransactionsUnsupported: the server is a standalone ``mongod``.
+        MongoUnavailable: the server cannot be reached.
+    """
+    client = connect(settings)
+    with mongo_errors():
+        check_transactions(client, settings)
+        for model in ALL_MODELS:
+            model.ensure_indexes()
+    return client
+
+
+def check_transactions(client: Mongo, settings: Settings) -> None:
+    """Raise ``TransactionsUnsupported`` unless the server is a replica set or mongos."""
+    hello = client.admin.command("hello")
+    if hello.get("setName") or hello.get("msg") == "isdbgrid":
+        return
+    raise TransactionsUnsupported(
+        f"MongoDB at {mask_url(settings.mongodb_uri)} is a standalone server and cannot run "
+        "transactions, which mes_tasks needs to count every request exactly once. Start "
+        "mongod with --replSet rs0 and run rs.initiate() once (a single node is enough), "
+        "then point MONGODB_URI at it (e.g. mongodb://host:27017/mes?replicaSet=rs0)."
+    )
+
+
+@contextmanager
+def mongo_errors() -> Iterator[None]:
+    """Turn pymongo's retryable failures into mes_tasks's transient errors."""
+    try:
+        yield
+    except DuplicateKeyError:
+        raise
+    except ConnectionFailure as exc:
+        raise MongoUnavailable(f"MongoDB unreachable: {exc}") from exc
+    except OperationFailure as exc:
+        if exc.code == WRITE_CONFLICT_CODE or exc.has_error_label("TransientTransactionError"):
+            raise WriteConflict(f"transaction aborted: {exc}") from exc
+        raise
+    except PyMongoError as exc:
+        if exc.has_error_label("TransientTransactionError"):
+            raise WriteConflict(f"transaction aborted: {exc}") from exc
+        if exc.has_error_label("UnknownTransactionCommitResult"):
+            raise MongoUnavailable(f"commit result unknown: {exc}") from exc
+        raise

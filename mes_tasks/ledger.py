@@ -1,0 +1,204 @@
+"""The apply step: lock, fence, then log + counter in one MongoDB transaction.
+
+Correctness rests on MongoDB, not on the lock:
+
+* the log's unique ``request_id`` and the counter ``$inc`` commit together, so a
+  request counts once or not at all;
+* the ``$inc`` only matches while the work order's ``epoch`` is the one this holder
+  set right after acquiring the lock, so a holder whose lock silently expired is
+  fenced out as soon as the next holder acquires.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import redis
+from pymongo import ReturnDocument
+from pymongo.client_session import ClientSession
+from pymongo.errors import DuplicateKeyError
+from pymongo.read_concern import ReadConcern
+from pymongo.write_concern import WriteConcern
+
+from mes_tasks.db import Mongo, mongo_errors
+from mes_tasks.errors import FenceLost, NegativeCounter, RequestIdConflict, UnknownWorkOrder
+from mes_tasks.keys import lock_key
+from mes_tasks.locks import RedisLock
+from mes_tasks.models import COUNTER_FIELDS, QuantityLog, WorkOrder, utcnow
+from mes_tasks.settings import Settings
+from mes_tasks.validation import UpdateRequest
+
+log = logging.getLogger(__name__)
+
+TXN_WRITE_CONCERN = WriteConcern("majority")
+TXN_READ_CONCERN = ReadConcern("snapshot")
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    """What one update did: ``applied`` or ``duplicate``, and the counter afterwards."""
+
+    status: str
+    work_order_id: str
+    kind: str
+    quantity: int
+    request_id: str
+    value: int
+    epoch: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Ledger:
+    """Applies quantity updates; holds the connections it needs (passed in)."""
+
+    def __init__(self, mongo: Mongo, redis_client: redis.Redis, settings: Settings) -> None:
+        self.mongo = mongo
+        self.redis = redis_client
+        self.settings = settings
+        self.work_orders = WorkOrder._get_collection()
+        self.logs = QuantityLog._get_collection()
+
+    def lock_for(self, work_order_id: str) -> RedisLock:
+        s = self.settings
+        return RedisLock(
+            self.redis,
+            lock_key(s.key_prefix, work_order_id),
+            s.lock_ttl_s,
+            wait_s=s.lock_wait_s,
+            extend_interval_s=s.lock_extend_interval_s,
+        )
+
+    def apply(self, req: UpdateRequest, request_id: str, task_id: str | None = None) -> ApplyResult:
+        """Apply one validated update exactly once.
+
+        Raises:
+            UnknownWorkOrder, NegativeCounter, RequestIdConflict: permanent.
+            LockBusy, LockLost, FenceLost, RedisUnavailable, MongoUnavailable,
+            WriteConflict: transient; retrying is safe.
+        """
+        with self.lock_for(req.work_order_id) as lock:
+            epoch = self.bump_epoch(req.work_order_id)
+            return self.commit(req, request_id, epoch, task_id, before_commit=lock.ensure_held)
+
+    def bump_epoch(self, work_order_id: str) -> int:
+        """Take the fence: increment the work order's epoch and return the new value."""
+        with mongo_errors():
+            doc = self.work_orders.find_one_and_update(
+                {"_id": work_order_id},
+                {"$inc": {"epoch": 1}},
+                projection={"epoch": 1},
+                return_document=ReturnDocument.AFTER,
+            )
+        if doc is None:
+            raise UnknownWorkOrder(f"work order {work_order_id!r} does not exist")
+        return int(doc["epoch"])
+
+    def commit(
+        self,
+        req: UpdateRequest,
+        request_id: str,
+        epoch: int,
+        task_id: str | None = None,
+        *,
+        before_commit: Callable[[], None] = lambda: None,
+    ) -> ApplyResult:
+        """Insert the log and move the counter in one transaction, if still fenced in."""
+        try:
+            with (
+                mongo_errors(),
+                self.mongo.start_session() as session,
+                session.start_transaction(read_concern=TXN_READ_CONCERN, write_concern=TXN_WRITE_CONCERN),
+            ):
+                value = self._inc_counter(session, req, epoch)
+                self._insert_log(session, req, request_id, epoch, value, task_id)
+                self._test_delay()
+                before_commit()
+        except DuplicateKeyError:
+            return self.duplicate_of(req, request_id)
+        return ApplyResult("applied", *_ident(req, request_id), value=value, epoch=epoch)
+
+    def duplicate_of(self, req: UpdateRequest, request_id: str) -> ApplyResult:
+        """The result for a request id that is already logged; refuse a different payload."""
+        with mongo_errors():
+            logged = self.logs.find_one({"request_id": request_id})
+        if logged is None:  # lost a race with a rollback; let the caller retry
+            raise FenceLost(f"request {request_id!r} collided but is not logged")
+        if _ident(req, request_id) != _ident_of(logged):
+            raise RequestIdConflict(
+                f"request id {request_id!r} was already used for {_ident_of(logged)[:3]}, "
+                f"not {_ident(req, request_id)[:3]}"
+            )
+        return ApplyResult(
+            "duplicate", *_ident(req, request_id), value=logged["value_after"], epoch=logged["epoch"]
+        )
+
+    def _inc_counter(self, session: ClientSession, req: UpdateRequest, epoch: int) -> int:
+        field = COUNTER_FIELDS[req.kind]
+        match: dict[str, Any] = {"_id": req.work_order_id, "epoch": epoch}
+        if req.quantity < 0:
+            match[field] = {"$gte": -req.quantity}
+        doc = self.work_orders.find_one_and_update(
+            match,
+            {"$inc": {field: req.quantity}, "$set": {"updated_at": utcnow()}},
+            projection={field: 1},
+            return_document=ReturnDocument.AFTER,
+            session=session,
+        )
+        if doc is None:
+            raise self._why_unmatched(session, req, epoch)
+        return int(doc[field])
+
+    def _why_unmatched(self, session: ClientSession, req: UpdateRequest, epoch: int) -> Exception:
+        field = COUNTER_FIELDS[req.kind]
+        doc = self.work_orders.find_one({"_id": req.work_order_id}, session=session)
+        if doc is None:
+            return UnknownWorkOrder(f"work order {req.work_order_id!r} does not exist")
+        if doc.get("epoch") != epoch:
+            return FenceLost(
+                f"work order {req.work_order_id!r} fenced: epoch {doc.get('epoch')} != ours {epoch}"
+            )
+        current = int(doc.get(field) or 0)
+        return NegativeCounter(
+            f"{field} of {req.work_order_id!r} is {current}; adding {req.quantity} would go below zero"
+        )
+
+    def _insert_log(
+        self,
+        session: ClientSession,
+        req: UpdateRequest,
+        request_id: str,
+        epoch: int,
+        value: int,
+        task_id: str | None,
+    ) -> None:
+        doc = {
+            "request_id": request_id,
+            "work_order_id": req.work_order_id,
+            "kind": req.kind,
+            "quantity": req.quantity,
+            "value_after": value,
+            "epoch": epoch,
+            "task_id": task_id,
+            "created_at": utcnow(),
+            **req.context,
+        }
+        self.logs.insert_one(doc, session=session)
+
+    def _test_delay(self) -> None:
+        if self.settings.test_txn_delay_s:
+            log.warning("test hook: holding the transaction open for %ss", self.settings.test_txn_delay_s)
+            time.sleep(self.settings.test_txn_delay_s)
+
+
+def _ident(req: UpdateRequest, request_id: str) -> tuple[str, str, int, str]:
+    return (req.work_order_id, req.kind, req.quantity, request_id)
+
+
+def _ident_of(logged: Mapping[str, Any]) -> tuple[str, str, int, str]:
+    return (logged["work_order_id"], logged["kind"], logged["quantity"], logged["request_id"])

@@ -1,0 +1,103 @@
+"""MongoDB documents: work-order counters, the quantity log (idempotency), dead letters."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from mongoengine import (
+    DateTimeField,
+    DictField,
+    Document,
+    IntField,
+    ListField,
+    StringField,
+)
+
+KINDS = ("input", "output")
+COUNTER_FIELDS = {"input": "input_qty", "output": "output_qty"}
+CONTEXT_FIELDS = (
+    "barcode",
+    "operation",
+    "operator_id",
+    "process_step_id",
+    "process_name",
+    "reason",
+    "source",
+)
+FAILED_STATUSES = ("open", "retried", "discarded", "resolved")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class WorkOrder(Document):
+    """A production work order's counters; created by the main app, changed only here."""
+
+    id = StringField(primary_key=True)
+    input_qty = IntField(default=0)
+    output_qty = IntField(default=0)
+    # Fencing epoch, bumped by every lock holder right after it acquires.
+    epoch = IntField(default=0)
+    updated_at = DateTimeField()
+
+    meta = {"collection": "work_orders", "strict": False}
+
+
+class QuantityLog(Document):
+    """One applied update; the unique ``request_id`` makes every request count once."""
+
+    request_id = StringField(required=True, unique=True)
+    work_order_id = StringField(required=True)
+    kind = StringField(required=True, choices=KINDS)
+    quantity = IntField(required=True)
+    value_after = IntField(required=True)
+    epoch = IntField(required=True)
+    task_id = StringField()
+    created_at = DateTimeField(default=utcnow)
+    barcode = StringField()
+    operation = StringField()
+    operator_id = StringField()
+    process_step_id = StringField()
+    process_name = StringField()
+    reason = StringField()
+    source = StringField()
+
+    meta = {
+        "collection": "quantity_logs",
+        "strict": False,
+        "indexes": [
+            # Covers the audit's per-work-order, per-kind sums and "recent logs of a work order".
+            {"fields": ["work_order_id", "kind", "quantity"], "name": "wo_kind_qty"},
+            {"fields": ["work_order_id", "-created_at"], "name": "wo_recent"},
+        ],
+    }
+
+
+class FailedUpdate(Document):
+    """The dead-letter record of an update that could not be applied."""
+
+    request_id = StringField(required=True, unique=True)
+    task_name = StringField(required=True)
+    task_id = StringField()
+    payload = StringField()  # JSON {"args": [...], "kwargs": {...}}, exactly as sent
+    work_order_id = StringField()
+    error_code = StringField(required=True)
+    error_message = StringField()
+    attempts = IntField(default=1)
+    first_failed_at = DateTimeField(default=utcnow)
+    last_failed_at = DateTimeField(default=utcnow)
+    status = StringField(default="open", choices=FAILED_STATUSES)
+    history = ListField(DictField())
+
+    meta = {
+        "collection": "failed_updates",
+        "strict": False,
+        "indexes": [
+            {"fields": ["status", "error_code"], "name": "status_code"},
+            {"fields": ["work_order_id"], "name": "work_order"},
+        ],
+    }
+
+
+ALL_MODELS: tuple[type[Document], ...] = (WorkOrder, QuantityLog, FailedUpdate)

@@ -1,0 +1,191 @@
+"""Settings: read from the environment once, validated, held in one typed object.
+
+Every default lives here, with its unit in its name.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from functools import lru_cache
+from urllib.parse import urlsplit, urlunsplit
+
+from mes_tasks.errors import ConfigurationError
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/3"  # db 3: mes_tasks's own database
+DEFAULT_MONGODB_URI = "mongodb://127.0.0.1:27017/mes"
+DEFAULT_KEY_PREFIX = "mes:"
+LOCK_TTL_S = 30.0
+LOCK_WAIT_S = 10.0
+LOCK_EXTEND_FRACTION = 1 / 3  # watchdog extends at a third of the TTL unless told otherwise
+RETRY_MAX = 8
+RETRY_BACKOFF_S = 1.0
+RETRY_BACKOFF_MAX_S = 60.0
+VISIBILITY_TIMEOUT_S = 600.0
+VISIBILITY_SAFETY_FACTOR = 2.0  # "comfortably longer": twice the longest task + countdown
+CONNECT_TIMEOUT_S = 5.0
+UNACKED_RESTORE_INTERVAL_S = 10.0  # how often a worker sweeps for expired unacked messages
+
+ENV_NAMES = {
+    "redis_url": "REDIS_URL",
+    "mongodb_uri": "MONGODB_URI",
+    "key_prefix": "MES_KEY_PREFIX",
+    "lock_ttl_s": "MES_LOCK_TTL_S",
+    "lock_wait_s": "MES_LOCK_WAIT_S",
+    "lock_extend_interval_s": "MES_LOCK_EXTEND_INTERVAL_S",
+    "retry_max": "MES_RETRY_MAX",
+    "retry_backoff_s": "MES_RETRY_BACKOFF_S",
+    "retry_backoff_max_s": "MES_RETRY_BACKOFF_MAX_S",
+    "visibility_timeout_s": "MES_VISIBILITY_TIMEOUT_S",
+    "connect_timeout_s": "MES_CONNECT_TIMEOUT_S",
+    "unacked_restore_interval_s": "MES_UNACKED_RESTORE_INTERVAL_S",
+    "test_txn_delay_s": "MES_TEST_TXN_DELAY_S",
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything mes_tasks can be told, with validated values."""
+
+    redis_url: str = DEFAULT_REDIS_URL
+    mongodb_uri: str = DEFAULT_MONGODB_URI
+    key_prefix: str = DEFAULT_KEY_PREFIX
+    lock_ttl_s: float = LOCK_TTL_S
+    lock_wait_s: float = LOCK_WAIT_S
+    lock_extend_interval_s: float = 0.0  # 0: derived, LOCK_EXTEND_FRACTION x lock_ttl_s
+    retry_max: int = RETRY_MAX
+    retry_backoff_s: float = RETRY_BACKOFF_S
+    retry_backoff_max_s: float = RETRY_BACKOFF_MAX_S
+    visibility_timeout_s: float = VISIBILITY_TIMEOUT_S
+    connect_timeout_s: float = CONNECT_TIMEOUT_S
+    unacked_restore_interval_s: float = UNACKED_RESTORE_INTERVAL_S
+    # Test-only: sleep inside the MongoDB transaction, before commit. Off (0) by default.
+    test_txn_delay_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.lock_extend_interval_s == 0:
+            object.__setattr__(self, "lock_extend_interval_s", self.lock_ttl_s * LOCK_EXTEND_FRACTION)
+        _check_urls(self)
+        _check_positive(self)
+        _check_lock_timing(self)
+        _check_visibility_timeout(self)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Build settings from environment variables (see ``ENV_NAMES``).
+
+        Raises:
+            ConfigurationError: a value is malformed or contradicts another.
+        """
+        env = os.environ if environ is None else environ
+        values: dict[str, object] = {}
+        for field in fields(cls):
+            raw = env.get(ENV_NAMES[field.name])
+            if raw is not None and raw.strip() != "":
+                values[field.name] = _parse(field.name, field.type, raw.strip())
+        return cls(**values)  # type: ignore[arg-type]
+
+    @property
+    def longest_task_s(self) -> float:
+        """Upper bound of one delivery: waiting for the lock, then holding it."""
+        return self.lock_wait_s + self.lock_ttl_s
+
+    @property
+    def mongodb_db(self) -> str:
+        """Database named in the URI path, ``mes`` when none is given."""
+        return urlsplit(self.mongodb_uri).path.lstrip("/") or "mes"
+
+    def masked(self) -> dict[str, object]:
+        """Settings as a dict with credentials in URLs masked, safe to print."""
+        out: dict[str, object] = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["redis_url"] = mask_url(self.redis_url)
+        out["mongodb_uri"] = mask_url(self.mongodb_uri)
+        return out
+
+
+def mask_url(url: str) -> str:
+    """Replace the password (or a lone username-as-token) in a URL with ``***``."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    creds, _, host = parts.netloc.rpartition("@")
+    user = creds.split(":", 1)[0] if ":" in creds else ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+_URL_CREDENTIALS = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)[^/@\s]*@", re.IGNORECASE)
+
+
+def mask_secrets(text: str) -> str:
+    """Mask the credentials of every URL inside free text (error messages, logs)."""
+    return _URL_CREDENTIALS.sub(lambda m: f"{m.group('scheme')}***@", text)
+
+
+def _parse(name: str, kind: object, raw: str) -> object:
+    env_name = ENV_NAMES[name]
+    try:
+        if kind in (int, "int"):
+            return int(raw)
+        if kind in (float, "float"):
+            return float(raw)
+    except ValueError:
+        raise ConfigurationError(
+            f"{env_name}={raw!r} is not a number; set it to a {kind} or unset it"
+        ) from None
+    return raw
+
+
+def _check_urls(s: Settings) -> None:
+    if urlsplit(s.redis_url).scheme not in ("redis", "rediss"):
+        raise ConfigurationError(f"REDIS_URL={mask_url(s.redis_url)} must start with redis:// or rediss://")
+    if urlsplit(s.mongodb_uri).scheme not in ("mongodb", "mongodb+srv"):
+        raise ConfigurationError(
+            f"MONGODB_URI={mask_url(s.mongodb_uri)} must start with mongodb:// or mongodb+srv://"
+        )
+    if not s.key_prefix:
+        raise ConfigurationError("MES_KEY_PREFIX must not be empty; the default is 'mes:'")
+
+
+def _check_positive(s: Settings) -> None:
+    for name in (
+        "lock_ttl_s",
+        "lock_wait_s",
+        "lock_extend_interval_s",
+        "retry_backoff_s",
+        "unacked_restore_interval_s",
+    ):
+        if getattr(s, name) <= 0:
+            raise ConfigurationError(f"{ENV_NAMES[name]} must be greater than zero")
+    for name in ("retry_max", "retry_backoff_max_s", "test_txn_delay_s", "connect_timeout_s"):
+        if getattr(s, name) < 0:
+            raise ConfigurationError(f"{ENV_NAMES[name]} must not be negative")
+
+
+def _check_lock_timing(s: Settings) -> None:
+    if s.lock_ttl_s + 1e-9 < 3 * s.lock_extend_interval_s:
+        raise ConfigurationError(
+            f"MES_LOCK_TTL_S={s.lock_ttl_s:g} is shorter than three watchdog intervals "
+            f"(3 x MES_LOCK_EXTEND_INTERVAL_S={s.lock_extend_interval_s:g}); a single slow "
+            "extension would lose the lock. Raise MES_LOCK_TTL_S or lower "
+            "MES_LOCK_EXTEND_INTERVAL_S (it defaults to a third of the TTL)."
+        )
+
+
+def _check_visibility_timeout(s: Settings) -> None:
+    needed = VISIBILITY_SAFETY_FACTOR * (s.longest_task_s + s.retry_backoff_max_s)
+    if s.visibility_timeout_s < needed:
+        raise ConfigurationError(
+            f"MES_VISIBILITY_TIMEOUT_S={s.visibility_timeout_s:g} is too short: an "
+            "unacknowledged task would be redelivered while still running or waiting "
+            f"for its retry. It must be at least {VISIBILITY_SAFETY_FACTOR:g} x "
+            f"(MES_LOCK_WAIT_S + MES_LOCK_TTL_S + MES_RETRY_BACKOFF_MAX_S) = {needed:g}; "
+            "raise it or lower those settings."
+        )
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read from the environment on first use."""
+    return Settings.from_env()

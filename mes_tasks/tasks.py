@@ -1,0 +1,130 @@
+"""Celery tasks. ``update_quantity`` is the only way counters change."""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from typing import Any, NoReturn
+
+from celery import Task
+
+from mes_tasks import db
+from mes_tasks.app import app
+from mes_tasks.deadletter import Failure, record_failure
+from mes_tasks.errors import MesError, MongoUnavailable, PermanentError, TransientError
+from mes_tasks.keys import apply_ms_key
+from mes_tasks.ledger import Ledger
+from mes_tasks.settings import Settings, get_settings
+from mes_tasks.validation import validate_update
+
+log = logging.getLogger(__name__)
+
+UPDATE_QUANTITY = "mes_tasks.tasks.update_quantity"
+APPLY_MS_EWMA_WEIGHT = 0.1  # weight of the newest duration in the moving average
+APPLY_MS_TTL_S = 3600
+
+
+class InternalError(TransientError):
+    """An unexpected error; retried like a transient one, then dead-lettered."""
+
+    code = "INTERNAL_ERROR"
+
+
+class LedgerTask(Task):  # type: ignore[misc]
+    """Base task holding this worker process's ledger (connections made on first use)."""
+
+    _ledger: Ledger | None = None
+    _apply_ms: float | None = None
+
+    @property
+    def ledger(self) -> Ledger:
+        if LedgerTask._ledger is None:
+            s = get_settings()
+            LedgerTask._ledger = Ledger(db.connect(s), db.redis_client(s), s)
+        return LedgerTask._ledger
+
+    def record_duration(self, started: float) -> None:
+        ms = (time.monotonic() - started) * 1000
+        prev = LedgerTask._apply_ms
+        avg = ms if prev is None else prev + APPLY_MS_EWMA_WEIGHT * (ms - prev)
+        LedgerTask._apply_ms = avg
+        s = self.ledger.settings
+        try:
+            self.ledger.redis.set(apply_ms_key(s.key_prefix), f"{avg:.2f}", ex=APPLY_MS_TTL_S)
+        except Exception:  # a statistic must never fail an applied update
+            log.debug("could not store apply_ms", exc_info=True)
+
+
+def backoff_s(retries: int, settings: Settings) -> float:
+    """Capped exponential backoff with jitter (half to full of the capped step)."""
+    step = min(settings.retry_backoff_max_s, settings.retry_backoff_s * 2**retries)
+    return float(step * random.uniform(0.5, 1.0))
+
+
+@app.task(bind=True, base=LedgerTask, name=UPDATE_QUANTITY, acks_late=True)
+def update_quantity(
+    self: LedgerTask,
+    work_order_id: str,
+    kind: str,
+    quantity: int,
+    request_id: str | None = None,
+    context: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """Add ``quantity`` to the ``kind`` counter of a work order, exactly once per request id.
+
+    Returns:
+        ``{"status": "applied" | "duplicate", "value": counter after, "request_id": ..., ...}``
+    """
+    started = time.monotonic()
+    try:
+        req = validate_update(work_order_id, kind, quantity, request_id, context)
+        result = self.ledger.apply(req, req.request_id or self.request.id, self.request.id)
+    except PermanentError as exc:
+        _dead_letter(self, exc)
+    except TransientError as exc:
+        _retry_or_dead_letter(self, exc)
+    except Exception as exc:
+        log.exception("unexpected error in %s", self.request.id)
+        _retry_or_dead_letter(self, InternalError(f"{type(exc).__name__}: {exc}"))
+    self.record_duration(started)
+    return result.to_dict()
+
+
+def _retry_or_dead_letter(task: LedgerTask, exc: MesError) -> NoReturn:
+    settings = task.ledger.settings
+    if task.request.retries < settings.retry_max:
+        countdown = backoff_s(task.request.retries, settings)
+        log.warning("%s: %s; retry %d in %.2fs", exc.code, exc.message, task.request.retries + 1, countdown)
+        raise task.retry(exc=exc, countdown=countdown, max_retries=None)
+    _dead_letter(task, exc)
+
+
+def _dead_letter(task: LedgerTask, exc: MesError) -> NoReturn:
+    req = task.request
+    request_id = req.kwargs.get("request_id") if req.kwargs else None
+    failure = Failure(
+        task_name=task.name,
+        task_id=req.id,
+        request_id=request_id if isinstance(request_id, str) and request_id else req.id,
+        work_order_id=_work_order_of(req.args, req.kwargs),
+        args=req.args or (),
+        kwargs=req.kwargs or {},
+        error=exc,
+        attempts=req.retries + 1,
+    )
+    try:
+        record_failure(failure)
+    except MongoUnavailable as store_exc:
+        # Nothing recorded it: keep the message alive rather than drop the update.
+        log.error("dead-letter store unreachable (%s); retrying %s", store_exc, req.id)
+        raise task.retry(
+            exc=store_exc, countdown=task.ledger.settings.retry_backoff_max_s, max_retries=None
+        ) from store_exc
+    log.error("update %s failed for good: %s %s", failure.request_id, exc.code, exc.message)
+    raise exc
+
+
+def _work_order_of(args: Any, kwargs: Any) -> str | None:
+    value = (args[0] if args else None) or (kwargs or {}).get("work_order_id")
+    return value if isinstance(value, str) else None

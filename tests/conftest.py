@@ -1,0 +1,146 @@
+"""Test servers: a real redis-server and SecantusDB on free ports, plus worker subprocesses.
+
+The environment is set here, at import time, before anything reads mes_tasks's
+settings, so the producer in this process and every worker subprocess agree.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from mes_tasks.devserver import free_port, mongo_service, redis_service, worker_argv
+
+REDIS_PORT = free_port()
+MONGO_PORT = free_port()
+TEST_ENV = {
+    "REDIS_URL": f"redis://127.0.0.1:{REDIS_PORT}/3",
+    "MONGODB_URI": f"mongodb://127.0.0.1:{MONGO_PORT}/mes_test",
+    "MES_LOCK_TTL_S": "3",
+    "MES_LOCK_WAIT_S": "2",
+    "MES_RETRY_MAX": "5",
+    "MES_RETRY_BACKOFF_S": "0.05",
+    "MES_RETRY_BACKOFF_MAX_S": "0.5",
+    "MES_VISIBILITY_TIMEOUT_S": "12",
+    "MES_UNACKED_RESTORE_INTERVAL_S": "1",
+    "MES_CONNECT_TIMEOUT_S": "2",
+}
+os.environ.update(TEST_ENV)
+
+from mes_tasks import db  # noqa: E402
+from mes_tasks.models import ALL_MODELS, WorkOrder  # noqa: E402
+from mes_tasks.settings import Settings, get_settings  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+WORKER_READY_TIMEOUT_S = 60.0
+
+
+@pytest.fixture(scope="session")
+def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object]]:
+    base = tmp_path_factory.mktemp("servers")
+    redis_svc = redis_service(base / "redis", REDIS_PORT, base / "redis.log").start()
+    mongo_svc = mongo_service(base / "mongo", MONGO_PORT, base / "mongo.log").start()
+    yield {"redis": redis_svc, "mongo": mongo_svc}
+    redis_svc.stop()
+    mongo_svc.stop()
+
+
+@pytest.fixture(scope="session")
+def settings(servers: dict[str, object]) -> Settings:
+    return get_settings()
+
+
+@pytest.fixture()
+def mongo(settings: Settings) -> Iterator[db.Mongo]:
+    client = db.prepare(settings)
+    for model in ALL_MODELS:
+        model._get_collection().delete_many({})
+    yield client
+
+
+@pytest.fixture()
+def redis_client(settings: Settings, mongo: db.Mongo) -> Iterator[object]:
+    client = db.redis_client(settings)
+    client.flushdb()
+    yield client
+    client.close()
+
+
+def make_work_orders(ids: list[str], **counters: int) -> None:
+    for wo in ids:
+        WorkOrder(id=wo, **counters).save()
+
+
+@dataclass
+class Worker:
+    """A real ``celery worker`` subprocess on the ``workorder`` queue."""
+
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_for_log(self, text: str, timeout_s: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while text not in self.log():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"worker exited ({self.proc.returncode}):\n{self.log()[-3000:]}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{text!r} not in worker log after {timeout_s}s:\n{self.log()[-3000:]}")
+            time.sleep(0.05)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+def spawn_worker(log_path: Path, name: str = "workorder", **env: str) -> Worker:
+    full_env = {**os.environ, **TEST_ENV, **env}
+    with open(log_path, "ab") as out:
+        proc = subprocess.Popen(
+            worker_argv(name=name), cwd=REPO, env=full_env, stdout=out, stderr=subprocess.STDOUT
+        )
+    return Worker(proc, log_path)
+
+
+@pytest.fixture()
+def start_worker(
+    tmp_path: Path, mongo: db.Mongo, redis_client: object
+) -> Iterator[Callable[..., Worker]]:
+    workers: list[Worker] = []
+
+    def start(name: str = "workorder", wait: bool = True, **env: str) -> Worker:
+        worker = spawn_worker(tmp_path / f"worker-{len(workers)}.log", name=f"{name}{len(workers)}", **env)
+        workers.append(worker)
+        if wait:
+            worker.wait_for_log(" ready.", WORKER_READY_TIMEOUT_S)
+        return worker
+
+    yield start
+    for worker in workers:
+        worker.stop()
+
+
+def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+        time.sleep(0.1)
