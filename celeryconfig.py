@@ -1,8 +1,17 @@
 """Celery settings for mes_tasks, derived from the environment (see mes_tasks.settings)."""
 
+import sys
+
+from mes_tasks.errors import ConfigurationError
 from mes_tasks.settings import get_settings
 
-_s = get_settings()
+try:
+    _s = get_settings()
+except ConfigurationError as _exc:
+    if "celery" in sys.argv[0]:  # the celery CLI: one clear line instead of a traceback
+        print(f"mes_tasks: invalid configuration [{_exc.code}]: {_exc.message}", file=sys.stderr)
+        sys.exit(78)  # EX_CONFIG
+    raise
 
 broker_url = _s.redis_url
 broker_connection_retry_on_startup = True
@@ -24,7 +33,8 @@ result_accept_content = ["json"]
 
 task_routes = {"mes_tasks.tasks.update_quantity": {"queue": "workorder"}}
 task_acks_late = True
-task_acks_on_failure_or_timeout = True
+task_acks_on_failure = True  # dead-lettered first, so a final failure is never lost
+task_acks_on_timeout = True
 task_reject_on_worker_lost = True
 worker_prefetch_multiplier = 1
 worker_cancel_long_running_tasks_on_connection_loss = True

@@ -17,7 +17,8 @@ from mes_tasks.models import ALL_MODELS
 from mes_tasks.settings import Settings, mask_url
 
 Mongo = MongoClient[dict[str, Any]]
-WRITE_CONFLICT_CODE = 112
+# WriteConflict, MaxTimeMSExpired: the document is busy in another transaction
+RETRYABLE_CODES = frozenset({112, 50})
 REDIS_HEALTH_CHECK_INTERVAL_S = 30
 
 
@@ -87,8 +88,10 @@ def mongo_errors() -> Iterator[None]:
     except ConnectionFailure as exc:
         raise MongoUnavailable(f"MongoDB unreachable: {exc}") from exc
     except OperationFailure as exc:
-        if exc.code == WRITE_CONFLICT_CODE or exc.has_error_label("TransientTransactionError"):
-            raise WriteConflict(f"transaction aborted: {exc}") from exc
+        if exc.code in RETRYABLE_CODES or exc.has_error_label("TransientTransactionError"):
+            reason = (exc.details or {}).get("errmsg") or str(exc)
+            name = (exc.details or {}).get("codeName") or exc.code
+            raise WriteConflict(f"{name}: {reason}") from exc
         raise
     except PyMongoError as exc:
         if exc.has_error_label("TransientTransactionError"):

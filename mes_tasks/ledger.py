@@ -87,13 +87,19 @@ class Ledger:
             return self.commit(req, request_id, epoch, task_id, before_commit=lock.ensure_held)
 
     def bump_epoch(self, work_order_id: str) -> int:
-        """Take the fence: increment the work order's epoch and return the new value."""
-        with mongo_errors():
+        """Take the fence: increment the work order's epoch and return the new value.
+
+        It runs as a (tiny) transaction so that a work order still written by an
+        abandoned transaction (a killed worker) answers at once with a retryable
+        write conflict instead of blocking until the server reaps that transaction.
+        """
+        with mongo_errors(), self.mongo.start_session() as session, session.start_transaction():
             doc = self.work_orders.find_one_and_update(
                 {"_id": work_order_id},
                 {"$inc": {"epoch": 1}},
                 projection={"epoch": 1},
                 return_document=ReturnDocument.AFTER,
+                session=session,
             )
         if doc is None:
             raise UnknownWorkOrder(f"work order {work_order_id!r} does not exist")

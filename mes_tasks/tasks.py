@@ -62,7 +62,8 @@ def backoff_s(retries: int, settings: Settings) -> float:
     return float(step * random.uniform(0.5, 1.0))
 
 
-@app.task(bind=True, base=LedgerTask, name=UPDATE_QUANTITY, acks_late=True)
+# max_retries=None: the retry budget is ours (MES_RETRY_MAX), not Celery's default of 3.
+@app.task(bind=True, base=LedgerTask, name=UPDATE_QUANTITY, acks_late=True, max_retries=None)
 def update_quantity(
     self: LedgerTask,
     work_order_id: str,
@@ -96,7 +97,7 @@ def _retry_or_dead_letter(task: LedgerTask, exc: MesError) -> NoReturn:
     if task.request.retries < settings.retry_max:
         countdown = backoff_s(task.request.retries, settings)
         log.warning("%s: %s; retry %d in %.2fs", exc.code, exc.message, task.request.retries + 1, countdown)
-        raise task.retry(exc=exc, countdown=countdown, max_retries=None)
+        raise task.retry(exc=exc, countdown=countdown)
     _dead_letter(task, exc)
 
 
@@ -118,9 +119,7 @@ def _dead_letter(task: LedgerTask, exc: MesError) -> NoReturn:
     except MongoUnavailable as store_exc:
         # Nothing recorded it: keep the message alive rather than drop the update.
         log.error("dead-letter store unreachable (%s); retrying %s", store_exc, req.id)
-        raise task.retry(
-            exc=store_exc, countdown=task.ledger.settings.retry_backoff_max_s, max_retries=None
-        ) from store_exc
+        raise task.retry(exc=store_exc, countdown=task.ledger.settings.retry_backoff_max_s) from store_exc
     log.error("update %s failed for good: %s %s", failure.request_id, exc.code, exc.message)
     raise exc
 

@@ -121,9 +121,7 @@ def spawn_worker(log_path: Path, name: str = "workorder", **env: str) -> Worker:
 
 
 @pytest.fixture()
-def start_worker(
-    tmp_path: Path, mongo: db.Mongo, redis_client: object
-) -> Iterator[Callable[..., Worker]]:
+def start_worker(tmp_path: Path, mongo: db.Mongo, redis_client: object) -> Iterator[Callable[..., Worker]]:
     workers: list[Worker] = []
 
     def start(name: str = "workorder", wait: bool = True, **env: str) -> Worker:

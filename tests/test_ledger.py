@@ -1,0 +1,144 @@
+"""The apply step against real Redis and SecantusDB, driven step by step in-process."""
+
+from __future__ import annotations
+
+import pytest
+import redis
+from conftest import make_work_orders
+
+from mes_tasks.db import Mongo
+from mes_tasks.errors import (
+    FenceLost,
+    LockLost,
+    NegativeCounter,
+    RequestIdConflict,
+    UnknownWorkOrder,
+    WriteConflict,
+)
+from mes_tasks.ledger import Ledger
+from mes_tasks.models import QuantityLog, WorkOrder
+from mes_tasks.settings import Settings
+from mes_tasks.validation import validate_update
+
+
+@pytest.fixture()
+def ledger(mongo: Mongo, redis_client: redis.Redis, settings: Settings) -> Ledger:
+    make_work_orders(["WO-1"])
+    return Ledger(mongo, redis_client, settings)
+
+
+def counters(wo: str = "WO-1") -> tuple[int, int]:
+    doc = WorkOrder.objects.get(id=wo)
+    return doc.input_qty, doc.output_qty
+
+
+def test_an_update_moves_the_counter_and_logs_it_with_its_context(ledger: Ledger) -> None:
+    ctx = {"barcode": "BC1", "operator_id": "U1", "process_name": "包装", "source": "DEVICE"}
+    result = ledger.apply(validate_update("WO-1", "output", 4, context=ctx), "r1", "task-1")
+    assert (result.status, result.value) == ("applied", 4)
+    log = QuantityLog.objects.get(request_id="r1")
+    assert (log.work_order_id, log.kind, log.quantity, log.value_after) == ("WO-1", "output", 4, 4)
+    assert (log.barcode, log.process_name, log.task_id, log.epoch) == ("BC1", "包装", "task-1", result.epoch)
+    assert counters() == (0, 4)
+
+
+def test_the_same_request_id_five_times_counts_once(ledger: Ledger) -> None:
+    req = validate_update("WO-1", "input", 3)
+    statuses = [ledger.apply(req, "scan:BC1:PACK").status for _ in range(5)]
+    assert statuses == ["applied"] + ["duplicate"] * 4
+    assert counters() == (3, 0)
+    assert QuantityLog.objects(request_id="scan:BC1:PACK").count() == 1
+
+
+def test_a_request_id_reused_for_another_update_is_refused(ledger: Ledger) -> None:
+    ledger.apply(validate_update("WO-1", "input", 3), "r1")
+    with pytest.raises(RequestIdConflict):
+        ledger.apply(validate_update("WO-1", "input", 4), "r1")
+    assert counters() == (3, 0)
+
+
+def test_an_unknown_work_order_writes_nothing(ledger: Ledger) -> None:
+    with pytest.raises(UnknownWorkOrder):
+        ledger.apply(validate_update("WO-404", "input", 1), "r1")
+    assert QuantityLog.objects.count() == 0
+    assert WorkOrder.objects(id="WO-404").count() == 0
+
+
+def test_a_counter_never_goes_below_zero(ledger: Ledger) -> None:
+    ledger.apply(validate_update("WO-1", "output", 2), "r1")
+    with pytest.raises(NegativeCounter):
+        ledger.apply(validate_update("WO-1", "output", -3), "r2")
+    ledger.apply(validate_update("WO-1", "output", -2), "r3")
+    assert counters() == (0, 0)
+    assert QuantityLog.objects.count() == 2
+
+
+def test_a_crash_before_commit_leaves_nothing(ledger: Ledger) -> None:
+    epoch = ledger.bump_epoch("WO-1")
+
+    def crash() -> None:
+        raise RuntimeError("power cut")
+
+    with pytest.raises(RuntimeError):
+        ledger.commit(validate_update("WO-1", "input", 5), "r1", epoch, before_commit=crash)
+    assert counters() == (0, 0)
+    assert QuantityLog.objects.count() == 0
+
+
+def test_a_paused_holder_is_fenced_out_after_another_holder_applied(
+    ledger: Ledger, redis_client: redis.Redis
+) -> None:
+    paused = ledger.lock_for("WO-1")
+    paused.acquire()
+    paused_epoch = ledger.bump_epoch("WO-1")
+    redis_client.delete(paused.key)  # its TTL ran out while it was paused
+
+    ledger.apply(validate_update("WO-1", "output", 1), "other")  # the next holder applies
+
+    # It resumes past its lock check and tries to commit: the fence rejects it.
+    with pytest.raises(FenceLost):
+        ledger.commit(validate_update("WO-1", "output", 10), "paused", paused_epoch)
+    assert counters() == (0, 1)
+    assert QuantityLog.objects(request_id="paused").count() == 0
+
+    ledger.apply(validate_update("WO-1", "output", 10), "paused")  # its retry counts once
+    assert counters() == (0, 11)
+
+
+def test_a_holder_is_fenced_as_soon_as_the_next_one_acquires_even_before_it_writes(
+    ledger: Ledger, redis_client: redis.Redis
+) -> None:
+    old_epoch = ledger.bump_epoch("WO-1")
+    redis_client.flushdb()  # a Redis restart that lost every key, the lock included
+    with ledger.lock_for("WO-1"):
+        ledger.bump_epoch("WO-1")
+        with pytest.raises(FenceLost):
+            ledger.commit(validate_update("WO-1", "input", 1), "r1", old_epoch)
+    assert counters() == (0, 0)
+
+
+def test_a_lock_lost_before_commit_aborts_the_transaction(ledger: Ledger, redis_client: redis.Redis) -> None:
+    with ledger.lock_for("WO-1") as held:
+        epoch = ledger.bump_epoch("WO-1")
+        redis_client.set(held.key, "intruder")
+        with pytest.raises(LockLost):
+            ledger.commit(validate_update("WO-1", "input", 1), "r1", epoch, before_commit=held.ensure_held)
+    assert counters() == (0, 0)
+    assert QuantityLog.objects.count() == 0
+
+
+def test_a_work_order_held_by_an_abandoned_transaction_is_a_retryable_conflict(
+    ledger: Ledger, mongo: Mongo
+) -> None:
+    session = mongo.start_session()
+    session.start_transaction()
+    WorkOrder._get_collection().update_one({"_id": "WO-1"}, {"$inc": {"input_qty": 1}}, session=session)
+    try:
+        with pytest.raises(WriteConflict) as err:
+            ledger.apply(validate_update("WO-1", "input", 1), "r1")
+        assert err.value.transient
+    finally:
+        session.abort_transaction()
+        session.end_session()
+    assert ledger.apply(validate_update("WO-1", "input", 1), "r1").status == "applied"
+    assert counters() == (1, 0)

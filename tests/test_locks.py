@@ -1,0 +1,87 @@
+"""The work-order lock against a real redis-server: owned, TTL'd, extension verified."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import redis
+
+from mes_tasks.errors import LockBusy, LockLost, RedisUnavailable
+from mes_tasks.locks import RedisLock
+
+
+def lock(client: redis.Redis, ttl_s: float = 1.0, wait_s: float = 0.0, **kw: float) -> RedisLock:
+    return RedisLock(client, "mes:lock:WO-1", ttl_s, wait_s=wait_s, **kw)
+
+
+def test_a_held_lock_is_busy_for_another_holder_until_released(redis_client: redis.Redis) -> None:
+    first = lock(redis_client)
+    first.acquire()
+    with pytest.raises(LockBusy):
+        lock(redis_client, wait_s=0.05).acquire()
+    assert first.release()
+    lock(redis_client).acquire()
+
+
+def test_the_key_holds_the_owner_token_with_a_ttl(redis_client: redis.Redis) -> None:
+    held = lock(redis_client, ttl_s=5)
+    held.acquire()
+    assert redis_client.get(held.key) == held.token
+    assert 4000 < redis_client.pttl(held.key) <= 5000
+
+
+def test_release_and_extend_leave_a_key_owned_by_someone_else_alone(redis_client: redis.Redis) -> None:
+    held = lock(redis_client)
+    held.acquire()
+    redis_client.set(held.key, "someone-else")
+    assert not held.extend()
+    assert not held.release()
+    assert redis_client.get(held.key) == "someone-else"
+
+
+def test_a_waiting_holder_gets_the_lock_once_it_is_released(redis_client: redis.Redis) -> None:
+    first = lock(redis_client, ttl_s=5)
+    first.acquire()
+    threading.Timer(0.1, first.release).start()
+    second = lock(redis_client, wait_s=2)
+    second.acquire()
+    assert redis_client.get(second.key) == second.token
+
+
+def test_the_watchdog_keeps_a_lock_alive_past_its_ttl(redis_client: redis.Redis) -> None:
+    with lock(redis_client, ttl_s=0.3) as held:
+        threading.Event().wait(0.9)  # three TTLs: the key must still be ours
+        assert redis_client.get(held.key) == held.token
+        held.ensure_held()
+    assert redis_client.get(held.key) is None
+
+
+@pytest.mark.parametrize("tamper", ["delete", "overwrite"])
+def test_ensure_held_notices_a_deleted_or_overwritten_key_at_once(
+    redis_client: redis.Redis, tamper: str
+) -> None:
+    with lock(redis_client, ttl_s=30) as held:
+        if tamper == "delete":
+            redis_client.delete(held.key)
+        else:
+            redis_client.set(held.key, "intruder")
+        with pytest.raises(LockLost):
+            held.ensure_held()
+
+
+def test_the_watchdog_records_a_failed_extension(redis_client: redis.Redis) -> None:
+    with lock(redis_client, ttl_s=0.3) as held:
+        redis_client.set(held.key, "intruder")
+        assert held._watchdog is not None
+        held._watchdog.join(timeout=2)
+        assert held.lost_reason and "refused" in held.lost_reason
+        redis_client.set(held.key, held.token)  # even if the key came back, the loss is remembered
+        with pytest.raises(LockLost):
+            held.ensure_held()
+
+
+def test_an_unreachable_redis_is_a_transient_error() -> None:
+    client = redis.Redis(port=1, socket_connect_timeout=0.2)
+    with pytest.raises(RedisUnavailable):
+        lock(client).acquire()
