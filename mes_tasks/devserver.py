@@ -8,6 +8,7 @@ the ``workorder`` worker, all in the foreground; Ctrl-C stops every child.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import signal
@@ -25,6 +26,7 @@ DEV_MONGO_PORT = 27030
 DEV_REDIS_DB = 3
 READY_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 15.0
+SIGINT_GRACE_S = 2.0  # time for the worker to react to the terminal's own Ctrl-C
 POLL_S = 0.05
 
 
@@ -181,27 +183,42 @@ def _print_env(env: dict[str, str]) -> None:
     print(f"  export MONGODB_URI={mask_url(env['MONGODB_URI'])}", flush=True)
 
 
-class _Terminated(Exception):
-    """SIGTERM reached the devserver (not the terminal's Ctrl-C, which the worker sees too)."""
+class _Stop(Exception):
+    """SIGINT or SIGTERM reached the devserver."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
 
 
-def _on_sigterm(*_: object) -> None:
-    raise _Terminated
+def _raise_stop(signum: int, _frame: object) -> None:
+    raise _Stop(signum)
 
 
 def _wait_for_interrupt(worker: subprocess.Popen[bytes]) -> int:
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    # Installed explicitly: a shell that starts us in the background leaves SIGINT ignored.
+    signal.signal(signal.SIGINT, _raise_stop)
+    signal.signal(signal.SIGTERM, _raise_stop)
     try:
         return worker.wait()
-    except (KeyboardInterrupt, _Terminated) as exc:
+    except _Stop as stop:
         print("[devserver] stopping the worker (warm shutdown)", flush=True)
-        if isinstance(exc, _Terminated):
-            worker.send_signal(signal.SIGTERM)
-        try:
-            worker.wait(STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
+        # The terminal's Ctrl-C reaches the worker too (a second SIGINT would be a cold
+        # shutdown); a SIGTERM, or a SIGINT sent to us alone, must be passed on.
+        if stop.signum == signal.SIGTERM or not _exits_within(worker, SIGINT_GRACE_S):
+            with contextlib.suppress(ProcessLookupError):
+                worker.terminate()
+        if not _exits_within(worker, STOP_TIMEOUT_S):
             worker.kill()
         return 0
+
+
+def _exits_within(proc: subprocess.Popen[bytes], timeout_s: float) -> bool:
+    try:
+        proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        return False
+    return True
 
 
 def main(argv: Sequence[str] | None = None) -> int:

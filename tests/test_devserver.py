@@ -1,0 +1,73 @@
+"""`make run`'s devserver: the whole stack in the foreground, stopped cleanly, data kept in var/."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import redis
+from conftest import REPO, wait_until
+from pymongo import MongoClient
+
+from mes_tasks.devserver import free_port, port_open
+
+SUBMIT = """
+from mes_tasks import db
+from mes_tasks.models import WorkOrder
+from mes_tasks.producer import submit_quantity_update
+from mes_tasks.settings import get_settings
+from celery.result import AsyncResult
+db.connect(get_settings())
+WorkOrder.objects(id="WO-1001").upsert_one(set_on_insert__input_qty=0)
+sent = submit_quantity_update("WO-1001", "output", 1, request_id="scan:BC123:PACK")
+print(AsyncResult(sent["job_id"]).get(timeout=60)["status"])
+"""
+
+
+def start_stack(var: Path, redis_port: int, mongo_port: int) -> tuple[subprocess.Popen[str], Path]:
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "MONGODB_URI")}
+    log = var.parent / f"devserver-{time.monotonic_ns()}.log"
+    argv = [sys.executable, "-m", "mes_tasks.devserver", "run", "--var", str(var)]
+    argv += ["--redis-port", str(redis_port), "--mongo-port", str(mongo_port)]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
+    wait_until(lambda: " ready." in log.read_text() or proc.poll() is not None, 90, "the stack")
+    assert proc.poll() is None, log.read_text()
+    return proc, log
+
+
+def submit(redis_port: int, mongo_port: int) -> str:
+    env = {
+        **os.environ,
+        "REDIS_URL": f"redis://127.0.0.1:{redis_port}/3",
+        "MONGODB_URI": f"mongodb://127.0.0.1:{mongo_port}/mes",
+    }
+    done = subprocess.run([sys.executable, "-c", SUBMIT], env=env, cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def test_the_stack_runs_stops_on_ctrl_c_and_keeps_its_data(tmp_path: Path) -> None:
+    var, redis_port, mongo_port = tmp_path / "var", free_port(), free_port()
+    proc, log = start_stack(var, redis_port, mongo_port)
+    assert submit(redis_port, mongo_port) == "applied"
+    redis.Redis(port=redis_port, db=3).set("mes:test:kept", "1")
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(60) == 0
+    assert not port_open(redis_port) and not port_open(mongo_port)
+    assert (var / "redis" / "appendonlydir").is_dir()
+    assert "stopping redis" in log.read_text()
+
+    proc, _ = start_stack(var, redis_port, mongo_port)
+    try:
+        assert redis.Redis(port=redis_port, db=3).get("mes:test:kept") == b"1"
+        assert submit(redis_port, mongo_port) == "duplicate"  # the first run's log is still there
+        doc = MongoClient(port=mongo_port).mes.work_orders.find_one({"_id": "WO-1001"})
+        assert doc is not None and doc["output_qty"] == 1
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(60)

@@ -1,0 +1,48 @@
+"""The producer helper: validates, enqueues, and answers with a dict, never an exception."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import redis
+from test_validation import BAD_INPUTS, GOOD
+
+from mes_tasks.devserver import Service
+from mes_tasks.keys import apply_ms_key
+from mes_tasks.models import QuantityLog
+from mes_tasks.producer import WORKORDER_QUEUE, Producer, submit_quantity_update
+
+
+def test_a_queued_update_reports_its_job_queue_length_and_estimated_delay(redis_client: redis.Redis) -> None:
+    redis_client.set(apply_ms_key("mes:"), "20")
+    first = submit_quantity_update("WO-1", "output", 1, request_id="r1")
+    second = submit_quantity_update("WO-1", "output", 1)
+    assert first["success"] and first["code"] == "QUEUED" and first["request_id"] == "r1"
+    assert (first["queue_length"], first["estimated_delay_ms"]) == (1, 40)
+    assert (second["queue_length"], second["estimated_delay_ms"]) == (2, 60)
+    assert second["request_id"] == second["job_id"]  # no request id given: the task id stands in
+    assert redis_client.llen(WORKORDER_QUEUE) == 2
+
+
+@pytest.mark.parametrize(("override", "code"), BAD_INPUTS)
+def test_bad_input_is_refused_by_the_producer_and_nothing_is_queued_or_written(
+    redis_client: redis.Redis, override: dict[str, Any], code: str
+) -> None:
+    result = submit_quantity_update(**{**GOOD, **override})
+    assert result == {"success": False, "job_id": None, "code": code, "error": result["error"]}
+    assert redis_client.llen(WORKORDER_QUEUE) == 0
+    assert QuantityLog.objects.count() == 0
+
+
+def test_a_broker_that_is_down_gives_queue_error_not_an_exception(
+    redis_client: redis.Redis, servers: dict[str, Service]
+) -> None:
+    servers["redis"].stop()
+    try:
+        result = Producer().submit("WO-1", "input", 1, request_id="down-1")
+    finally:
+        servers["redis"].start()
+    assert (result["success"], result["code"], result["job_id"]) == (False, "QUEUE_ERROR", None)
+    assert "Connection" in result["error"] or "refused" in result["error"]
+    assert submit_quantity_update("WO-1", "input", 1, request_id="up-again")["success"]
