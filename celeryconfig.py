@@ -1,6 +1,9 @@
 """Celery settings for mes_tasks, derived from the environment (see mes_tasks.settings)."""
 
 import sys
+from datetime import timedelta
+
+from celery.schedules import crontab
 
 from mes_tasks.errors import ConfigurationError
 from mes_tasks.settings import get_settings
@@ -31,7 +34,10 @@ result_serializer = "json"
 accept_content = ["json"]
 result_accept_content = ["json"]
 
-task_routes = {"mes_tasks.tasks.update_quantity": {"queue": "workorder"}}
+task_routes = {
+    "mes_tasks.tasks.update_quantity": {"queue": "workorder"},
+    "mes_tasks.tasks.audit_work_orders": {"queue": "audit"},
+}
 task_acks_late = True
 task_acks_on_failure = True  # dead-lettered first, so a final failure is never lost
 task_acks_on_timeout = True
@@ -41,5 +47,17 @@ worker_cancel_long_running_tasks_on_connection_loss = True
 worker_send_task_events = True
 task_send_sent_event = True
 
-timezone = "UTC"
+# Beat evaluates the crontab in this zone; messages stay in UTC.
+timezone = _s.audit_timezone
 enable_utc = True
+beat_schedule = {
+    "nightly-audit": {
+        "task": "mes_tasks.tasks.audit_work_orders",
+        "schedule": (
+            timedelta(seconds=_s.audit_interval_s)
+            if _s.audit_interval_s
+            else crontab(hour=_s.audit_time[0], minute=_s.audit_time[1])
+        ),
+        "options": {"queue": "audit", "expires": 12 * 3600},
+    },
+}

@@ -151,7 +151,7 @@ class Ledger:
             match[field] = {"$gte": -req.quantity}
         doc = self.work_orders.find_one_and_update(
             match,
-            {"$inc": {field: req.quantity}, "$set": {"updated_at": utcnow()}},
+            {"$inc": {field: req.quantity, "version": 1}, "$set": {"updated_at": utcnow()}},
             projection={field: 1},
             return_document=ReturnDocument.AFTER,
             session=session,

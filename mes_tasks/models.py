@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from mongoengine import (
+    BooleanField,
     DateTimeField,
     DictField,
     Document,
@@ -39,6 +40,8 @@ class WorkOrder(Document):
     output_qty = IntField(default=0)
     # Fencing epoch, bumped by every lock holder right after it acquires.
     epoch = IntField(default=0)
+    # Bumped by every committed counter change; the audit uses it to spot concurrent changes.
+    version = IntField(default=0)
     updated_at = DateTimeField()
 
     meta = {"collection": "work_orders", "strict": False}
@@ -100,4 +103,29 @@ class FailedUpdate(Document):
     }
 
 
-ALL_MODELS: tuple[type[Document], ...] = (WorkOrder, QuantityLog, FailedUpdate)
+class AuditReport(Document):
+    """One run of the consistency audit."""
+
+    started_at = DateTimeField(required=True)
+    finished_at = DateTimeField()
+    trigger = StringField(default="manual")  # manual | schedule
+    scope = ListField(StringField(), default=None)
+    work_orders_scanned = IntField(default=0)
+    logs_scanned = IntField(default=0)
+    rechecked = IntField(default=0)
+    finding_count = IntField(default=0)
+    findings = ListField(DictField())
+    repaired = BooleanField(default=False)
+    repairs = ListField(DictField())
+    repair_errors = ListField(DictField())
+    files = DictField()
+
+    meta = {
+        "collection": "audit_reports",
+        "strict": False,
+        "indexes": [{"fields": ["-started_at"], "name": "recent"}],
+        "ordering": ["-started_at"],
+    }
+
+
+ALL_MODELS: tuple[type[Document], ...] = (WorkOrder, QuantityLog, FailedUpdate, AuditReport)

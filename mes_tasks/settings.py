@@ -9,8 +9,10 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
+from datetime import datetime
 from functools import lru_cache
 from urllib.parse import urlsplit, urlunsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from mes_tasks.errors import ConfigurationError
 
@@ -27,6 +29,13 @@ VISIBILITY_TIMEOUT_S = 600.0
 VISIBILITY_SAFETY_FACTOR = 2.0  # "comfortably longer": twice the longest task + countdown
 CONNECT_TIMEOUT_S = 5.0
 UNACKED_RESTORE_INTERVAL_S = 10.0  # how often a worker sweeps for expired unacked messages
+AUDIT_AT = "04:15"  # local time of the nightly audit, after the 01:00-03:00 DST transitions
+AUDIT_TIMEZONE = "UTC"
+REPORTS_DIR = "var/reports"
+REPORT_RETENTION_DAYS = 90
+WEBHOOK_TIMEOUT_S = 5.0
+WEBHOOK_RETRIES = 3
+DST_WINDOW_HOURS = (1, 3)  # [01:00, 03:00): local times that DST can skip or repeat
 
 ENV_NAMES = {
     "redis_url": "REDIS_URL",
@@ -42,6 +51,15 @@ ENV_NAMES = {
     "connect_timeout_s": "MES_CONNECT_TIMEOUT_S",
     "unacked_restore_interval_s": "MES_UNACKED_RESTORE_INTERVAL_S",
     "test_txn_delay_s": "MES_TEST_TXN_DELAY_S",
+    "audit_at": "MES_AUDIT_AT",
+    "audit_timezone": "MES_AUDIT_TIMEZONE",
+    "audit_interval_s": "MES_AUDIT_INTERVAL_S",
+    "audit_repair": "MES_AUDIT_REPAIR",
+    "reports_dir": "MES_REPORTS_DIR",
+    "report_retention_days": "MES_REPORT_RETENTION_DAYS",
+    "audit_webhook_url": "AUDIT_WEBHOOK_URL",
+    "webhook_timeout_s": "MES_WEBHOOK_TIMEOUT_S",
+    "webhook_retries": "MES_WEBHOOK_RETRIES",
 }
 
 
@@ -63,6 +81,15 @@ class Settings:
     unacked_restore_interval_s: float = UNACKED_RESTORE_INTERVAL_S
     # Test-only: sleep inside the MongoDB transaction, before commit. Off (0) by default.
     test_txn_delay_s: float = 0.0
+    audit_at: str = AUDIT_AT
+    audit_timezone: str = AUDIT_TIMEZONE
+    audit_interval_s: float = 0.0  # > 0: audit every N seconds instead of nightly
+    audit_repair: bool = False  # the scheduled audit repairs what it finds
+    reports_dir: str = REPORTS_DIR
+    report_retention_days: float = REPORT_RETENTION_DAYS
+    audit_webhook_url: str = ""
+    webhook_timeout_s: float = WEBHOOK_TIMEOUT_S
+    webhook_retries: int = WEBHOOK_RETRIES
 
     def __post_init__(self) -> None:
         if self.lock_extend_interval_s == 0:
@@ -71,6 +98,7 @@ class Settings:
         _check_positive(self)
         _check_lock_timing(self)
         _check_visibility_timeout(self)
+        _check_audit_schedule(self)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -93,6 +121,12 @@ class Settings:
         return self.lock_wait_s + self.lock_ttl_s
 
     @property
+    def audit_time(self) -> tuple[int, int]:
+        """``MES_AUDIT_AT`` as (hour, minute)."""
+        hour, minute = self.audit_at.split(":")
+        return int(hour), int(minute)
+
+    @property
     def mongodb_db(self) -> str:
         """Database named in the URI path, ``mes`` when none is given."""
         return urlsplit(self.mongodb_uri).path.lstrip("/") or "mes"
@@ -102,6 +136,7 @@ class Settings:
         out: dict[str, object] = {f.name: getattr(self, f.name) for f in fields(self)}
         out["redis_url"] = mask_url(self.redis_url)
         out["mongodb_uri"] = mask_url(self.mongodb_uri)
+        out["audit_webhook_url"] = mask_webhook(self.audit_webhook_url)
         return out
 
 
@@ -115,6 +150,14 @@ def mask_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
+def mask_webhook(url: str) -> str:
+    """Webhook URLs carry their secret in the path: show only scheme and host."""
+    if not url:
+        return url
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.hostname or ''}/***"
+
+
 _URL_CREDENTIALS = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)[^/@\s]*@", re.IGNORECASE)
 
 
@@ -125,6 +168,12 @@ def mask_secrets(text: str) -> str:
 
 def _parse(name: str, kind: object, raw: str) -> object:
     env_name = ENV_NAMES[name]
+    if kind in (bool, "bool"):
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigurationError(f"{env_name}={raw!r} is not a boolean; use 1/0, true/false")
     try:
         if kind in (int, "int"):
             return int(raw)
@@ -158,7 +207,16 @@ def _check_positive(s: Settings) -> None:
     ):
         if getattr(s, name) <= 0:
             raise ConfigurationError(f"{ENV_NAMES[name]} must be greater than zero")
-    for name in ("retry_max", "retry_backoff_max_s", "test_txn_delay_s", "connect_timeout_s"):
+    for name in (
+        "retry_max",
+        "retry_backoff_max_s",
+        "test_txn_delay_s",
+        "connect_timeout_s",
+        "audit_interval_s",
+        "report_retention_days",
+        "webhook_timeout_s",
+        "webhook_retries",
+    ):
         if getattr(s, name) < 0:
             raise ConfigurationError(f"{ENV_NAMES[name]} must not be negative")
 
@@ -183,6 +241,31 @@ def _check_visibility_timeout(s: Settings) -> None:
             f"(MES_LOCK_WAIT_S + MES_LOCK_TTL_S + MES_RETRY_BACKOFF_MAX_S) = {needed:g}; "
             "raise it or lower those settings."
         )
+
+
+def _check_audit_schedule(s: Settings) -> None:
+    try:
+        zone = ZoneInfo(s.audit_timezone)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ConfigurationError(
+            f"MES_AUDIT_TIMEZONE={s.audit_timezone!r} is not a known time zone; use an IANA name "
+            "such as Europe/Berlin or Asia/Shanghai"
+        ) from None
+    if not re.fullmatch(r"([01]?\d|2[0-3]):[0-5]\d", s.audit_at):
+        raise ConfigurationError(f"MES_AUDIT_AT={s.audit_at!r} must be a 24-hour time HH:MM, e.g. 04:15")
+    start, end = DST_WINDOW_HOURS
+    if _observes_dst(zone) and start <= s.audit_time[0] < end:
+        raise ConfigurationError(
+            f"MES_AUDIT_AT={s.audit_at} falls in the {start:02d}:00-{end:02d}:00 window that daylight-"
+            f"saving changes in {s.audit_timezone} skip or repeat, so the audit could run twice or "
+            "not at all; choose a time outside it (the default is 04:15)"
+        )
+
+
+def _observes_dst(zone: ZoneInfo) -> bool:
+    year = datetime.now().year
+    offsets = {datetime(year, month, 1, 12, tzinfo=zone).utcoffset() for month in (1, 7)}
+    return len(offsets) > 1
 
 
 @lru_cache(maxsize=1)

@@ -16,11 +16,12 @@ from mes_tasks.errors import MesError, MongoUnavailable, PermanentError, Transie
 from mes_tasks.keys import apply_ms_key
 from mes_tasks.ledger import Ledger
 from mes_tasks.settings import Settings, get_settings
-from mes_tasks.validation import validate_update
+from mes_tasks.validation import check_work_order_id, validate_update
 
 log = logging.getLogger(__name__)
 
 UPDATE_QUANTITY = "mes_tasks.tasks.update_quantity"
+AUDIT_WORK_ORDERS = "mes_tasks.tasks.audit_work_orders"
 APPLY_MS_EWMA_WEIGHT = 0.1  # weight of the newest duration in the moving average
 APPLY_MS_TTL_S = 3600
 
@@ -127,3 +128,21 @@ def _dead_letter(task: LedgerTask, exc: MesError) -> NoReturn:
 def _work_order_of(args: Any, kwargs: Any) -> str | None:
     value = (args[0] if args else None) or (kwargs or {}).get("work_order_id")
     return value if isinstance(value, str) else None
+
+
+@app.task(bind=True, base=LedgerTask, name=AUDIT_WORK_ORDERS, acks_late=False)
+def audit_work_orders(
+    self: LedgerTask, work_order_ids: list[str] | None = None, repair: bool | None = None
+) -> dict[str, Any]:
+    """Audit counters against logs (all work orders, or the given ones); store and alert.
+
+    Acknowledged on receipt: an audit that dies is not re-run twice; the next one covers it.
+    ``repair`` defaults to ``MES_AUDIT_REPAIR``.
+    """
+    from mes_tasks.alerts import summary
+    from mes_tasks.reports import audit_and_report
+
+    ids = None if work_order_ids is None else [check_work_order_id(i) for i in work_order_ids]
+    do_repair = self.ledger.settings.audit_repair if repair is None else bool(repair)
+    report = audit_and_report(self.ledger, ids, do_repair=do_repair, trigger="schedule")
+    return {"report_id": str(report.id), "finding_count": report.finding_count, "summary": summary(report)}

@@ -40,7 +40,7 @@ def validate_update(
         ValidationError: with ``code`` naming what is wrong.
     """
     return UpdateRequest(
-        work_order_id=_work_order_id(work_order_id),
+        work_order_id=check_work_order_id(work_order_id),
         kind=_kind(kind),
         quantity=_quantity(quantity),
         request_id=None if request_id is None else _request_id(request_id),
@@ -48,7 +48,8 @@ def validate_update(
     )
 
 
-def _work_order_id(value: Any) -> str:
+def check_work_order_id(value: Any) -> str:
+    """A valid work order id, or ValidationError."""
     if value is None or value == "":
         raise ValidationError("work_order_id is required", code="MISSING_WORK_ORDER_ID")
     _check_id("work_order_id", value, MAX_WORK_ORDER_ID_LEN, WORK_ORDER_ID_FORBIDDEN)

@@ -12,7 +12,7 @@ from mes_tasks.devserver import free_port, mongo_service
 EXIT_CONFIG = 78
 
 
-def test_a_contradictory_setting_stops_the_worker_with_the_fix(tmp_path: Path) -> None:
+def test_a_contradictory_setting_stops_the_worker_with_the_fix(tmp_path: Path, servers: object) -> None:
     worker = spawn_worker(tmp_path / "w.log", MES_LOCK_TTL_S="3", MES_LOCK_EXTEND_INTERVAL_S="2")
     assert worker.proc.wait(60) == EXIT_CONFIG
     log = worker.log()
@@ -20,7 +20,7 @@ def test_a_contradictory_setting_stops_the_worker_with_the_fix(tmp_path: Path) -
     assert "Traceback" not in log
 
 
-def test_a_too_short_visibility_timeout_stops_the_worker(tmp_path: Path) -> None:
+def test_a_too_short_visibility_timeout_stops_the_worker(tmp_path: Path, servers: object) -> None:
     worker = spawn_worker(tmp_path / "w.log", MES_VISIBILITY_TIMEOUT_S="5")
     assert worker.proc.wait(60) == EXIT_CONFIG
     assert "MES_VISIBILITY_TIMEOUT_S=5 is too short" in worker.log()

@@ -1,0 +1,1 @@
+"""``celery -A mes_tasks ...`` subcommands, registered through the ``celery.commands`` entry points."""
