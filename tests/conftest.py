@@ -111,12 +111,15 @@ class Worker:
                 self.kill()
 
 
-def spawn_worker(log_path: Path, name: str = "workorder", **env: str) -> Worker:
+def spawn_worker(log_path: Path, name: str = "workorder", queue: str = "workorder", **env: str) -> Worker:
+    return spawn(worker_argv(queue=queue, name=name), log_path, **env)
+
+
+def spawn(argv: list[str], log_path: Path, **env: str) -> Worker:
+    """Any celery process (worker, beat) with the test environment, output to ``log_path``."""
     full_env = {**os.environ, **TEST_ENV, **env}
     with open(log_path, "ab") as out:
-        proc = subprocess.Popen(
-            worker_argv(name=name), cwd=REPO, env=full_env, stdout=out, stderr=subprocess.STDOUT
-        )
+        proc = subprocess.Popen(argv, cwd=REPO, env=full_env, stdout=out, stderr=subprocess.STDOUT)
     return Worker(proc, log_path)
 
 
@@ -124,8 +127,9 @@ def spawn_worker(log_path: Path, name: str = "workorder", **env: str) -> Worker:
 def start_worker(tmp_path: Path, mongo: db.Mongo, redis_client: object) -> Iterator[Callable[..., Worker]]:
     workers: list[Worker] = []
 
-    def start(name: str = "workorder", wait: bool = True, **env: str) -> Worker:
-        worker = spawn_worker(tmp_path / f"worker-{len(workers)}.log", name=f"{name}{len(workers)}", **env)
+    def start(name: str = "workorder", wait: bool = True, queue: str = "workorder", **env: str) -> Worker:
+        log_path = tmp_path / f"worker-{len(workers)}.log"
+        worker = spawn_worker(log_path, name=f"{name}{len(workers)}", queue=queue, **env)
         workers.append(worker)
         if wait:
             worker.wait_for_log(" ready.", WORKER_READY_TIMEOUT_S)

@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 import redis
-from conftest import make_work_orders
 
+from conftest import make_work_orders
 from mes_tasks.audit import run_audit
 from mes_tasks.db import Mongo
 from mes_tasks.errors import LockBusy

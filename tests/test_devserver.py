@@ -10,9 +10,9 @@ import time
 from pathlib import Path
 
 import redis
-from conftest import REPO, wait_until
 from pymongo import MongoClient
 
+from conftest import REPO, wait_until
 from mes_tasks.devserver import free_port, port_open
 
 SUBMIT = """

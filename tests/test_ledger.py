@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import redis
-from conftest import make_work_orders
 
+from conftest import make_work_orders
 from mes_tasks.db import Mongo
 from mes_tasks.errors import (
     FenceLost,

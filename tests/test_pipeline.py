@@ -10,9 +10,9 @@ from typing import Any
 
 import redis
 from celery.result import AsyncResult
+
 from conftest import Worker, make_work_orders, wait_until
 from load import plan, send
-
 from mes_tasks.keys import lock_key
 from mes_tasks.models import FailedUpdate, QuantityLog, WorkOrder
 from mes_tasks.producer import submit_quantity_update

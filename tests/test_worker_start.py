@@ -6,7 +6,6 @@ import subprocess
 from pathlib import Path
 
 from conftest import TEST_ENV, spawn_worker
-
 from mes_tasks.devserver import free_port, mongo_service
 
 EXIT_CONFIG = 78
