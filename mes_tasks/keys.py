@@ -3,6 +3,8 @@
 Key patterns:
 
     {prefix}lock:{work_order_id}   string, the owner token of the work-order lock; PX = lock TTL
+    {prefix}paused:workorder       set, names of workers whose ``workorder`` consumer
+                                   ``queue pause`` cancelled (``queue resume`` restores them)
     {prefix}stats:apply_ms         string, moving average of one update's duration (ms), for
                                    the producer's ``estimated_delay_ms``
 
@@ -20,3 +22,7 @@ def lock_key(prefix: str, work_order_id: str) -> str:
 
 def apply_ms_key(prefix: str) -> str:
     return f"{prefix}stats:apply_ms"
+
+
+def paused_key(prefix: str) -> str:
+    return f"{prefix}paused:workorder"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -84,6 +85,7 @@ class Worker:
 
     proc: subprocess.Popen[bytes]
     log_path: Path
+    name: str = ""
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -130,6 +132,7 @@ def start_worker(tmp_path: Path, mongo: db.Mongo, redis_client: object) -> Itera
     def start(name: str = "workorder", wait: bool = True, queue: str = "workorder", **env: str) -> Worker:
         log_path = tmp_path / f"worker-{len(workers)}.log"
         worker = spawn_worker(log_path, name=f"{name}{len(workers)}", queue=queue, **env)
+        worker.name = f"{name}{len(workers)}@{socket.gethostname()}"
         workers.append(worker)
         if wait:
             worker.wait_for_log(" ready.", WORKER_READY_TIMEOUT_S)

@@ -1,0 +1,129 @@
+"""``celery -A mes_tasks failed list|show|retry|discard``: the dead-letter store."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from mes_tasks.cli.common import echo_json, echo_table, handle_errors, json_option, ledger
+from mes_tasks.deadletter import discard_failed, find_failed, get_failed, retry_failed
+from mes_tasks.errors import ValidationError
+from mes_tasks.models import FAILED_STATUSES, FailedUpdate, QuantityLog
+
+
+@click.group()
+def failed() -> None:
+    """Updates that could not be applied: list, inspect, retry, discard."""
+
+
+@failed.command("list")
+@click.option("--code", envvar="MES_FAILED_CODE", help="Only this error code.")
+@click.option("--work-order", envvar="MES_FAILED_WORK_ORDER", metavar="ID", help="Only this work order.")
+@click.option("--status", type=click.Choice([*FAILED_STATUSES, "all"]), default="open", show_default=True)
+@json_option
+@handle_errors
+def list_failed(code: str | None, work_order: str | None, status: str, as_json: bool) -> None:
+    """Dead letters, newest failure first."""
+    ledger()
+    records = find_failed(code=code, work_order_id=work_order, status=None if status == "all" else status)
+    if as_json:
+        echo_json([record_dict(r) for r in records])
+        return
+    rows = [(r.id, r.request_id, r.work_order_id, r.error_code, r.attempts, r.status,
+             f"{r.last_failed_at:%Y-%m-%d %H:%M:%S}") for r in records]  # fmt: skip
+    echo_table(("id", "request id", "work order", "code", "attempts", "status", "last failure (UTC)"), rows)
+
+
+@failed.command("show")
+@click.argument("record_id")
+@json_option
+@handle_errors
+def show(record_id: str, as_json: bool) -> None:
+    """One dead letter with its payload and history."""
+    ledger()
+    data = record_dict(get_failed(record_id), full=True)
+    if as_json:
+        echo_json(data)
+        return
+    for key, value in data.items():
+        if key != "history":
+            click.echo(f"{key}: {value}")
+    for event in data["history"]:
+        click.echo(
+            f"  {event['at']}  {event['event']}  {event.get('code', '')} {event.get('message', '')}".rstrip()
+        )
+
+
+@failed.command("retry")
+@click.argument("record_ids", nargs=-1)
+@click.option("--all", "every", is_flag=True, help="Every open dead letter (with --code: of that code).")
+@click.option("--code", help="With --all: only this error code.")
+@json_option
+@handle_errors
+def retry(record_ids: tuple[str, ...], every: bool, code: str | None, as_json: bool) -> None:
+    """Re-send with the original request id: a retried update can never count twice."""
+    from mes_tasks.tasks import update_quantity
+
+    def send(args: list[Any], kwargs: dict[str, Any]) -> str:
+        return str(update_quantity.apply_async(args, kwargs).id)
+
+    records = _select(record_ids, every, code)
+    done = [{"id": str(r.id), "request_id": r.request_id, "task_id": retry_failed(r, send)} for r in records]
+    _report(done, "re-sent", as_json)
+
+
+@failed.command("discard")
+@click.argument("record_ids", nargs=-1)
+@click.option("--all", "every", is_flag=True, help="Every open dead letter (with --code: of that code).")
+@click.option("--code", help="With --all: only this error code.")
+@json_option
+@handle_errors
+def discard(record_ids: tuple[str, ...], every: bool, code: str | None, as_json: bool) -> None:
+    """Give up on dead letters; they stay listed with status discarded."""
+    records = _select(record_ids, every, code)
+    for record in records:
+        discard_failed(record)
+    _report([{"id": str(r.id), "request_id": r.request_id} for r in records], "discarded", as_json)
+
+
+def _select(record_ids: tuple[str, ...], every: bool, code: str | None) -> list[FailedUpdate]:
+    if bool(record_ids) == every:
+        raise ValidationError("give record ids or --all, not both and not neither", code="USAGE")
+    if code and not every:
+        raise ValidationError("--code only goes with --all", code="USAGE")
+    ledger()
+    if every:
+        return find_failed(code=code)
+    return [get_failed(i) for i in record_ids]
+
+
+def _report(done: list[dict[str, Any]], verb: str, as_json: bool) -> None:
+    if as_json:
+        echo_json(done)
+        return
+    for item in done:
+        task = f" as task {item['task_id']}" if "task_id" in item else ""
+        click.echo(f"{verb} {item['id']} (request {item['request_id']}){task}")
+    click.echo(f"{len(done)} {verb}")
+
+
+def record_dict(record: FailedUpdate, full: bool = False) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "id": str(record.id),
+        "request_id": record.request_id,
+        "work_order_id": record.work_order_id,
+        "error_code": record.error_code,
+        "error_message": record.error_message,
+        "attempts": record.attempts,
+        "status": record.status,
+        "first_failed_at": record.first_failed_at.isoformat(),
+        "last_failed_at": record.last_failed_at.isoformat(),
+    }
+    if full:
+        data["task_name"] = record.task_name
+        data["task_id"] = record.task_id
+        data["payload"] = record.payload
+        data["applied_since"] = QuantityLog.objects(request_id=record.request_id).count() > 0
+        data["history"] = [{**e, "at": e["at"].isoformat()} for e in record.history]
+    return data

@@ -1,0 +1,119 @@
+"""What operators ask: queue lengths, in-flight messages, held locks, workers, pause/resume."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis
+from celery import Celery
+
+from mes_tasks.db import mongo_errors
+from mes_tasks.errors import MesError, RedisUnavailable
+from mes_tasks.keys import lock_key, paused_key
+from mes_tasks.locks import redis_errors
+from mes_tasks.models import AuditReport, FailedUpdate
+from mes_tasks.settings import Settings
+
+QUEUES = ("workorder", "audit")
+UNACKED_KEY = "unacked"  # kombu's hash of delivered, unacknowledged messages (all queues)
+INSPECT_TIMEOUT_S = 1.0
+
+
+def held_locks(client: redis.Redis, prefix: str) -> list[dict[str, Any]]:
+    """Every work-order lock currently held, with its owner token and remaining TTL."""
+    pattern = lock_key(prefix, "*")
+    start = len(lock_key(prefix, ""))
+    with redis_errors():
+        keys = sorted(client.scan_iter(match=pattern, count=500))
+        pipe = client.pipeline(transaction=False)
+        for key in keys:
+            pipe.get(key)
+            pipe.pttl(key)
+        values = pipe.execute()
+    return [
+        {"work_order_id": key[start:], "key": key, "token": values[2 * i], "ttl_ms": values[2 * i + 1]}
+        for i, key in enumerate(keys)
+        if values[2 * i] is not None
+    ]
+
+
+def consumers(app: Celery, timeout_s: float = INSPECT_TIMEOUT_S) -> dict[str, list[str]]:
+    """Queue name -> workers that answered and consume it."""
+    try:
+        replies = app.control.inspect(timeout=timeout_s).active_queues() or {}
+    except Exception as exc:  # kombu raises its own OperationalError subclasses
+        raise RedisUnavailable(f"cannot ask the workers: {exc}") from exc
+    by_queue: dict[str, list[str]] = {}
+    for worker, queues in sorted(replies.items()):
+        for queue in queues:
+            by_queue.setdefault(queue["name"], []).append(worker)
+    return by_queue
+
+
+def queue_status(app: Celery, client: redis.Redis, settings: Settings) -> dict[str, Any]:
+    """One snapshot of the whole pipeline's health."""
+    with redis_errors():
+        pipe = client.pipeline(transaction=False)
+        for queue in QUEUES:
+            pipe.llen(queue)
+        pipe.hlen(UNACKED_KEY)
+        pipe.smembers(paused_key(settings.key_prefix))
+        *lengths, unacked, paused = pipe.execute()
+    by_queue = consumers(app)
+    with mongo_errors():
+        failed = FailedUpdate.objects(status="open").count()
+        last: AuditReport | None = AuditReport.objects.order_by("-started_at").first()
+    return {
+        "queues": {
+            q: {"waiting": n, "consumers": by_queue.get(q, [])} for q, n in zip(QUEUES, lengths, strict=True)
+        },
+        "unacked": unacked,
+        "paused_workers": sorted(paused),
+        "failed_open": failed,
+        "locks_held": len(held_locks(client, settings.key_prefix)),
+        "last_audit": None if last is None else _audit_brief(last),
+    }
+
+
+def pause(app: Celery, client: redis.Redis, settings: Settings, queue: str = "workorder") -> list[str]:
+    """Stop consuming ``queue`` (messages stay queued); returns the workers that stopped."""
+    replies = _control(app, "cancel_consumer", queue)
+    workers = [name for reply in replies for name in reply]
+    if workers:
+        with redis_errors():
+            client.sadd(paused_key(settings.key_prefix), *workers)
+    return workers
+
+
+def resume(app: Celery, client: redis.Redis, settings: Settings, queue: str = "workorder") -> list[str]:
+    """Make the workers that ``pause`` stopped consume ``queue`` again (and only those)."""
+    key = paused_key(settings.key_prefix)
+    with redis_errors():
+        workers = sorted(client.smembers(key))
+    if not workers:
+        raise MesError(f"no paused consumer of {queue!r} is recorded", code="NOT_PAUSED")
+    replies = _control(app, "add_consumer", queue, destination=workers)
+    resumed = [name for reply in replies for name in reply]
+    with redis_errors():
+        if resumed:
+            client.srem(key, *resumed)
+    return resumed
+
+
+def _control(app: Celery, command: str, queue: str, **kwargs: Any) -> list[dict[str, Any]]:
+    try:
+        replies = getattr(app.control, command)(queue, reply=True, timeout=INSPECT_TIMEOUT_S, **kwargs)
+    except Exception as exc:
+        raise RedisUnavailable(f"cannot reach the workers: {exc}") from exc
+    if not replies:
+        raise MesError(f"no worker answered {command} for {queue!r}", code="NO_WORKER")
+    return list(replies)
+
+
+def _audit_brief(report: AuditReport) -> dict[str, Any]:
+    return {
+        "id": str(report.id),
+        "started_at": report.started_at.isoformat(),
+        "finding_count": report.finding_count,
+        "repaired": report.repaired,
+    }
