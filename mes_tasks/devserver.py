@@ -1,17 +1,14 @@
-"""Embedded services for ``make run`` and the tests: redis-server and SecantusDB as child processes.
+"""Embedded services for ``make run`` and the tests: redis-server and SecantusDB as child
+processes, and the command lines of every mes_tasks process.
 
-``python -m mes_tasks.devserver run`` starts Redis (AOF on) and SecantusDB with their
-data under ``./var/`` (unless ``REDIS_URL`` / ``MONGODB_URI`` point elsewhere), then
-the ``workorder`` worker, all in the foreground; Ctrl-C stops every child.
+``python -m mes_tasks.devserver run`` starts the whole stack (see ``mes_tasks.stack``).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -24,9 +21,9 @@ from typing import IO
 DEV_REDIS_PORT = 6390
 DEV_MONGO_PORT = 27030
 DEV_REDIS_DB = 3
+DEV_FLOWER_PORT = 5555
 READY_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 15.0
-SIGINT_GRACE_S = 2.0  # time for the worker to react to the terminal's own Ctrl-C
 POLL_S = 0.05
 
 
@@ -141,84 +138,24 @@ def mongo_service(
     return Service("mongo", argv, port, log_path)
 
 
+CELERY = [sys.executable, "-m", "celery", "-A", "mes_tasks"]
+
+
 def worker_argv(queue: str = "workorder", name: str = "workorder", loglevel: str = "INFO") -> list[str]:
-    """The one way a ``workorder`` worker is started: solo pool, prefetch 1, events on."""
+    """The one way a worker is started: solo pool, prefetch 1, events on (for Flower)."""
     return [
-        sys.executable, "-m", "celery", "-A", "mes_tasks", "worker",
-        "-P", "solo", "-c", "1", "-Q", queue, "-n", f"{name}@%h",
+        *CELERY, "worker", "-P", "solo", "-c", "1", "-Q", queue, "-n", f"{name}@%h",
         "--prefetch-multiplier", "1", "-E", "--loglevel", loglevel,
     ]  # fmt: skip
 
 
-def _run(args: argparse.Namespace) -> int:
-    var = Path(args.var).resolve()
-    services: list[Service] = []
-    env = dict(os.environ)
-    if not env.get("REDIS_URL"):
-        services.append(redis_service(var / "redis", args.redis_port, var / "log" / "redis.log"))
-        env["REDIS_URL"] = f"redis://127.0.0.1:{args.redis_port}/{DEV_REDIS_DB}"
-    if not env.get("MONGODB_URI"):
-        services.append(mongo_service(var / "mongo", args.mongo_port, var / "log" / "mongo.log"))
-        env["MONGODB_URI"] = f"mongodb://127.0.0.1:{args.mongo_port}/mes"
-    try:
-        for svc in services:
-            if port_open(svc.port):
-                raise SystemExit(f"port {svc.port} for {svc.name} is taken: is another `make run` running?")
-            print(f"[devserver] starting {svc.name} on 127.0.0.1:{svc.port} (data in {var})", flush=True)
-            svc.start()
-        _print_env(env)
-        worker = subprocess.Popen(worker_argv(), env=env)
-        return _wait_for_interrupt(worker)
-    finally:
-        for svc in reversed(services):
-            print(f"[devserver] stopping {svc.name}", flush=True)
-            svc.stop()
+def beat_argv(schedule_file: Path) -> list[str]:
+    return [*CELERY, "beat", "-s", str(schedule_file), "--loglevel", "INFO"]
 
 
-def _print_env(env: dict[str, str]) -> None:
-    from mes_tasks.settings import mask_url
-
-    print("[devserver] in another shell, to talk to this stack:", flush=True)
-    print(f"  export REDIS_URL={mask_url(env['REDIS_URL'])}", flush=True)
-    print(f"  export MONGODB_URI={mask_url(env['MONGODB_URI'])}", flush=True)
-
-
-class _Stop(Exception):
-    """SIGINT or SIGTERM reached the devserver."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
-
-
-def _raise_stop(signum: int, _frame: object) -> None:
-    raise _Stop(signum)
-
-
-def _wait_for_interrupt(worker: subprocess.Popen[bytes]) -> int:
-    # Installed explicitly: a shell that starts us in the background leaves SIGINT ignored.
-    signal.signal(signal.SIGINT, _raise_stop)
-    signal.signal(signal.SIGTERM, _raise_stop)
-    try:
-        return worker.wait()
-    except _Stop as stop:
-        print("[devserver] stopping the worker (warm shutdown)", flush=True)
-        # The terminal's Ctrl-C reaches the worker too (a second SIGINT would be a cold
-        # shutdown); a SIGTERM, or a SIGINT sent to us alone, must be passed on.
-        if stop.signum == signal.SIGTERM or not _exits_within(worker, SIGINT_GRACE_S):
-            with contextlib.suppress(ProcessLookupError):
-                worker.terminate()
-        if not _exits_within(worker, STOP_TIMEOUT_S):
-            worker.kill()
-        return 0
-
-
-def _exits_within(proc: subprocess.Popen[bytes], timeout_s: float) -> bool:
-    try:
-        proc.wait(timeout_s)
-    except subprocess.TimeoutExpired:
-        return False
-    return True
+def flower_argv(port: int, address: str = "127.0.0.1") -> list[str]:
+    """Flower; its ``--basic-auth`` comes from ``FLOWER_BASIC_AUTH`` so it never shows in ``ps``."""
+    return [*CELERY, "flower", f"--port={port}", f"--address={address}"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -232,8 +169,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument(
         "--mongo-port", type=int, default=int(os.environ.get("MES_DEV_MONGO_PORT", DEV_MONGO_PORT))
     )
+    run.add_argument(
+        "--flower-port", type=int, default=int(os.environ.get("MES_FLOWER_PORT", DEV_FLOWER_PORT))
+    )
     args = parser.parse_args(argv)
-    return _run(args)
+    from mes_tasks.stack import run_stack
+
+    return run_stack(Path(args.var), args.redis_port, args.mongo_port, args.flower_port)
 
 
 if __name__ == "__main__":

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import redis
@@ -28,16 +31,35 @@ print(AsyncResult(sent["job_id"]).get(timeout=60)["status"])
 """
 
 
-def start_stack(var: Path, redis_port: int, mongo_port: int) -> tuple[subprocess.Popen[str], Path]:
+def start_stack(var: Path, *ports: int) -> tuple[subprocess.Popen[str], Path]:
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "MONGODB_URI")}
+    env.pop("MES_FLOWER_PASSWORD", None)
     log = var.parent / f"devserver-{time.monotonic_ns()}.log"
     argv = [sys.executable, "-m", "mes_tasks.devserver", "run", "--var", str(var)]
-    argv += ["--redis-port", str(redis_port), "--mongo-port", str(mongo_port)]
+    argv += [f"--{name}-port={port}" for name, port in zip(("redis", "mongo", "flower"), ports, strict=True)]
     with open(log, "w") as out:
         proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
-    wait_until(lambda: " ready." in log.read_text() or proc.poll() is not None, 90, "the stack")
+    ready = ("workorder| ", "audit    | ")
+
+    def up() -> bool:
+        text = log.read_text()
+        return all(any(line.startswith(p) and " ready." in line for line in text.splitlines()) for p in ready)
+
+    wait_until(lambda: up() or proc.poll() is not None, 90, "the stack")
     assert proc.poll() is None, log.read_text()
     return proc, log
+
+
+def flower_get(port: int, path: str, auth: tuple[str, str] | None) -> tuple[int, str]:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}")
+    if auth:
+        token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, ""
 
 
 def submit(redis_port: int, mongo_port: int) -> str:
@@ -52,9 +74,27 @@ def submit(redis_port: int, mongo_port: int) -> str:
 
 
 def test_the_stack_runs_stops_on_ctrl_c_and_keeps_its_data(tmp_path: Path) -> None:
-    var, redis_port, mongo_port = tmp_path / "var", free_port(), free_port()
-    proc, log = start_stack(var, redis_port, mongo_port)
+    var, redis_port, mongo_port, flower_port = tmp_path / "var", free_port(), free_port(), free_port()
+    proc, log = start_stack(var, redis_port, mongo_port, flower_port)
     assert submit(redis_port, mongo_port) == "applied"
+
+    password = (var / "flower-password").read_text().strip()
+    assert f"generated Flower password (kept in {var / 'flower-password'}): {password}" in log.read_text()
+    wait_until(lambda: port_open(flower_port), 60, "Flower")
+    assert flower_get(flower_port, "/", None)[0] == 401
+    assert flower_get(flower_port, "/", ("admin", "wrong"))[0] == 401
+    assert flower_get(flower_port, "/", ("admin", password))[0] == 200
+    assert flower_get(flower_port, "/api/workers", None)[0] == 401
+
+    def workers_listed() -> bool:
+        status, body = flower_get(flower_port, "/api/workers?refresh=1", ("admin", password))
+        return status == 200 and "workorder@" in body and "audit@" in body
+
+    wait_until(workers_listed, 60, "Flower to list the workers")
+    for name in ("workorder", "audit", "beat", "flower", "redis"):
+        assert (var / "log" / f"{name}.log").stat().st_size > 0, name
+    assert (var / "log" / "mongo.log").exists()  # SecantusDB logs warnings only
+    assert password not in (var / "log" / "flower.log").read_text()
     redis.Redis(port=redis_port, db=3).set("mes:test:kept", "1")
     proc.send_signal(signal.SIGINT)
     assert proc.wait(60) == 0
@@ -62,7 +102,8 @@ def test_the_stack_runs_stops_on_ctrl_c_and_keeps_its_data(tmp_path: Path) -> No
     assert (var / "redis" / "appendonlydir").is_dir()
     assert "stopping redis" in log.read_text()
 
-    proc, _ = start_stack(var, redis_port, mongo_port)
+    proc, log = start_stack(var, redis_port, mongo_port, flower_port)
+    assert "generated Flower password" not in log.read_text()  # made once, then kept
     try:
         assert redis.Redis(port=redis_port, db=3).get("mes:test:kept") == b"1"
         assert submit(redis_port, mongo_port) == "duplicate"  # the first run's log is still there

@@ -1,0 +1,189 @@
+"""The full local stack of ``make run``, in the foreground.
+
+Redis (AOF) and SecantusDB with their data under ``var/`` (unless ``REDIS_URL`` /
+``MONGODB_URI`` point elsewhere), then the ``workorder`` worker, the ``audit`` worker,
+beat and Flower (basic auth). Each process's output goes to the terminal with a name
+prefix and to ``var/log/<name>.log``. Ctrl-C stops them all, then the servers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from mes_tasks.devserver import (
+    DEV_REDIS_DB,
+    STOP_TIMEOUT_S,
+    Service,
+    beat_argv,
+    flower_argv,
+    mongo_service,
+    port_open,
+    redis_service,
+    worker_argv,
+)
+from mes_tasks.settings import mask_url
+
+SIGINT_GRACE_S = 5.0  # time for children to react to the terminal's own Ctrl-C
+FLOWER_USER = "admin"
+PASSWORD_FILE = "flower-password"
+
+
+@dataclass
+class Child:
+    """A mes_tasks process whose output is prefixed on the terminal and copied to a log."""
+
+    name: str
+    proc: subprocess.Popen[bytes]
+
+    def pump(self, log_path: Path) -> threading.Thread:
+        thread = threading.Thread(target=_pump, args=(self, log_path), daemon=True)
+        thread.start()
+        return thread
+
+
+def _pump(child: Child, log_path: Path) -> None:
+    assert child.proc.stdout is not None
+    with open(log_path, "ab") as log:
+        for line in child.proc.stdout:
+            log.write(line)
+            log.flush()
+            sys.stdout.write(f"{child.name:<9}| {line.decode(errors='replace')}")
+            sys.stdout.flush()
+
+
+def flower_credentials(var: Path) -> tuple[str, str, bool]:
+    """(user, password, generated): from the environment, else a password made once under ``var/``."""
+    user = os.environ.get("MES_FLOWER_USER") or FLOWER_USER
+    password = os.environ.get("MES_FLOWER_PASSWORD")
+    if password:
+        return user, password, False
+    path = var / PASSWORD_FILE
+    if path.exists():
+        return user, path.read_text().strip(), False
+    password = secrets.token_urlsafe(18)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch(mode=0o600)
+    path.write_text(password + "\n")
+    return user, password, True
+
+
+def run_stack(var: Path, redis_port: int, mongo_port: int, flower_port: int) -> int:
+    var = var.resolve()
+    (var / "log").mkdir(parents=True, exist_ok=True)
+    env, services = _services(var, redis_port, mongo_port)
+    children: list[Child] = []
+    try:
+        for svc in services:
+            if port_open(svc.port):
+                raise SystemExit(f"port {svc.port} for {svc.name} is taken: is another `make run` running?")
+            print(f"[stack] starting {svc.name} on 127.0.0.1:{svc.port} (data in {var})", flush=True)
+            svc.start()
+        user, password, generated = flower_credentials(var)
+        env["FLOWER_BASIC_AUTH"] = f"{user}:{password}"
+        for name, argv in _processes(var, flower_port):
+            proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            children.append(Child(name, proc))
+            children[-1].pump(var / "log" / f"{name}.log")
+        _print_access(env, flower_port, user, password if generated else None, var)
+        return _wait(children)
+    finally:
+        _stop_children(children)
+        for svc in reversed(services):
+            print(f"[stack] stopping {svc.name}", flush=True)
+            svc.stop()
+
+
+def _services(var: Path, redis_port: int, mongo_port: int) -> tuple[dict[str, str], list[Service]]:
+    env = dict(os.environ)
+    services = []
+    if not env.get("REDIS_URL"):
+        services.append(redis_service(var / "redis", redis_port, var / "log" / "redis.log"))
+        env["REDIS_URL"] = f"redis://127.0.0.1:{redis_port}/{DEV_REDIS_DB}"
+    if not env.get("MONGODB_URI"):
+        services.append(mongo_service(var / "mongo", mongo_port, var / "log" / "mongo.log"))
+        env["MONGODB_URI"] = f"mongodb://127.0.0.1:{mongo_port}/mes"
+    env.setdefault("MES_REPORTS_DIR", str(var / "reports"))
+    return env, services
+
+
+def _processes(var: Path, flower_port: int) -> list[tuple[str, list[str]]]:
+    return [
+        ("workorder", worker_argv("workorder", "workorder")),
+        ("audit", worker_argv("audit", "audit")),
+        ("beat", beat_argv(var / "celerybeat-schedule")),
+        ("flower", flower_argv(flower_port)),
+    ]
+
+
+def _print_access(
+    env: dict[str, str], flower_port: int, user: str, new_password: str | None, var: Path
+) -> None:
+    print("[stack] in another shell, to talk to this stack:", flush=True)
+    print(f"  export REDIS_URL={mask_url(env['REDIS_URL'])}", flush=True)
+    print(f"  export MONGODB_URI={mask_url(env['MONGODB_URI'])}", flush=True)
+    print(f"[stack] Flower: http://127.0.0.1:{flower_port}/ (user {user})", flush=True)
+    if new_password is not None:
+        print(
+            f"[stack] generated Flower password (kept in {var / PASSWORD_FILE}): {new_password}", flush=True
+        )
+
+
+class _Stop(Exception):
+    """SIGINT or SIGTERM reached the stack."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_stop(signum: int, _frame: object) -> None:
+    raise _Stop(signum)
+
+
+def _wait(children: list[Child]) -> int:
+    # Installed explicitly: a shell that starts us in the background leaves SIGINT ignored.
+    signal.signal(signal.SIGINT, _raise_stop)
+    signal.signal(signal.SIGTERM, _raise_stop)
+    try:
+        while all(c.proc.poll() is None for c in children):
+            time.sleep(0.2)
+    except _Stop as stop:
+        print("[stack] stopping (warm shutdown)", flush=True)
+        # The terminal's Ctrl-C reaches every child (a second SIGINT would be a worker's cold
+        # shutdown); a SIGTERM, or a SIGINT sent to us alone, must be passed on.
+        if stop.signum == signal.SIGTERM:
+            _signal_all(children, signal.SIGTERM)
+        return 0
+    dead = next(c for c in children if c.proc.poll() is not None)
+    print(f"[stack] {dead.name} exited with {dead.proc.returncode}; stopping the rest", flush=True)
+    return 1
+
+
+def _stop_children(children: list[Child]) -> None:
+    deadline = time.monotonic() + SIGINT_GRACE_S
+    while time.monotonic() < deadline and any(c.proc.poll() is None for c in children):
+        time.sleep(0.1)
+    _signal_all(children, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    for child in children:
+        try:
+            child.proc.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            child.proc.kill()
+            child.proc.wait()
+
+
+def _signal_all(children: list[Child], signum: int) -> None:
+    for child in children:
+        if child.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                child.proc.send_signal(signum)
