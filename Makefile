@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint format bench clean
+.PHONY: install run demo test lint format bench clean
 
 install: $(STAMP)
 
@@ -15,6 +15,9 @@ $(STAMP): pyproject.toml
 
 run: install
 	$(PY) -m mes_tasks.devserver run
+
+demo: install
+	$(PY) -m mes_tasks.demo $(DEMO_ARGS)
 
 test: install
 	$(PY) -m pytest
