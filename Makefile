@@ -31,5 +31,8 @@ format: install
 	$(PY) -m ruff format .
 	$(PY) -m ruff check --fix .
 
+bench: install
+	$(PY) bench/run.py $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -25,6 +25,7 @@ from mes_tasks.models import QuantityLog, WorkOrder
 from mes_tasks.settings import Settings
 
 INSERT_BATCH = 5000
+DEFAULT_WORK_ORDERS = 1000
 
 
 def load(n_logs: int, n_wos: int) -> None:
@@ -73,7 +74,7 @@ def audit_s(mongo: db.Mongo) -> tuple[float, float, int]:
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--logs", type=int, default=100_000)
-    parser.add_argument("--work-orders", type=int, default=1000)
+    parser.add_argument("--work-orders", type=int, default=DEFAULT_WORK_ORDERS)
     args = parser.parse_args()
     server = None
     uri = os.environ.get("MONGODB_URI")

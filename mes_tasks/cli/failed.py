@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import click
 
@@ -10,6 +11,17 @@ from mes_tasks.cli.common import echo_json, echo_table, handle_errors, json_opti
 from mes_tasks.deadletter import discard_failed, find_failed, get_failed, retry_failed
 from mes_tasks.errors import ValidationError
 from mes_tasks.models import FAILED_STATUSES, FailedUpdate, QuantityLog
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def selection(func: F) -> F:
+    """The record ids, or ``--all`` with an optional ``--code``."""
+    func = click.option("--code", help="With --all: only this error code.")(func)
+    func = click.option(
+        "--all", "every", is_flag=True, help="Every open dead letter (with --code: of that code)."
+    )(func)
+    return click.argument("record_ids", nargs=-1)(func)
 
 
 @click.group()
@@ -56,9 +68,7 @@ def show(record_id: str, as_json: bool) -> None:
 
 
 @failed.command("retry")
-@click.argument("record_ids", nargs=-1)
-@click.option("--all", "every", is_flag=True, help="Every open dead letter (with --code: of that code).")
-@click.option("--code", help="With --all: only this error code.")
+@selection
 @json_option
 @handle_errors
 def retry(record_ids: tuple[str, ...], every: bool, code: str | None, as_json: bool) -> None:
@@ -74,9 +84,7 @@ def retry(record_ids: tuple[str, ...], every: bool, code: str | None, as_json: b
 
 
 @failed.command("discard")
-@click.argument("record_ids", nargs=-1)
-@click.option("--all", "every", is_flag=True, help="Every open dead letter (with --code: of that code).")
-@click.option("--code", help="With --all: only this error code.")
+@selection
 @json_option
 @handle_errors
 def discard(record_ids: tuple[str, ...], every: bool, code: str | None, as_json: bool) -> None:

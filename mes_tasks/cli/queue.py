@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import click
+import redis
+from celery import Celery
 
 from mes_tasks.cli.common import echo_json, handle_errors, json_option, ledger
+from mes_tasks.settings import Settings
 from mes_tasks.status import pause, queue_status, resume
 
 
@@ -42,8 +46,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
 @handle_errors
 def pause_cmd(ctx: click.Context) -> None:
     """Stop consuming workorder; messages wait in the queue, nothing is lost."""
-    the_ledger = ledger()
-    workers = pause(ctx.obj.app, the_ledger.redis, the_ledger.settings)
+    workers = _on_workers(ctx, pause)
     click.echo(f"paused workorder on {', '.join(workers)}; the in-flight update, if any, completes")
 
 
@@ -52,9 +55,14 @@ def pause_cmd(ctx: click.Context) -> None:
 @handle_errors
 def resume_cmd(ctx: click.Context) -> None:
     """Consume workorder again, on the workers that were paused."""
+    click.echo(f"resumed workorder on {', '.join(_on_workers(ctx, resume))}")
+
+
+def _on_workers(
+    ctx: click.Context, action: Callable[[Celery, redis.Redis, Settings], list[str]]
+) -> list[str]:
     the_ledger = ledger()
-    workers = resume(ctx.obj.app, the_ledger.redis, the_ledger.settings)
-    click.echo(f"resumed workorder on {', '.join(workers)}")
+    return action(ctx.obj.app, the_ledger.redis, the_ledger.settings)
 
 
 def _audit_line(audit: dict[str, Any] | None) -> str:

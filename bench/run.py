@@ -1,0 +1,384 @@
+"""``make bench``: what exactness costs, measured side by side on the same servers in one run.
+
+    python bench/run.py [--quick] [--updates N] [--rates 50,100,200] [--audit-sizes 10000,100000,1000000]
+                        [--memory-sizes 1000,100000]
+
+Starts its own redis-server and SecantusDB (or uses REDIS_URL / MONGODB_URI) and prints a
+table, then writes bench/results.json:
+
+1. throughput through one solo worker: mes_tasks, the classic design (bench/classic.py),
+   and the floor (the same transactional apply in a loop, no Celery);
+2. latency from delay() to commit at fixed offered rates and at saturation;
+3. audit time against a bare $group, with the audit's peak memory;
+4. worker RSS after 1k and after 100k updates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+WORK_ORDERS = [f"B-{i:03d}" for i in range(20)]
+READY_TIMEOUT_S = 60.0
+DRAIN_TIMEOUT_S = 3600.0
+ENQUEUE_BATCH = 500
+
+
+def start_servers(base: Path) -> list[Any]:
+    """Own Redis + SecantusDB unless REDIS_URL / MONGODB_URI are set; sets the env for children."""
+    from mes_tasks.devserver import free_port, mongo_service, redis_service
+
+    started = []
+    if not os.environ.get("REDIS_URL"):
+        port = free_port()
+        started.append(redis_service(base / "redis", port, base / "redis.log").start())
+        os.environ["REDIS_URL"] = f"redis://127.0.0.1:{port}/3"
+    if not os.environ.get("MONGODB_URI"):
+        port = free_port()
+        started.append(mongo_service(base / "mongo", port, base / "mongo.log").start())
+        os.environ["MONGODB_URI"] = f"mongodb://127.0.0.1:{port}/mes_bench"
+    return started
+
+
+class Worker:
+    """A worker subprocess whose RSS can be read."""
+
+    def __init__(self, argv: list[str], log: Path) -> None:
+        env = {**os.environ, "PYTHONPATH": f"{BENCH}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+        self.log = log
+        with open(log, "wb") as out:
+            self.proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while " ready." not in log.read_text(errors="replace"):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"worker did not start:\n{log.read_text()[-2000:]}")
+            time.sleep(0.1)
+
+    def rss_mb(self) -> float:
+        status = Path(f"/proc/{self.proc.pid}/status").read_text()
+        kb = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:"))
+        return kb / 1024
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def reset(collections: list[Any]) -> None:
+    for coll in collections:
+        coll.delete_many({})
+
+
+def seed_work_orders(coll: Any) -> None:
+    coll.insert_many([{"_id": wo, "input_qty": 0, "output_qty": 0} for wo in WORK_ORDERS])
+
+
+def updates(n: int, prefix: str) -> list[tuple[tuple[Any, ...], dict[str, Any]]]:
+    return [
+        (
+            (WORK_ORDERS[i % len(WORK_ORDERS)], ("input", "output")[i % 2], 1 + i % 3),
+            {"request_id": f"{prefix}:{i}", "context": {"barcode": f"BC{i}", "source": "BENCH"}},
+        )
+        for i in range(n)
+    ]
+
+
+def wait_for_logs(logs: Any, n: int, progress: str) -> None:
+    deadline = time.monotonic() + DRAIN_TIMEOUT_S
+    while (done := logs.count_documents({})) < n:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{progress}: only {done}/{n} applied")
+        print(f"\r  {progress}: {done}/{n}", end="", file=sys.stderr, flush=True)
+        time.sleep(0.5)
+    print(f"\r  {progress}: {n}/{n}", file=sys.stderr, flush=True)
+
+
+def commit_rate(logs: Any) -> float:
+    """Updates per second between the first and the last commit (worker start-up excluded)."""
+    first = logs.find_one(sort=[("created_at", 1)])["created_at"]
+    last = logs.find_one(sort=[("created_at", -1)])["created_at"]
+    n = logs.count_documents({})
+    return float((n - 1) / max((last - first).total_seconds(), 1e-9))
+
+
+def run_queued(task: Any, worker_argv: list[str], logs: Any, n: int, name: str, tmp: Path) -> float:
+    """Enqueue n updates, then start the worker and measure its commit rate."""
+    for args, kwargs in updates(n, name):
+        task.apply_async(args, kwargs)
+    worker = Worker(worker_argv, tmp / f"{name}.log")
+    try:
+        wait_for_logs(logs, n, f"{name} throughput")
+    finally:
+        worker.stop()
+    return commit_rate(logs)
+
+
+def throughput(n: int, tmp: Path) -> dict[str, float]:
+    import classic
+
+    from mes_tasks import db
+    from mes_tasks.devserver import CELERY, worker_argv
+    from mes_tasks.ledger import Ledger
+    from mes_tasks.models import QuantityLog, WorkOrder
+    from mes_tasks.settings import get_settings
+    from mes_tasks.tasks import update_quantity
+    from mes_tasks.validation import validate_update
+
+    settings = get_settings()
+    mongo = db.prepare(settings)
+    wo, logs = WorkOrder._get_collection(), QuantityLog._get_collection()
+    c_wo, c_logs = classic._collections()
+    c_logs.create_index("work_order_id")
+
+    reset([wo, logs])
+    seed_work_orders(wo)
+    mes = run_queued(update_quantity, worker_argv(), logs, n, "mes_tasks", tmp)
+
+    reset([c_wo, c_logs])
+    seed_work_orders(c_wo)
+    classic_argv = [
+        *CELERY[:3],
+        "-A",
+        "classic",
+        "worker",
+        "-P",
+        "solo",
+        "-c",
+        "1",
+        "-Q",
+        classic.QUEUE,
+        "-n",
+        "classic@%h",
+        "--prefetch-multiplier",
+        "1",
+        "-E",
+        "--loglevel",
+        "WARNING",
+    ]
+    classic_rate = run_queued(classic.update, classic_argv, c_logs, n, "classic", tmp)
+
+    reset([wo, logs])
+    seed_work_orders(wo)
+    ledger = Ledger(mongo, db.redis_client(settings), settings)
+    started = time.perf_counter()
+    for args, kwargs in updates(n, "floor"):
+        ledger.apply(validate_update(*args, context=kwargs["context"]), kwargs["request_id"])
+    floor = n / (time.perf_counter() - started)
+    return {
+        "mes_tasks": round(mes, 1),
+        "classic": round(classic_rate, 1),
+        "floor": round(floor, 1),
+        "ratio_vs_classic": round(mes / classic_rate, 3),
+        "ratio_vs_floor": round(mes / floor, 3),
+        "updates": n,
+    }
+
+
+def offered(rate: float, duration_s: float, send: Callable[[int], None]) -> None:
+    started = time.monotonic()
+    for i in range(int(rate * duration_s)):
+        time.sleep(max(0.0, started + i / rate - time.monotonic()))
+        send(i)
+
+
+def latency(rates: list[float], duration_s: float, tmp: Path) -> dict[str, dict[str, float]]:
+    from mes_tasks.devserver import worker_argv
+    from mes_tasks.models import QuantityLog, WorkOrder
+    from mes_tasks.tasks import update_quantity
+
+    logs = QuantityLog._get_collection()
+    out: dict[str, dict[str, float]] = {}
+    worker = Worker(worker_argv(), tmp / "latency.log")
+    try:
+        for rate in rates:
+            reset([WorkOrder._get_collection(), logs])
+            seed_work_orders(WorkOrder._get_collection())
+            sent: dict[str, datetime] = {}
+            send = _sender(update_quantity, rate, sent)
+            offered(rate, duration_s, send)
+            wait_for_logs(logs, len(sent), f"latency at {rate:g}/s")
+            ms = sorted(
+                (log["created_at"].replace(tzinfo=UTC) - sent[log["request_id"]]).total_seconds() * 1000
+                for log in logs.find({}, {"request_id": 1, "created_at": 1})
+            )
+            out[f"{rate:g}"] = {
+                "p50_ms": pct(ms, 50),
+                "p95_ms": pct(ms, 95),
+                "p99_ms": pct(ms, 99),
+                "max_ms": round(ms[-1], 1),
+                "n": len(ms),
+            }
+    finally:
+        worker.stop()
+    return out
+
+
+def _sender(task: Any, rate: float, sent: dict[str, datetime]) -> Callable[[int], None]:
+    def send(i: int) -> None:
+        rid = f"lat:{rate:g}:{i}"
+        sent[rid] = datetime.now(UTC)
+        task.apply_async((WORK_ORDERS[i % len(WORK_ORDERS)], "output", 1), {"request_id": rid})
+
+    return send
+
+
+def pct(sorted_ms: list[float], p: float) -> float:
+    return round(sorted_ms[min(len(sorted_ms) - 1, int(len(sorted_ms) * p / 100))], 1)
+
+
+def audit_scaling(sizes: list[int]) -> dict[str, dict[str, float]]:
+    import audit_scale
+
+    from mes_tasks import db
+    from mes_tasks.settings import get_settings
+
+    mongo = db.prepare(get_settings())
+    out = {}
+    for n in sizes:
+        print(f"  audit: loading {n} logs", file=sys.stderr, flush=True)
+        audit_scale.load(n, audit_scale.DEFAULT_WORK_ORDERS)
+        group = min(audit_scale.bare_group_s() for _ in range(2))
+        took, peak_mb, _ = audit_scale.audit_s(mongo)
+        out[str(n)] = {
+            "audit_s": round(took, 3),
+            "group_floor_s": round(group, 3),
+            "ratio": round(took / group, 3),
+            "peak_py_mb": round(peak_mb, 2),
+        }
+    return out
+
+
+def worker_memory(sizes: list[int], tmp: Path) -> dict[str, float]:
+    from mes_tasks.devserver import worker_argv
+    from mes_tasks.models import QuantityLog, WorkOrder
+    from mes_tasks.tasks import update_quantity
+
+    logs = QuantityLog._get_collection()
+    reset([WorkOrder._get_collection(), logs])
+    seed_work_orders(WorkOrder._get_collection())
+    worker = Worker(worker_argv(loglevel="WARNING"), tmp / "memory.log")
+    out = {"rss_mb_start": round(worker.rss_mb(), 1)}
+    try:
+        done = 0
+        for size in sorted(sizes):
+            batch = updates(size, "mem")[done:]
+            for start in range(0, len(batch), ENQUEUE_BATCH):
+                for args, kwargs in batch[start : start + ENQUEUE_BATCH]:
+                    update_quantity.apply_async(args, kwargs)
+            wait_for_logs(logs, size, f"memory to {size}")
+            done = size
+            out[f"rss_mb_{_label(size)}"] = round(worker.rss_mb(), 1)
+    finally:
+        worker.stop()
+    return out
+
+
+def _label(n: int) -> str:
+    return f"{n // 1000}k" if n % 1000 == 0 else str(n)
+
+
+def machine() -> dict[str, Any]:
+    from importlib.metadata import version
+
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "celery": version("celery"),
+        "mongodb_server": server_version(),
+        "redis_server": redis_version(),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+
+
+def server_version() -> str:
+    from mes_tasks import db
+    from mes_tasks.settings import get_settings
+
+    return str(db.connect(get_settings()).server_info().get("version"))
+
+
+def redis_version() -> str:
+    from mes_tasks import db
+    from mes_tasks.settings import get_settings
+
+    return str(db.redis_client(get_settings()).info("server")["redis_version"])
+
+
+def table(results: dict[str, Any]) -> str:
+    t = results["throughput"]
+    lines = [
+        f"throughput (updates/s, {t['updates']} updates, one solo worker)",
+        f"  mes_tasks {t['mes_tasks']:>8}   classic {t['classic']:>8}   floor {t['floor']:>8}",
+        f"  mes_tasks / classic = {t['ratio_vs_classic']:.2f}"
+        f"   mes_tasks / floor = {t['ratio_vs_floor']:.2f}",
+        "latency delay() -> commit (ms)",
+        "  offered/s      p50      p95      p99      max",
+    ]
+    for rate, row in results["latency"].items():
+        lines.append(
+            f"  {rate:>9} {row['p50_ms']:>8} {row['p95_ms']:>8} {row['p99_ms']:>8} {row['max_ms']:>8}"
+        )
+    lines.append("audit (s)\n      logs    audit   $group    ratio  peak MB")
+    for n, row in results["audit"].items():
+        lines.append(
+            f"  {n:>8} {row['audit_s']:>8} {row['group_floor_s']:>8} {row['ratio']:>8} {row['peak_py_mb']:>8}"
+        )
+    lines.append("worker RSS (MB): " + ", ".join(f"{k}={v}" for k, v in results["memory"].items()))
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    parser.add_argument("--updates", type=int, default=3000)
+    parser.add_argument("--rates", default="50,100,200")
+    parser.add_argument("--duration", type=float, default=20.0, help="seconds per offered rate")
+    parser.add_argument("--audit-sizes", default="10000,100000,1000000")
+    parser.add_argument("--memory-sizes", default="1000,100000")
+    parser.add_argument("--out", default=str(BENCH / "results.json"))
+    args = parser.parse_args()
+    if args.quick:
+        args.updates, args.rates, args.duration = 300, "50,100", 3.0
+        args.audit_sizes, args.memory_sizes = "2000,10000", "500,2000"
+    sys.path.insert(0, str(BENCH))
+    with tempfile.TemporaryDirectory(prefix="mes-bench-") as tmp_dir:
+        tmp = Path(tmp_dir)
+        servers = start_servers(tmp)
+        try:
+            results: dict[str, Any] = {"machine": machine()}
+            results["throughput"] = throughput(args.updates, tmp)
+            rates = [float(r) for r in args.rates.split(",")] + [results["throughput"]["mes_tasks"]]
+            results["latency"] = latency(rates, args.duration, tmp)
+            results["audit"] = audit_scaling([int(n) for n in args.audit_sizes.split(",")])
+            results["memory"] = worker_memory([int(n) for n in args.memory_sizes.split(",")], tmp)
+        finally:
+            for server in reversed(servers):
+                server.stop()
+    print(table(results))
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    print(f"written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    threading.current_thread().name = "bench"
+    sys.exit(main())
