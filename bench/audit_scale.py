@@ -20,7 +20,7 @@ from typing import Any
 
 from mes_tasks import db
 from mes_tasks.audit import run_audit
-from mes_tasks.devserver import free_port, mongo_service
+from mes_tasks.devserver import free_port, mongo_service, secantus_uri
 from mes_tasks.models import QuantityLog, WorkOrder
 from mes_tasks.settings import Settings
 
@@ -81,7 +81,7 @@ def main() -> int:
     if not uri:
         port = free_port()
         server = mongo_service(Path(tempfile.mkdtemp(prefix="mes-bench-")), port).start()
-        uri = f"mongodb://127.0.0.1:{port}/mes_bench"
+        uri = secantus_uri(port, "mes_bench")
     try:
         mongo = db.prepare(Settings(mongodb_uri=uri))
         load(args.logs, args.work_orders)

@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -39,7 +40,7 @@ ENQUEUE_BATCH = 500
 
 def start_servers(base: Path) -> list[Any]:
     """Own Redis + SecantusDB unless REDIS_URL / MONGODB_URI are set; sets the env for children."""
-    from mes_tasks.devserver import free_port, mongo_service, redis_service
+    from mes_tasks.devserver import free_port, mongo_service, redis_service, secantus_uri
 
     started = []
     if not os.environ.get("REDIS_URL"):
@@ -49,7 +50,7 @@ def start_servers(base: Path) -> list[Any]:
     if not os.environ.get("MONGODB_URI"):
         port = free_port()
         started.append(mongo_service(base / "mongo", port, base / "mongo.log").start())
-        os.environ["MONGODB_URI"] = f"mongodb://127.0.0.1:{port}/mes_bench"
+        os.environ["MONGODB_URI"] = secantus_uri(port, "mes_bench")
     return started
 
 
@@ -64,6 +65,7 @@ class Worker:
         deadline = time.monotonic() + READY_TIMEOUT_S
         while " ready." not in log.read_text(errors="replace"):
             if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.proc.kill()
                 raise RuntimeError(f"worker did not start:\n{log.read_text()[-2000:]}")
             time.sleep(0.1)
 
@@ -129,11 +131,12 @@ def run_queued(task: Any, worker_argv: list[str], logs: Any, n: int, name: str, 
     return commit_rate(logs)
 
 
-def throughput(n: int, tmp: Path) -> dict[str, float]:
+def throughput(n: int, rounds: int, tmp: Path) -> dict[str, float]:
+    """The three designs in interleaved rounds (the server slows as it fills); medians of the rounds."""
     import classic
 
     from mes_tasks import db
-    from mes_tasks.devserver import CELERY, worker_argv
+    from mes_tasks.devserver import worker_argv
     from mes_tasks.ledger import Ledger
     from mes_tasks.models import QuantityLog, WorkOrder
     from mes_tasks.settings import get_settings
@@ -145,48 +148,36 @@ def throughput(n: int, tmp: Path) -> dict[str, float]:
     wo, logs = WorkOrder._get_collection(), QuantityLog._get_collection()
     c_wo, c_logs = classic._collections()
     c_logs.create_index("work_order_id")
-
-    reset([wo, logs])
-    seed_work_orders(wo)
-    mes = run_queued(update_quantity, worker_argv(), logs, n, "mes_tasks", tmp)
-
-    reset([c_wo, c_logs])
-    seed_work_orders(c_wo)
-    classic_argv = [
-        *CELERY[:3],
-        "-A",
-        "classic",
-        "worker",
-        "-P",
-        "solo",
-        "-c",
-        "1",
-        "-Q",
-        classic.QUEUE,
-        "-n",
-        "classic@%h",
-        "--prefetch-multiplier",
-        "1",
-        "-E",
-        "--loglevel",
-        "WARNING",
-    ]
-    classic_rate = run_queued(classic.update, classic_argv, c_logs, n, "classic", tmp)
-
-    reset([wo, logs])
-    seed_work_orders(wo)
     ledger = Ledger(mongo, db.redis_client(settings), settings)
-    started = time.perf_counter()
-    for args, kwargs in updates(n, "floor"):
-        ledger.apply(validate_update(*args, context=kwargs["context"]), kwargs["request_id"])
-    floor = n / (time.perf_counter() - started)
+    classic_argv = worker_argv(classic.QUEUE, "classic", app="classic")
+    per_round = n // rounds
+
+    def floor(prefix: str) -> float:
+        started = time.perf_counter()
+        for args, kwargs in updates(per_round, prefix):
+            ledger.apply(validate_update(*args, context=kwargs["context"]), kwargs["request_id"])
+        return per_round / (time.perf_counter() - started)
+
+    rates: dict[str, list[float]] = {"mes_tasks": [], "classic": [], "floor": []}
+    for r in range(rounds):
+        for design in rates:
+            reset([wo, logs, c_wo, c_logs])
+            seed_work_orders(c_wo if design == "classic" else wo)
+            if design == "mes_tasks":
+                rate = run_queued(update_quantity, worker_argv(), logs, per_round, f"mes_tasks-{r}", tmp)
+            elif design == "classic":
+                rate = run_queued(classic.update, classic_argv, c_logs, per_round, f"classic-{r}", tmp)
+            else:
+                rate = floor(f"floor-{r}")
+            rates[design].append(rate)
+    med = {design: statistics.median(values) for design, values in rates.items()}
     return {
-        "mes_tasks": round(mes, 1),
-        "classic": round(classic_rate, 1),
-        "floor": round(floor, 1),
-        "ratio_vs_classic": round(mes / classic_rate, 3),
-        "ratio_vs_floor": round(mes / floor, 3),
-        "updates": n,
+        **{design: round(value, 1) for design, value in med.items()},
+        "ratio_vs_classic": round(med["mes_tasks"] / med["classic"], 3),
+        "ratio_vs_floor": round(med["mes_tasks"] / med["floor"], 3),
+        "updates": per_round * rounds,
+        "rounds": rounds,
+        "per_round": {design: [round(v, 1) for v in values] for design, values in rates.items()},
     }
 
 
@@ -272,7 +263,7 @@ def worker_memory(sizes: list[int], tmp: Path) -> dict[str, float]:
     logs = QuantityLog._get_collection()
     reset([WorkOrder._get_collection(), logs])
     seed_work_orders(WorkOrder._get_collection())
-    worker = Worker(worker_argv(loglevel="WARNING"), tmp / "memory.log")
+    worker = Worker(worker_argv(), tmp / "memory.log")
     out = {"rss_mb_start": round(worker.rss_mb(), 1)}
     try:
         done = 0
@@ -350,6 +341,7 @@ def main() -> int:
     )
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     parser.add_argument("--updates", type=int, default=3000)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved throughput rounds")
     parser.add_argument("--rates", default="50,100,200")
     parser.add_argument("--duration", type=float, default=20.0, help="seconds per offered rate")
     parser.add_argument("--audit-sizes", default="10000,100000,1000000")
@@ -357,7 +349,7 @@ def main() -> int:
     parser.add_argument("--out", default=str(BENCH / "results.json"))
     args = parser.parse_args()
     if args.quick:
-        args.updates, args.rates, args.duration = 300, "50,100", 3.0
+        args.updates, args.rounds, args.rates, args.duration = 300, 1, "50,100", 3.0
         args.audit_sizes, args.memory_sizes = "2000,10000", "500,2000"
     sys.path.insert(0, str(BENCH))
     with tempfile.TemporaryDirectory(prefix="mes-bench-") as tmp_dir:
@@ -365,7 +357,7 @@ def main() -> int:
         servers = start_servers(tmp)
         try:
             results: dict[str, Any] = {"machine": machine()}
-            results["throughput"] = throughput(args.updates, tmp)
+            results["throughput"] = throughput(args.updates, args.rounds, tmp)
             rates = [float(r) for r in args.rates.split(",")] + [results["throughput"]["mes_tasks"]]
             results["latency"] = latency(rates, args.duration, tmp)
             results["audit"] = audit_scaling([int(n) for n in args.audit_sizes.split(",")])

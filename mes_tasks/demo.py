@@ -110,12 +110,12 @@ def summarise(run: str, scans: list[dict[str, Any]], results: list[dict[str, Any
 
 def ensure_stack() -> subprocess.Popen[bytes] | None:
     """Use ``REDIS_URL`` / ``make run``'s stack; start that stack in the background if it is down."""
-    from mes_tasks.devserver import DEV_MONGO_PORT, DEV_REDIS_PORT, port_open
+    from mes_tasks.devserver import DEV_MONGO_PORT, DEV_REDIS_PORT, port_open, secantus_uri
 
     if os.environ.get("REDIS_URL"):
         return None  # a stack of the user's own
     os.environ["REDIS_URL"] = f"redis://127.0.0.1:{DEV_REDIS_PORT}/3"
-    os.environ.setdefault("MONGODB_URI", f"mongodb://127.0.0.1:{DEV_MONGO_PORT}/mes")
+    os.environ.setdefault("MONGODB_URI", secantus_uri(DEV_MONGO_PORT, "mes"))
     if port_open(DEV_REDIS_PORT):
         return None
     Path("var/log").mkdir(parents=True, exist_ok=True)

@@ -27,6 +27,17 @@ STOP_TIMEOUT_S = 15.0
 POLL_S = 0.05
 
 
+def secantus_uri(port: int, database: str) -> str:
+    """The URI of a SecantusDB started here.
+
+    ``retryWrites=false``: SecantusDB keeps a record per retryable write (up to 10,000, for
+    30 minutes) and every write gets slower as they pile up, so long runs would measure
+    the test server, not mes_tasks. Correctness does not rest on retryable writes: each
+    request is idempotent by its id. Real MongoDB URIs keep the driver's default.
+    """
+    return f"mongodb://127.0.0.1:{port}/{database}?retryWrites=false"
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago."""
     with socket.socket() as sock:
@@ -141,10 +152,12 @@ def mongo_service(
 CELERY = [sys.executable, "-m", "celery", "-A", "mes_tasks"]
 
 
-def worker_argv(queue: str = "workorder", name: str = "workorder", loglevel: str = "INFO") -> list[str]:
+def worker_argv(
+    queue: str = "workorder", name: str = "workorder", loglevel: str = "INFO", app: str = "mes_tasks"
+) -> list[str]:
     """The one way a worker is started: solo pool, prefetch 1, events on (for Flower)."""
     return [
-        *CELERY, "worker", "-P", "solo", "-c", "1", "-Q", queue, "-n", f"{name}@%h",
+        *CELERY[:3], "-A", app, "worker", "-P", "solo", "-c", "1", "-Q", queue, "-n", f"{name}@%h",
         "--prefetch-multiplier", "1", "-E", "--loglevel", loglevel,
     ]  # fmt: skip
 

@@ -25,7 +25,13 @@ from pymongo.read_concern import ReadConcern
 from pymongo.write_concern import WriteConcern
 
 from mes_tasks.db import Mongo, mongo_errors
-from mes_tasks.errors import FenceLost, NegativeCounter, RequestIdConflict, UnknownWorkOrder
+from mes_tasks.errors import (
+    FenceLost,
+    NegativeCounter,
+    RequestIdConflict,
+    UnknownWorkOrder,
+    WriteConflict,
+)
 from mes_tasks.keys import lock_key
 from mes_tasks.locks import RedisLock
 from mes_tasks.models import COUNTER_FIELDS, QuantityLog, WorkOrder, utcnow
@@ -36,6 +42,7 @@ log = logging.getLogger(__name__)
 
 TXN_WRITE_CONCERN = WriteConcern("majority")
 TXN_READ_CONCERN = ReadConcern("snapshot")
+BUMP_MAX_TIME_MS = 2000  # a bump blocked this long is behind an abandoned transaction
 
 
 @dataclass(frozen=True)
@@ -89,21 +96,36 @@ class Ledger:
     def bump_epoch(self, work_order_id: str) -> int:
         """Take the fence: increment the work order's epoch and return the new value.
 
-        It runs as a (tiny) transaction so that a work order still written by an
-        abandoned transaction (a killed worker) answers at once with a retryable
-        write conflict instead of blocking until the server reaps that transaction.
+        A plain write, bounded by ``maxTimeMS``: it only waits when another transaction
+        holds the work order, which, under the lock, means one a killed worker left open.
+        Then one transactional attempt answers at once (a retryable write conflict) and
+        lets servers that reap abandoned transactions lazily (SecantusDB) do so.
         """
+        try:
+            with mongo_errors():
+                doc = self.work_orders.find_one_and_update(
+                    {"_id": work_order_id},
+                    {"$inc": {"epoch": 1}},
+                    projection={"epoch": 1},
+                    return_document=ReturnDocument.AFTER,
+                    maxTimeMS=BUMP_MAX_TIME_MS,
+                )
+        except WriteConflict:
+            doc = self._bump_in_transaction(work_order_id)
+        if doc is None:
+            raise UnknownWorkOrder(f"work order {work_order_id!r} does not exist")
+        return int(doc["epoch"])
+
+    def _bump_in_transaction(self, work_order_id: str) -> dict[str, Any] | None:
         with mongo_errors(), self.mongo.start_session() as session, session.start_transaction():
-            doc = self.work_orders.find_one_and_update(
+            doc: dict[str, Any] | None = self.work_orders.find_one_and_update(
                 {"_id": work_order_id},
                 {"$inc": {"epoch": 1}},
                 projection={"epoch": 1},
                 return_document=ReturnDocument.AFTER,
                 session=session,
             )
-        if doc is None:
-            raise UnknownWorkOrder(f"work order {work_order_id!r} does not exist")
-        return int(doc["epoch"])
+        return doc
 
     def commit(
         self,

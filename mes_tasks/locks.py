@@ -44,6 +44,7 @@ class RedisLock:
         ttl_s: expiry of the key; the watchdog keeps pushing it back while held.
         wait_s: how long ``acquire`` waits for a busy lock before ``LockBusy``.
         extend_interval_s: watchdog period, a third of the TTL by default.
+        watchdog: the thread that extends the lock while held (the process's own by default).
     """
 
     def __init__(
@@ -54,6 +55,7 @@ class RedisLock:
         *,
         wait_s: float = 0.0,
         extend_interval_s: float | None = None,
+        watchdog: Watchdog | None = None,
     ) -> None:
         self.client = client
         self.key = key
@@ -62,7 +64,7 @@ class RedisLock:
         self.extend_interval_s = extend_interval_s or ttl_s / 3
         self.token = secrets.token_hex(16)
         self.lost_reason: str | None = None
-        self._watchdog: Watchdog | None = None
+        self.watchdog = watchdog or WATCHDOG
 
     def acquire(self) -> None:
         """Take the lock, waiting up to ``wait_s``.
@@ -73,6 +75,7 @@ class RedisLock:
         """
         deadline = time.monotonic() + self.wait_s
         pause = ACQUIRE_POLL_MIN_S
+        self.token = secrets.token_hex(16)
         with redis_errors():
             while not self.client.set(self.key, self.token, nx=True, px=self.ttl_ms):
                 if time.monotonic() + pause > deadline:
@@ -109,13 +112,10 @@ class RedisLock:
             raise LockLost(f"lock {self.key} lost: {self.lost_reason}")
 
     def start_watchdog(self) -> None:
-        self._watchdog = Watchdog(self)
-        self._watchdog.start()
+        self.watchdog.watch(self)
 
     def stop_watchdog(self) -> None:
-        if self._watchdog is not None:
-            self._watchdog.stop()
-            self._watchdog = None
+        self.watchdog.unwatch(self)
 
     def __enter__(self) -> RedisLock:
         self.acquire()
@@ -132,26 +132,61 @@ class RedisLock:
             self.release()
 
 
-class Watchdog(threading.Thread):
-    """Extends a held lock every ``extend_interval_s``; records the first failure."""
+class Watchdog:
+    """One daemon thread per process that extends every watched lock at its interval.
 
-    def __init__(self, lock: RedisLock) -> None:
-        super().__init__(name=f"lock-watchdog:{lock.key}", daemon=True)
-        self.lock = lock
-        self._stopped = threading.Event()
+    A thread per lock would cost a start and a join on every update; this one sleeps
+    until the next extension is due. A failed or refused extension is recorded on the
+    lock (``lost_reason``) and the lock is no longer watched.
+    """
 
-    def run(self) -> None:
-        while not self._stopped.wait(self.lock.extend_interval_s):
-            try:
-                ok = self.lock.extend()
-            except RedisUnavailable as exc:
-                self.lock.lost_reason = f"extension failed: {exc}"
-                return
-            if not ok:
-                self.lock.lost_reason = "extension refused: key expired or taken"
-                return
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._due: dict[int, tuple[float, RedisLock]] = {}
+        self._thread: threading.Thread | None = None
 
-    def stop(self) -> None:
-        self._stopped.set()
-        if self is not threading.current_thread():
-            self.join(timeout=1.0)
+    def watch(self, lock: RedisLock) -> None:
+        with self._cond:
+            self._due[id(lock)] = (time.monotonic() + lock.extend_interval_s, lock)
+            if self._thread is None or not self._thread.is_alive():  # first use, or after a fork
+                self._thread = threading.Thread(target=self._run, name="lock-watchdog", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+
+    def unwatch(self, lock: RedisLock) -> None:
+        with self._cond:
+            self._due.pop(id(lock), None)
+
+    def watching(self, lock: RedisLock) -> bool:
+        with self._cond:
+            return id(lock) in self._due
+
+    def _run(self) -> None:
+        while True:
+            for lock in self._next_due():
+                self._extend(lock)
+
+    def _next_due(self) -> list[RedisLock]:
+        with self._cond:
+            while True:
+                now = time.monotonic()
+                due = [lock for at, lock in self._due.values() if at <= now]
+                if due:
+                    for lock in due:
+                        self._due[id(lock)] = (now + lock.extend_interval_s, lock)
+                    return due
+                soonest = min((at for at, _ in self._due.values()), default=None)
+                self._cond.wait(None if soonest is None else soonest - now)
+
+    def _extend(self, lock: RedisLock) -> None:
+        try:
+            ok = lock.extend()
+        except RedisUnavailable as exc:
+            lock.lost_reason = f"extension failed: {exc}"
+            ok = None
+        if not ok:
+            lock.lost_reason = lock.lost_reason or "extension refused: key expired or taken"
+            self.unwatch(lock)
+
+
+WATCHDOG = Watchdog()

@@ -28,6 +28,7 @@ from mes_tasks.devserver import (
     mongo_service,
     port_open,
     redis_service,
+    secantus_uri,
     worker_argv,
 )
 from mes_tasks.settings import mask_url
@@ -110,7 +111,7 @@ def _services(var: Path, redis_port: int, mongo_port: int) -> tuple[dict[str, st
         env["REDIS_URL"] = f"redis://127.0.0.1:{redis_port}/{DEV_REDIS_DB}"
     if not env.get("MONGODB_URI"):
         services.append(mongo_service(var / "mongo", mongo_port, var / "log" / "mongo.log"))
-        env["MONGODB_URI"] = f"mongodb://127.0.0.1:{mongo_port}/mes"
+        env["MONGODB_URI"] = secantus_uri(mongo_port, "mes")
     env.setdefault("MES_REPORTS_DIR", str(var / "reports"))
     return env, services
 

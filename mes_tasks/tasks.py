@@ -24,6 +24,7 @@ UPDATE_QUANTITY = "mes_tasks.tasks.update_quantity"
 AUDIT_WORK_ORDERS = "mes_tasks.tasks.audit_work_orders"
 APPLY_MS_EWMA_WEIGHT = 0.1  # weight of the newest duration in the moving average
 APPLY_MS_TTL_S = 3600
+APPLY_MS_PUBLISH_INTERVAL_S = 1.0  # the estimate is written to Redis at most this often
 
 
 class InternalError(TransientError):
@@ -37,6 +38,7 @@ class LedgerTask(Task):  # type: ignore[misc]
 
     _ledger: Ledger | None = None
     _apply_ms: float | None = None
+    _apply_ms_published = 0.0
 
     @property
     def ledger(self) -> Ledger:
@@ -50,6 +52,9 @@ class LedgerTask(Task):  # type: ignore[misc]
         prev = LedgerTask._apply_ms
         avg = ms if prev is None else prev + APPLY_MS_EWMA_WEIGHT * (ms - prev)
         LedgerTask._apply_ms = avg
+        if time.monotonic() - LedgerTask._apply_ms_published < APPLY_MS_PUBLISH_INTERVAL_S:
+            return
+        LedgerTask._apply_ms_published = time.monotonic()
         s = self.ledger.settings
         try:
             self.ledger.redis.set(apply_ms_key(s.key_prefix), f"{avg:.2f}", ex=APPLY_MS_TTL_S)

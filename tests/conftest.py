@@ -17,13 +17,13 @@ from pathlib import Path
 
 import pytest
 
-from mes_tasks.devserver import free_port, mongo_service, redis_service, worker_argv
+from mes_tasks.devserver import free_port, mongo_service, redis_service, secantus_uri, worker_argv
 
 REDIS_PORT = free_port()
 MONGO_PORT = free_port()
 TEST_ENV = {
     "REDIS_URL": f"redis://127.0.0.1:{REDIS_PORT}/3",
-    "MONGODB_URI": f"mongodb://127.0.0.1:{MONGO_PORT}/mes_test",
+    "MONGODB_URI": secantus_uri(MONGO_PORT, "mes_test"),
     "MES_LOCK_TTL_S": "3",
     "MES_LOCK_WAIT_S": "2",
     "MES_RETRY_MAX": "5",

@@ -16,7 +16,7 @@ import redis
 from pymongo import MongoClient
 
 from conftest import REPO, wait_until
-from mes_tasks.devserver import free_port, port_open
+from mes_tasks.devserver import free_port, port_open, secantus_uri
 
 SUBMIT = """
 from mes_tasks import db
@@ -66,7 +66,7 @@ def submit(redis_port: int, mongo_port: int) -> str:
     env = {
         **os.environ,
         "REDIS_URL": f"redis://127.0.0.1:{redis_port}/3",
-        "MONGODB_URI": f"mongodb://127.0.0.1:{mongo_port}/mes",
+        "MONGODB_URI": secantus_uri(mongo_port, "mes"),
     }
     done = subprocess.run([sys.executable, "-c", SUBMIT], env=env, cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import redis
@@ -73,9 +74,11 @@ def test_ensure_held_notices_a_deleted_or_overwritten_key_at_once(
 def test_the_watchdog_records_a_failed_extension(redis_client: redis.Redis) -> None:
     with lock(redis_client, ttl_s=0.3) as held:
         redis_client.set(held.key, "intruder")
-        assert held._watchdog is not None
-        held._watchdog.join(timeout=2)
+        deadline = time.monotonic() + 2
+        while held.lost_reason is None and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert held.lost_reason and "refused" in held.lost_reason
+        assert not held.watchdog.watching(held)
         redis_client.set(held.key, held.token)  # even if the key came back, the loss is remembered
         with pytest.raises(LockLost):
             held.ensure_held()
@@ -85,3 +88,13 @@ def test_an_unreachable_redis_is_a_transient_error() -> None:
     client = redis.Redis(port=1, socket_connect_timeout=0.2)
     with pytest.raises(RedisUnavailable):
         lock(client).acquire()
+
+
+def test_one_watchdog_thread_keeps_several_locks_with_different_ttls_alive(redis_client: redis.Redis) -> None:
+    short = RedisLock(redis_client, "mes:lock:A", 0.3)
+    long = RedisLock(redis_client, "mes:lock:B", 0.6)
+    with short, long:
+        threading.Event().wait(1.2)
+        assert redis_client.get(short.key) == short.token
+        assert redis_client.get(long.key) == long.token
+    assert not short.watchdog.watching(short) and not long.watchdog.watching(long)
