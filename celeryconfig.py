@@ -37,6 +37,7 @@ result_accept_content = ["json"]
 task_routes = {
     "mes_tasks.tasks.update_quantity": {"queue": "workorder"},
     "mes_tasks.tasks.audit_work_orders": {"queue": "audit"},
+    "mes_tasks.tasks.relay_outbox": {"queue": "audit"},
 }
 task_acks_late = True
 task_acks_on_failure = True  # dead-lettered first, so a final failure is never lost
@@ -59,5 +60,10 @@ beat_schedule = {
             else crontab(hour=_s.audit_time[0], minute=_s.audit_time[1])
         ),
         "options": {"queue": "audit", "expires": 12 * 3600},
+    },
+    "outbox-relay": {
+        "task": "mes_tasks.tasks.relay_outbox",
+        "schedule": timedelta(seconds=_s.outbox_relay_interval_s),
+        "options": {"queue": "audit", "expires": _s.outbox_relay_interval_s},
     },
 }

@@ -128,4 +128,23 @@ class AuditReport(Document):
     }
 
 
-ALL_MODELS: tuple[type[Document], ...] = (WorkOrder, QuantityLog, FailedUpdate, AuditReport)
+class OutboxMessage(Document):
+    """An update the broker could not take, waiting to be re-published (see ``outbox``)."""
+
+    job_id = StringField(required=True, unique=True)
+    request_id = StringField(required=True)
+    payload = StringField(required=True)  # JSON {"args": [...], "kwargs": {...}}
+    reason = StringField()
+    created_at = DateTimeField(default=utcnow)
+    attempts = IntField(default=0)
+    last_error = StringField()
+    last_attempt_at = DateTimeField()
+
+    meta = {
+        "collection": "outbox",
+        "strict": False,
+        "indexes": [{"fields": ["created_at"], "name": "oldest"}],
+    }
+
+
+ALL_MODELS: tuple[type[Document], ...] = (WorkOrder, QuantityLog, FailedUpdate, AuditReport, OutboxMessage)

@@ -7,10 +7,13 @@ import uuid
 from typing import Any
 
 import redis
+from pymongo import MongoClient
+from pymongo.collection import Collection
 
-from mes_tasks import db
-from mes_tasks.errors import ValidationError
+from mes_tasks import db, outbox
+from mes_tasks.errors import MesError, ValidationError
 from mes_tasks.keys import apply_ms_key
+from mes_tasks.models import OutboxMessage
 from mes_tasks.settings import Settings, get_settings, mask_secrets
 from mes_tasks.validation import validate_update
 
@@ -27,6 +30,7 @@ class Producer:
     def __init__(self, settings: Settings | None = None, redis_client: redis.Redis | None = None):
         self.settings = settings or get_settings()
         self.redis = redis_client or db.redis_client(self.settings)
+        self._outbox: Collection[dict[str, Any]] | None = None
 
     def submit(
         self,
@@ -43,12 +47,12 @@ class Producer:
             return {"success": False, "job_id": None, "code": exc.code, "error": exc.message}
         job_id = str(uuid.uuid4())
         rid = req.request_id or job_id
+        args = [req.work_order_id, req.kind, req.quantity]
+        kwargs = {"request_id": rid, "context": req.context or None}
         try:
-            _publish(job_id, req.work_order_id, req.kind, req.quantity, rid, req.context)
+            publish(job_id, args, kwargs)
         except Exception as exc:  # every broker failure becomes a result, never a raise
-            reason = mask_secrets(f"{type(exc).__name__}: {exc}")
-            log.error("could not enqueue %s: %s", rid, reason)
-            return {"success": False, "job_id": None, "code": "QUEUE_ERROR", "error": reason}
+            return self._spool(job_id, args, kwargs, mask_secrets(f"{type(exc).__name__}: {exc}"))
         length, delay_ms = self.queue_stats()
         return {
             "success": True,
@@ -58,6 +62,46 @@ class Producer:
             "queue_length": length,
             "estimated_delay_ms": delay_ms,
         }
+
+    def _spool(self, job_id: str, args: list[Any], kwargs: dict[str, Any], reason: str) -> dict[str, Any]:
+        """Broker down: keep the update in the MongoDB outbox, or say that nothing was recorded."""
+        rid = kwargs["request_id"]
+        try:
+            outbox.spool(self.outbox_collection(), job_id, args, kwargs, reason)
+        except MesError as exc:
+            error = (
+                f"nothing was recorded: the broker refused it ({reason}) "
+                f"and the outbox is unreachable ({exc.message})"
+            )
+            log.error("could not enqueue nor spool %s: %s", rid, error)
+            return {
+                "success": False,
+                "job_id": None,
+                "code": "QUEUE_ERROR",
+                "recorded": False,
+                "error": error,
+            }
+        log.warning("broker down, spooled %s to the outbox: %s", rid, reason)
+        return {
+            "success": True,
+            "job_id": job_id,
+            "request_id": rid,
+            "code": "SPOOLED",
+            "recorded": True,
+            "queue_length": None,
+            "estimated_delay_ms": None,
+            "error": reason,
+        }
+
+    def outbox_collection(self) -> Collection[dict[str, Any]]:
+        """The outbox, through a client of the producer's own (made on first use)."""
+        if self._outbox is None:
+            timeout_ms = int(self.settings.connect_timeout_s * 1000)
+            client: MongoClient[dict[str, Any]] = MongoClient(
+                self.settings.mongodb_uri, serverSelectionTimeoutMS=timeout_ms, connectTimeoutMS=timeout_ms
+            )
+            self._outbox = client[self.settings.mongodb_db][OutboxMessage._meta["collection"]]
+        return self._outbox
 
     def queue_stats(self) -> tuple[int | None, int | None]:
         """Messages waiting in ``workorder`` and the estimated wait for a new one (ms)."""
@@ -72,18 +116,11 @@ class Producer:
         return int(length), round((int(length) + 1) * per_update)
 
 
-def _publish(
-    job_id: str, work_order_id: str, kind: str, quantity: int, request_id: str, context: dict[str, str]
-) -> None:
+def publish(job_id: str, args: list[Any], kwargs: dict[str, Any]) -> None:
+    """Send one update to the broker under ``job_id`` (also the outbox relay's way)."""
     from mes_tasks.tasks import update_quantity
 
-    update_quantity.apply_async(
-        args=(work_order_id, kind, quantity),
-        kwargs={"request_id": request_id, "context": context or None},
-        task_id=job_id,
-        retry=True,
-        retry_policy=PUBLISH_RETRY_POLICY,
-    )
+    update_quantity.apply_async(args, kwargs, task_id=job_id, retry=True, retry_policy=PUBLISH_RETRY_POLICY)
 
 
 _default: Producer | None = None
@@ -99,9 +136,11 @@ def submit_quantity_update(
     """Validate and enqueue an update for the ``workorder`` worker.
 
     Returns:
-        On success ``{"success": True, "job_id", "request_id", "code": "QUEUED",
-        "queue_length", "estimated_delay_ms"}``; otherwise ``{"success": False,
-        "code": <MISSING_WORK_ORDER_ID | INVALID_... | QUEUE_ERROR>, "error": reason}``.
+        ``{"success": True, "job_id", "request_id", "code": "QUEUED", "queue_length",
+        "estimated_delay_ms"}``; with the broker down, ``"code": "SPOOLED"`` (kept in the
+        MongoDB outbox, relayed later with the same request id); otherwise ``{"success":
+        False, "code": <MISSING_WORK_ORDER_ID | INVALID_... | QUEUE_ERROR>, "error": reason}``,
+        where ``QUEUE_ERROR`` means nothing was recorded.
     """
     global _default
     if _default is None:

@@ -35,6 +35,7 @@ REPORTS_DIR = "var/reports"
 REPORT_RETENTION_DAYS = 90
 WEBHOOK_TIMEOUT_S = 5.0
 WEBHOOK_RETRIES = 3
+OUTBOX_RELAY_INTERVAL_S = 10.0
 DST_WINDOW_HOURS = (1, 3)  # [01:00, 03:00): local times that DST can skip or repeat
 
 ENV_NAMES = {
@@ -60,6 +61,7 @@ ENV_NAMES = {
     "audit_webhook_url": "AUDIT_WEBHOOK_URL",
     "webhook_timeout_s": "MES_WEBHOOK_TIMEOUT_S",
     "webhook_retries": "MES_WEBHOOK_RETRIES",
+    "outbox_relay_interval_s": "MES_OUTBOX_RELAY_INTERVAL_S",
 }
 
 
@@ -90,6 +92,7 @@ class Settings:
     audit_webhook_url: str = ""
     webhook_timeout_s: float = WEBHOOK_TIMEOUT_S
     webhook_retries: int = WEBHOOK_RETRIES
+    outbox_relay_interval_s: float = OUTBOX_RELAY_INTERVAL_S
 
     def __post_init__(self) -> None:
         if self.lock_extend_interval_s == 0:
@@ -204,6 +207,7 @@ def _check_positive(s: Settings) -> None:
         "lock_extend_interval_s",
         "retry_backoff_s",
         "unacked_restore_interval_s",
+        "outbox_relay_interval_s",
     ):
         if getattr(s, name) <= 0:
             raise ConfigurationError(f"{ENV_NAMES[name]} must be greater than zero")

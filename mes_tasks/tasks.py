@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 
 UPDATE_QUANTITY = "mes_tasks.tasks.update_quantity"
 AUDIT_WORK_ORDERS = "mes_tasks.tasks.audit_work_orders"
+RELAY_OUTBOX = "mes_tasks.tasks.relay_outbox"
 APPLY_MS_EWMA_WEIGHT = 0.1  # weight of the newest duration in the moving average
 APPLY_MS_TTL_S = 3600
 APPLY_MS_PUBLISH_INTERVAL_S = 1.0  # the estimate is written to Redis at most this often
@@ -151,3 +152,15 @@ def audit_work_orders(
     do_repair = self.ledger.settings.audit_repair if repair is None else bool(repair)
     report = audit_and_report(self.ledger, ids, do_repair=do_repair, trigger="schedule")
     return {"report_id": str(report.id), "finding_count": report.finding_count, "summary": summary(report)}
+
+
+@app.task(name=RELAY_OUTBOX, acks_late=False, ignore_result=True)
+def relay_outbox() -> int:
+    """Re-publish updates the producer spooled while the broker was down (beat, every few s)."""
+    from mes_tasks import outbox
+    from mes_tasks.producer import publish
+
+    sent = outbox.relay(publish)  # the worker connected MongoDB at start-up
+    if sent:
+        log.info("outbox: relayed %d spooled update(s)", sent)
+    return sent

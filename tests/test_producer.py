@@ -35,7 +35,7 @@ def test_bad_input_is_refused_by_the_producer_and_nothing_is_queued_or_written(
     assert QuantityLog.objects.count() == 0
 
 
-def test_a_broker_that_is_down_gives_queue_error_not_an_exception(
+def test_a_broker_that_is_down_never_raises_to_the_caller(
     redis_client: redis.Redis, servers: dict[str, Service]
 ) -> None:
     servers["redis"].stop()
@@ -43,6 +43,6 @@ def test_a_broker_that_is_down_gives_queue_error_not_an_exception(
         result = Producer().submit("WO-1", "input", 1, request_id="down-1")
     finally:
         servers["redis"].start()
-    assert (result["success"], result["code"], result["job_id"]) == (False, "QUEUE_ERROR", None)
-    assert "Connection" in result["error"] or "refused" in result["error"]
-    assert submit_quantity_update("WO-1", "input", 1, request_id="up-again")["success"]
+    assert (result["success"], result["code"]) == (True, "SPOOLED")  # see test_outbox
+    assert result["error"]  # the broker's reason
+    assert submit_quantity_update("WO-1", "input", 1, request_id="up-again")["code"] == "QUEUED"
