@@ -117,10 +117,19 @@ class Producer:
 
 
 def publish(job_id: str, args: list[Any], kwargs: dict[str, Any]) -> None:
-    """Send one update to the broker under ``job_id`` (also the outbox relay's way)."""
+    """Send one update to the broker under ``job_id`` (also the outbox relay's way).
+
+    ``ignore_result``: with a Redis result backend every ``apply_async`` otherwise
+    subscribes the producer to the task's result channel, a subscription that only a
+    ``.get()`` ever clears (a leak in a main app that never waits), and a Redis outage
+    then blocks the call for the backend's ~20 s of reconnect retries. The outcome of an
+    update is its ``QuantityLog`` or ``FailedUpdate``.
+    """
     from mes_tasks.tasks import update_quantity
 
-    update_quantity.apply_async(args, kwargs, task_id=job_id, retry=True, retry_policy=PUBLISH_RETRY_POLICY)
+    update_quantity.apply_async(
+        args, kwargs, task_id=job_id, retry=True, retry_policy=PUBLISH_RETRY_POLICY, ignore_result=True
+    )
 
 
 _default: Producer | None = None

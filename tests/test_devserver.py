@@ -21,13 +21,12 @@ from mes_tasks.devserver import free_port, port_open, secantus_uri
 SUBMIT = """
 from mes_tasks import db
 from mes_tasks.models import WorkOrder
-from mes_tasks.producer import submit_quantity_update
 from mes_tasks.settings import get_settings
-from celery.result import AsyncResult
+from mes_tasks.tasks import update_quantity
 db.connect(get_settings())
 WorkOrder.objects(id="WO-1001").upsert_one(set_on_insert__input_qty=0)
-sent = submit_quantity_update("WO-1001", "output", 1, request_id="scan:BC123:PACK")
-print(AsyncResult(sent["job_id"]).get(timeout=60)["status"])
+sent = update_quantity.delay("WO-1001", "output", 1, request_id="scan:BC123:PACK")
+print(sent.get(timeout=60)["status"])
 """
 
 

@@ -9,7 +9,6 @@ from collections.abc import Callable
 from typing import Any
 
 import redis
-from celery.result import AsyncResult
 
 from conftest import Worker, make_work_orders, wait_until
 from load import plan, send
@@ -52,8 +51,8 @@ def test_eight_producers_2000_updates_every_counter_equals_its_logs(
 def test_the_same_request_id_sent_five_times_counts_once(start_worker: Callable[..., Worker]) -> None:
     make_work_orders(["WO-1"])
     start_worker()
-    sent = [submit_quantity_update("WO-1", "output", 2, request_id="scan:BC9:PACK") for _ in range(5)]
-    statuses = sorted(AsyncResult(r["job_id"]).get(timeout=30)["status"] for r in sent)
+    sent = [update_quantity.delay("WO-1", "output", 2, request_id="scan:BC9:PACK") for _ in range(5)]
+    statuses = sorted(r.get(timeout=30)["status"] for r in sent)
     assert statuses == ["applied"] + ["duplicate"] * 4
     assert WorkOrder.objects.get(id="WO-1").output_qty == 2
     assert QuantityLog.objects(request_id="scan:BC9:PACK").count() == 1
@@ -64,7 +63,7 @@ def test_a_worker_killed_inside_its_transaction_applies_the_update_once_after_re
 ) -> None:
     make_work_orders(["WO-1"])
     doomed = start_worker(MES_TEST_TXN_DELAY_S="60")
-    sent = submit_quantity_update("WO-1", "input", 7, request_id="crash-1")
+    sent = update_quantity.delay("WO-1", "input", 7, request_id="crash-1")
     doomed.wait_for_log("holding the transaction open")
     doomed.kill()
     assert QuantityLog.objects.count() == 0
@@ -73,7 +72,7 @@ def test_a_worker_killed_inside_its_transaction_applies_the_update_once_after_re
     # (transactionLifetimeLimitSeconds, 60 s): the new worker must retry through that.
     start_worker(MES_RETRY_MAX="1000")
     wait_until(logs_count(1), 150, "the redelivered update")
-    assert AsyncResult(sent["job_id"]).get(timeout=30)["status"] in ("applied", "duplicate")
+    assert sent.get(timeout=30)["status"] in ("applied", "duplicate")
     time.sleep(1)  # a second, wrong application would land now
     assert WorkOrder.objects.get(id="WO-1").input_qty == 7
     assert QuantityLog.objects(request_id="crash-1").count() == 1
@@ -82,14 +81,14 @@ def test_a_worker_killed_inside_its_transaction_applies_the_update_once_after_re
 def _lock_tamper_test(start_worker: Callable[..., Worker], redis_client: redis.Redis, tamper: str) -> Worker:
     make_work_orders(["WO-1"])
     worker = start_worker(MES_TEST_TXN_DELAY_S="0.5")
-    sent = submit_quantity_update("WO-1", "output", 5, request_id="tamper-1")
+    sent = update_quantity.delay("WO-1", "output", 5, request_id="tamper-1")
     worker.wait_for_log("holding the transaction open")
     key = lock_key("mes:", "WO-1")
     if tamper == "delete":
         redis_client.delete(key)
     else:
         redis_client.set(key, "intruder", px=200)
-    result = AsyncResult(sent["job_id"]).get(timeout=60)
+    result = sent.get(timeout=60)
     assert result["status"] == "applied"
     assert "LOCK_LOST" in worker.log()  # the first attempt saw the loss and retried
     assert WorkOrder.objects.get(id="WO-1").output_qty == 5
