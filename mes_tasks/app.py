@@ -10,6 +10,7 @@ from celery import Celery, signals
 
 from mes_tasks import db
 from mes_tasks.errors import MesError
+from mes_tasks.lease import SingleActiveConsumer
 from mes_tasks.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -18,6 +19,7 @@ EXIT_CONFIG = 78  # EX_CONFIG from sysexits.h
 
 app = Celery("mes_tasks", include=["mes_tasks.tasks"])
 app.config_from_object("celeryconfig")
+app.steps["consumer"].add(SingleActiveConsumer)
 
 
 @signals.worker_init.connect

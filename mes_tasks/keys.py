@@ -3,6 +3,8 @@
 Key patterns:
 
     {prefix}lock:{work_order_id}   string, the owner token of the work-order lock; PX = lock TTL
+    {prefix}lease:workorder        string, the owner token of the active ``workorder`` consumer;
+                                   PX = lease TTL (see ``mes_tasks.lease``)
     {prefix}paused:workorder       set, names of workers whose ``workorder`` consumer
                                    ``queue pause`` cancelled (``queue resume`` restores them)
     {prefix}stats:apply_ms         string, moving average of one update's duration (ms), for
@@ -26,3 +28,7 @@ def apply_ms_key(prefix: str) -> str:
 
 def paused_key(prefix: str) -> str:
     return f"{prefix}paused:workorder"
+
+
+def lease_key(prefix: str) -> str:
+    return f"{prefix}lease:workorder"

@@ -149,6 +149,12 @@ class Ledger:
                 before_commit()
         except DuplicateKeyError:
             return self.duplicate_of(req, request_id)
+        except NegativeCounter:
+            # A correction applied before would now go below zero: it is a duplicate, not a refusal.
+            with mongo_errors():
+                if self.logs.find_one({"request_id": request_id}, {"_id": 1}) is not None:
+                    return self.duplicate_of(req, request_id)
+            raise
         return ApplyResult("applied", *_ident(req, request_id), value=value, epoch=epoch)
 
     def duplicate_of(self, req: UpdateRequest, request_id: str) -> ApplyResult:

@@ -36,6 +36,7 @@ REPORT_RETENTION_DAYS = 90
 WEBHOOK_TIMEOUT_S = 5.0
 WEBHOOK_RETRIES = 3
 OUTBOX_RELAY_INTERVAL_S = 10.0
+LEASE_TTL_S = 10.0  # a dead active workorder worker is replaced after at most this long
 DST_WINDOW_HOURS = (1, 3)  # [01:00, 03:00): local times that DST can skip or repeat
 
 ENV_NAMES = {
@@ -62,6 +63,7 @@ ENV_NAMES = {
     "webhook_timeout_s": "MES_WEBHOOK_TIMEOUT_S",
     "webhook_retries": "MES_WEBHOOK_RETRIES",
     "outbox_relay_interval_s": "MES_OUTBOX_RELAY_INTERVAL_S",
+    "lease_ttl_s": "MES_LEASE_TTL_S",
 }
 
 
@@ -93,6 +95,7 @@ class Settings:
     webhook_timeout_s: float = WEBHOOK_TIMEOUT_S
     webhook_retries: int = WEBHOOK_RETRIES
     outbox_relay_interval_s: float = OUTBOX_RELAY_INTERVAL_S
+    lease_ttl_s: float = LEASE_TTL_S
 
     def __post_init__(self) -> None:
         if self.lock_extend_interval_s == 0:
@@ -208,6 +211,7 @@ def _check_positive(s: Settings) -> None:
         "retry_backoff_s",
         "unacked_restore_interval_s",
         "outbox_relay_interval_s",
+        "lease_ttl_s",
     ):
         if getattr(s, name) <= 0:
             raise ConfigurationError(f"{ENV_NAMES[name]} must be greater than zero")

@@ -32,6 +32,7 @@ TEST_ENV = {
     "MES_VISIBILITY_TIMEOUT_S": "12",
     "MES_UNACKED_RESTORE_INTERVAL_S": "1",
     "MES_CONNECT_TIMEOUT_S": "2",
+    "MES_LEASE_TTL_S": "3",
 }
 os.environ.update(TEST_ENV)
 

@@ -73,6 +73,13 @@ def test_a_counter_never_goes_below_zero(ledger: Ledger) -> None:
     assert QuantityLog.objects.count() == 2
 
 
+def test_a_redelivered_correction_is_a_duplicate_even_if_it_would_now_go_negative(ledger: Ledger) -> None:
+    ledger.apply(validate_update("WO-1", "output", 5), "r1")
+    ledger.apply(validate_update("WO-1", "output", -5), "fix")
+    assert ledger.apply(validate_update("WO-1", "output", -5), "fix").status == "duplicate"
+    assert counters() == (0, 0)
+
+
 def test_a_crash_before_commit_leaves_nothing(ledger: Ledger) -> None:
     epoch = ledger.bump_epoch("WO-1")
 

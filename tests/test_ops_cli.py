@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 import redis
 from celery.bin.celery import celery
 from click.testing import CliRunner, Result
 
-from conftest import Worker, make_work_orders, wait_until
+from conftest import Worker, make_work_orders, spawn, wait_until
 from mes_tasks.db import Mongo
 from mes_tasks.deadletter import Failure, record_failure
+from mes_tasks.devserver import worker_argv
 from mes_tasks.errors import UnknownWorkOrder
 from mes_tasks.keys import lock_key
 from mes_tasks.locks import RedisLock
@@ -211,12 +213,19 @@ def test_doctor_passes_on_the_test_deployment_with_one_solo_worker(
     assert statuses["workorder consumer"] == "OK"
 
 
-def test_doctor_fails_two_consumers_on_workorder(
-    services: redis.Redis, start_worker: Callable[..., Worker]
+def test_doctor_fails_a_second_consumer_on_workorder(
+    services: redis.Redis, start_worker: Callable[..., Worker], tmp_path: Path
 ) -> None:
     start_worker()
-    start_worker()
-    result = cli("doctor")
+    start_worker()  # a standby: it holds no consumer, doctor stays happy
+    assert cli("doctor").exit_code == 0
+    argv = worker_argv(name="rogue", app="rogue_app")  # a worker without the lease step
+    rogue = spawn(argv, tmp_path / "rogue.log", PYTHONPATH=str(Path(__file__).parent))
+    try:
+        rogue.wait_for_log(" ready.", 60)
+        result = cli("doctor")
+    finally:
+        rogue.stop()
     assert result.exit_code == 1
     assert "FAIL workorder consumer: 2 workers" in click_plain(result.stdout)
 
