@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install run demo test lint format bench clean
+.PHONY: install run demo test lint format bench chaos clean
 
 install: $(STAMP)
 
@@ -33,6 +33,9 @@ format: install
 
 bench: install
 	$(PY) bench/run.py $(BENCH_ARGS)
+
+chaos: install
+	$(PY) -m mes_tasks.chaos $(CHAOS_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
