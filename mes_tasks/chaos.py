@@ -48,7 +48,6 @@ class Row:
     injected: int = 0
     sent: int = 0
     applied: int = 0
-    duplicates: int = 0
     failed: int = 0
     recovery_s: float | None = None
     window: tuple[datetime, datetime] | None = None
@@ -262,6 +261,7 @@ def verify(run: Run) -> dict[str, int]:
     bad_failed = len([rid for rid in failed if rid.startswith("chaos:bad:")])
     return {
         "accepted": len(run.accepted),
+        "duplicates_sent": run.duplicates_sent,
         "applied": len(logged),
         "failed": len(failed),
         "lost": lost,

@@ -103,28 +103,22 @@ class Ledger:
         """
         try:
             with mongo_errors():
-                doc = self.work_orders.find_one_and_update(
-                    {"_id": work_order_id},
-                    {"$inc": {"epoch": 1}},
-                    projection={"epoch": 1},
-                    return_document=ReturnDocument.AFTER,
-                    maxTimeMS=BUMP_MAX_TIME_MS,
-                )
+                doc = self._bump(work_order_id, maxTimeMS=BUMP_MAX_TIME_MS)
         except WriteConflict:
-            doc = self._bump_in_transaction(work_order_id)
+            with mongo_errors(), self.mongo.start_session() as session, session.start_transaction():
+                doc = self._bump(work_order_id, session=session)
         if doc is None:
             raise UnknownWorkOrder(f"work order {work_order_id!r} does not exist")
         return int(doc["epoch"])
 
-    def _bump_in_transaction(self, work_order_id: str) -> dict[str, Any] | None:
-        with mongo_errors(), self.mongo.start_session() as session, session.start_transaction():
-            doc: dict[str, Any] | None = self.work_orders.find_one_and_update(
-                {"_id": work_order_id},
-                {"$inc": {"epoch": 1}},
-                projection={"epoch": 1},
-                return_document=ReturnDocument.AFTER,
-                session=session,
-            )
+    def _bump(self, work_order_id: str, **kwargs: Any) -> dict[str, Any] | None:
+        doc: dict[str, Any] | None = self.work_orders.find_one_and_update(
+            {"_id": work_order_id},
+            {"$inc": {"epoch": 1}},
+            projection={"epoch": 1},
+            return_document=ReturnDocument.AFTER,
+            **kwargs,
+        )
         return doc
 
     def commit(
@@ -151,18 +145,25 @@ class Ledger:
             return self.duplicate_of(req, request_id)
         except NegativeCounter:
             # A correction applied before would now go below zero: it is a duplicate, not a refusal.
-            with mongo_errors():
-                if self.logs.find_one({"request_id": request_id}, {"_id": 1}) is not None:
-                    return self.duplicate_of(req, request_id)
-            raise
+            logged = self._logged(request_id)
+            if logged is None:
+                raise
+            return self._duplicate(req, request_id, logged)
         return ApplyResult("applied", *_ident(req, request_id), value=value, epoch=epoch)
 
     def duplicate_of(self, req: UpdateRequest, request_id: str) -> ApplyResult:
         """The result for a request id that is already logged; refuse a different payload."""
-        with mongo_errors():
-            logged = self.logs.find_one({"request_id": request_id})
+        logged = self._logged(request_id)
         if logged is None:  # lost a race with a rollback; let the caller retry
             raise FenceLost(f"request {request_id!r} collided but is not logged")
+        return self._duplicate(req, request_id, logged)
+
+    def _logged(self, request_id: str) -> dict[str, Any] | None:
+        with mongo_errors():
+            logged: dict[str, Any] | None = self.logs.find_one({"request_id": request_id})
+        return logged
+
+    def _duplicate(self, req: UpdateRequest, request_id: str, logged: Mapping[str, Any]) -> ApplyResult:
         if _ident(req, request_id) != _ident_of(logged):
             raise RequestIdConflict(
                 f"request id {request_id!r} was already used for {_ident_of(logged)[:3]}, "
