@@ -181,8 +181,8 @@ class Watchdog:
     def _extend(self, lock: RedisLock) -> None:
         try:
             ok = lock.extend()
-        except RedisUnavailable as exc:
-            lock.lost_reason = f"extension failed: {exc}"
+        except Exception as exc:  # any failure (even a raw OSError) is a lost lock, never a dead thread
+            lock.lost_reason = f"extension failed: {type(exc).__name__}: {exc}"
             ok = None
         if not ok:
             lock.lost_reason = lock.lost_reason or "extension refused: key expired or taken"

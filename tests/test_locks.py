@@ -98,3 +98,23 @@ def test_one_watchdog_thread_keeps_several_locks_with_different_ttls_alive(redis
         assert redis_client.get(short.key) == short.token
         assert redis_client.get(long.key) == long.token
     assert not short.watchdog.watching(short) and not long.watchdog.watching(long)
+
+
+def test_a_client_failing_outside_redis_errors_marks_the_lock_lost_and_the_watchdog_survives(
+    redis_client: redis.Redis,
+) -> None:
+    broken = RedisLock(redis_client, "mes:lock:X", 0.3)
+    broken.acquire()
+
+    def fail(*_: object) -> bool:
+        raise OSError(9, "Bad file descriptor")
+
+    broken.extend = fail  # type: ignore[method-assign]
+    broken.start_watchdog()
+    deadline = time.monotonic() + 2
+    while broken.lost_reason is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert broken.lost_reason and "OSError" in broken.lost_reason
+    with lock(redis_client, ttl_s=0.3) as healthy:  # the same thread still extends other locks
+        threading.Event().wait(0.9)
+        assert redis_client.get(healthy.key) == healthy.token
