@@ -105,3 +105,9 @@ class WriteConflict(TransientError):
     """The MongoDB transaction hit a write conflict and was aborted."""
 
     code = "WRITE_CONFLICT"
+
+
+class QueueError(MesError):
+    """The broker refused an update and the outbox could not record it: nothing was recorded."""
+
+    code = "QUEUE_ERROR"

@@ -129,21 +129,27 @@ class AuditReport(Document):
 
 
 class OutboxMessage(Document):
-    """An update the broker could not take, waiting to be re-published (see ``outbox``)."""
+    """A submitted update with no outcome yet: sent, or spooled while the broker was down."""
 
     job_id = StringField(required=True, unique=True)
     request_id = StringField(required=True)
     payload = StringField(required=True)  # JSON {"args": [...], "kwargs": {...}}
+    state = StringField(default="spooled")  # "sent" | "spooled" (not yet taken by the broker)
     reason = StringField()
     created_at = DateTimeField(default=utcnow)
+    sent_at = DateTimeField()
     attempts = IntField(default=0)
+    republished = IntField(default=0)
     last_error = StringField()
     last_attempt_at = DateTimeField()
 
     meta = {
         "collection": "outbox",
         "strict": False,
-        "indexes": [{"fields": ["created_at"], "name": "oldest"}],
+        "indexes": [
+            {"fields": ["created_at"], "name": "oldest"},
+            {"fields": ["state", "sent_at"], "name": "state_sent"},
+        ],
     }
 
 

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import logging
+import time
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 import redis
+from celery.result import AsyncResult
 from pymongo import MongoClient
 from pymongo.collection import Collection
 
 from mes_tasks import db, outbox
-from mes_tasks.errors import MesError, ValidationError
+from mes_tasks.errors import MesError, QueueError, ValidationError
 from mes_tasks.keys import apply_ms_key
 from mes_tasks.models import OutboxMessage
 from mes_tasks.settings import Settings, get_settings, mask_secrets
@@ -21,7 +24,16 @@ log = logging.getLogger(__name__)
 
 WORKORDER_QUEUE = "workorder"
 DEFAULT_APPLY_MS = 10.0  # estimate per queued update until the worker has measured one
+OUTBOX_DOWN_BACKOFF_S = 5.0  # after the outbox failed, submissions skip it this long
 PUBLISH_RETRY_POLICY = {"max_retries": 2, "interval_start": 0, "interval_step": 0.5, "interval_max": 1}
+
+
+@dataclass
+class Sent:
+    """What became of one update: taken by the broker (``result``), or ``spooled`` for this reason."""
+
+    result: AsyncResult | None = None
+    spooled: str | None = None
 
 
 class Producer:
@@ -31,6 +43,7 @@ class Producer:
         self.settings = settings or get_settings()
         self.redis = redis_client or db.redis_client(self.settings)
         self._outbox: Collection[dict[str, Any]] | None = None
+        self._outbox_down_until = 0.0
 
     def submit(
         self,
@@ -47,12 +60,20 @@ class Producer:
             return {"success": False, "job_id": None, "code": exc.code, "error": exc.message}
         job_id = str(uuid.uuid4())
         rid = req.request_id or job_id
-        args = [req.work_order_id, req.kind, req.quantity]
-        kwargs = {"request_id": rid, "context": req.context or None}
         try:
-            publish(job_id, args, kwargs)
-        except Exception as exc:  # every broker failure becomes a result, never a raise
-            return self._spool(job_id, args, kwargs, mask_secrets(f"{type(exc).__name__}: {exc}"))
+            sent = self.send(job_id, [req.work_order_id, req.kind, req.quantity],
+                                {"request_id": rid, "context": req.context or None})  # fmt: skip
+        except QueueError as exc:
+            return {
+                "success": False,
+                "job_id": None,
+                "code": exc.code,
+                "recorded": False,
+                "error": exc.message,
+            }
+        if sent.spooled is not None:
+            return {"success": True, "job_id": job_id, "request_id": rid, "code": "SPOOLED", "recorded": True,
+                    "queue_length": None, "estimated_delay_ms": None, "error": sent.spooled}  # fmt: skip
         length, delay_ms = self.queue_stats()
         return {
             "success": True,
@@ -63,35 +84,56 @@ class Producer:
             "estimated_delay_ms": delay_ms,
         }
 
-    def _spool(self, job_id: str, args: list[Any], kwargs: dict[str, Any], reason: str) -> dict[str, Any]:
-        """Broker down: keep the update in the MongoDB outbox, or say that nothing was recorded."""
+    def send(
+        self, job_id: str, args: list[Any], kwargs: dict[str, Any], options: dict[str, Any] | None = None
+    ) -> Sent:
+        """Record the update in the outbox (``MES_JOURNAL``), then publish it.
+
+        Returns:
+            The broker's result handle, or the broker's reason when it refused the update,
+            which then waits in the outbox for the relay.
+
+        Raises:
+            QueueError: the broker refused it and the outbox could not record it.
+        """
+        recorded = self._record(job_id, args, kwargs)
+        try:
+            return Sent(result=publish(job_id, args, kwargs, options))
+        except Exception as exc:  # every broker failure is spooled or reported, never raised raw
+            reason = mask_secrets(f"{type(exc).__name__}: {exc}")
+            self._spool(job_id, args, kwargs, reason, recorded)
+            return Sent(spooled=reason)
+
+    def _record(self, job_id: str, args: list[Any], kwargs: dict[str, Any]) -> bool:
+        if not self.settings.journal or time.monotonic() < self._outbox_down_until:
+            return False
+        try:
+            outbox.record(self.outbox_collection(), job_id, args, kwargs)
+        except MesError as exc:
+            # Skip the outbox for a while rather than make every submission wait for a timeout.
+            self._outbox_down_until = time.monotonic() + OUTBOX_DOWN_BACKOFF_S
+            log.warning("outbox unreachable, sending %s unrecorded: %s", kwargs["request_id"], exc.message)
+            return False
+        return True
+
+    def _spool(
+        self, job_id: str, args: list[Any], kwargs: dict[str, Any], reason: str, recorded: bool
+    ) -> None:
+        """Broker down: mark the update spooled in the outbox, or say that nothing was recorded."""
         rid = kwargs["request_id"]
         try:
             outbox.spool(self.outbox_collection(), job_id, args, kwargs, reason)
         except MesError as exc:
+            if recorded:  # kept as "sent": the relay re-sends it after the grace period
+                log.warning("broker down, %s stays in the outbox as sent: %s", rid, reason)
+                return
             error = (
                 f"nothing was recorded: the broker refused it ({reason}) "
                 f"and the outbox is unreachable ({exc.message})"
             )
             log.error("could not enqueue nor spool %s: %s", rid, error)
-            return {
-                "success": False,
-                "job_id": None,
-                "code": "QUEUE_ERROR",
-                "recorded": False,
-                "error": error,
-            }
+            raise QueueError(error) from exc
         log.warning("broker down, spooled %s to the outbox: %s", rid, reason)
-        return {
-            "success": True,
-            "job_id": job_id,
-            "request_id": rid,
-            "code": "SPOOLED",
-            "recorded": True,
-            "queue_length": None,
-            "estimated_delay_ms": None,
-            "error": reason,
-        }
 
     def outbox_collection(self) -> Collection[dict[str, Any]]:
         """The outbox, through a client of the producer's own (made on first use)."""
@@ -116,8 +158,12 @@ class Producer:
         return int(length), round((int(length) + 1) * per_update)
 
 
-def publish(job_id: str, args: list[Any], kwargs: dict[str, Any]) -> None:
-    """Send one update to the broker under ``job_id`` (also the outbox relay's way).
+def publish(
+    job_id: str, args: list[Any], kwargs: dict[str, Any], options: dict[str, Any] | None = None
+) -> AsyncResult:
+    """Send one update to the broker under ``job_id``, unrecorded (the outbox relay's way).
+
+    ``options``: ``apply_async`` options of a ``.delay()`` caller, passed on as given.
 
     ``ignore_result``: with a Redis result backend every ``apply_async`` otherwise
     subscribes the producer to the task's result channel, a subscription that only a
@@ -127,12 +173,21 @@ def publish(job_id: str, args: list[Any], kwargs: dict[str, Any]) -> None:
     """
     from mes_tasks.tasks import update_quantity
 
-    update_quantity.apply_async(
-        args, kwargs, task_id=job_id, retry=True, retry_policy=PUBLISH_RETRY_POLICY, ignore_result=True
-    )
+    if options is None:
+        options = {"retry": True, "retry_policy": PUBLISH_RETRY_POLICY, "ignore_result": True}
+    result: AsyncResult = update_quantity.apply_async(args, kwargs, task_id=job_id, record=False, **options)
+    return result
 
 
 _default: Producer | None = None
+
+
+def default_producer() -> Producer:
+    """This process's producer, made on first use."""
+    global _default
+    if _default is None:
+        _default = Producer()
+    return _default
 
 
 def submit_quantity_update(
@@ -151,7 +206,4 @@ def submit_quantity_update(
         False, "code": <MISSING_WORK_ORDER_ID | INVALID_... | QUEUE_ERROR>, "error": reason}``,
         where ``QUEUE_ERROR`` means nothing was recorded.
     """
-    global _default
-    if _default is None:
-        _default = Producer()
-    return _default.submit(work_order_id, kind, quantity, request_id, context)
+    return default_producer().submit(work_order_id, kind, quantity, request_id, context)

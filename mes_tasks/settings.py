@@ -36,6 +36,7 @@ REPORT_RETENTION_DAYS = 90
 WEBHOOK_TIMEOUT_S = 5.0
 WEBHOOK_RETRIES = 3
 OUTBOX_RELAY_INTERVAL_S = 10.0
+OUTBOX_GRACE_S = 30.0  # a sent update with no outcome after this long is checked and re-sent
 LEASE_TTL_S = 10.0  # a dead active workorder worker is replaced after at most this long
 DST_WINDOW_HOURS = (1, 3)  # [01:00, 03:00): local times that DST can skip or repeat
 
@@ -63,6 +64,8 @@ ENV_NAMES = {
     "webhook_timeout_s": "MES_WEBHOOK_TIMEOUT_S",
     "webhook_retries": "MES_WEBHOOK_RETRIES",
     "outbox_relay_interval_s": "MES_OUTBOX_RELAY_INTERVAL_S",
+    "outbox_grace_s": "MES_OUTBOX_GRACE_S",
+    "journal": "MES_JOURNAL",
     "lease_ttl_s": "MES_LEASE_TTL_S",
 }
 
@@ -95,6 +98,8 @@ class Settings:
     webhook_timeout_s: float = WEBHOOK_TIMEOUT_S
     webhook_retries: int = WEBHOOK_RETRIES
     outbox_relay_interval_s: float = OUTBOX_RELAY_INTERVAL_S
+    outbox_grace_s: float = OUTBOX_GRACE_S
+    journal: bool = True  # record every submission in the outbox before publishing it
     lease_ttl_s: float = LEASE_TTL_S
 
     def __post_init__(self) -> None:
@@ -211,6 +216,7 @@ def _check_positive(s: Settings) -> None:
         "retry_backoff_s",
         "unacked_restore_interval_s",
         "outbox_relay_interval_s",
+        "outbox_grace_s",
         "lease_ttl_s",
     ):
         if getattr(s, name) <= 0:

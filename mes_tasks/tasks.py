@@ -5,9 +5,11 @@ from __future__ import annotations
 import logging
 import random
 import time
+import uuid
 from typing import Any, NoReturn
 
 from celery import Task
+from celery.result import AsyncResult
 
 from mes_tasks import db
 from mes_tasks.app import app
@@ -63,6 +65,36 @@ class LedgerTask(Task):  # type: ignore[misc]
             log.debug("could not store apply_ms", exc_info=True)
 
 
+UPDATE_PARAMS = ("work_order_id", "kind", "quantity", "request_id", "context")
+
+
+class UpdateTask(LedgerTask):
+    """``update_quantity``'s class: a ``.delay()`` from the main app is recorded in the outbox first.
+
+    A retry from inside the task, and the relay (``record=False``), publish unrecorded:
+    their update is in the outbox already.
+    """
+
+    def apply_async(
+        self, args: Any = None, kwargs: Any = None, task_id: str | None = None, **options: Any
+    ) -> AsyncResult:
+        if not options.pop("record", True) or self.request.id is not None:
+            return super().apply_async(args, kwargs, task_id=task_id, **options)
+        from mes_tasks.producer import default_producer
+
+        job_id = task_id or str(uuid.uuid4())
+        positional, named = _as_named(list(args or ()), dict(kwargs or {}))
+        named["request_id"] = named.get("request_id") or job_id
+        sent = default_producer().send(job_id, positional, named, options)  # QueueError: nothing recorded
+        return sent.result or self.AsyncResult(job_id)
+
+
+def _as_named(args: list[Any], kwargs: dict[str, Any]) -> tuple[list[Any], dict[str, Any]]:
+    """Move ``request_id`` and ``context`` given by position into the keyword arguments."""
+    extra = dict(zip(UPDATE_PARAMS[3:], args[3:], strict=False))
+    return args[:3], {**extra, **kwargs}
+
+
 def backoff_s(retries: int, settings: Settings) -> float:
     """Capped exponential backoff with jitter (half to full of the capped step)."""
     step = min(settings.retry_backoff_max_s, settings.retry_backoff_s * 2**retries)
@@ -70,7 +102,7 @@ def backoff_s(retries: int, settings: Settings) -> float:
 
 
 # max_retries=None: the retry budget is ours (MES_RETRY_MAX), not Celery's default of 3.
-@app.task(bind=True, base=LedgerTask, name=UPDATE_QUANTITY, acks_late=True, max_retries=None)
+@app.task(bind=True, base=UpdateTask, name=UPDATE_QUANTITY, acks_late=True, max_retries=None)
 def update_quantity(
     self: LedgerTask,
     work_order_id: str,
@@ -155,12 +187,25 @@ def audit_work_orders(
 
 
 @app.task(name=RELAY_OUTBOX, acks_late=False, ignore_result=True)
-def relay_outbox() -> int:
-    """Re-publish updates the producer spooled while the broker was down (beat, every few s)."""
-    from mes_tasks import outbox
-    from mes_tasks.producer import publish
+def relay_outbox(grace_s: float | None = None) -> dict[str, int]:
+    """Publish spooled updates, drop settled ones, re-send what the broker lost (beat, every few s).
 
-    sent = outbox.relay(publish)  # the worker connected MongoDB at start-up
-    if sent:
-        log.info("outbox: relayed %d spooled update(s)", sent)
-    return sent
+    ``grace_s`` defaults to ``MES_OUTBOX_GRACE_S``.
+    """
+    from dataclasses import asdict
+
+    from mes_tasks import broker, outbox
+    from mes_tasks.producer import WORKORDER_QUEUE, publish
+
+    with app.connection_for_read() as conn:
+
+        def held() -> set[str]:
+            conn.ensure_connection(max_retries=1)  # Redis down: fail now, the next run tries again
+            return broker.held_task_ids(conn.default_channel, WORKORDER_QUEUE)
+
+        result = outbox.relay(
+            publish, held, get_settings().outbox_grace_s if grace_s is None else grace_s
+        )  # MongoDB connected at start-up
+    if result:
+        log.info("outbox: %s", result)
+    return asdict(result)

@@ -1,27 +1,36 @@
-"""Broker down at the producer: spooled to the MongoDB outbox, relayed once it is back."""
+"""The outbox: every submission recorded until it has an outcome; spooled while the broker is down,
+re-sent when the broker lost it, and never counted twice."""
 
 from __future__ import annotations
 
+import gc
+import json
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 import redis
 
 from conftest import Worker, make_work_orders, wait_until
-from mes_tasks import outbox
 from mes_tasks.db import Mongo
 from mes_tasks.devserver import Service
+from mes_tasks.errors import QueueError
 from mes_tasks.models import OutboxMessage, QuantityLog, WorkOrder
-from mes_tasks.producer import Producer, publish
+from mes_tasks.producer import WORKORDER_QUEUE, Producer
 from mes_tasks.settings import Settings
+from mes_tasks.tasks import relay_outbox, update_quantity
 
 
-def with_redis_down(servers: dict[str, Service], call: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+def with_redis_down(servers: dict[str, Service], call: Callable[[], Any]) -> Any:
     servers["redis"].stop()
     try:
         return call()
     finally:
         servers["redis"].start()
+
+
+def relay(grace_s: float = 0.0) -> dict[str, int]:
+    return relay_outbox(grace_s=grace_s)
 
 
 def test_a_broker_that_is_down_spools_and_the_relay_applies_each_update_once(
@@ -36,31 +45,88 @@ def test_a_broker_that_is_down_spools_and_the_relay_applies_each_update_once(
     for result in results.values():
         assert (result["success"], result["code"], result["recorded"]) == (True, "SPOOLED", True)
         assert result["error"]  # the broker's reason, kept for the operator
-    assert OutboxMessage.objects.count() == 2
-    assert redis_client.llen("workorder") == 0
+    assert OutboxMessage.objects(state="spooled").count() == 2
+    assert redis_client.llen(WORKORDER_QUEUE) == 0
 
-    start_worker()
-    assert outbox.relay(publish) == 2
-    assert outbox.relay(publish) == 0  # nothing left
+    worker = start_worker()
+    assert relay(grace_s=60)["published"] == 2
+    assert relay(grace_s=60)["published"] == 0  # sent now, waiting for their outcome
     wait_until(lambda: QuantityLog.objects.count() == 2, 30, "the relayed updates")
-    spooled = OutboxMessage(job_id="x", request_id="sp-1", payload='{"args": ["WO-1", "input", 2], '
-                            '"kwargs": {"request_id": "sp-1", "context": null}}')  # fmt: skip
-    spooled.save()  # a relay that crashed after publishing, before deleting: it comes again
-    assert outbox.relay(publish) == 1
-    wait_until(lambda: redis_client.llen("workorder") == 0, 30, "the re-published duplicate")
+    relay(grace_s=60)
+    assert OutboxMessage.objects.count() == 0  # both have an outcome now
+    OutboxMessage(job_id="x", request_id="sp-1", state="spooled", payload='{"args": ["WO-1", "input", 2], '
+                  '"kwargs": {"request_id": "sp-1", "context": null}}').save()  # fmt: skip
+    # A relay that crashed before marking it sent: it comes again, and is settled already.
+    assert relay() == {"published": 1, "settled": 1, "republished": 0}
+    wait_until(lambda: redis_client.llen(WORKORDER_QUEUE) == 0, 30, "the re-published duplicate")
+    wait_until(lambda: "duplicate" in worker.log(), 30, "the duplicate's outcome")
     assert WorkOrder.objects.get(id="WO-1").input_qty == 5
     assert QuantityLog.objects(request_id="sp-1").count() == 1
 
 
-def test_the_relay_keeps_everything_while_the_broker_is_still_down(
+def test_every_queued_submission_is_recorded_until_its_update_has_an_outcome(
+    mongo: Mongo, redis_client: redis.Redis, start_worker: Callable[..., Worker]
+) -> None:
+    make_work_orders(["WO-1"])
+    assert Producer().submit("WO-1", "input", 2, "q-1")["code"] == "QUEUED"
+    assert Producer().submit("WO-NONE", "input", 2, "q-2")["code"] == "QUEUED"  # dead-lettered later
+    entries = {e.request_id: e for e in OutboxMessage.objects}
+    assert set(entries) == {"q-1", "q-2"} and {e.state for e in entries.values()} == {"sent"}
+    assert relay(grace_s=60) == {"published": 0, "settled": 0, "republished": 0}
+    start_worker()
+    wait_until(
+        lambda: relay(grace_s=60)["settled"] == 2 or OutboxMessage.objects.count() == 0, 30, "outcomes"
+    )
+    assert OutboxMessage.objects.count() == 0
+
+
+def test_an_update_the_broker_lost_is_sent_again_and_counted_once(
+    mongo: Mongo, redis_client: redis.Redis, start_worker: Callable[..., Worker]
+) -> None:
+    make_work_orders(["WO-1"])
+    Producer().submit("WO-1", "output", 4, "lost-1")
+    Producer().submit("WO-1", "output", 1, "kept-1")
+    assert relay()["republished"] == 0  # both still queued: nothing is lost yet
+    redis_client.rpop(WORKORDER_QUEUE)  # a BRPOP whose worker died before recording it unacked
+    assert redis_client.llen(WORKORDER_QUEUE) == 1
+    assert relay(grace_s=60)["republished"] == 0  # not overdue yet
+    assert relay()["republished"] == 1
+    assert OutboxMessage.objects.get(request_id="lost-1").republished == 1
+    start_worker()
+    wait_until(lambda: QuantityLog.objects.count() == 2, 30, "both updates")
+    assert relay()["republished"] == 0 and OutboxMessage.objects.count() == 0
+    assert WorkOrder.objects.get(id="WO-1").output_qty == 5
+
+
+def test_a_delivered_unacknowledged_update_is_not_sent_again(mongo: Mongo, redis_client: redis.Redis) -> None:
+    Producer().submit("WO-1", "output", 4, "inflight-1")
+    raw = redis_client.rpop(WORKORDER_QUEUE)
+    tag = json.loads(raw)["properties"]["delivery_tag"]
+    redis_client.hset("unacked", tag, json.dumps([json.loads(raw), "", WORKORDER_QUEUE]))
+    assert relay()["republished"] == 0
+    redis_client.hdel("unacked", tag)
+    assert relay()["republished"] == 1
+
+
+def test_a_delay_call_from_the_main_app_is_recorded_and_spooled_when_the_broker_is_down(
     mongo: Mongo, redis_client: redis.Redis, servers: dict[str, Service]
 ) -> None:
-    producer = Producer()
-    with_redis_down(servers, lambda: producer.submit("WO-1", "input", 2, "sp-2"))
-    relayed = with_redis_down(servers, lambda: {"n": outbox.relay(publish)})
-    assert relayed["n"] == 0
-    message = OutboxMessage.objects.get(request_id="sp-2")
-    assert message.attempts == 1 and message.last_error
+    sent = update_quantity.delay("WO-1", "output", 1, request_id="d-1", context={"barcode": "B1"})
+    by_position = update_quantity.apply_async(("WO-1", "output", 2, "d-2"))
+    no_request_id = update_quantity.delay("WO-1", "output", 3)
+    entries = {e.request_id: e for e in OutboxMessage.objects}
+    assert set(entries) == {"d-1", "d-2", no_request_id.id}
+    assert entries["d-1"].job_id == sent.id and entries["d-2"].job_id == by_position.id
+    assert json.loads(entries["d-2"].payload) == {
+        "args": ["WO-1", "output", 2],
+        "kwargs": {"request_id": "d-2"},
+    }
+    assert redis_client.llen(WORKORDER_QUEUE) == 3
+    del sent, by_position, no_request_id
+    gc.collect()  # their result subscriptions end now, while Redis is up
+
+    down = with_redis_down(servers, lambda: update_quantity.delay("WO-1", "output", 1, request_id="d-3"))
+    assert OutboxMessage.objects.get(job_id=down.id).state == "spooled"
 
 
 def test_both_stores_down_is_a_clear_error_that_nothing_was_recorded(
@@ -75,3 +141,31 @@ def test_both_stores_down_is_a_clear_error_that_nothing_was_recorded(
         False, "QUEUE_ERROR", False, None)  # fmt: skip
     assert result["error"].startswith("nothing was recorded")
     assert OutboxMessage.objects.count() == 0
+    with pytest.raises(QueueError, match="nothing was recorded"):
+        with_redis_down(
+            servers, lambda: producer.send("job-x", ["WO-1", "input", 2], {"request_id": "x"}, {})
+        )
+
+
+def test_the_relay_keeps_everything_while_the_broker_is_still_down(
+    mongo: Mongo, redis_client: redis.Redis, servers: dict[str, Service]
+) -> None:
+    producer = Producer()
+    with_redis_down(servers, lambda: producer.submit("WO-1", "input", 2, "sp-2"))
+    relayed = with_redis_down(servers, lambda: relay())
+    assert relayed["published"] == 0
+    message = OutboxMessage.objects.get(request_id="sp-2")
+    assert message.state == "spooled" and message.attempts == 1 and message.last_error
+
+
+def test_mongodb_down_at_the_producer_still_queues_and_stops_waiting_for_it(
+    mongo: Mongo, redis_client: redis.Redis, settings: Settings
+) -> None:
+    dead_mongo = Settings(
+        **{**settings.__dict__, "mongodb_uri": "mongodb://127.0.0.1:1/mes", "connect_timeout_s": 0.5}
+    )
+    producer = Producer(settings=dead_mongo)
+    assert producer.submit("WO-1", "input", 2, "m-1")["code"] == "QUEUED"
+    assert producer._outbox_down_until > 0  # the next submissions skip the outbox for a while
+    assert producer.submit("WO-1", "input", 2, "m-2")["code"] == "QUEUED"
+    assert redis_client.llen(WORKORDER_QUEUE) == 2

@@ -1,0 +1,56 @@
+"""What the Celery broker (kombu's Redis transport) still holds for a queue.
+
+Read straight from kombu's own keys: the queue's lists (one per priority step) and
+the ``unacked`` hash of delivered, unacknowledged messages (with their ETA retries).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+SCAN_CHUNK = 1000  # list entries read per LRANGE
+
+
+def held_task_ids(channel: Any, queue: str) -> set[str]:
+    """Task ids of every message of ``queue`` that is waiting or delivered but unacknowledged."""
+    ids: set[str] = set()
+    with channel.conn_or_acquire() as client:  # the channel's own connection may be in BRPOP
+        for pri in channel.priority_steps:
+            ids.update(_task_id(raw) for raw in _list_items(client, channel._q_for_pri(queue, pri)))
+        for raw in client.hvals(channel.unacked_key):
+            message, exchange, routing_key = json.loads(raw)
+            if queue in (exchange, routing_key):
+                ids.add(message.get("headers", {}).get("id", ""))
+    ids.discard("")
+    return ids
+
+
+def take_waiting(channel: Any, queue: str) -> list[str]:
+    """Remove every waiting message of ``queue`` (each list read and deleted atomically); their task ids."""
+    taken: list[bytes] = []
+    with channel.conn_or_acquire() as client:
+        for pri in channel.priority_steps:
+            pipe = client.pipeline(transaction=True)
+            key = channel._q_for_pri(queue, pri)
+            items, _ = pipe.lrange(key, 0, -1).delete(key).execute()
+            taken.extend(items)
+    return [_task_id(raw) for raw in taken]
+
+
+def _list_items(client: Any, key: str) -> Iterator[bytes]:
+    start = 0
+    while True:
+        chunk = client.lrange(key, start, start + SCAN_CHUNK - 1)
+        yield from chunk
+        if len(chunk) < SCAN_CHUNK:
+            return
+        start += SCAN_CHUNK
+
+
+def _task_id(raw: bytes | str) -> str:
+    try:
+        return str(json.loads(raw).get("headers", {}).get("id", ""))
+    except (ValueError, AttributeError):
+        return ""
