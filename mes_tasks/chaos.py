@@ -1,6 +1,7 @@
 """``make chaos``: updates flow while faults are injected in turn; nothing may be lost or counted twice.
 
-    python -m mes_tasks.chaos [--updates 2000] [--work-orders 20] [--rate 60] [--dup-share 0.1]
+    python -m mes_tasks.chaos [--updates 5000] [--work-orders 20] [--rate 25] [--dup-share 0.1]
+                              [--faults kill,pause,...]
 
 Starts its own Redis (AOF) and SecantusDB, two workers on ``workorder`` (active and standby)
 that reach both stores through fault proxies, and a producer thread. Faults, in turn:
@@ -26,6 +27,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from mes_tasks.chaosreport import Row, Sent, fill_row, lost_and_double_counted, table, worker_events
+
 WORKER_ENV = {
     "MES_LOCK_TTL_S": "3",
     "MES_LOCK_WAIT_S": "2",
@@ -40,17 +43,18 @@ WORKER_ENV = {
 FAULT_HOLD_S = 4.0  # how long latency / a pause lasts
 SETTLE_S = 3.0  # quiet time between faults
 BAD_BURST = 20
-
-
-@dataclass
-class Row:
-    fault: str
-    injected: int = 0
-    sent: int = 0
-    applied: int = 0
-    failed: int = 0
-    recovery_s: float | None = None
-    window: tuple[datetime, datetime] | None = None
+FAULTS = {
+    "kill": "SIGKILL active worker",
+    "pause": "SIGSTOP active > lease TTL",
+    "redis-restart": "Redis restart (AOF)",
+    "mongo-restart": "MongoDB restart",
+    "redis-latency": "Redis latency 50 ms",
+    "mongo-latency": "MongoDB latency 50 ms",
+    "redis-drop": "Redis connections dropped",
+    "mongo-drop": "MongoDB connections dropped",
+    "bad-input": "bad input burst",
+}
+OUTBOX_GRACE_S = 5.0  # the relay re-sends what the broker lost after this long
 
 
 @dataclass
@@ -61,11 +65,10 @@ class Run:
     services: dict[str, Any] = field(default_factory=dict)
     proxies: dict[str, Any] = field(default_factory=dict)
     workers: list[Any] = field(default_factory=list)
-    accepted: dict[str, tuple[str, str, int]] = field(default_factory=dict)
+    sent: Sent = field(default_factory=Sent)
     duplicates_sent: int = 0
     bad_sent: int = 0
     refused: int = 0
-    sent_at: list[float] = field(default_factory=list)
 
     def worker_env(self) -> dict[str, str]:
         from mes_tasks.devserver import secantus_uri
@@ -141,23 +144,24 @@ def produce(run: Run, plan: list[dict[str, Any]], rate: float, stop: threading.E
             return
         time.sleep(max(0.0, started + i / rate - time.monotonic()))
         result = producer.submit(**update)
-        run.sent_at.append(time.time())
+        now, rid = time.time(), update["request_id"]
+        run.sent.times.append(now)
         if not result["success"]:
             raise RuntimeError(f"producer lost an update: {result}")  # spooling must cover outages
-        if update["request_id"] in seen:
+        if rid in seen:
             run.duplicates_sent += 1
-        seen.add(update["request_id"])
-        run.accepted[update["request_id"]] = (update["work_order_id"], update["kind"], update["quantity"])
+        seen.add(rid)
+        run.sent.first_sent.setdefault(rid, now)
+        run.sent.accepted[rid] = (update["work_order_id"], update["kind"], update["quantity"])
 
 
 def relay_forever(stop: threading.Event) -> None:
-    """Beat's job in a real deployment: re-publish what the producer spooled."""
-    from mes_tasks import outbox
-    from mes_tasks.producer import publish
+    """Beat's job in a real deployment: publish what was spooled, re-send what the broker lost."""
+    from mes_tasks.tasks import relay_outbox
 
     while not stop.wait(1.0):
         with contextlib.suppress(Exception):  # a store is down: the next second tries again
-            outbox.relay(publish)
+            relay_outbox()
 
 
 def faults(run: Run) -> dict[str, Callable[[], None]]:
@@ -199,15 +203,15 @@ def faults(run: Run) -> dict[str, Callable[[], None]]:
             )
 
     return {
-        "SIGKILL active worker": kill_active,
-        "SIGSTOP active > lease TTL": pause_active,
-        "Redis restart (AOF)": restart("redis"),
-        "MongoDB restart": restart("mongo"),
-        "Redis latency 50 ms": latency("redis"),
-        "MongoDB latency 50 ms": latency("mongo"),
-        "Redis connections dropped": drop("redis"),
-        "MongoDB connections dropped": drop("mongo"),
-        "bad input burst": bad_burst,
+        "kill": kill_active,
+        "pause": pause_active,
+        "redis-restart": restart("redis"),
+        "mongo-restart": restart("mongo"),
+        "redis-latency": latency("redis"),
+        "mongo-latency": latency("mongo"),
+        "redis-drop": drop("redis"),
+        "mongo-drop": drop("mongo"),
+        "bad-input": bad_burst,
     }
 
 
@@ -238,64 +242,39 @@ def settle(run: Run, timeout_s: float) -> None:
         with contextlib.suppress(Exception):  # a store may still be coming back
             done = {d["request_id"] for d in QuantityLog._get_collection().find({}, {"request_id": 1})}
             done |= {d["request_id"] for d in FailedUpdate._get_collection().find({}, {"request_id": 1})}
-            if set(run.accepted) <= done and OutboxMessage.objects.count() == 0:
+            if set(run.sent.accepted) <= done and OutboxMessage.objects.count() == 0:
                 return
         time.sleep(1)
 
 
-def verify(run: Run) -> dict[str, int]:
-    """Counters against the distinct accepted requests; lost and double-counted updates."""
+def verify(run: Run, rows: list[Row]) -> dict[str, int]:
+    """Fill each fault's row; the totals: lost, double-counted, audit findings, bad input."""
     from mes_tasks.audit import run_audit
-    from mes_tasks.models import FailedUpdate, QuantityLog, WorkOrder
+    from mes_tasks.models import FailedUpdate, QuantityLog
 
-    expected: dict[tuple[str, str], int] = {}
-    for wo, kind, qty in run.accepted.values():
-        expected[wo, kind] = expected.get((wo, kind), 0) + qty
-    logged = {d["request_id"] for d in QuantityLog._get_collection().find({}, {"request_id": 1})}
+    lost, double = lost_and_double_counted(run.sent)
+    events = worker_events(w.log for w in run.workers)
+    for row in rows:
+        fill_row(row, run.sent, events, lost)
     failed = {d["request_id"] for d in FailedUpdate._get_collection().find({}, {"request_id": 1})}
-    lost = len([rid for rid in run.accepted if rid not in logged and rid not in failed])
-    double = 0
-    for doc in WorkOrder.objects:
-        for kind, value in (("input", doc.input_qty), ("output", doc.output_qty)):
-            double += max(0, value - expected.get((doc.id, kind), 0))
-    bad_failed = len([rid for rid in failed if rid.startswith("chaos:bad:")])
     return {
-        "accepted": len(run.accepted),
+        "accepted": len(run.sent.accepted),
         "duplicates_sent": run.duplicates_sent,
-        "applied": len(logged),
+        "duplicates_suppressed": len(events["duplicates"]),
+        "applied": QuantityLog._get_collection().estimated_document_count(),
         "failed": len(failed),
-        "lost": lost,
+        "lost": len(lost),
         "double_counted": double,
         "audit_findings": len(run_audit(QuantityLog._get_collection().database.client).findings),
         "bad_sent": run.bad_sent,
-        "bad_accounted": run.refused + bad_failed,
-        "retries": sum(w.log_text().count(" retry: Retry in ") for w in run.workers),
+        "bad_accounted": run.refused + len([rid for rid in failed if rid.startswith("chaos:bad:")]),
+        "retries": len(events["retries"]),
     }
 
 
-def window_counts(row: Row, run: Run) -> None:
-    from mes_tasks.models import FailedUpdate, QuantityLog
-
-    assert row.window is not None
-    start, end = row.window
-    in_window = {"$gte": start, "$lte": end}
-    row.sent = len([t for t in run.sent_at if start.timestamp() <= t <= end.timestamp()])
-    row.applied = QuantityLog._get_collection().count_documents({"created_at": in_window})
-    row.failed = FailedUpdate._get_collection().count_documents({"first_failed_at": in_window})
-
-
-def table(rows: list[Row], totals: dict[str, int]) -> str:
-    head = f"{'fault':<30}{'times':>6}{'sent':>7}{'applied':>9}{'failed':>8}{'recovery s':>12}"
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        rec = "-" if r.recovery_s is None else f"{r.recovery_s:.1f}"
-        lines.append(f"{r.fault:<30}{r.injected:>6}{r.sent:>7}{r.applied:>9}{r.failed:>8}{rec:>12}")
-    lines.append("-" * len(head))
-    lines.append("  ".join(f"{k}={v}" for k, v in totals.items()))
-    return "\n".join(lines)
-
-
-def run_chaos(updates: int, work_orders: int, rate: float, dup_share: float, seed: int, tmp: Path) -> int:
+def run_chaos(
+    updates: int, work_orders: int, rate: float, dup_share: float, seed: int, tmp: Path, only: list[str]
+) -> int:
     from mes_tasks.devserver import free_port, mongo_service, redis_service, secantus_uri
     from mes_tasks.faultproxy import FaultProxy
 
@@ -307,6 +286,7 @@ def run_chaos(updates: int, work_orders: int, rate: float, dup_share: float, see
     os.environ["REDIS_URL"] = f"redis://127.0.0.1:{redis_port}/3"
     os.environ["MONGODB_URI"] = secantus_uri(mongo_port, "mes")
     os.environ["MES_CONNECT_TIMEOUT_S"] = "2"
+    os.environ.setdefault("MES_OUTBOX_GRACE_S", str(OUTBOX_GRACE_S))
     stop = threading.Event()
     try:
         from mes_tasks import db
@@ -325,7 +305,9 @@ def run_chaos(updates: int, work_orders: int, rate: float, dup_share: float, see
         threading.Thread(target=relay_forever, args=(stop,), daemon=True).start()
         producer.start()
         rows = []
-        for name, inject in faults(run).items():
+        injectors = faults(run)
+        for key in only:
+            inject, name = injectors[key], FAULTS[key]
             time.sleep(SETTLE_S)
             row = Row(name, injected=1)
             start = datetime.now(UTC)
@@ -339,9 +321,7 @@ def run_chaos(updates: int, work_orders: int, rate: float, dup_share: float, see
         stop_producing.set()
         producer.join()
         settle(run, timeout_s=300)
-        for row in rows:
-            window_counts(row, run)
-        totals = verify(run)
+        totals = verify(run, rows)
         print(table(rows, totals))
         ok = totals["lost"] == 0 and totals["double_counted"] == 0 and totals["audit_findings"] == 0
         return 0 if ok and totals["bad_accounted"] == totals["bad_sent"] else 1
@@ -362,10 +342,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=25.0, help="updates per second offered")
     parser.add_argument("--dup-share", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--faults", type=fault_list, default=list(FAULTS),
+                        help=f"comma-separated, in order; default all: {','.join(FAULTS)}")  # fmt: skip
     args = parser.parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="mes-chaos-"))
     print(f"chaos: logs in {tmp}", file=sys.stderr, flush=True)
-    return run_chaos(args.updates, args.work_orders, args.rate, args.dup_share, args.seed, tmp)
+    return run_chaos(args.updates, args.work_orders, args.rate, args.dup_share, args.seed, tmp, args.faults)
+
+
+def fault_list(text: str) -> list[str]:
+    keys = [k.strip() for k in text.split(",") if k.strip()]
+    unknown = [k for k in keys if k not in FAULTS]
+    if unknown or not keys:
+        raise argparse.ArgumentTypeError(f"unknown fault {unknown}; choose from {', '.join(FAULTS)}")
+    return keys
 
 
 if __name__ == "__main__":

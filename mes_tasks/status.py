@@ -7,6 +7,7 @@ from typing import Any
 import redis
 from celery import Celery
 
+from mes_tasks import outbox
 from mes_tasks.db import mongo_errors
 from mes_tasks.errors import MesError, RedisUnavailable
 from mes_tasks.keys import lock_key, paused_key
@@ -70,6 +71,7 @@ def queue_status(app: Celery, client: redis.Redis, settings: Settings) -> dict[s
         "unacked": unacked,
         "paused_workers": sorted(paused),
         "failed_open": failed,
+        "outbox": outbox.counts(),
         "locks_held": len(held_locks(client, settings.key_prefix)),
         "last_audit": None if last is None else _audit_brief(last),
     }

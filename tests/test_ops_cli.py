@@ -18,9 +18,10 @@ from mes_tasks.devserver import worker_argv
 from mes_tasks.errors import UnknownWorkOrder
 from mes_tasks.keys import lock_key
 from mes_tasks.locks import RedisLock
-from mes_tasks.models import FailedUpdate, QuantityLog, WorkOrder
+from mes_tasks.models import FailedUpdate, OutboxMessage, QuantityLog, WorkOrder
 from mes_tasks.producer import submit_quantity_update
 from mes_tasks.settings import get_settings
+from mes_tasks.tasks import relay_outbox
 
 
 def cli(*args: str) -> Result:
@@ -145,6 +146,24 @@ def test_queue_pause_keeps_messages_waiting_and_resume_applies_them(
     assert resumed.exit_code == 0 and worker.name in resumed.stdout
     wait_until(lambda: QuantityLog.objects(request_id="p1").count() == 1, 30, "the paused update")
     assert "NOT_PAUSED" in cli("queue", "resume").stderr
+
+
+def test_queue_purge_drops_waiting_updates_for_good_and_asks_first(services: redis.Redis) -> None:
+    make_work_orders(["WO-1"])
+    sent = [submit_quantity_update("WO-1", "input", 1, request_id=f"pg{i}")["job_id"] for i in range(3)]
+    declined = CliRunner().invoke(celery, ["-A", "mes_tasks", "queue", "purge"], input="n\n")
+    assert declined.exit_code == 1 and services.llen("workorder") == 3
+    purged = cli_json("queue", "purge", "--yes")
+    assert (purged["purged"], purged["outbox_removed"]) == (3, 3)  # type: ignore[index]
+    assert sorted(purged["job_ids"]) == sorted(sent)  # type: ignore[index]
+    assert services.llen("workorder") == 0 and OutboxMessage.objects.count() == 0
+    assert relay_outbox(grace_s=0)["republished"] == 0  # nothing comes back
+
+
+def test_queue_status_counts_the_outbox(services: redis.Redis) -> None:
+    submit_quantity_update("WO-1", "input", 1, request_id="ob1")
+    assert cli_json("queue", "status")["outbox"] == {"spooled": 0, "sent": 1}  # type: ignore[index]
+    assert "outbox: 0 spooled (broker was down), 1 sent awaiting an outcome" in cli("queue", "status").stdout
 
 
 def test_queue_pause_with_no_worker_says_so(services: redis.Redis) -> None:

@@ -1,4 +1,4 @@
-"""``celery -A mes_tasks queue status|pause|resume``."""
+"""``celery -A mes_tasks queue status|pause|resume|purge``."""
 
 from __future__ import annotations
 
@@ -9,14 +9,16 @@ import click
 import redis
 from celery import Celery
 
+from mes_tasks import broker, outbox
 from mes_tasks.cli.common import echo_json, handle_errors, json_option, ledger
+from mes_tasks.producer import WORKORDER_QUEUE
 from mes_tasks.settings import Settings
 from mes_tasks.status import pause, queue_status, resume
 
 
 @click.group()
 def queue() -> None:
-    """The workorder queue: how long, who consumes it, pause and resume."""
+    """The workorder queue: how long, who consumes it, pause, resume and purge."""
 
 
 @queue.command("status")
@@ -37,6 +39,10 @@ def status(ctx: click.Context, as_json: bool) -> None:
     if data["paused_workers"]:
         click.echo(f"paused: {', '.join(data['paused_workers'])}")
     click.echo(f"failed updates open: {data['failed_open']}")
+    pending = data["outbox"]
+    click.echo(
+        f"outbox: {pending['spooled']} spooled (broker was down), {pending['sent']} sent awaiting an outcome"
+    )
     click.echo(f"locks held: {data['locks_held']}")
     click.echo(f"last audit: {_audit_line(data['last_audit'])}")
 
@@ -56,6 +62,32 @@ def pause_cmd(ctx: click.Context) -> None:
 def resume_cmd(ctx: click.Context) -> None:
     """Consume workorder again, on the workers that were paused."""
     click.echo(f"resumed workorder on {', '.join(_on_workers(ctx, resume))}")
+
+
+@queue.command("purge")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@json_option
+@click.pass_context
+@handle_errors
+def purge_cmd(ctx: click.Context, yes: bool, as_json: bool) -> None:
+    """Drop every waiting workorder update for good, with its outbox record so it is not re-sent.
+
+    Unlike `celery purge -Q workorder`, whose purged updates the outbox relay would send
+    again. Delivered and in-flight messages are not touched; pause the queue first to
+    keep the worker from taking more.
+    """
+    if not yes:
+        click.confirm("Drop every waiting workorder update? They will never be applied", abort=True)
+    ledger()  # connects MongoDB for the outbox
+    with ctx.obj.app.connection_for_write() as conn:
+        job_ids = broker.take_waiting(conn.default_channel, WORKORDER_QUEUE)
+    forgotten = outbox.forget(job_ids)
+    if as_json:
+        echo_json({"purged": len(job_ids), "outbox_removed": forgotten, "job_ids": job_ids})
+        return
+    click.echo(
+        f"purged {len(job_ids)} waiting update(s) from workorder; {forgotten} outbox record(s) removed"
+    )
 
 
 def _on_workers(
