@@ -10,6 +10,7 @@ from celery import Celery, signals
 
 from mes_tasks import db
 from mes_tasks.errors import MesError
+from mes_tasks.keptlocks import ReleaseKeptLocks
 from mes_tasks.lease import SingleActiveConsumer
 from mes_tasks.settings import get_settings
 
@@ -20,6 +21,7 @@ EXIT_CONFIG = 78  # EX_CONFIG from sysexits.h
 app = Celery("mes_tasks", include=["mes_tasks.tasks"])
 app.config_from_object("celeryconfig")
 app.steps["consumer"].add(SingleActiveConsumer)
+app.steps["consumer"].add(ReleaseKeptLocks)
 
 
 @signals.worker_init.connect

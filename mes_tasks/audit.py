@@ -138,6 +138,8 @@ def repair(ledger: Ledger, wo_id: str) -> Repair | None:
     Raises:
         FenceLost, LockLost, LockBusy: another holder interfered; nothing was written.
     """
+    if ledger.kept is not None:  # a worker consuming both queues would wait on itself
+        ledger.kept.drop(wo_id)
     with ledger.lock_for(wo_id) as lock:
         epoch = ledger.bump_epoch(wo_id)
         with (

@@ -3,6 +3,10 @@
 Key patterns:
 
     {prefix}lock:{work_order_id}   string, the owner token of the work-order lock; PX = lock TTL
+    {prefix}wanted:{work_order_id} string, set (PX 1 s) by a holder waiting for that lock; the
+                                   worker keeping it releases it after its current update
+    {prefix}lease:owner            string, the process id (``locks.owner_id``) of the last
+                                   active ``workorder`` consumer; no TTL
     {prefix}lease:workorder        string, the owner token of the active ``workorder`` consumer;
                                    PX = lease TTL (see ``mes_tasks.lease``)
     {prefix}paused:workorder       set, names of workers whose ``workorder`` consumer
@@ -20,6 +24,14 @@ from __future__ import annotations
 
 def lock_key(prefix: str, work_order_id: str) -> str:
     return f"{prefix}lock:{work_order_id}"
+
+
+def wanted_key(prefix: str, work_order_id: str) -> str:
+    return f"{prefix}wanted:{work_order_id}"
+
+
+def lease_owner_key(prefix: str) -> str:
+    return f"{prefix}lease:owner"
 
 
 def apply_ms_key(prefix: str) -> str:

@@ -23,8 +23,8 @@ import redis
 from celery import bootsteps
 
 from mes_tasks.errors import RedisUnavailable
-from mes_tasks.keys import lease_key
-from mes_tasks.locks import RedisLock
+from mes_tasks.keys import lease_key, lease_owner_key, lock_key
+from mes_tasks.locks import TOKEN_SEP, RedisLock, owner_id
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,30 @@ def restore_unacked(channel: Any, queue: str = QUEUE) -> int:
     return restored
 
 
+# Delete a lock whose token names the given owner ("<owner_id>/...").
+_DEL_IF_OWNED_BY = """
+local v = redis.call('get', KEYS[1])
+if v and string.sub(v, 1, string.len(ARGV[1])) == ARGV[1] then return redis.call('del', KEYS[1]) end
+return 0
+"""
+
+
+def clear_predecessor_locks(client: redis.Redis, prefix: str) -> int:
+    """Record this process as the active consumer; delete the locks the previous one kept.
+
+    The previous holder is dead or paused past its lease: the epochs we bump fence it
+    out, so its locks (kept between updates, see ``keptlocks``) only delay us.
+    """
+    me = owner_id()
+    answer = client.set(lease_owner_key(prefix), me, get=True)
+    previous = answer.decode() if isinstance(answer, bytes) else answer
+    if not previous or previous == me:
+        return 0
+    mine = f"{previous}{TOKEN_SEP}"
+    keys = list(client.scan_iter(match=lock_key(prefix, "*"), count=500))
+    return sum(int(client.eval(_DEL_IF_OWNED_BY, 1, key, mine)) for key in keys)
+
+
 def _consuming(c: Any) -> bool:
     return QUEUE in {q.name for q in c.task_consumer.queues}
 
@@ -75,6 +99,7 @@ class SingleActiveConsumer(bootsteps.StartStopStep):  # type: ignore[misc]
     def __init__(self, parent: Any, **kwargs: Any) -> None:
         super().__init__(parent, **kwargs)
         self.lease: Lease | None = None
+        self.prefix = ""
         self.active = False
         self.timer_entry: Any = None
 
@@ -87,6 +112,7 @@ class SingleActiveConsumer(bootsteps.StartStopStep):  # type: ignore[misc]
         settings = get_settings()
         client: redis.Redis = db.redis_client(settings)
         self.lease = Lease(client, lease_key(settings.key_prefix), settings.lease_ttl_s)
+        self.prefix = settings.key_prefix
         c.cancel_task_queue(QUEUE)  # until the lease is ours
         self.tick(c)
         self.timer_entry = c.timer.call_repeatedly(LEASE_POLL_S, self.tick, (c,), priority=10)
@@ -102,11 +128,12 @@ class SingleActiveConsumer(bootsteps.StartStopStep):  # type: ignore[misc]
             log.warning("standby: not consuming %s without the lease", QUEUE)
             c.cancel_task_queue(QUEUE)
         if not self.active and self.lease.try_acquire():
+            cleared = clear_predecessor_locks(self.lease.client, self.prefix)
             restored = restore_unacked(c.connection.default_channel)
             c.add_task_queue(QUEUE)
             self.active = True
-            log.warning("took the %s lease on %s; restored %d in-flight message(s)",
-                        QUEUE, socket.gethostname(), restored)  # fmt: skip
+            log.warning("took the %s lease on %s; restored %d in-flight message(s), cleared %d lock(s)",
+                        QUEUE, socket.gethostname(), restored, cleared)  # fmt: skip
 
     def stop(self, c: Any) -> None:
         if self.timer_entry is not None:

@@ -32,7 +32,8 @@ from mes_tasks.errors import (
     UnknownWorkOrder,
     WriteConflict,
 )
-from mes_tasks.keys import lock_key
+from mes_tasks.keptlocks import KeptLocks, let_go
+from mes_tasks.keys import lock_key, wanted_key
 from mes_tasks.locks import RedisLock
 from mes_tasks.models import COUNTER_FIELDS, QuantityLog, WorkOrder, utcnow
 from mes_tasks.settings import Settings
@@ -64,10 +65,13 @@ class ApplyResult:
 class Ledger:
     """Applies quantity updates; holds the connections it needs (passed in)."""
 
-    def __init__(self, mongo: Mongo, redis_client: redis.Redis, settings: Settings) -> None:
+    def __init__(
+        self, mongo: Mongo, redis_client: redis.Redis, settings: Settings, kept: KeptLocks | None = None
+    ) -> None:
         self.mongo = mongo
         self.redis = redis_client
         self.settings = settings
+        self.kept = kept  # the worker's: locks and epochs kept between updates (see keptlocks)
         self.work_orders = WorkOrder._get_collection()
         self.logs = QuantityLog._get_collection()
 
@@ -79,6 +83,7 @@ class Ledger:
             s.lock_ttl_s,
             wait_s=s.lock_wait_s,
             extend_interval_s=s.lock_extend_interval_s,
+            wanted_key=wanted_key(s.key_prefix, work_order_id),
         )
 
     def apply(self, req: UpdateRequest, request_id: str, task_id: str | None = None) -> ApplyResult:
@@ -89,9 +94,31 @@ class Ledger:
             LockBusy, LockLost, FenceLost, RedisUnavailable, MongoUnavailable,
             WriteConflict: transient; retrying is safe.
         """
-        with self.lock_for(req.work_order_id) as lock:
-            epoch = self.bump_epoch(req.work_order_id)
-            return self.commit(req, request_id, epoch, task_id, before_commit=lock.ensure_held)
+        lock, epoch = self.hold(req.work_order_id)
+        try:
+            result = self.commit(req, request_id, epoch, task_id, before_commit=lock.ensure_held)
+        except BaseException:
+            let_go(lock)
+            raise
+        if self.kept is None:
+            let_go(lock)
+        else:
+            self.kept.keep(req.work_order_id, lock, epoch)
+        return result
+
+    def hold(self, work_order_id: str) -> tuple[RedisLock, int]:
+        """The work order's lock and our fencing epoch: kept from the last update, or taken now."""
+        kept = None if self.kept is None else self.kept.take(work_order_id)
+        if kept is not None:
+            return kept.lock, kept.epoch
+        lock = self.lock_for(work_order_id)
+        lock.acquire()
+        lock.start_watchdog()
+        try:
+            return lock, self.bump_epoch(work_order_id)
+        except BaseException:
+            let_go(lock)
+            raise
 
     def bump_epoch(self, work_order_id: str) -> int:
         """Take the fence: increment the work order's epoch and return the new value.

@@ -6,7 +6,9 @@ be paused past its TTL). The fencing epoch in MongoDB does that (see ``ledger``)
 
 from __future__ import annotations
 
+import os
 import secrets
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -19,11 +21,27 @@ from mes_tasks.errors import LockBusy, LockLost, RedisUnavailable
 
 ACQUIRE_POLL_MIN_S = 0.005
 ACQUIRE_POLL_MAX_S = 0.1
+WANTED_TTL_MS = 1000  # a waiter's request outlives a few of its polls
+TOKEN_SEP = "/"  # a token is "<owner_id>/<random>"
 
-# Extend / release only while the key still holds our token.
-_IF_OWNER = "if redis.call('get', KEYS[1]) == ARGV[1] then return {} else return 0 end"
-_EXTEND = _IF_OWNER.format("redis.call('pexpire', KEYS[1], ARGV[2])")
-_RELEASE = _IF_OWNER.format("redis.call('del', KEYS[1])")
+# Extend / release only while the key still holds our token. Extend answers 2 when
+# someone waits for the lock (KEYS[2], optional), so that a holder keeping it lets go.
+_EXTEND = """
+if redis.call('get', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('pexpire', KEYS[1], ARGV[2])
+if KEYS[2] and redis.call('exists', KEYS[2]) == 1 then return 2 end
+return 1
+"""
+_RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end"
+_OWNER: dict[int, str] = {}
+
+
+def owner_id() -> str:
+    """This process in lock tokens: host, pid and a random tag (a new one after a fork)."""
+    pid = os.getpid()
+    if pid not in _OWNER:
+        _OWNER[pid] = f"{socket.gethostname()}:{pid}:{secrets.token_hex(3)}"
+    return _OWNER[pid]
 
 
 @contextmanager
@@ -45,6 +63,8 @@ class RedisLock:
         wait_s: how long ``acquire`` waits for a busy lock before ``LockBusy``.
         extend_interval_s: watchdog period, a third of the TTL by default.
         watchdog: the thread that extends the lock while held (the process's own by default).
+        wanted_key: where a waiter asks the holder to let go (``keys.wanted_key``); the
+            holder sees it as ``wanted`` after its next extension.
     """
 
     def __init__(
@@ -56,14 +76,17 @@ class RedisLock:
         wait_s: float = 0.0,
         extend_interval_s: float | None = None,
         watchdog: Watchdog | None = None,
+        wanted_key: str | None = None,
     ) -> None:
         self.client = client
         self.key = key
         self.ttl_ms = int(ttl_s * 1000)
         self.wait_s = wait_s
         self.extend_interval_s = extend_interval_s or ttl_s / 3
-        self.token = secrets.token_hex(16)
+        self.token = ""
         self.lost_reason: str | None = None
+        self.wanted = False
+        self.wanted_key = wanted_key
         self.watchdog = watchdog or WATCHDOG
 
     def acquire(self) -> None:
@@ -75,19 +98,34 @@ class RedisLock:
         """
         deadline = time.monotonic() + self.wait_s
         pause = ACQUIRE_POLL_MIN_S
-        self.token = secrets.token_hex(16)
+        self.token = f"{owner_id()}{TOKEN_SEP}{secrets.token_hex(12)}"
+        asked = False
         with redis_errors():
             while not self.client.set(self.key, self.token, nx=True, px=self.ttl_ms):
                 if time.monotonic() + pause > deadline:
                     raise LockBusy(f"lock {self.key} busy for {self.wait_s:g}s")
+                asked = self._ask() or asked
                 time.sleep(pause)
                 pause = min(pause * 2, ACQUIRE_POLL_MAX_S)
+            if asked:
+                self.client.delete(self.wanted_key)  # type: ignore[arg-type]
         self.lost_reason = None
+        self.wanted = False
+
+    def _ask(self) -> bool:
+        """Tell a holder that keeps the lock between updates that we wait for it."""
+        if self.wanted_key is None or self.wait_s <= 0:
+            return False
+        self.client.set(self.wanted_key, self.token, px=WANTED_TTL_MS)
+        return True
 
     def extend(self) -> bool:
-        """Push the expiry back to a full TTL if we still own the key."""
+        """Push the expiry back to a full TTL if we still own the key (and note ``wanted``)."""
+        keys = (self.key,) if self.wanted_key is None else (self.key, self.wanted_key)
         with redis_errors():
-            return bool(self.client.eval(_EXTEND, 1, self.key, self.token, self.ttl_ms))
+            answer = self.client.eval(_EXTEND, len(keys), *keys, self.token, self.ttl_ms)
+        self.wanted = answer == 2
+        return bool(answer)
 
     def release(self) -> bool:
         """Delete the key if we still own it; True when it was ours."""

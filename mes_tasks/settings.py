@@ -21,6 +21,7 @@ DEFAULT_MONGODB_URI = "mongodb://127.0.0.1:27017/mes"
 DEFAULT_KEY_PREFIX = "mes:"
 LOCK_TTL_S = 30.0
 LOCK_WAIT_S = 10.0
+LOCK_LINGER_S = 2.0  # a worker keeps an unused work-order lock (and its epoch) this long; 0: never
 LOCK_EXTEND_FRACTION = 1 / 3  # watchdog extends at a third of the TTL unless told otherwise
 RETRY_MAX = 8
 RETRY_BACKOFF_S = 1.0
@@ -47,6 +48,7 @@ ENV_NAMES = {
     "lock_ttl_s": "MES_LOCK_TTL_S",
     "lock_wait_s": "MES_LOCK_WAIT_S",
     "lock_extend_interval_s": "MES_LOCK_EXTEND_INTERVAL_S",
+    "lock_linger_s": "MES_LOCK_LINGER_S",
     "retry_max": "MES_RETRY_MAX",
     "retry_backoff_s": "MES_RETRY_BACKOFF_S",
     "retry_backoff_max_s": "MES_RETRY_BACKOFF_MAX_S",
@@ -80,6 +82,7 @@ class Settings:
     lock_ttl_s: float = LOCK_TTL_S
     lock_wait_s: float = LOCK_WAIT_S
     lock_extend_interval_s: float = 0.0  # 0: derived, LOCK_EXTEND_FRACTION x lock_ttl_s
+    lock_linger_s: float = LOCK_LINGER_S
     retry_max: int = RETRY_MAX
     retry_backoff_s: float = RETRY_BACKOFF_S
     retry_backoff_max_s: float = RETRY_BACKOFF_MAX_S
@@ -223,6 +226,7 @@ def _check_positive(s: Settings) -> None:
             raise ConfigurationError(f"{ENV_NAMES[name]} must be greater than zero")
     for name in (
         "retry_max",
+        "lock_linger_s",
         "retry_backoff_max_s",
         "test_txn_delay_s",
         "connect_timeout_s",

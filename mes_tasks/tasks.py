@@ -15,6 +15,7 @@ from mes_tasks import db
 from mes_tasks.app import app
 from mes_tasks.deadletter import Failure, record_failure
 from mes_tasks.errors import MesError, MongoUnavailable, PermanentError, TransientError
+from mes_tasks.keptlocks import KeptLocks
 from mes_tasks.keys import apply_ms_key
 from mes_tasks.ledger import Ledger
 from mes_tasks.settings import Settings, get_settings
@@ -47,7 +48,7 @@ class LedgerTask(Task):  # type: ignore[misc]
     def ledger(self) -> Ledger:
         if LedgerTask._ledger is None:
             s = get_settings()
-            LedgerTask._ledger = Ledger(db.connect(s), db.redis_client(s), s)
+            LedgerTask._ledger = Ledger(db.connect(s), db.redis_client(s), s, KeptLocks(s.lock_linger_s))
         return LedgerTask._ledger
 
     def record_duration(self, started: float) -> None:

@@ -1,5 +1,6 @@
-"""Property: whatever the mix of submissions, duplicates, redeliveries, lost locks and paused
-holders, every counter equals the sum of its distinct accepted requests, exactly once each.
+"""Property: whatever the mix of submissions, duplicates, redeliveries, lost locks, paused
+holders and kept locks taken away between updates, every counter equals the sum of its
+distinct accepted requests, exactly once each.
 
 Runs the real apply step against the real servers; hypothesis chooses the sequence.
 """
@@ -16,13 +17,15 @@ from hypothesis import strategies as st
 from conftest import make_work_orders
 from mes_tasks.db import Mongo
 from mes_tasks.errors import FenceLost, LockLost, NegativeCounter
-from mes_tasks.ledger import Ledger
+from mes_tasks.keptlocks import KeptLocks
+from mes_tasks.keys import lock_key
+from mes_tasks.ledger import ApplyResult, Ledger
 from mes_tasks.models import ALL_MODELS, QuantityLog, WorkOrder
 from mes_tasks.settings import Settings
 from mes_tasks.validation import UpdateRequest, validate_update
 
 WOS = ["P-1", "P-2", "P-3"]
-FAULTS = ("none", "redeliver", "lock_lost", "paused_holder")
+FAULTS = ("none", "redeliver", "lock_lost", "paused_holder", "kept_lock_taken")
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,8 @@ def attempt(
 
     ``seen``: the request was accepted before, so a lock lost mid-way meets the duplicate first.
     """
+    if fault in ("lock_lost", "paused_holder") and ledger.kept is not None:
+        ledger.kept.drop(req.work_order_id)  # these faults hold the lock themselves
     if fault == "lock_lost":
         with ledger.lock_for(req.work_order_id) as lock:
             epoch = ledger.bump_epoch(req.work_order_id)
@@ -60,26 +65,45 @@ def attempt(
         ledger.bump_epoch(req.work_order_id)  # ... and the next holder acquires
         with pytest.raises(FenceLost):
             ledger.commit(req, rid, epoch)
-    ledger.apply(req, rid)  # the (re)delivery or retry
+    elif fault == "kept_lock_taken":
+        # Between two updates another holder took the lock we keep, wrote and left.
+        redis_client.delete(lock_key(ledger.settings.key_prefix, req.work_order_id))
+        ledger.bump_epoch(req.work_order_id)
+    deliver(ledger, req, rid)  # the (re)delivery or retry
     if fault == "redeliver":
-        assert ledger.apply(req, rid).status == "duplicate"
+        assert deliver(ledger, req, rid).status == "duplicate"
+
+
+def deliver(ledger: Ledger, req: UpdateRequest, rid: str) -> ApplyResult:
+    """One delivery, and the retries the task would make after it was fenced or lost its lock."""
+    for _ in range(3):
+        try:
+            return ledger.apply(req, rid)
+        except (FenceLost, LockLost):
+            continue
+    raise AssertionError(f"{rid}: three transient failures in a row")
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(pool=requests_pool, sequence=steps)
-@example(pool=[("P-1", "input", 2), ("P-1", "input", -2)], sequence=[Step(0, "none"), Step(1, "redeliver")])
+@given(pool=requests_pool, sequence=steps, keep=st.booleans())
+@example(
+    pool=[("P-1", "input", 2), ("P-1", "input", -2)],
+    sequence=[Step(0, "none"), Step(1, "redeliver")],
+    keep=True,
+)
 def test_every_counter_is_the_sum_of_its_distinct_accepted_requests(
     mongo: Mongo,
     redis_client: redis.Redis,
     settings: Settings,
     pool: list[tuple[str, str, int]],
     sequence: list[Step],
+    keep: bool,
 ) -> None:
     for model in ALL_MODELS:
         model._get_collection().delete_many({})
     redis_client.flushdb()
     make_work_orders(WOS)
-    ledger = Ledger(mongo, redis_client, settings)
+    ledger = Ledger(mongo, redis_client, settings, KeptLocks(60.0 if keep else 0.0))
     expected = {(wo, kind): 0 for wo in WOS for kind in ("input", "output")}
     accepted: set[str] = set()
     for step in sequence:
@@ -97,3 +121,5 @@ def test_every_counter_is_the_sum_of_its_distinct_accepted_requests(
     for doc in WorkOrder.objects:
         assert (doc.input_qty, doc.output_qty) == (expected[doc.id, "input"], expected[doc.id, "output"])
     assert sorted(log.request_id for log in QuantityLog.objects) == sorted(accepted)
+    assert ledger.kept is not None
+    ledger.kept.release_all()

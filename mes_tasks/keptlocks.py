@@ -1,0 +1,129 @@
+"""Work-order locks a worker keeps between updates, each with the fencing epoch it took.
+
+Taking a lock costs a Redis round trip, bumping the epoch a MongoDB write, releasing
+another round trip. While updates for one work order keep coming, the worker keeps the
+lock (the watchdog extends it) and the epoch it bumped when it took it, and saves all
+three. The fence, not the lock, protects the counters, so this is safe: a kept lock the
+watchdog lost is dropped, and if another holder bumped the epoch meanwhile the next
+update fails with ``FENCE_LOST`` and retries under a fresh lock.
+
+A kept lock is let go when it went unused for ``MES_LOCK_LINGER_S`` (checked between
+tasks, every ``RELEASE_CHECK_S``), when another holder waits for it (``keys.wanted_key``,
+seen by the check before commit), and when the worker stops. A worker that takes the
+``workorder`` lease over deletes the locks its predecessor kept (see ``lease``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import suppress
+from dataclasses import dataclass
+from typing import Any
+
+from celery import bootsteps
+
+from mes_tasks.errors import RedisUnavailable
+from mes_tasks.locks import RedisLock
+
+log = logging.getLogger(__name__)
+
+RELEASE_CHECK_S = 0.5  # how often the worker looks for kept locks to let go
+
+
+@dataclass
+class Kept:
+    lock: RedisLock
+    epoch: int
+    used_at: float
+
+
+class KeptLocks:
+    """The locks one worker process keeps, by work order id (used from the task thread only)."""
+
+    def __init__(self, linger_s: float) -> None:
+        self.linger_s = linger_s
+        self._kept: dict[str, Kept] = {}
+
+    def take(self, work_order_id: str) -> Kept | None:
+        """The kept lock of a work order, still usable, or None (a stale one is let go)."""
+        kept = self._kept.pop(work_order_id, None)
+        if kept is not None and not self._usable(kept):
+            let_go(kept.lock)
+            return None
+        return kept
+
+    def keep(self, work_order_id: str, lock: RedisLock, epoch: int) -> None:
+        """Keep ``lock`` after an update, unless someone waits for it or keeping is off."""
+        if self.linger_s <= 0 or lock.wanted:
+            let_go(lock)
+            return
+        self._kept[work_order_id] = Kept(lock, epoch, time.monotonic())
+
+    def drop(self, work_order_id: str) -> None:
+        """Let go of a work order's kept lock, for a caller in this process that takes it itself."""
+        kept = self._kept.pop(work_order_id, None)
+        if kept is not None:
+            let_go(kept.lock)
+
+    def release_idle(self) -> int:
+        """Let go of every kept lock that lingered too long, was lost or is wanted."""
+        stale = [wo for wo, kept in self._kept.items() if not self._usable(kept)]
+        for wo in stale:
+            let_go(self._kept.pop(wo).lock)
+        return len(stale)
+
+    def release_all(self) -> int:
+        count = len(self._kept)
+        for kept in self._kept.values():
+            let_go(kept.lock)
+        self._kept.clear()
+        return count
+
+    def __len__(self) -> int:
+        return len(self._kept)
+
+    def _usable(self, kept: Kept) -> bool:
+        fresh = time.monotonic() - kept.used_at < self.linger_s
+        return fresh and kept.lock.lost_reason is None and not kept.lock.wanted
+
+
+def let_go(lock: RedisLock) -> None:
+    """Release if still ours; with Redis down the key expires by itself (the fence covers it)."""
+    with suppress(RedisUnavailable):
+        lock.release()
+
+
+class ReleaseKeptLocks(bootsteps.StartStopStep):  # type: ignore[misc]
+    """Consumer step: let go of idle kept locks between tasks, and of all of them at shutdown."""
+
+    requires = {"celery.worker.consumer.tasks:Tasks"}
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        self.timer_entry: Any = None
+
+    def start(self, c: Any) -> None:
+        self.timer_entry = c.timer.call_repeatedly(RELEASE_CHECK_S, self.tick, priority=10)
+
+    def tick(self) -> None:
+        """Run in the worker's event loop, between tasks, like the tasks themselves."""
+        kept = _worker_kept_locks()
+        if kept is not None:
+            kept.release_idle()
+
+    def stop(self, c: Any) -> None:
+        if self.timer_entry is not None:
+            self.timer_entry.cancel()
+        kept = _worker_kept_locks()
+        if kept is not None and len(kept):
+            log.info("released %d kept work-order lock(s)", kept.release_all())
+
+    shutdown = stop
+
+
+def _worker_kept_locks() -> KeptLocks | None:
+    from mes_tasks.tasks import LedgerTask  # the tasks module imports the app, which imports this
+
+    ledger = LedgerTask._ledger
+    return None if ledger is None else ledger.kept
