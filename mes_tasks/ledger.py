@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -27,6 +28,7 @@ from pymongo.write_concern import WriteConcern
 from mes_tasks.db import Mongo, mongo_errors
 from mes_tasks.errors import (
     FenceLost,
+    LockLost,
     NegativeCounter,
     RequestIdConflict,
     UnknownWorkOrder,
@@ -94,9 +96,22 @@ class Ledger:
             LockBusy, LockLost, FenceLost, RedisUnavailable, MongoUnavailable,
             WriteConflict: transient; retrying is safe.
         """
-        lock, epoch = self.hold(req.work_order_id)
+        kept = None if self.kept is None else self.kept.take(req.work_order_id)
+        if kept is not None:
+            try:
+                return self._commit_then_keep(req, request_id, task_id, kept.lock, kept.epoch)
+            except (FenceLost, LockLost) as exc:
+                # The kept lock or its epoch went stale between updates (someone took the
+                # work order meanwhile): nothing was written; take both afresh, as if not kept.
+                log.info("kept lock of %s went stale (%s); taking it again", req.work_order_id, exc)
+        lock, epoch = self.take(req.work_order_id)
+        return self._commit_then_keep(req, request_id, task_id, lock, epoch)
+
+    def _commit_then_keep(
+        self, req: UpdateRequest, request_id: str, task_id: str | None, lock: RedisLock, epoch: int
+    ) -> ApplyResult:
         try:
-            result = self.commit(req, request_id, epoch, task_id, before_commit=lock.ensure_held)
+            result = self.commit(req, request_id, epoch, task_id, lock=lock)
         except BaseException:
             let_go(lock)
             raise
@@ -106,11 +121,8 @@ class Ledger:
             self.kept.keep(req.work_order_id, lock, epoch)
         return result
 
-    def hold(self, work_order_id: str) -> tuple[RedisLock, int]:
-        """The work order's lock and our fencing epoch: kept from the last update, or taken now."""
-        kept = None if self.kept is None else self.kept.take(work_order_id)
-        if kept is not None:
-            return kept.lock, kept.epoch
+    def take(self, work_order_id: str) -> tuple[RedisLock, int]:
+        """Acquire the work order's lock, start its watchdog, and take the fence."""
         lock = self.lock_for(work_order_id)
         lock.acquire()
         lock.start_watchdog()
@@ -155,9 +167,14 @@ class Ledger:
         epoch: int,
         task_id: str | None = None,
         *,
+        lock: RedisLock | None = None,
         before_commit: Callable[[], None] = lambda: None,
     ) -> ApplyResult:
-        """Insert the log and move the counter in one transaction, if still fenced in."""
+        """Insert the log and move the counter in one transaction, if still fenced in.
+
+        With ``lock``, its ownership check is sent to Redis before the log insert and its
+        answer read after it, before the commit: the round trips overlap (``LockLost``).
+        """
         try:
             with (
                 mongo_errors(),
@@ -165,8 +182,11 @@ class Ledger:
                 session.start_transaction(read_concern=TXN_READ_CONCERN, write_concern=TXN_WRITE_CONCERN),
             ):
                 value = self._inc_counter(session, req, epoch)
-                self._insert_log(session, req, request_id, epoch, value, task_id)
                 self._test_delay()
+                with lock.check_sent() if lock is not None else nullcontext() as check:
+                    self._insert_log(session, req, request_id, epoch, value, task_id)
+                    if check is not None:
+                        check.confirm()
                 before_commit()
         except DuplicateKeyError:
             return self.duplicate_of(req, request_id)

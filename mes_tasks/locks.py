@@ -149,6 +149,16 @@ class RedisLock:
             self.lost_reason = "key expired or taken by another owner"
             raise LockLost(f"lock {self.key} lost: {self.lost_reason}")
 
+    def check_sent(self) -> PendingCheck:
+        """Send the check of ``ensure_held`` now and read its answer later (``PendingCheck``).
+
+        The Redis round trip then overlaps whatever the caller does meanwhile (the log
+        insert); the answer is still known before the commit.
+        """
+        if self.lost_reason:
+            raise LockLost(f"lock {self.key} lost: {self.lost_reason}")
+        return PendingCheck(self)
+
     def start_watchdog(self) -> None:
         self.watchdog.watch(self)
 
@@ -168,6 +178,72 @@ class RedisLock:
     ) -> None:
         with suppress(RedisUnavailable):  # the key expires by itself; the fence covers the gap
             self.release()
+
+
+class PendingCheck:
+    """An ownership check (with TTL renewal) in flight on a connection of its own.
+
+    Use as a context manager: ``confirm()`` reads the answer and raises ``LockLost`` like
+    ``ensure_held``; leaving without confirming reads and drops the answer, so the
+    connection goes back to the pool clean.
+    """
+
+    def __init__(self, lock: RedisLock) -> None:
+        self.lock = lock
+        self.pool = lock.client.connection_pool
+        keys = (lock.key,) if lock.wanted_key is None else (lock.key, lock.wanted_key)
+        self.answered = False
+        try:
+            with redis_errors():
+                self.conn = self.pool.get_connection()
+        except RedisUnavailable as exc:
+            raise LockLost(f"lock {lock.key} unverifiable: {exc}") from exc
+        try:
+            with redis_errors():
+                self.conn.send_command(  # type: ignore[no-untyped-call]
+                    "EVAL", _EXTEND, len(keys), *keys, lock.token, lock.ttl_ms
+                )
+        except BaseException as exc:
+            self._give_back(broken=True)
+            if isinstance(exc, RedisUnavailable):
+                raise LockLost(f"lock {lock.key} unverifiable: {exc}") from exc
+            raise
+
+    def confirm(self) -> None:
+        try:
+            with redis_errors():
+                answer = self.conn.read_response()
+        except RedisUnavailable as exc:
+            self._give_back(broken=True)
+            raise LockLost(f"lock {self.lock.key} unverifiable: {exc}") from exc
+        self._give_back(broken=False)
+        self.lock.wanted = answer == 2
+        if not answer:
+            self.lock.lost_reason = "key expired or taken by another owner"
+            raise LockLost(f"lock {self.lock.key} lost: {self.lock.lost_reason}")
+        if self.lock.lost_reason:  # the watchdog failed meanwhile
+            raise LockLost(f"lock {self.lock.key} lost: {self.lock.lost_reason}")
+
+    def __enter__(self) -> PendingCheck:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.answered:
+            return
+        try:
+            self.conn.read_response()
+        except Exception:
+            self._give_back(broken=True)
+        else:
+            self._give_back(broken=False)
+
+    def _give_back(self, *, broken: bool) -> None:
+        if self.answered:
+            return
+        self.answered = True
+        if broken:
+            self.conn.disconnect()  # type: ignore[no-untyped-call]
+        self.pool.release(self.conn)
 
 
 class Watchdog:

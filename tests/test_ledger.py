@@ -134,6 +134,34 @@ def test_a_lock_lost_before_commit_aborts_the_transaction(ledger: Ledger, redis_
     assert QuantityLog.objects.count() == 0
 
 
+@pytest.mark.parametrize("tamper", ["delete", "overwrite"])
+def test_the_check_sent_during_the_log_insert_aborts_a_commit_under_a_lost_lock(
+    ledger: Ledger, redis_client: redis.Redis, tamper: str
+) -> None:
+    with ledger.lock_for("WO-1") as held:
+        epoch = ledger.bump_epoch("WO-1")
+        if tamper == "delete":
+            redis_client.delete(held.key)
+        else:
+            redis_client.set(held.key, "intruder")
+        with pytest.raises(LockLost):
+            ledger.commit(validate_update("WO-1", "input", 1), "r1", epoch, lock=held)
+    assert counters() == (0, 0)
+    assert QuantityLog.objects.count() == 0
+
+
+def test_a_duplicate_with_the_lock_check_in_flight_leaves_the_redis_connection_clean(ledger: Ledger) -> None:
+    req = validate_update("WO-1", "input", 2)
+    with ledger.lock_for("WO-1") as held:
+        epoch = ledger.bump_epoch("WO-1")
+        assert ledger.commit(req, "r1", epoch, lock=held).status == "applied"
+        # The insert fails on the unique request id while the check's answer is unread.
+        assert ledger.commit(req, "r1", epoch, lock=held).status == "duplicate"
+        assert ledger.redis.echo("next") == "next"  # not the check's stale answer
+        held.ensure_held()
+    assert counters() == (2, 0)
+
+
 def test_a_work_order_held_by_an_abandoned_transaction_is_a_retryable_conflict(
     ledger: Ledger, mongo: Mongo
 ) -> None:
