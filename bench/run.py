@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -36,6 +37,7 @@ WORK_ORDERS = [f"B-{i:03d}" for i in range(20)]
 READY_TIMEOUT_S = 60.0
 DRAIN_TIMEOUT_S = 3600.0
 ENQUEUE_BATCH = 500
+PHASES = ("throughput", "latency", "memory", "audit")
 
 
 def start_servers(base: Path) -> list[Any]:
@@ -124,26 +126,66 @@ def commit_rate(logs: Any) -> float:
     return float((n - 1) / max((last - first).total_seconds(), 1e-9))
 
 
-def run_queued(task: Any, worker_argv: list[str], logs: Any, n: int, name: str, tmp: Path) -> float:
-    """Enqueue n updates, then start the worker and measure its commit rate."""
+def run_queued(
+    task: Any, worker_argv: list[str], logs: Any, n: int, name: str, tmp: Path, profile: Path | None = None
+) -> float:
+    """Enqueue n updates, then start the worker and measure its commit rate (under py-spy if asked)."""
     for args, kwargs in updates(n, name):
         task.apply_async(args, kwargs)
     worker = Worker(worker_argv, tmp / f"{name}.log")
+    raw = None if profile is None else profile.with_suffix(".raw")
+    spy = None if raw is None else start_py_spy(worker.proc.pid, raw)
     try:
         wait_for_logs(logs, n, f"{name} throughput")
     finally:
         worker.stop()
+    if spy is not None and raw is not None and profile is not None:
+        spy.wait(30)
+        profile.write_text(summarize_profile(raw, worker.proc.pid))
     return commit_rate(logs)
 
 
-def throughput(n: int, rounds: int, tmp: Path) -> dict[str, float]:
+def start_py_spy(pid: int, out: Path) -> subprocess.Popen[bytes]:
+    """py-spy sampling the worker until it exits, waits included, as collapsed stacks per thread."""
+    argv = ["py-spy", "record", "--format", "raw", "--idle", "--threads", "--rate", "200"]
+    spy = subprocess.Popen(
+        [*argv, "-o", str(out), "-p", str(pid)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    time.sleep(1.0)  # attached before the first task
+    return spy
+
+
+def summarize_profile(raw: Path, pid: int, top: int = 30) -> str:
+    """Wall-time share of the worker's main thread per function (each counted once per stack).
+
+    Frames every sample shares (the worker's start-up frames) are left out.
+    """
+    main = f"thread ({pid})"
+    total = 0
+    inclusive: dict[str, int] = {}
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        frames = stack.split(";")
+        if not frames[0].startswith(main) or not count.isdigit():
+            continue
+        total += int(count)
+        for frame in set(frames[1:]):
+            inclusive[frame] = inclusive.get(frame, 0) + int(count)
+    ranked = [kv for kv in sorted(inclusive.items(), key=lambda kv: -kv[1]) if kv[1] < 0.99 * total]
+    lines = [f"{total} samples of the worker's main thread, waits included (py-spy --idle, 200/s)"]
+    lines += [f"{100 * n / max(total, 1):5.1f} %  {frame}" for frame, n in ranked[:top]]
+    return "\n".join(lines) + "\n"
+
+
+def throughput(n: int, rounds: int, tmp: Path, profile: Path | None = None) -> dict[str, float]:
     """The three designs in interleaved rounds (the server slows as it fills); medians of the rounds."""
     import classic
 
     from mes_tasks import db
     from mes_tasks.devserver import worker_argv
+    from mes_tasks.keptlocks import KeptLocks
     from mes_tasks.ledger import Ledger
-    from mes_tasks.models import QuantityLog, WorkOrder
+    from mes_tasks.models import OutboxMessage, QuantityLog, WorkOrder
     from mes_tasks.settings import get_settings
     from mes_tasks.tasks import update_quantity
     from mes_tasks.validation import validate_update
@@ -153,7 +195,8 @@ def throughput(n: int, rounds: int, tmp: Path) -> dict[str, float]:
     wo, logs = WorkOrder._get_collection(), QuantityLog._get_collection()
     c_wo, c_logs = classic._collections()
     c_logs.create_index("work_order_id")
-    ledger = Ledger(mongo, db.redis_client(settings), settings)
+    ledger = Ledger(mongo, db.redis_client(settings), settings, KeptLocks(settings.lock_linger_s))
+    outbox = OutboxMessage._get_collection()
     classic_argv = worker_argv(classic.QUEUE, "classic", app="classic")
     per_round = n // rounds
 
@@ -161,12 +204,19 @@ def throughput(n: int, rounds: int, tmp: Path) -> dict[str, float]:
         started = time.perf_counter()
         for args, kwargs in updates(per_round, prefix):
             ledger.apply(validate_update(*args, context=kwargs["context"]), kwargs["request_id"])
-        return per_round / (time.perf_counter() - started)
+        took = time.perf_counter() - started
+        assert ledger.kept is not None
+        ledger.kept.release_all()
+        return per_round / took
 
+    if profile is not None:  # py-spy slows what it samples: a round of its own, not measured
+        reset([wo, logs, outbox])
+        seed_work_orders(wo)
+        run_queued(update_quantity, worker_argv(), logs, per_round, "profiled", tmp, profile)
     rates: dict[str, list[float]] = {"mes_tasks": [], "classic": [], "floor": []}
     for r in range(rounds):
         for design in rates:
-            reset([wo, logs, c_wo, c_logs])
+            reset([wo, logs, c_wo, c_logs, outbox])
             seed_work_orders(c_wo if design == "classic" else wo)
             if design == "mes_tasks":
                 rate = run_queued(update_quantity, worker_argv(), logs, per_round, f"mes_tasks-{r}", tmp)
@@ -195,7 +245,7 @@ def offered(rate: float, duration_s: float, send: Callable[[int], None]) -> None
 
 def latency(rates: list[float], duration_s: float, tmp: Path) -> dict[str, dict[str, float]]:
     from mes_tasks.devserver import worker_argv
-    from mes_tasks.models import QuantityLog, WorkOrder
+    from mes_tasks.models import OutboxMessage, QuantityLog, WorkOrder
     from mes_tasks.tasks import update_quantity
 
     logs = QuantityLog._get_collection()
@@ -203,7 +253,7 @@ def latency(rates: list[float], duration_s: float, tmp: Path) -> dict[str, dict[
     worker = Worker(worker_argv(), tmp / "latency.log")
     try:
         for rate in rates:
-            reset([WorkOrder._get_collection(), logs])
+            reset([WorkOrder._get_collection(), logs, OutboxMessage._get_collection()])
             seed_work_orders(WorkOrder._get_collection())
             sent: dict[str, datetime] = {}
             send = _sender(update_quantity, rate, sent)
@@ -262,11 +312,11 @@ def audit_scaling(sizes: list[int]) -> dict[str, dict[str, float]]:
 
 def worker_memory(sizes: list[int], tmp: Path) -> dict[str, float]:
     from mes_tasks.devserver import worker_argv
-    from mes_tasks.models import QuantityLog, WorkOrder
+    from mes_tasks.models import OutboxMessage, QuantityLog, WorkOrder
     from mes_tasks.tasks import update_quantity
 
     logs = QuantityLog._get_collection()
-    reset([WorkOrder._get_collection(), logs])
+    reset([WorkOrder._get_collection(), logs, OutboxMessage._get_collection()])
     seed_work_orders(WorkOrder._get_collection())
     worker = Worker(worker_argv(), tmp / "memory.log")
     out = {"rss_mb_start": round(worker.rss_mb(), 1)}
@@ -318,25 +368,27 @@ def redis_version() -> str:
 
 
 def table(results: dict[str, Any]) -> str:
-    t = results["throughput"]
-    lines = [
-        f"throughput (updates/s, {t['updates']} updates, one solo worker)",
-        f"  mes_tasks {t['mes_tasks']:>8}   classic {t['classic']:>8}   floor {t['floor']:>8}",
-        f"  mes_tasks / classic = {t['ratio_vs_classic']:.2f}"
-        f"   mes_tasks / floor = {t['ratio_vs_floor']:.2f}",
-        "latency delay() -> commit (ms)",
-        "  offered/s      p50      p95      p99      max",
-    ]
-    for rate, row in results["latency"].items():
-        lines.append(
-            f"  {rate:>9} {row['p50_ms']:>8} {row['p95_ms']:>8} {row['p99_ms']:>8} {row['max_ms']:>8}"
-        )
-    lines.append("audit (s)\n      logs    audit   $group    ratio  peak MB")
-    for n, row in results["audit"].items():
-        lines.append(
-            f"  {n:>8} {row['audit_s']:>8} {row['group_floor_s']:>8} {row['ratio']:>8} {row['peak_py_mb']:>8}"
-        )
-    lines.append("worker RSS (MB): " + ", ".join(f"{k}={v}" for k, v in results["memory"].items()))
+    lines = []
+    if t := results.get("throughput"):
+        lines += [
+            f"throughput (updates/s, {t['updates']} updates, one solo worker)",
+            f"  mes_tasks {t['mes_tasks']:>8}   classic {t['classic']:>8}   floor {t['floor']:>8}",
+            f"  mes_tasks / classic = {t['ratio_vs_classic']:.2f}"
+            f"   mes_tasks / floor = {t['ratio_vs_floor']:.2f}",
+        ]
+    if "latency" in results:
+        lines += ["latency delay() -> commit (ms)", "  offered/s      p50      p95      p99      max"]
+        for rate, row in results["latency"].items():
+            lines.append(
+                f"  {rate:>9} {row['p50_ms']:>8} {row['p95_ms']:>8} {row['p99_ms']:>8} {row['max_ms']:>8}"
+            )
+    if "audit" in results:
+        lines.append("audit (s)\n      logs    audit   $group    ratio  peak MB")
+        for n, row in results["audit"].items():
+            cells = (n, row["audit_s"], row["group_floor_s"], row["ratio"], row["peak_py_mb"])
+            lines.append("  " + " ".join(f"{cell:>8}" for cell in cells))
+    if "memory" in results:
+        lines.append("worker RSS (MB): " + ", ".join(f"{k}={v}" for k, v in results["memory"].items()))
     return "\n".join(lines)
 
 
@@ -351,25 +403,43 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=20.0, help="seconds per offered rate")
     parser.add_argument("--audit-sizes", default="10000,100000,1000000")
     parser.add_argument("--memory-sizes", default="1000,100000")
+    parser.add_argument("--phases", default=",".join(PHASES), help="a subset of " + ",".join(PHASES))
+    parser.add_argument(
+        "--profile",
+        nargs="?",
+        const=str(BENCH / "profile.txt"),
+        help="py-spy the mes_tasks worker in an extra throughput round; write its top entries here",
+    )
     parser.add_argument("--out", default=str(BENCH / "results.json"))
     args = parser.parse_args()
     if args.quick:
         args.updates, args.rounds, args.rates, args.duration = 300, 1, "50,100", 3.0
         args.audit_sizes, args.memory_sizes = "2000,10000", "500,2000"
+    phases = set(args.phases.split(","))
+    if phases - set(PHASES):
+        parser.error(f"--phases: unknown {', '.join(sorted(phases - set(PHASES)))}; choose from {PHASES}")
+    if args.profile and not shutil.which("py-spy"):
+        parser.error("--profile needs py-spy on the PATH (pip install py-spy)")
     sys.path.insert(0, str(BENCH))
     with tempfile.TemporaryDirectory(prefix="mes-bench-") as tmp_dir:
         tmp = Path(tmp_dir)
         servers = start_servers(tmp)
         try:
             results: dict[str, Any] = {"machine": machine(), "args": vars(args)}
-            results["throughput"] = throughput(args.updates, args.rounds, tmp)
-            save(results, args.out)
-            rates = [float(r) for r in args.rates.split(",")] + [results["throughput"]["mes_tasks"]]
-            results["latency"] = latency(rates, args.duration, tmp)
-            save(results, args.out)
-            results["memory"] = worker_memory([int(n) for n in args.memory_sizes.split(",")], tmp)
-            save(results, args.out)
-            results["audit"] = audit_scaling([int(n) for n in args.audit_sizes.split(",")])
+            profile = None if args.profile is None else Path(args.profile)
+            rates = [float(r) for r in args.rates.split(",")]
+            if "throughput" in phases:
+                results["throughput"] = throughput(args.updates, args.rounds, tmp, profile)
+                rates.append(results["throughput"]["mes_tasks"])
+                save(results, args.out)
+            if "latency" in phases:
+                results["latency"] = latency(rates, args.duration, tmp)
+                save(results, args.out)
+            if "memory" in phases:
+                results["memory"] = worker_memory([int(n) for n in args.memory_sizes.split(",")], tmp)
+                save(results, args.out)
+            if "audit" in phases:
+                results["audit"] = audit_scaling([int(n) for n in args.audit_sizes.split(",")])
         finally:
             for server in reversed(servers):
                 server.stop()
