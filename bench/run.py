@@ -145,9 +145,15 @@ def run_queued(
     return commit_rate(logs)
 
 
+def py_spy() -> str | None:
+    """py-spy from this interpreter's environment (``make install`` puts it there), else the PATH."""
+    here = Path(sys.executable).parent
+    return shutil.which("py-spy", path=f"{here}{os.pathsep}{os.environ.get('PATH', '')}")
+
+
 def start_py_spy(pid: int, out: Path) -> subprocess.Popen[bytes]:
     """py-spy sampling the worker until it exits, waits included, as collapsed stacks per thread."""
-    argv = ["py-spy", "record", "--format", "raw", "--idle", "--threads", "--rate", "200"]
+    argv = [py_spy() or "py-spy", "record", "--format", "raw", "--idle", "--threads", "--rate", "200"]
     spy = subprocess.Popen(
         [*argv, "-o", str(out), "-p", str(pid)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
@@ -178,7 +184,7 @@ def summarize_profile(raw: Path, pid: int, top: int = 30) -> str:
 
 
 def throughput(n: int, rounds: int, tmp: Path, profile: Path | None = None) -> dict[str, float]:
-    """The three designs in interleaved rounds (the server slows as it fills); medians of the rounds."""
+    """The three designs in interleaved rounds on fresh collections; medians over the rounds."""
     import classic
 
     from mes_tasks import db
@@ -214,8 +220,9 @@ def throughput(n: int, rounds: int, tmp: Path, profile: Path | None = None) -> d
         seed_work_orders(wo)
         run_queued(update_quantity, worker_argv(), logs, per_round, "profiled", tmp, profile)
     rates: dict[str, list[float]] = {"mes_tasks": [], "classic": [], "floor": []}
+    designs = list(rates)
     for r in range(rounds):
-        for design in rates:
+        for design in designs[r % 3 :] + designs[: r % 3]:  # rotated: no design always runs first
             reset([wo, logs, c_wo, c_logs, outbox])
             seed_work_orders(c_wo if design == "classic" else wo)
             if design == "mes_tasks":
@@ -226,10 +233,16 @@ def throughput(n: int, rounds: int, tmp: Path, profile: Path | None = None) -> d
                 rate = floor(f"floor-{r}")
             rates[design].append(rate)
     med = {design: statistics.median(values) for design, values in rates.items()}
+
+    def paired(other: str) -> float:
+        """Median over rounds of the ratio within a round (the server drifts between rounds)."""
+        pairs = zip(rates["mes_tasks"], rates[other], strict=True)
+        return round(statistics.median(a / b for a, b in pairs), 3)
+
     return {
         **{design: round(value, 1) for design, value in med.items()},
-        "ratio_vs_classic": round(med["mes_tasks"] / med["classic"], 3),
-        "ratio_vs_floor": round(med["mes_tasks"] / med["floor"], 3),
+        "ratio_vs_classic": paired("classic"),
+        "ratio_vs_floor": paired("floor"),
         "updates": per_round * rounds,
         "rounds": rounds,
         "per_round": {design: [round(v, 1) for v in values] for design, values in rates.items()},
@@ -418,7 +431,7 @@ def main() -> int:
     phases = set(args.phases.split(","))
     if phases - set(PHASES):
         parser.error(f"--phases: unknown {', '.join(sorted(phases - set(PHASES)))}; choose from {PHASES}")
-    if args.profile and not shutil.which("py-spy"):
+    if args.profile and not py_spy():
         parser.error("--profile needs py-spy on the PATH (pip install py-spy)")
     sys.path.insert(0, str(BENCH))
     with tempfile.TemporaryDirectory(prefix="mes-bench-") as tmp_dir:
