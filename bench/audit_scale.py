@@ -30,8 +30,9 @@ DEFAULT_WORK_ORDERS = 1000
 
 def load(n_logs: int, n_wos: int) -> None:
     logs, wos = QuantityLog._get_collection(), WorkOrder._get_collection()
-    logs.delete_many({})
-    wos.delete_many({})
+    for model, coll in ((QuantityLog, logs), (WorkOrder, wos)):
+        coll.drop()  # deleting documents one by one would leave the server slow on this collection
+        model.ensure_indexes()
     totals: dict[str, list[int]] = {f"WO-{i:06d}": [0, 0] for i in range(n_wos)}
     batch: list[dict[str, Any]] = []
     for i in range(n_logs):
@@ -60,14 +61,21 @@ def bare_group_s() -> float:
     return time.perf_counter() - started
 
 
-def audit_s(mongo: db.Mongo) -> tuple[float, float, int]:
+def audit_s(mongo: db.Mongo, runs: int = 2) -> tuple[float, float, int]:
+    """The fastest of ``runs`` audits (as for the ``$group``), and an audit's peak Python memory.
+
+    The peak is taken in a run of its own: tracemalloc slows every allocation.
+    """
     tracemalloc.start()
-    started = time.perf_counter()
     outcome = run_audit(mongo)
-    took = time.perf_counter() - started
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     assert not outcome.findings, outcome.findings[:3]
+    took = float("inf")
+    for _ in range(runs):
+        started = time.perf_counter()
+        run_audit(mongo)
+        took = min(took, time.perf_counter() - started)
     return took, peak / 2**20, outcome.logs_scanned
 
 

@@ -38,6 +38,7 @@ READY_TIMEOUT_S = 60.0
 DRAIN_TIMEOUT_S = 3600.0
 ENQUEUE_BATCH = 500
 PHASES = ("throughput", "latency", "memory", "audit")
+ENQUEUED: dict[str, float] = {}
 
 
 def start_servers(base: Path) -> list[Any]:
@@ -59,8 +60,9 @@ def start_servers(base: Path) -> list[Any]:
 class Worker:
     """A worker subprocess whose RSS can be read."""
 
-    def __init__(self, argv: list[str], log: Path) -> None:
-        env = {**os.environ, "PYTHONPATH": f"{BENCH}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    def __init__(self, argv: list[str], log: Path, **extra_env: str) -> None:
+        pythonpath = f"{BENCH}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
+        env = {**os.environ, "PYTHONPATH": pythonpath, **extra_env}
         self.log = log
         with open(log, "wb") as out:
             self.proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -127,12 +129,25 @@ def commit_rate(logs: Any) -> float:
 
 
 def run_queued(
-    task: Any, worker_argv: list[str], logs: Any, n: int, name: str, tmp: Path, profile: Path | None = None
+    task: Any,
+    worker_argv: list[str],
+    logs: Any,
+    n: int,
+    name: str,
+    tmp: Path,
+    profile: Path | None = None,
+    **worker_env: str,
 ) -> float:
-    """Enqueue n updates, then start the worker and measure its commit rate (under py-spy if asked)."""
+    """Enqueue n updates, then start the worker and measure its commit rate (under py-spy if asked).
+
+    The enqueue rate is kept in ``ENQUEUED[name]``: mes_tasks records each update in the
+    outbox before publishing it, the classic design only publishes.
+    """
+    started = time.perf_counter()
     for args, kwargs in updates(n, name):
         task.apply_async(args, kwargs)
-    worker = Worker(worker_argv, tmp / f"{name}.log")
+    ENQUEUED[name] = n / (time.perf_counter() - started)
+    worker = Worker(worker_argv, tmp / f"{name}.log", **worker_env)
     raw = None if profile is None else profile.with_suffix(".raw")
     spy = None if raw is None else start_py_spy(worker.proc.pid, raw)
     try:
@@ -184,7 +199,11 @@ def summarize_profile(raw: Path, pid: int, top: int = 30) -> str:
 
 
 def throughput(n: int, rounds: int, tmp: Path, profile: Path | None = None) -> dict[str, float]:
-    """The three designs in interleaved rounds on fresh collections; medians over the rounds."""
+    """The designs in interleaved rounds on fresh collections; medians over the rounds.
+
+    ``unkept`` is mes_tasks with ``MES_LOCK_LINGER_S=0`` (a lock and an epoch per update),
+    to show what keeping them saves.
+    """
     import classic
 
     from mes_tasks import db
@@ -219,14 +238,18 @@ def throughput(n: int, rounds: int, tmp: Path, profile: Path | None = None) -> d
         reset([wo, logs, outbox])
         seed_work_orders(wo)
         run_queued(update_quantity, worker_argv(), logs, per_round, "profiled", tmp, profile)
-    rates: dict[str, list[float]] = {"mes_tasks": [], "classic": [], "floor": []}
+    rates: dict[str, list[float]] = {"mes_tasks": [], "classic": [], "floor": [], "unkept": []}
     designs = list(rates)
     for r in range(rounds):
-        for design in designs[r % 3 :] + designs[: r % 3]:  # rotated: no design always runs first
+        for design in designs[r % 4 :] + designs[: r % 4]:  # rotated: no design always runs first
             reset([wo, logs, c_wo, c_logs, outbox])
             seed_work_orders(c_wo if design == "classic" else wo)
             if design == "mes_tasks":
                 rate = run_queued(update_quantity, worker_argv(), logs, per_round, f"mes_tasks-{r}", tmp)
+            elif design == "unkept":
+                rate = run_queued(
+                    update_quantity, worker_argv(), logs, per_round, f"unkept-{r}", tmp, MES_LOCK_LINGER_S="0"
+                )
             elif design == "classic":
                 rate = run_queued(classic.update, classic_argv, c_logs, per_round, f"classic-{r}", tmp)
             else:
@@ -243,6 +266,11 @@ def throughput(n: int, rounds: int, tmp: Path, profile: Path | None = None) -> d
         **{design: round(value, 1) for design, value in med.items()},
         "ratio_vs_classic": paired("classic"),
         "ratio_vs_floor": paired("floor"),
+        "ratio_vs_unkept": paired("unkept"),
+        "enqueue_per_s": {
+            design: round(statistics.median(v for k, v in ENQUEUED.items() if k.startswith(f"{design}-")), 1)
+            for design in ("mes_tasks", "classic")
+        },
         "updates": per_round * rounds,
         "rounds": rounds,
         "per_round": {design: [round(v, 1) for v in values] for design, values in rates.items()},
@@ -385,9 +413,13 @@ def table(results: dict[str, Any]) -> str:
     if t := results.get("throughput"):
         lines += [
             f"throughput (updates/s, {t['updates']} updates, one solo worker)",
-            f"  mes_tasks {t['mes_tasks']:>8}   classic {t['classic']:>8}   floor {t['floor']:>8}",
+            f"  mes_tasks {t['mes_tasks']:>8}   classic {t['classic']:>8}   floor {t['floor']:>8}"
+            f"   unkept locks {t['unkept']:>8}",
             f"  mes_tasks / classic = {t['ratio_vs_classic']:.2f}"
-            f"   mes_tasks / floor = {t['ratio_vs_floor']:.2f}",
+            f"   mes_tasks / floor = {t['ratio_vs_floor']:.2f}"
+            f"   mes_tasks / unkept = {t['ratio_vs_unkept']:.2f}",
+            f"  enqueue/s: mes_tasks (recorded in the outbox) {t['enqueue_per_s']['mes_tasks']}"
+            f"   classic {t['enqueue_per_s']['classic']}",
         ]
     if "latency" in results:
         lines += ["latency delay() -> commit (ms)", "  offered/s      p50      p95      p99      max"]
