@@ -19,12 +19,19 @@ def held_task_ids(channel: Any, queue: str) -> set[str]:
     with channel.conn_or_acquire() as client:  # the channel's own connection may be in BRPOP
         for pri in channel.priority_steps:
             ids.update(_task_id(raw) for raw in _list_items(client, channel._q_for_pri(queue, pri)))
-        for raw in client.hvals(channel.unacked_key):
-            message, exchange, routing_key = json.loads(raw)
-            if queue in (exchange, routing_key):
-                ids.add(message.get("headers", {}).get("id", ""))
+        ids.update(
+            message.get("headers", {}).get("id", "") for _, message in unacked_of(client, channel, queue)
+        )
     ids.discard("")
     return ids
+
+
+def unacked_of(client: Any, channel: Any, queue: str) -> Iterator[tuple[Any, dict[str, Any]]]:
+    """(delivery tag, message) of each delivered, unacknowledged message of ``queue``."""
+    for tag, raw in client.hgetall(channel.unacked_key).items():  # kombu's hash, all queues
+        message, exchange, routing_key = json.loads(raw)
+        if queue in (exchange, routing_key):
+            yield tag, message
 
 
 def take_waiting(channel: Any, queue: str) -> list[str]:

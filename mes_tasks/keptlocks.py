@@ -4,8 +4,9 @@ Taking a lock costs a Redis round trip, bumping the epoch a MongoDB write, relea
 another round trip. While updates for one work order keep coming, the worker keeps the
 lock (the watchdog extends it) and the epoch it bumped when it took it, and saves all
 three. The fence, not the lock, protects the counters, so this is safe: a kept lock the
-watchdog lost is dropped, and if another holder bumped the epoch meanwhile the next
-update fails with ``FENCE_LOST`` and retries under a fresh lock.
+watchdog lost is dropped, and if another holder took the lock or bumped the epoch
+meanwhile, the next update's write is refused (``LOCK_LOST`` or ``FENCE_LOST``) and the
+ledger takes a fresh lock and epoch in the same call.
 
 A kept lock is let go when it went unused for ``MES_LOCK_LINGER_S`` (checked between
 tasks, every ``RELEASE_CHECK_S``), when another holder waits for it (``keys.wanted_key``,

@@ -13,7 +13,6 @@ epochs; its heartbeat fails and it goes back to standby.
 
 from __future__ import annotations
 
-import json
 import logging
 import socket
 from contextlib import suppress
@@ -22,6 +21,7 @@ from typing import Any
 import redis
 from celery import bootsteps
 
+from mes_tasks.broker import unacked_of
 from mes_tasks.errors import RedisUnavailable
 from mes_tasks.keys import lease_key, lease_owner_key, lock_key
 from mes_tasks.locks import TOKEN_SEP, RedisLock, owner_id
@@ -55,11 +55,9 @@ def restore_unacked(channel: Any, queue: str = QUEUE) -> int:
     """
     restored = 0
     with channel.conn_or_acquire() as client:  # the channel's own connection may be in BRPOP
-        for tag, payload in client.hgetall(channel.unacked_key).items():  # one consumer's worth
-            _message, exchange, routing_key = json.loads(payload)
-            if queue in (exchange, routing_key):
-                channel.qos.restore_by_tag(tag, client, leftmost=True)
-                restored += 1
+        for tag, _message in list(unacked_of(client, channel, queue)):  # one consumer's worth
+            channel.qos.restore_by_tag(tag, client, leftmost=True)
+            restored += 1
     return restored
 
 

@@ -119,9 +119,14 @@ class RedisLock:
         self.client.set(self.wanted_key, self.token, px=WANTED_TTL_MS)
         return True
 
+    @property
+    def extend_keys(self) -> tuple[str, ...]:
+        """The keys ``_EXTEND`` reads: the lock, and where waiters ask for it if any."""
+        return (self.key,) if self.wanted_key is None else (self.key, self.wanted_key)
+
     def extend(self) -> bool:
         """Push the expiry back to a full TTL if we still own the key (and note ``wanted``)."""
-        keys = (self.key,) if self.wanted_key is None else (self.key, self.wanted_key)
+        keys = self.extend_keys
         with redis_errors():
             answer = self.client.eval(_EXTEND, len(keys), *keys, self.token, self.ttl_ms)
         self.wanted = answer == 2
@@ -191,7 +196,7 @@ class PendingCheck:
     def __init__(self, lock: RedisLock) -> None:
         self.lock = lock
         self.pool = lock.client.connection_pool
-        keys = (lock.key,) if lock.wanted_key is None else (lock.key, lock.wanted_key)
+        keys = lock.extend_keys
         self.answered = False
         try:
             with redis_errors():

@@ -155,18 +155,21 @@ def test_taking_over_the_lease_clears_only_the_predecessors_locks(redis_client: 
     assert clear_predecessor_locks(redis_client, PREFIX) == 0  # we are the previous owner now
 
 
-def _applied(redis_client: redis.Redis, worker: Worker, request_id: str) -> Callable[[], bool]:
-    sent = update_quantity.delay("WO-1", "input", 1, request_id=request_id)
+def _worker_after_one_update(
+    start_worker: Callable[..., Worker], redis_client: redis.Redis, linger_s: str
+) -> tuple[Worker, Callable[[], bool]]:
+    """A worker with this linger that applied one update; and whether WO-1's lock is free."""
+    make_work_orders(["WO-1"])
+    worker = start_worker(MES_LOCK_LINGER_S=linger_s)
+    sent = update_quantity.delay("WO-1", "input", 1, request_id="w1")
     assert sent.get(timeout=30)["status"] == "applied"
-    return lambda: redis_client.get(KEY) is None
+    return worker, lambda: redis_client.get(KEY) is None
 
 
 def test_a_worker_lets_go_of_an_idle_lock_after_the_linger(
     start_worker: Callable[..., Worker], redis_client: redis.Redis
 ) -> None:
-    make_work_orders(["WO-1"])
-    worker = start_worker(MES_LOCK_LINGER_S="1")
-    released = _applied(redis_client, worker, "w1")
+    _, released = _worker_after_one_update(start_worker, redis_client, "1")
     # The watchdog would keep the lock forever (TTL 3 s, extended every second): only the
     # worker's idle check lets it go.
     wait_until(released, 10, "the idle lock to be released")
@@ -175,9 +178,7 @@ def test_a_worker_lets_go_of_an_idle_lock_after_the_linger(
 def test_a_worker_that_stops_lets_go_of_its_kept_locks(
     start_worker: Callable[..., Worker], redis_client: redis.Redis
 ) -> None:
-    make_work_orders(["WO-1"])
-    worker = start_worker(MES_LOCK_LINGER_S="600")
-    released = _applied(redis_client, worker, "w1")
+    worker, released = _worker_after_one_update(start_worker, redis_client, "600")
     assert not released()  # kept
     worker.stop()
     assert released(), "a stopped worker left its lock for the TTL to expire"
