@@ -3,7 +3,10 @@
 Taking a lock costs a Redis round trip, bumping the epoch a MongoDB write, releasing
 another round trip. While updates for one work order keep coming, the worker keeps the
 lock (the watchdog extends it) and the epoch it bumped when it took it, and saves all
-three. The fence, not the lock, protects the counters, so this is safe: a kept lock the
+three. It also keeps the counters as its own commits left them, so that the next commit
+can match them instead of reading them (one MongoDB write fewer, see ``ledger``).
+
+The fence, not the lock, protects the counters, so this is safe: a kept lock the
 watchdog lost is dropped, and if another holder took the lock or bumped the epoch
 meanwhile, the next update's write is refused (``LOCK_LOST`` or ``FENCE_LOST``) and the
 ledger takes a fresh lock and epoch in the same call.
@@ -36,6 +39,7 @@ RELEASE_CHECK_S = 0.5  # how often the worker looks for kept locks to let go
 class Kept:
     lock: RedisLock
     epoch: int
+    known: dict[str, int]  # the counters under ``epoch`` as this worker left them (see ledger)
     used_at: float
 
 
@@ -54,12 +58,12 @@ class KeptLocks:
             return None
         return kept
 
-    def keep(self, work_order_id: str, lock: RedisLock, epoch: int) -> None:
+    def keep(self, work_order_id: str, lock: RedisLock, epoch: int, known: dict[str, int]) -> None:
         """Keep ``lock`` after an update, unless someone waits for it or keeping is off."""
         if self.linger_s <= 0 or lock.wanted:
             let_go(lock)
             return
-        self._kept[work_order_id] = Kept(lock, epoch, time.monotonic())
+        self._kept[work_order_id] = Kept(lock, epoch, known, time.monotonic())
 
     def drop(self, work_order_id: str) -> None:
         """Let go of a work order's kept lock, for a caller in this process that takes it itself."""

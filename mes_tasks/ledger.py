@@ -7,6 +7,17 @@ Correctness rests on MongoDB, not on the lock:
 * the ``$inc`` only matches while the work order's ``epoch`` is the one this holder
   set right after acquiring the lock, so a holder whose lock silently expired is
   fenced out as soon as the next holder acquires.
+
+Two ways to commit, with the same guarantees:
+
+* known counter (the common case under a kept lock, MongoDB 8.0+): the holder knows the
+  counter's value under its epoch (read when it bumped the epoch, moved by its own
+  commits since), so the log insert and a ``$inc`` that matches only that exact value
+  go in one ``bulkWrite``: two MongoDB round trips (the write and the commit). If the
+  counter or the epoch is not what the holder knew, nothing is counted and the general
+  way runs;
+* general: ``findAndModify`` reads the value the ``$inc`` produced, then the log insert,
+  then the commit: three round trips.
 """
 
 from __future__ import annotations
@@ -19,13 +30,12 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import redis
-from pymongo import ReturnDocument
+from pymongo import InsertOne, ReturnDocument, UpdateOne
 from pymongo.client_session import ClientSession
-from pymongo.errors import DuplicateKeyError
-from pymongo.read_concern import ReadConcern
+from pymongo.errors import ClientBulkWriteException, DuplicateKeyError
 from pymongo.write_concern import WriteConcern
 
-from mes_tasks.db import Mongo, mongo_errors
+from mes_tasks.db import RETRYABLE_CODES, Mongo, mongo_errors
 from mes_tasks.errors import (
     FenceLost,
     LockLost,
@@ -43,8 +53,12 @@ from mes_tasks.validation import UpdateRequest
 
 log = logging.getLogger(__name__)
 
+# No read concern: the transaction reads nothing it returns except through its own writes,
+# whose matches conflict-check at commit; "majority" on commit makes everything before it
+# in the oplog durable too. (SecantusDB also refuses a read concern on a first bulkWrite.)
 TXN_WRITE_CONCERN = WriteConcern("majority")
-TXN_READ_CONCERN = ReadConcern("snapshot")
+BULK_WRITE_WIRE_VERSION = 25  # MongoDB 8.0: the client-level bulkWrite command
+DUPLICATE_KEY = 11000
 BUMP_MAX_TIME_MS = 2000  # a bump blocked this long is behind an abandoned transaction
 
 
@@ -76,6 +90,7 @@ class Ledger:
         self.kept = kept  # the worker's: locks and epochs kept between updates (see keptlocks)
         self.work_orders = WorkOrder._get_collection()
         self.logs = QuantityLog._get_collection()
+        self.known_commits = 0  # commits that took the known-counter way (see the module docstring)
 
     def lock_for(self, work_order_id: str) -> RedisLock:
         s = self.settings
@@ -99,41 +114,56 @@ class Ledger:
         kept = None if self.kept is None else self.kept.take(req.work_order_id)
         if kept is not None:
             try:
-                return self._commit_then_keep(req, request_id, task_id, kept.lock, kept.epoch)
+                return self._commit_then_keep(req, request_id, task_id, kept.lock, kept.epoch, kept.known)
             except (FenceLost, LockLost) as exc:
                 # The kept lock or its epoch went stale between updates (someone took the
                 # work order meanwhile): nothing was written; take both afresh, as if not kept.
                 log.info("kept lock of %s went stale (%s); taking it again", req.work_order_id, exc)
-        lock, epoch = self.take(req.work_order_id)
-        return self._commit_then_keep(req, request_id, task_id, lock, epoch)
+        lock, epoch, known = self.take(req.work_order_id)
+        return self._commit_then_keep(req, request_id, task_id, lock, epoch, known)
 
     def _commit_then_keep(
-        self, req: UpdateRequest, request_id: str, task_id: str | None, lock: RedisLock, epoch: int
+        self,
+        req: UpdateRequest,
+        request_id: str,
+        task_id: str | None,
+        lock: RedisLock,
+        epoch: int,
+        known: dict[str, int],
     ) -> ApplyResult:
         try:
-            result = self.commit(req, request_id, epoch, task_id, lock=lock)
+            result = self.commit(req, request_id, epoch, task_id, lock=lock, known=known)
         except BaseException:
             let_go(lock)
             raise
         if self.kept is None:
             let_go(lock)
         else:
-            self.kept.keep(req.work_order_id, lock, epoch)
+            self.kept.keep(req.work_order_id, lock, epoch, known)
         return result
 
-    def take(self, work_order_id: str) -> tuple[RedisLock, int]:
-        """Acquire the work order's lock, start its watchdog, and take the fence."""
+    def take(self, work_order_id: str) -> tuple[RedisLock, int, dict[str, int]]:
+        """Acquire the work order's lock, start its watchdog, and take the fence.
+
+        Returns the lock, the new epoch and the counters as they stood when it was set.
+        """
         lock = self.lock_for(work_order_id)
         lock.acquire()
         lock.start_watchdog()
         try:
-            return lock, self.bump_epoch(work_order_id)
+            doc = self._bump_epoch(work_order_id)
         except BaseException:
             let_go(lock)
             raise
+        known = {f: doc[f] for f in COUNTER_FIELDS.values() if isinstance(doc.get(f), int)}
+        return lock, int(doc["epoch"]), known
 
     def bump_epoch(self, work_order_id: str) -> int:
-        """Take the fence: increment the work order's epoch and return the new value.
+        """Take the fence: increment the work order's epoch and return the new value."""
+        return int(self._bump_epoch(work_order_id)["epoch"])
+
+    def _bump_epoch(self, work_order_id: str) -> dict[str, Any]:
+        """Increment the epoch; the work order's epoch and counters afterwards.
 
         A plain write, bounded by ``maxTimeMS``: it only waits when another transaction
         holds the work order, which, under the lock, means one a killed worker left open.
@@ -148,13 +178,13 @@ class Ledger:
                 doc = self._bump(work_order_id, session=session)
         if doc is None:
             raise UnknownWorkOrder(f"work order {work_order_id!r} does not exist")
-        return int(doc["epoch"])
+        return doc
 
     def _bump(self, work_order_id: str, **kwargs: Any) -> dict[str, Any] | None:
         doc: dict[str, Any] | None = self.work_orders.find_one_and_update(
             {"_id": work_order_id},
             {"$inc": {"epoch": 1}},
-            projection={"epoch": 1},
+            projection={"epoch": 1, **dict.fromkeys(COUNTER_FIELDS.values(), 1)},
             return_document=ReturnDocument.AFTER,
             **kwargs,
         )
@@ -168,26 +198,27 @@ class Ledger:
         task_id: str | None = None,
         *,
         lock: RedisLock | None = None,
+        known: dict[str, int] | None = None,
         before_commit: Callable[[], None] = lambda: None,
     ) -> ApplyResult:
         """Insert the log and move the counter in one transaction, if still fenced in.
 
         With ``lock``, its ownership check is sent to Redis before the log insert and its
         answer read after it, before the commit: the round trips overlap (``LockLost``).
+        ``known``: the counters this holder knows under ``epoch``; used for the one-write
+        way when it applies, and kept up to date by every applied commit.
         """
+        field = COUNTER_FIELDS[req.kind]
+        expected = None if known is None else known.pop(field, None)
         try:
-            with (
-                mongo_errors(),
-                self.mongo.start_session() as session,
-                session.start_transaction(read_concern=TXN_READ_CONCERN, write_concern=TXN_WRITE_CONCERN),
-            ):
-                value = self._inc_counter(session, req, epoch)
-                self._test_delay()
-                with lock.check_sent() if lock is not None else nullcontext() as check:
-                    self._insert_log(session, req, request_id, epoch, value, task_id)
-                    if check is not None:
-                        check.confirm()
-                before_commit()
+            if expected is not None and expected + req.quantity >= 0 and self._has_bulk_write():
+                result = self._commit_known(req, request_id, epoch, task_id, expected, lock, before_commit)
+                if result is None:  # the counter or the epoch moved without us: the general way
+                    result = self._commit(req, request_id, epoch, task_id, lock, before_commit)
+                else:
+                    self.known_commits += 1
+            else:
+                result = self._commit(req, request_id, epoch, task_id, lock, before_commit)
         except DuplicateKeyError:
             return self.duplicate_of(req, request_id)
         except NegativeCounter:
@@ -196,7 +227,81 @@ class Ledger:
             if logged is None:
                 raise
             return self._duplicate(req, request_id, logged)
+        if known is not None:
+            known[field] = result.value  # the value our own write produced under our epoch
+        return result
+
+    def _commit(
+        self,
+        req: UpdateRequest,
+        request_id: str,
+        epoch: int,
+        task_id: str | None,
+        lock: RedisLock | None,
+        before_commit: Callable[[], None],
+    ) -> ApplyResult:
+        """The general way: ``findAndModify`` for the value, then the log insert, then commit."""
+        with (
+            mongo_errors(),
+            self.mongo.start_session() as session,
+            session.start_transaction(write_concern=TXN_WRITE_CONCERN),
+        ):
+            value = self._inc_counter(session, req, epoch)
+            self._test_delay()
+            with lock.check_sent() if lock is not None else nullcontext() as check:
+                self.logs.insert_one(self._log_doc(req, request_id, epoch, value, task_id), session=session)
+                if check is not None:
+                    check.confirm()
+            before_commit()
         return ApplyResult("applied", *_ident(req, request_id), value=value, epoch=epoch)
+
+    def _commit_known(
+        self,
+        req: UpdateRequest,
+        request_id: str,
+        epoch: int,
+        task_id: str | None,
+        expected: int,
+        lock: RedisLock | None,
+        before_commit: Callable[[], None],
+    ) -> ApplyResult | None:
+        """The one-write way: the log and a ``$inc`` matching ``expected`` in one ``bulkWrite``.
+
+        Returns None, with nothing written, when the counter is not ``expected`` under ``epoch``.
+        """
+        field = COUNTER_FIELDS[req.kind]
+        value = expected + req.quantity
+        writes: list[InsertOne[dict[str, Any]] | UpdateOne] = [
+            InsertOne(self._log_doc(req, request_id, epoch, value, task_id), namespace=self.logs.full_name),
+            UpdateOne(
+                {"_id": req.work_order_id, "epoch": epoch, field: expected},
+                _counter_update(field, req.quantity),
+                namespace=self.work_orders.full_name,
+            ),
+        ]
+        with (
+            mongo_errors(),
+            self.mongo.start_session() as session,
+            session.start_transaction(write_concern=TXN_WRITE_CONCERN),
+        ):
+            with lock.check_sent() if lock is not None else nullcontext() as check:
+                try:
+                    written = self.mongo.bulk_write(writes, session=session, ordered=True)
+                except ClientBulkWriteException as exc:
+                    raise _unwrapped(exc, request_id) from exc
+                if check is not None:
+                    check.confirm()
+            if written.matched_count != 1:
+                session.abort_transaction()
+                return None
+            self._test_delay()
+            before_commit()
+        return ApplyResult("applied", *_ident(req, request_id), value=value, epoch=epoch)
+
+    def _has_bulk_write(self) -> bool:
+        """Whether the server takes the client-level ``bulkWrite`` (MongoDB 8.0+)."""
+        wire = self.mongo.topology_description.common_wire_version
+        return wire is not None and wire >= BULK_WRITE_WIRE_VERSION
 
     def duplicate_of(self, req: UpdateRequest, request_id: str) -> ApplyResult:
         """The result for a request id that is already logged; refuse a different payload."""
@@ -227,7 +332,7 @@ class Ledger:
             match[field] = {"$gte": -req.quantity}
         doc = self.work_orders.find_one_and_update(
             match,
-            {"$inc": {field: req.quantity, "version": 1}, "$set": {"updated_at": utcnow()}},
+            _counter_update(field, req.quantity),
             projection={field: 1},
             return_document=ReturnDocument.AFTER,
             session=session,
@@ -250,16 +355,11 @@ class Ledger:
             f"{field} of {req.work_order_id!r} is {current}; adding {req.quantity} would go below zero"
         )
 
-    def _insert_log(
-        self,
-        session: ClientSession,
-        req: UpdateRequest,
-        request_id: str,
-        epoch: int,
-        value: int,
-        task_id: str | None,
-    ) -> None:
-        doc = {
+    @staticmethod
+    def _log_doc(
+        req: UpdateRequest, request_id: str, epoch: int, value: int, task_id: str | None
+    ) -> dict[str, Any]:
+        return {
             "request_id": request_id,
             "work_order_id": req.work_order_id,
             "kind": req.kind,
@@ -270,12 +370,28 @@ class Ledger:
             "created_at": utcnow(),
             **req.context,
         }
-        self.logs.insert_one(doc, session=session)
 
     def _test_delay(self) -> None:
         if self.settings.test_txn_delay_s:
             log.warning("test hook: holding the transaction open for %ss", self.settings.test_txn_delay_s)
             time.sleep(self.settings.test_txn_delay_s)
+
+
+def _unwrapped(exc: ClientBulkWriteException, request_id: str) -> Exception:
+    """The failure inside a failed ``bulkWrite``, as the single-document writes raise it."""
+    if isinstance(exc.error, Exception):  # the command failed as a whole (network, conflict)
+        return exc.error
+    errors: list[dict[str, Any]] = (exc.details or {}).get("writeErrors") or []  # dicts, not WriteError
+    codes = {e.get("code") for e in errors}
+    if DUPLICATE_KEY in codes:
+        return DuplicateKeyError(f"request id {request_id!r} is logged", DUPLICATE_KEY)
+    if codes & RETRYABLE_CODES:
+        return WriteConflict(f"bulkWrite: {errors[0].get('errmsg')}")
+    return exc
+
+
+def _counter_update(field: str, quantity: int) -> dict[str, Any]:
+    return {"$inc": {field: quantity, "version": 1}, "$set": {"updated_at": utcnow()}}
 
 
 def _ident(req: UpdateRequest, request_id: str) -> tuple[str, str, int, str]:

@@ -14,7 +14,7 @@ import redis
 from conftest import Worker, make_work_orders, wait_until
 from mes_tasks import audit
 from mes_tasks.db import Mongo
-from mes_tasks.errors import LockBusy
+from mes_tasks.errors import LockBusy, NegativeCounter, RequestIdConflict, WriteConflict
 from mes_tasks.keptlocks import KeptLocks
 from mes_tasks.keys import lock_key, wanted_key
 from mes_tasks.lease import clear_predecessor_locks
@@ -140,6 +140,72 @@ def test_a_repair_in_the_keeping_process_does_not_wait_on_its_own_lock(
     fixed = audit.repair(keeper, "WO-1")
     assert fixed is not None and fixed.after["input_qty"] == 1
     assert redis_client.get(KEY) is None
+
+
+def value_afters(wo: str = "WO-1", kind: str = "input") -> list[int]:
+    return [log.value_after for log in QuantityLog.objects(work_order_id=wo, kind=kind).order_by("id")]
+
+
+def test_a_kept_lock_commits_in_one_write_with_the_exact_value_after(keeper: Ledger) -> None:
+    quantities = [2, 5, -3, 1, -5, 4]
+    results = [keeper.apply(validate_update("WO-1", "input", q), f"r{i}") for i, q in enumerate(quantities)]
+    running = [sum(quantities[: i + 1]) for i in range(len(quantities))]
+    assert [r.value for r in results] == running == value_afters()
+    assert WorkOrder.objects.get(id="WO-1").input_qty == 4
+    assert keeper.known_commits == len(quantities)  # the epoch bump told the first one the counter
+
+
+def test_a_counter_moved_without_the_holder_is_matched_not_overwritten(keeper: Ledger) -> None:
+    apply(keeper, "r1", qty=2)
+    WorkOrder._get_collection().update_one({"_id": "WO-1"}, {"$inc": {"input_qty": 100}})  # by hand
+    assert keeper.apply(validate_update("WO-1", "input", 3), "r2").value == 105
+    assert value_afters() == [2, 105] and WorkOrder.objects.get(id="WO-1").input_qty == 105
+    assert keeper.known_commits == 1  # r2 found the counter moved and took the general way ...
+    assert keeper.apply(validate_update("WO-1", "input", 1), "r3").value == 106
+    assert keeper.known_commits == 2  # ... which told r3 the counter again
+
+
+def test_a_duplicate_in_one_write_counts_once_and_a_reused_id_is_refused(keeper: Ledger) -> None:
+    apply(keeper, "r1", qty=2)
+    apply(keeper, "r2", qty=3)
+    again = keeper.apply(validate_update("WO-1", "input", 2), "r1")
+    assert (again.status, again.value) == ("duplicate", 2)
+    with pytest.raises(RequestIdConflict):
+        keeper.apply(validate_update("WO-1", "input", 7), "r2")
+    assert keeper.apply(validate_update("WO-1", "input", 1), "r3").value == 6
+    assert value_afters() == [2, 5, 6] and WorkOrder.objects.get(id="WO-1").input_qty == 6
+
+
+def test_a_correction_below_the_known_counter_is_refused_and_nothing_moves(keeper: Ledger) -> None:
+    apply(keeper, "r1", qty=2)
+    with pytest.raises(NegativeCounter):
+        keeper.apply(validate_update("WO-1", "input", -3), "r2")
+    assert keeper.apply(validate_update("WO-1", "input", -2), "r3").value == 0
+    assert value_afters() == [2, 0] and QuantityLog.objects(request_id="r2").count() == 0
+
+
+def test_a_work_order_busy_in_another_transaction_is_a_retryable_conflict(
+    keeper: Ledger, mongo: Mongo
+) -> None:
+    apply(keeper, "r1")
+    known_before = keeper.known_commits
+    with mongo.start_session() as session, session.start_transaction():
+        WorkOrder._get_collection().update_one({"_id": "WO-1"}, {"$set": {"note": "x"}}, session=session)
+        with pytest.raises(WriteConflict):
+            apply(keeper, "r2")
+    assert keeper.known_commits == known_before
+    assert apply(keeper, "r3") >= 1
+    assert (
+        QuantityLog.objects(request_id="r2").count() == 0 and WorkOrder.objects.get(id="WO-1").input_qty == 2
+    )
+
+
+def test_without_bulk_write_every_commit_takes_the_general_way(
+    keeper: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(keeper, "_has_bulk_write", lambda: False)  # as on MongoDB 7
+    assert [keeper.apply(validate_update("WO-1", "input", q), f"r{q}").value for q in (1, 2, 3)] == [1, 3, 6]
+    assert keeper.known_commits == 0 and value_afters() == [1, 3, 6]
 
 
 def test_taking_over_the_lease_clears_only_the_predecessors_locks(redis_client: redis.Redis) -> None:

@@ -1,6 +1,7 @@
 """Property: whatever the mix of submissions, duplicates, redeliveries, lost locks, paused
 holders and kept locks taken away between updates, every counter equals the sum of its
-distinct accepted requests, exactly once each.
+distinct accepted requests, exactly once each, and every log records the value its own
+update left.
 
 Runs the real apply step against the real servers; hypothesis chooses the sequence.
 """
@@ -121,5 +122,9 @@ def test_every_counter_is_the_sum_of_its_distinct_accepted_requests(
     for doc in WorkOrder.objects:
         assert (doc.input_qty, doc.output_qty) == (expected[doc.id, "input"], expected[doc.id, "output"])
     assert sorted(log.request_id for log in QuantityLog.objects) == sorted(accepted)
+    running = dict.fromkeys(expected, 0)
+    for log in QuantityLog.objects.order_by("id"):  # ids grow in insertion order within this process
+        running[log.work_order_id, log.kind] += log.quantity
+        assert log.value_after == running[log.work_order_id, log.kind], log.request_id
     assert ledger.kept is not None
     ledger.kept.release_all()
