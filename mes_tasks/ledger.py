@@ -46,7 +46,7 @@ from mes_tasks.errors import (
 )
 from mes_tasks.keptlocks import KeptLocks, let_go
 from mes_tasks.keys import lock_key, wanted_key
-from mes_tasks.locks import RedisLock
+from mes_tasks.locks import CheckLine, RedisLock
 from mes_tasks.models import COUNTER_FIELDS, QuantityLog, WorkOrder, utcnow
 from mes_tasks.settings import Settings
 from mes_tasks.validation import UpdateRequest
@@ -79,7 +79,10 @@ class ApplyResult:
 
 
 class Ledger:
-    """Applies quantity updates; holds the connections it needs (passed in)."""
+    """Applies quantity updates; holds the connections it needs (passed in).
+
+    One ledger per thread: its kept locks and its lock-check connection are that thread's.
+    """
 
     def __init__(
         self, mongo: Mongo, redis_client: redis.Redis, settings: Settings, kept: KeptLocks | None = None
@@ -90,6 +93,7 @@ class Ledger:
         self.kept = kept  # the worker's: locks and epochs kept between updates (see keptlocks)
         self.work_orders = WorkOrder._get_collection()
         self.logs = QuantityLog._get_collection()
+        self.check_line = CheckLine(redis_client)  # this ledger's thread's own, for lock checks
         self.known_commits = 0  # commits that took the known-counter way (see the module docstring)
 
     def lock_for(self, work_order_id: str) -> RedisLock:
@@ -248,7 +252,7 @@ class Ledger:
         ):
             value = self._inc_counter(session, req, epoch)
             self._test_delay()
-            with lock.check_sent() if lock is not None else nullcontext() as check:
+            with lock.check_sent(self.check_line) if lock is not None else nullcontext() as check:
                 self.logs.insert_one(self._log_doc(req, request_id, epoch, value, task_id), session=session)
                 if check is not None:
                     check.confirm()
@@ -284,7 +288,7 @@ class Ledger:
             self.mongo.start_session() as session,
             session.start_transaction(write_concern=TXN_WRITE_CONCERN),
         ):
-            with lock.check_sent() if lock is not None else nullcontext() as check:
+            with lock.check_sent(self.check_line) if lock is not None else nullcontext() as check:
                 try:
                     written = self.mongo.bulk_write(writes, session=session, ordered=True)
                 except ClientBulkWriteException as exc:

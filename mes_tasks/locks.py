@@ -16,6 +16,7 @@ from contextlib import contextmanager, suppress
 from types import TracebackType
 
 import redis
+from redis.connection import Connection
 
 from mes_tasks.errors import LockBusy, LockLost, RedisUnavailable
 
@@ -154,15 +155,16 @@ class RedisLock:
             self.lost_reason = "key expired or taken by another owner"
             raise LockLost(f"lock {self.key} lost: {self.lost_reason}")
 
-    def check_sent(self) -> PendingCheck:
+    def check_sent(self, line: CheckLine | None = None) -> PendingCheck:
         """Send the check of ``ensure_held`` now and read its answer later (``PendingCheck``).
 
         The Redis round trip then overlaps whatever the caller does meanwhile (the log
-        insert); the answer is still known before the commit.
+        insert); the answer is still known before the commit. ``line``: the caller's own
+        connection for checks; by default one is taken from the pool and given back.
         """
         if self.lost_reason:
             raise LockLost(f"lock {self.key} lost: {self.lost_reason}")
-        return PendingCheck(self)
+        return PendingCheck(self, line)
 
     def start_watchdog(self) -> None:
         self.watchdog.watch(self)
@@ -185,22 +187,39 @@ class RedisLock:
             self.release()
 
 
+class CheckLine:
+    """A Redis connection one thread keeps out of the pool for its lock checks.
+
+    A ``PendingCheck`` on it skips the pool's get and release (and the pool's poll for
+    stray data) on every update. It reconnects by itself after a failure.
+    """
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.client = client
+        self.conn: Connection | None = None
+
+    def get(self) -> Connection:
+        if self.conn is None:
+            self.conn = self.client.connection_pool.get_connection()
+        return self.conn
+
+
 class PendingCheck:
     """An ownership check (with TTL renewal) in flight on a connection of its own.
 
     Use as a context manager: ``confirm()`` reads the answer and raises ``LockLost`` like
     ``ensure_held``; leaving without confirming reads and drops the answer, so the
-    connection goes back to the pool clean.
+    connection is clean for the next command.
     """
 
-    def __init__(self, lock: RedisLock) -> None:
+    def __init__(self, lock: RedisLock, line: CheckLine | None = None) -> None:
         self.lock = lock
-        self.pool = lock.client.connection_pool
+        self.pool = None if line is not None else lock.client.connection_pool
         keys = lock.extend_keys
         self.answered = False
         try:
             with redis_errors():
-                self.conn = self.pool.get_connection()
+                self.conn = line.get() if line is not None else lock.client.connection_pool.get_connection()
         except RedisUnavailable as exc:
             raise LockLost(f"lock {lock.key} unverifiable: {exc}") from exc
         try:
@@ -246,9 +265,10 @@ class PendingCheck:
         if self.answered:
             return
         self.answered = True
-        if broken:
+        if broken:  # an answer may still be on its way: never read it as the next one
             self.conn.disconnect()  # type: ignore[no-untyped-call]
-        self.pool.release(self.conn)
+        if self.pool is not None:
+            self.pool.release(self.conn)
 
 
 class Watchdog:

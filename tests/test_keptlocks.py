@@ -14,7 +14,7 @@ import redis
 from conftest import Worker, make_work_orders, wait_until
 from mes_tasks import audit
 from mes_tasks.db import Mongo
-from mes_tasks.errors import LockBusy, NegativeCounter, RequestIdConflict, WriteConflict
+from mes_tasks.errors import LockBusy, LockLost, NegativeCounter, RequestIdConflict, WriteConflict
 from mes_tasks.keptlocks import KeptLocks
 from mes_tasks.keys import lock_key, wanted_key
 from mes_tasks.lease import clear_predecessor_locks
@@ -206,6 +206,24 @@ def test_without_bulk_write_every_commit_takes_the_general_way(
     monkeypatch.setattr(keeper, "_has_bulk_write", lambda: False)  # as on MongoDB 7
     assert [keeper.apply(validate_update("WO-1", "input", q), f"r{q}").value for q in (1, 2, 3)] == [1, 3, 6]
     assert keeper.known_commits == 0 and value_afters() == [1, 3, 6]
+
+
+def test_the_lock_check_line_reconnects_after_redis_dropped_it(
+    keeper: Ledger, redis_client: redis.Redis
+) -> None:
+    apply(keeper, "r1")
+    line = keeper.check_line.conn
+    assert line is not None and line not in keeper.redis.connection_pool._available_connections  # type: ignore[attr-defined]
+    redis_client.client_kill_filter(_type="normal", skipme=True)  # every other client, the line too
+    outcomes = []
+    for _ in range(3):  # as the task would retry a transient failure
+        try:
+            outcomes.append(keeper.apply(validate_update("WO-1", "input", 1), "r2").status)
+            break
+        except LockLost:
+            outcomes.append("lock lost")
+    assert outcomes[-1] == "applied" and len(outcomes) <= 2 and keeper.check_line.conn is line
+    assert WorkOrder.objects.get(id="WO-1").input_qty == 2 and QuantityLog.objects.count() == 2
 
 
 def test_taking_over_the_lease_clears_only_the_predecessors_locks(redis_client: redis.Redis) -> None:
