@@ -33,6 +33,7 @@ import redis
 from pymongo import InsertOne, ReturnDocument, UpdateOne
 from pymongo.client_session import ClientSession
 from pymongo.errors import ClientBulkWriteException, DuplicateKeyError
+from pymongo.read_concern import ReadConcern
 from pymongo.write_concern import WriteConcern
 
 from mes_tasks.db import RETRYABLE_CODES, Mongo, mongo_errors
@@ -53,9 +54,11 @@ from mes_tasks.validation import UpdateRequest
 
 log = logging.getLogger(__name__)
 
-# No read concern: the transaction reads nothing it returns except through its own writes,
-# whose matches conflict-check at commit; "majority" on commit makes everything before it
-# in the oplog durable too. (SecantusDB also refuses a read concern on a first bulkWrite.)
+# The server's default read concern, not "snapshot" and not one from the URI: the
+# transaction trusts nothing it reads except through its own writes, whose matches are
+# conflict-checked, and a "majority" commit makes everything before it in the oplog
+# durable too. (SecantusDB also refuses any read concern on a transaction's first bulkWrite.)
+TXN_READ_CONCERN = ReadConcern()
 TXN_WRITE_CONCERN = WriteConcern("majority")
 BULK_WRITE_WIRE_VERSION = 25  # MongoDB 8.0: the client-level bulkWrite command
 DUPLICATE_KEY = 11000
@@ -224,12 +227,14 @@ class Ledger:
             else:
                 result = self._commit(req, request_id, epoch, task_id, lock, before_commit)
         except DuplicateKeyError:
+            _restore(known, field, expected)  # the transaction aborted: nothing moved
             return self.duplicate_of(req, request_id)
         except NegativeCounter:
             # A correction applied before would now go below zero: it is a duplicate, not a refusal.
             logged = self._logged(request_id)
             if logged is None:
                 raise
+            _restore(known, field, expected)
             return self._duplicate(req, request_id, logged)
         if known is not None:
             known[field] = result.value  # the value our own write produced under our epoch
@@ -248,7 +253,7 @@ class Ledger:
         with (
             mongo_errors(),
             self.mongo.start_session() as session,
-            session.start_transaction(write_concern=TXN_WRITE_CONCERN),
+            session.start_transaction(read_concern=TXN_READ_CONCERN, write_concern=TXN_WRITE_CONCERN),
         ):
             value = self._inc_counter(session, req, epoch)
             self._test_delay()
@@ -283,22 +288,29 @@ class Ledger:
                 namespace=self.work_orders.full_name,
             ),
         ]
+        # The test hook holds the written transaction open before the lock is checked.
+        held = bool(self.settings.test_txn_delay_s)
         with (
             mongo_errors(),
             self.mongo.start_session() as session,
-            session.start_transaction(write_concern=TXN_WRITE_CONCERN),
+            session.start_transaction(read_concern=TXN_READ_CONCERN, write_concern=TXN_WRITE_CONCERN),
         ):
-            with lock.check_sent(self.check_line) if lock is not None else nullcontext() as check:
+            overlap = lock is not None and not held
+            with lock.check_sent(self.check_line) if lock is not None and overlap else nullcontext() as check:
                 try:
                     written = self.mongo.bulk_write(writes, session=session, ordered=True)
                 except ClientBulkWriteException as exc:
-                    raise _unwrapped(exc, request_id) from exc
+                    inner = _unwrapped(exc, request_id)
+                    raise inner from (None if inner is exc.error else exc)  # exc came from exc.error
                 if check is not None:
                     check.confirm()
             if written.matched_count != 1:
                 session.abort_transaction()
                 return None
-            self._test_delay()
+            if held:
+                self._test_delay()
+                if lock is not None:
+                    lock.ensure_held()
             before_commit()
         return ApplyResult("applied", *_ident(req, request_id), value=value, epoch=epoch)
 
@@ -379,6 +391,11 @@ class Ledger:
         if self.settings.test_txn_delay_s:
             log.warning("test hook: holding the transaction open for %ss", self.settings.test_txn_delay_s)
             time.sleep(self.settings.test_txn_delay_s)
+
+
+def _restore(known: dict[str, int] | None, field: str, expected: int | None) -> None:
+    if known is not None and expected is not None:
+        known[field] = expected
 
 
 def _unwrapped(exc: ClientBulkWriteException, request_id: str) -> Exception:

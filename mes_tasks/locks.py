@@ -240,6 +240,9 @@ class PendingCheck:
         except RedisUnavailable as exc:
             self._give_back(broken=True)
             raise LockLost(f"lock {self.lock.key} unverifiable: {exc}") from exc
+        except redis.ResponseError as exc:  # an error reply (wrong type, READONLY, OOM): read in full
+            self._give_back(broken=False)
+            raise LockLost(f"lock {self.lock.key} unverifiable: {exc}") from exc
         self._give_back(broken=False)
         self.lock.wanted = answer == 2
         if not answer:

@@ -5,6 +5,7 @@ In-process against real Redis and SecantusDB, then through a real worker.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Callable, Iterator
 
@@ -12,7 +13,7 @@ import pytest
 import redis
 
 from conftest import Worker, make_work_orders, wait_until
-from mes_tasks import audit
+from mes_tasks import audit, db
 from mes_tasks.db import Mongo
 from mes_tasks.errors import LockBusy, LockLost, NegativeCounter, RequestIdConflict, WriteConflict
 from mes_tasks.keptlocks import KeptLocks
@@ -170,10 +171,28 @@ def test_a_duplicate_in_one_write_counts_once_and_a_reused_id_is_refused(keeper:
     apply(keeper, "r2", qty=3)
     again = keeper.apply(validate_update("WO-1", "input", 2), "r1")
     assert (again.status, again.value) == ("duplicate", 2)
+    assert keeper.apply(validate_update("WO-1", "input", 1), "r3").value == 6
+    assert keeper.known_commits == 3  # the duplicate moved nothing, so the counter stayed known
     with pytest.raises(RequestIdConflict):
         keeper.apply(validate_update("WO-1", "input", 7), "r2")
-    assert keeper.apply(validate_update("WO-1", "input", 1), "r3").value == 6
-    assert value_afters() == [2, 5, 6] and WorkOrder.objects.get(id="WO-1").input_qty == 6
+    assert keeper.apply(validate_update("WO-1", "input", 1), "r4").value == 7
+    assert value_afters() == [2, 5, 6, 7] and WorkOrder.objects.get(id="WO-1").input_qty == 7
+
+
+def test_a_read_concern_in_the_uri_does_not_reach_the_transaction(
+    redis_client: redis.Redis, settings: Settings
+) -> None:
+    uri = settings.mongodb_uri + ("&" if "?" in settings.mongodb_uri else "?") + "readConcernLevel=majority"
+    mongo = db.connect(dataclasses.replace(settings, mongodb_uri=uri))
+    make_work_orders(["WO-1"])
+    ledger = Ledger(mongo, redis_client, settings, KeptLocks(60.0))
+    try:
+        assert [apply(ledger, f"r{i}") for i in range(3)] == [1, 1, 1]
+        assert ledger.known_commits == 3 and WorkOrder.objects.get(id="WO-1").input_qty == 3
+    finally:
+        assert ledger.kept is not None
+        ledger.kept.release_all()
+        db.connect(settings)
 
 
 def test_a_correction_below_the_known_counter_is_refused_and_nothing_moves(keeper: Ledger) -> None:

@@ -9,7 +9,7 @@ import pytest
 import redis
 
 from mes_tasks.errors import LockBusy, LockLost, RedisUnavailable
-from mes_tasks.locks import RedisLock
+from mes_tasks.locks import CheckLine, RedisLock
 
 
 def lock(client: redis.Redis, ttl_s: float = 1.0, wait_s: float = 0.0, **kw: float) -> RedisLock:
@@ -118,3 +118,20 @@ def test_a_client_failing_outside_redis_errors_marks_the_lock_lost_and_the_watch
     with lock(redis_client, ttl_s=0.3) as healthy:  # the same thread still extends other locks
         threading.Event().wait(0.9)
         assert redis_client.get(healthy.key) == healthy.token
+
+
+def test_an_error_reply_to_the_check_is_a_lost_lock_and_leaves_the_line_clean(
+    redis_client: redis.Redis,
+) -> None:
+    line = CheckLine(redis_client)
+    lock = RedisLock(redis_client, "mes:lock:T-1", 5.0)
+    other = RedisLock(redis_client, "mes:lock:T-2", 5.0)
+    lock.acquire()
+    other.acquire()
+    redis_client.delete(lock.key)
+    redis_client.rpush(lock.key, "not a token")  # GET in the check script now fails: WRONGTYPE
+    with pytest.raises(LockLost, match="unverifiable"), lock.check_sent(line) as check:
+        check.confirm()
+    with other.check_sent(line) as check:  # the same connection answers the next check, not the last
+        check.confirm()
+    assert line.conn is not None and redis_client.pttl(other.key) > 4000
