@@ -288,6 +288,13 @@ def offered(rate: float, duration_s: float, send: Callable[[int], None]) -> None
 
 
 def latency(rates: list[float], duration_s: float, tmp: Path) -> dict[str, dict[str, float]]:
+    """Steady-state latency per offered rate, after a warm-up of one update per work order.
+
+    The first update of a work order on fresh collections takes its lock and fence, and
+    the worker's first task opens its connections; on a slow server that start costs a
+    backlog the rest of a short run then queues behind. It is measured on its own
+    (``warm_up_max_ms``), not mixed into the percentiles.
+    """
     from mes_tasks.devserver import worker_argv
     from mes_tasks.models import OutboxMessage, QuantityLog, WorkOrder
     from mes_tasks.tasks import update_quantity
@@ -299,29 +306,34 @@ def latency(rates: list[float], duration_s: float, tmp: Path) -> dict[str, dict[
         for rate in rates:
             reset([WorkOrder._get_collection(), logs, OutboxMessage._get_collection()])
             seed_work_orders(WorkOrder._get_collection())
+            warm: dict[str, datetime] = {}
+            offered(rate, len(WORK_ORDERS) / rate, _sender(update_quantity, rate, warm, "warm"))
+            wait_for_logs(logs, len(warm), f"warm-up at {rate:g}/s")
             sent: dict[str, datetime] = {}
-            send = _sender(update_quantity, rate, sent)
-            offered(rate, duration_s, send)
-            wait_for_logs(logs, len(sent), f"latency at {rate:g}/s")
-            ms = sorted(
-                (log["created_at"].replace(tzinfo=UTC) - sent[log["request_id"]]).total_seconds() * 1000
+            offered(rate, duration_s, _sender(update_quantity, rate, sent))
+            wait_for_logs(logs, len(warm) + len(sent), f"latency at {rate:g}/s")
+            at = {**warm, **sent}
+            took = {
+                log["request_id"]: (log["created_at"].replace(tzinfo=UTC) - at[log["request_id"]])
                 for log in logs.find({}, {"request_id": 1, "created_at": 1})
-            )
+            }
+            ms = sorted(took[rid].total_seconds() * 1000 for rid in sent)
             out[f"{rate:g}"] = {
                 "p50_ms": pct(ms, 50),
                 "p95_ms": pct(ms, 95),
                 "p99_ms": pct(ms, 99),
                 "max_ms": round(ms[-1], 1),
                 "n": len(ms),
+                "warm_up_max_ms": round(max(took[rid].total_seconds() * 1000 for rid in warm), 1),
             }
     finally:
         worker.stop()
     return out
 
 
-def _sender(task: Any, rate: float, sent: dict[str, datetime]) -> Callable[[int], None]:
+def _sender(task: Any, rate: float, sent: dict[str, datetime], prefix: str = "lat") -> Callable[[int], None]:
     def send(i: int) -> None:
-        rid = f"lat:{rate:g}:{i}"
+        rid = f"{prefix}:{rate:g}:{i}"
         sent[rid] = datetime.now(UTC)
         task.apply_async((WORK_ORDERS[i % len(WORK_ORDERS)], "output", 1), {"request_id": rid})
 
@@ -425,10 +437,12 @@ def table(results: dict[str, Any]) -> str:
             f"   classic {t['enqueue_per_s']['classic']}",
         ]
     if "latency" in results:
-        lines += ["latency delay() -> commit (ms)", "  offered/s      p50      p95      p99      max"]
+        header = "  offered/s      p50      p95      p99      max  warm-up max"
+        lines += ["latency delay() -> commit (ms), after a warm-up of one update per work order", header]
         for rate, row in results["latency"].items():
             lines.append(
                 f"  {rate:>9} {row['p50_ms']:>8} {row['p95_ms']:>8} {row['p99_ms']:>8} {row['max_ms']:>8}"
+                f" {row.get('warm_up_max_ms', '-'):>12}"
             )
     if "audit" in results:
         lines.append("audit (s)\n      logs    audit   $group    ratio  peak MB")
