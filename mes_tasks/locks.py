@@ -33,6 +33,7 @@ redis.call('pexpire', KEYS[1], ARGV[2])
 if KEYS[2] and redis.call('exists', KEYS[2]) == 1 then return 2 end
 return 1
 """
+NOT_OURS = "key expired or taken by another owner"
 _RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end"
 _OWNER: dict[int, str] = {}
 
@@ -130,8 +131,21 @@ class RedisLock:
         keys = self.extend_keys
         with redis_errors():
             answer = self.client.eval(_EXTEND, len(keys), *keys, self.token, self.ttl_ms)
+        return self._answered(answer)
+
+    def _answered(self, answer: object) -> bool:
+        """Note what an ``_EXTEND`` answer says about waiters; whether the key is still ours."""
         self.wanted = answer == 2
         return bool(answer)
+
+    def _lost(self, reason: str | None = None) -> LockLost:
+        """``LockLost`` for the recorded reason (recording ``reason`` first, if given)."""
+        if reason is not None:
+            self.lost_reason = reason
+        return LockLost(f"lock {self.key} lost: {self.lost_reason}")
+
+    def _unverifiable(self, exc: Exception) -> LockLost:
+        return LockLost(f"lock {self.key} unverifiable: {exc}")
 
     def release(self) -> bool:
         """Delete the key if we still own it; True when it was ours."""
@@ -146,24 +160,22 @@ class RedisLock:
             LockLost: the watchdog failed an extension, or the key is gone or not ours.
         """
         if self.lost_reason:
-            raise LockLost(f"lock {self.key} lost: {self.lost_reason}")
+            raise self._lost()
         try:
             held = self.extend()
         except RedisUnavailable as exc:
-            raise LockLost(f"lock {self.key} unverifiable: {exc}") from exc
+            raise self._unverifiable(exc) from exc
         if not held:
-            self.lost_reason = "key expired or taken by another owner"
-            raise LockLost(f"lock {self.key} lost: {self.lost_reason}")
+            raise self._lost(NOT_OURS)
 
-    def check_sent(self, line: CheckLine | None = None) -> PendingCheck:
-        """Send the check of ``ensure_held`` now and read its answer later (``PendingCheck``).
+    def check_sent(self, line: CheckLine) -> PendingCheck:
+        """Send the check of ``ensure_held`` now on ``line`` and read its answer later.
 
         The Redis round trip then overlaps whatever the caller does meanwhile (the log
-        insert); the answer is still known before the commit. ``line``: the caller's own
-        connection for checks; by default one is taken from the pool and given back.
+        insert); the answer is still known before the commit.
         """
         if self.lost_reason:
-            raise LockLost(f"lock {self.key} lost: {self.lost_reason}")
+            raise self._lost()
         return PendingCheck(self, line)
 
     def start_watchdog(self) -> None:
@@ -205,32 +217,31 @@ class CheckLine:
 
 
 class PendingCheck:
-    """An ownership check (with TTL renewal) in flight on a connection of its own.
+    """An ownership check (with TTL renewal) in flight on a thread's ``CheckLine``.
 
     Use as a context manager: ``confirm()`` reads the answer and raises ``LockLost`` like
     ``ensure_held``; leaving without confirming reads and drops the answer, so the
-    connection is clean for the next command.
+    connection is clean for the next check.
     """
 
-    def __init__(self, lock: RedisLock, line: CheckLine | None = None) -> None:
+    def __init__(self, lock: RedisLock, line: CheckLine) -> None:
         self.lock = lock
-        self.pool = None if line is not None else lock.client.connection_pool
         keys = lock.extend_keys
         self.answered = False
         try:
             with redis_errors():
-                self.conn = line.get() if line is not None else lock.client.connection_pool.get_connection()
+                self.conn = line.get()
         except RedisUnavailable as exc:
-            raise LockLost(f"lock {lock.key} unverifiable: {exc}") from exc
+            raise lock._unverifiable(exc) from exc
         try:
             with redis_errors():
                 self.conn.send_command(  # type: ignore[no-untyped-call]
                     "EVAL", _EXTEND, len(keys), *keys, lock.token, lock.ttl_ms
                 )
         except BaseException as exc:
-            self._give_back(broken=True)
+            self._done(broken=True)
             if isinstance(exc, RedisUnavailable):
-                raise LockLost(f"lock {lock.key} unverifiable: {exc}") from exc
+                raise lock._unverifiable(exc) from exc
             raise
 
     def confirm(self) -> None:
@@ -238,18 +249,16 @@ class PendingCheck:
             with redis_errors():
                 answer = self.conn.read_response()
         except RedisUnavailable as exc:
-            self._give_back(broken=True)
-            raise LockLost(f"lock {self.lock.key} unverifiable: {exc}") from exc
+            self._done(broken=True)
+            raise self.lock._unverifiable(exc) from exc
         except redis.ResponseError as exc:  # an error reply (wrong type, READONLY, OOM): read in full
-            self._give_back(broken=False)
-            raise LockLost(f"lock {self.lock.key} unverifiable: {exc}") from exc
-        self._give_back(broken=False)
-        self.lock.wanted = answer == 2
-        if not answer:
-            self.lock.lost_reason = "key expired or taken by another owner"
-            raise LockLost(f"lock {self.lock.key} lost: {self.lock.lost_reason}")
+            self._done(broken=False)
+            raise self.lock._unverifiable(exc) from exc
+        self._done(broken=False)
+        if not self.lock._answered(answer):
+            raise self.lock._lost(NOT_OURS)
         if self.lock.lost_reason:  # the watchdog failed meanwhile
-            raise LockLost(f"lock {self.lock.key} lost: {self.lock.lost_reason}")
+            raise self.lock._lost()
 
     def __enter__(self) -> PendingCheck:
         return self
@@ -260,18 +269,16 @@ class PendingCheck:
         try:
             self.conn.read_response()
         except Exception:
-            self._give_back(broken=True)
+            self._done(broken=True)
         else:
-            self._give_back(broken=False)
+            self._done(broken=False)
 
-    def _give_back(self, *, broken: bool) -> None:
+    def _done(self, *, broken: bool) -> None:
         if self.answered:
             return
         self.answered = True
         if broken:  # an answer may still be on its way: never read it as the next one
             self.conn.disconnect()  # type: ignore[no-untyped-call]
-        if self.pool is not None:
-            self.pool.release(self.conn)
 
 
 class Watchdog:
