@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -250,11 +250,7 @@ class Ledger:
         before_commit: Callable[[], None],
     ) -> ApplyResult:
         """The general way: ``findAndModify`` for the value, then the log insert, then commit."""
-        with (
-            mongo_errors(),
-            self.mongo.start_session() as session,
-            session.start_transaction(read_concern=TXN_READ_CONCERN, write_concern=TXN_WRITE_CONCERN),
-        ):
+        with self._transaction() as session:
             value = self._inc_counter(session, req, epoch)
             self._test_delay()
             with lock.check_sent(self.check_line) if lock is not None else nullcontext() as check:
@@ -290,13 +286,9 @@ class Ledger:
         ]
         # The test hook holds the written transaction open before the lock is checked.
         held = bool(self.settings.test_txn_delay_s)
-        with (
-            mongo_errors(),
-            self.mongo.start_session() as session,
-            session.start_transaction(read_concern=TXN_READ_CONCERN, write_concern=TXN_WRITE_CONCERN),
-        ):
-            overlap = lock is not None and not held
-            with lock.check_sent(self.check_line) if lock is not None and overlap else nullcontext() as check:
+        early = None if held else lock  # checked while the write is on its way
+        with self._transaction() as session:
+            with early.check_sent(self.check_line) if early is not None else nullcontext() as check:
                 try:
                     written = self.mongo.bulk_write(writes, session=session, ordered=True)
                 except ClientBulkWriteException as exc:
@@ -313,6 +305,16 @@ class Ledger:
                     lock.ensure_held()
             before_commit()
         return ApplyResult("applied", *_ident(req, request_id), value=value, epoch=epoch)
+
+    @contextmanager
+    def _transaction(self) -> Iterator[ClientSession]:
+        """A session in a transaction (committed on leaving), pymongo's failures mapped."""
+        with (
+            mongo_errors(),
+            self.mongo.start_session() as session,
+            session.start_transaction(read_concern=TXN_READ_CONCERN, write_concern=TXN_WRITE_CONCERN),
+        ):
+            yield session
 
     def _has_bulk_write(self) -> bool:
         """Whether the server takes the client-level ``bulkWrite`` (MongoDB 8.0+)."""
