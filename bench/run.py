@@ -244,7 +244,8 @@ def throughput(n: int, rounds: int, tmp: Path, profile: Path | None = None) -> d
     rates: dict[str, list[float]] = {"mes_tasks": [], "classic": [], "floor": [], "unkept": []}
     designs = list(rates)
     for r in range(rounds):
-        for design in designs[r % 4 :] + designs[: r % 4]:  # rotated: no design always runs first
+        first = r % len(designs)
+        for design in designs[first:] + designs[:first]:  # rotated: no design always runs first
             reset([wo, logs, c_wo, c_logs, outbox])
             seed_work_orders(c_wo if design == "classic" else wo)
             if design == "mes_tasks":
