@@ -36,9 +36,15 @@ REPORTS_DIR = "var/reports"
 REPORT_RETENTION_DAYS = 90
 WEBHOOK_TIMEOUT_S = 5.0
 WEBHOOK_RETRIES = 3
-OUTBOX_RELAY_INTERVAL_S = 10.0
-OUTBOX_GRACE_S = 30.0  # a sent update with no outcome after this long is checked and re-sent
-LEASE_TTL_S = 10.0  # a dead active workorder worker is replaced after at most this long
+OUTBOX_RELAY_INTERVAL_S = 1.0
+# A sent update with no outcome after this long, and not held by the broker, is re-sent.
+# Short on purpose: the broker holds a message from publish to ack except for the
+# milliseconds between BRPOP and kombu's unacked record, and a re-send is a duplicate at worst.
+OUTBOX_GRACE_S = 3.0
+# A dead active workorder worker on another host is replaced after at most this long (one on
+# the same host at once). Short is safe: the fencing epoch, not the lease, protects the counters.
+LEASE_TTL_S = 3.0
+NEGATIVE_WAIT_S = 600.0  # a would-go-negative update is retried this long (its count may be late)
 DST_WINDOW_HOURS = (1, 3)  # [01:00, 03:00): local times that DST can skip or repeat
 
 ENV_NAMES = {
@@ -69,6 +75,7 @@ ENV_NAMES = {
     "outbox_grace_s": "MES_OUTBOX_GRACE_S",
     "journal": "MES_JOURNAL",
     "lease_ttl_s": "MES_LEASE_TTL_S",
+    "negative_wait_s": "MES_NEGATIVE_WAIT_S",
 }
 
 
@@ -104,6 +111,7 @@ class Settings:
     outbox_grace_s: float = OUTBOX_GRACE_S
     journal: bool = True  # record every submission in the outbox before publishing it
     lease_ttl_s: float = LEASE_TTL_S
+    negative_wait_s: float = NEGATIVE_WAIT_S
 
     def __post_init__(self) -> None:
         if self.lock_extend_interval_s == 0:
@@ -234,6 +242,7 @@ def _check_positive(s: Settings) -> None:
         "report_retention_days",
         "webhook_timeout_s",
         "webhook_retries",
+        "negative_wait_s",
     ):
         if getattr(s, name) < 0:
             raise ConfigurationError(f"{ENV_NAMES[name]} must not be negative")
