@@ -10,7 +10,15 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
+import redis
+from kombu.exceptions import OperationalError
+
 SCAN_CHUNK = 1000  # list entries read per LRANGE
+
+# What a publish raises when the broker (or the result store) is down or refuses: an outage,
+# worth spooling and retrying. Anything else (a TypeError from Celery's argument check, an
+# EncodeError) is the caller's mistake: retrying it can never succeed.
+BROKER_ERRORS: tuple[type[Exception], ...] = (OperationalError, redis.RedisError, OSError)
 
 
 def held_task_ids(channel: Any, queue: str) -> set[str]:

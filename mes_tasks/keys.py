@@ -9,8 +9,16 @@ Key patterns:
                                    active ``workorder`` consumer; no TTL
     {prefix}lease:workorder        string, the owner token of the active ``workorder`` consumer;
                                    PX = lease TTL (see ``mes_tasks.lease``)
-    {prefix}paused:workorder       set, names of workers whose ``workorder`` consumer
-                                   ``queue pause`` cancelled (``queue resume`` restores them)
+    {prefix}pause:workorder        string, JSON ``{"at": ...}`` while ``queue pause`` is in force;
+                                   every ``workorder`` worker honours it at start, take-over
+                                   and every tick; ``queue resume`` deletes it; no TTL
+    {prefix}sessions               hash, ``<owner_id>|<lsid hex>`` -> epoch seconds: the MongoDB
+                                   sessions a ``workorder`` worker runs transactions in; its
+                                   successor ends them (``killSessions``, see ``sessions``)
+    {prefix}negwait:{request_id}   string, epoch seconds of the first time the update would have
+                                   taken a counter below zero; EX = 2 x MES_NEGATIVE_WAIT_S
+    {prefix}stats:unrecorded       string, submissions queued without an outbox record
+                                   (MongoDB down at the producer)
     {prefix}stats:apply_ms         string, moving average of one update's duration (ms), for
                                    the producer's ``estimated_delay_ms``
 
@@ -38,8 +46,20 @@ def apply_ms_key(prefix: str) -> str:
     return f"{prefix}stats:apply_ms"
 
 
-def paused_key(prefix: str) -> str:
-    return f"{prefix}paused:workorder"
+def pause_key(prefix: str) -> str:
+    return f"{prefix}pause:workorder"
+
+
+def sessions_key(prefix: str) -> str:
+    return f"{prefix}sessions"
+
+
+def negative_wait_key(prefix: str, request_id: str) -> str:
+    return f"{prefix}negwait:{request_id}"
+
+
+def unrecorded_key(prefix: str) -> str:
+    return f"{prefix}stats:unrecorded"
 
 
 def lease_key(prefix: str) -> str:

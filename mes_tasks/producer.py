@@ -14,8 +14,9 @@ from pymongo import MongoClient
 from pymongo.collection import Collection
 
 from mes_tasks import db, outbox
+from mes_tasks.broker import BROKER_ERRORS
 from mes_tasks.errors import MesError, QueueError, ValidationError
-from mes_tasks.keys import apply_ms_key
+from mes_tasks.keys import apply_ms_key, unrecorded_key
 from mes_tasks.models import OutboxMessage
 from mes_tasks.settings import Settings, get_settings, mask_secrets
 from mes_tasks.validation import validate_update
@@ -24,16 +25,56 @@ log = logging.getLogger(__name__)
 
 WORKORDER_QUEUE = "workorder"
 DEFAULT_APPLY_MS = 10.0  # estimate per queued update until the worker has measured one
-OUTBOX_DOWN_BACKOFF_S = 5.0  # after the outbox failed, submissions skip it this long
-PUBLISH_RETRY_POLICY = {"max_retries": 2, "interval_start": 0, "interval_step": 0.5, "interval_max": 1}
+OUTBOX_DOWN_BACKOFF_S = 1.0  # after the outbox failed, submissions skip it this long
+PUBLISH_RETRY_POLICY = {"max_retries": 2, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.3}
+# Every publish, a .delay() from the main app included, fails over to the outbox within
+# about a second; a caller's own options win, except these two.
+PUBLISH_OPTIONS = {"retry": True, "retry_policy": PUBLISH_RETRY_POLICY}
+UPDATE_PARAMS = ("work_order_id", "kind", "quantity", "request_id", "context")
+REQUIRED_PARAMS = 3
 
 
 @dataclass
 class Sent:
-    """What became of one update: taken by the broker (``result``), or ``spooled`` for this reason."""
+    """What became of one update: taken by the broker (``result``), or ``spooled`` for this reason.
+
+    ``recorded``: whether the outbox holds it (False when MongoDB was down at the producer).
+    """
 
     result: AsyncResult | None = None
     spooled: str | None = None
+    recorded: bool = True
+
+
+def bind_update(args: Any, kwargs: Any) -> tuple[list[Any], dict[str, Any]]:
+    """``update_quantity``'s arguments as (work order, kind, quantity) and named ones.
+
+    Raises:
+        TypeError: they do not fit ``update_quantity``'s signature (a stray keyword such as
+            ``countdown=5`` given to ``.delay()``): a mistake at the call site, never spooled.
+    """
+    positional, named = list(args or ()), dict(kwargs or {})
+    if len(positional) > len(UPDATE_PARAMS):
+        raise TypeError(
+            f"update_quantity takes at most {len(UPDATE_PARAMS)} arguments, got {len(positional)}"
+        )
+    unknown = sorted(str(k) for k in named if k not in UPDATE_PARAMS)
+    if unknown:
+        raise TypeError(
+            f"update_quantity got unexpected keyword argument(s) {unknown}; its parameters are "
+            f"{', '.join(UPDATE_PARAMS)} (apply_async options such as countdown go to apply_async)"
+        )
+    given = dict(zip(UPDATE_PARAMS, positional, strict=False))
+    twice = sorted(set(given) & set(named))
+    if twice:
+        raise TypeError(f"update_quantity got multiple values for argument(s) {twice}")
+    merged = {**given, **named}
+    missing = [p for p in UPDATE_PARAMS[:REQUIRED_PARAMS] if p not in merged]
+    if missing:
+        raise TypeError(f"update_quantity is missing required argument(s) {missing}")
+    return [merged[p] for p in UPDATE_PARAMS[:REQUIRED_PARAMS]], {
+        p: merged[p] for p in UPDATE_PARAMS[REQUIRED_PARAMS:] if p in merged
+    }
 
 
 class Producer:
@@ -44,6 +85,7 @@ class Producer:
         self.redis = redis_client or db.redis_client(self.settings)
         self._outbox: Collection[dict[str, Any]] | None = None
         self._outbox_down_until = 0.0
+        self.unrecorded = 0  # submissions sent without an outbox record, in this process
 
     def submit(
         self,
@@ -80,6 +122,7 @@ class Producer:
             "job_id": job_id,
             "request_id": rid,
             "code": "QUEUED",
+            "recorded": sent.recorded,
             "queue_length": length,
             "estimated_delay_ms": delay_ms,
         }
@@ -95,26 +138,45 @@ class Producer:
 
         Raises:
             QueueError: the broker refused it and the outbox could not record it.
+            TypeError, kombu's EncodeError: the arguments do not fit the task or are not JSON;
+                nothing is kept.
         """
+        args, kwargs = bind_update(args, kwargs)
         recorded = self._record(job_id, args, kwargs)
         try:
-            return Sent(result=publish(job_id, args, kwargs, options))
-        except Exception as exc:  # every broker failure is spooled or reported, never raised raw
+            return Sent(result=publish(job_id, args, kwargs, options), recorded=recorded)
+        except BROKER_ERRORS as exc:  # an outage is spooled or reported, never raised raw
             reason = mask_secrets(f"{type(exc).__name__}: {exc}")
             self._spool(job_id, args, kwargs, reason, recorded)
             return Sent(spooled=reason)
+        except Exception:
+            if recorded:  # a mistake at the call site: never relay what can never be sent
+                outbox.forget([job_id], self.outbox_collection())
+            raise
 
     def _record(self, job_id: str, args: list[Any], kwargs: dict[str, Any]) -> bool:
-        if not self.settings.journal or time.monotonic() < self._outbox_down_until:
+        if not self.settings.journal:
+            return False
+        if time.monotonic() < self._outbox_down_until:
+            self._unrecorded(kwargs["request_id"], "it was unreachable a moment ago")
             return False
         try:
             outbox.record(self.outbox_collection(), job_id, args, kwargs)
         except MesError as exc:
             # Skip the outbox for a while rather than make every submission wait for a timeout.
             self._outbox_down_until = time.monotonic() + OUTBOX_DOWN_BACKOFF_S
-            log.warning("outbox unreachable, sending %s unrecorded: %s", kwargs["request_id"], exc.message)
+            self._unrecorded(kwargs["request_id"], exc.message)
             return False
         return True
+
+    def _unrecorded(self, request_id: str, why: str) -> None:
+        """Say, and count, that an update goes to the broker without the outbox's protection."""
+        self.unrecorded += 1
+        log.warning("outbox unreachable, sending %s unrecorded: %s", request_id, mask_secrets(why))
+        try:
+            self.redis.incr(unrecorded_key(self.settings.key_prefix))
+        except redis.RedisError:
+            log.debug("could not count an unrecorded submission", exc_info=True)
 
     def _spool(
         self, job_id: str, args: list[Any], kwargs: dict[str, Any], reason: str, recorded: bool
@@ -163,7 +225,8 @@ def publish(
 ) -> AsyncResult:
     """Send one update to the broker under ``job_id``, unrecorded (the outbox relay's way).
 
-    ``options``: ``apply_async`` options of a ``.delay()`` caller, passed on as given.
+    ``options``: ``apply_async`` options of a ``.delay()`` caller, passed on over the
+    bounded publish retry (``PUBLISH_OPTIONS``), which a caller cannot switch off.
 
     ``ignore_result``: with a Redis result backend every ``apply_async`` otherwise
     subscribes the producer to the task's result channel, a subscription that only a
@@ -173,9 +236,9 @@ def publish(
     """
     from mes_tasks.tasks import update_quantity
 
-    if options is None:
-        options = {"retry": True, "retry_policy": PUBLISH_RETRY_POLICY, "ignore_result": True}
-    result: AsyncResult = update_quantity.apply_async(args, kwargs, task_id=job_id, record=False, **options)
+    given = {"ignore_result": True} if options is None else options
+    sent_with = {**given, **PUBLISH_OPTIONS}
+    result: AsyncResult = update_quantity.apply_async(args, kwargs, task_id=job_id, record=False, **sent_with)
     return result
 
 

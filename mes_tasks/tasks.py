@@ -8,16 +8,25 @@ import time
 import uuid
 from typing import Any, NoReturn
 
+import redis
 from celery import Task
 from celery.result import AsyncResult
 
 from mes_tasks import db
 from mes_tasks.app import app
 from mes_tasks.deadletter import Failure, record_failure
-from mes_tasks.errors import MesError, MongoUnavailable, PermanentError, TransientError
+from mes_tasks.errors import (
+    MesError,
+    MongoUnavailable,
+    NegativeCounter,
+    PermanentError,
+    RedisUnavailable,
+    TransientError,
+)
 from mes_tasks.keptlocks import KeptLocks
-from mes_tasks.keys import apply_ms_key
+from mes_tasks.keys import apply_ms_key, negative_wait_key
 from mes_tasks.ledger import Ledger
+from mes_tasks.sessions import SessionLog
 from mes_tasks.settings import Settings, get_settings
 from mes_tasks.validation import check_work_order_id, validate_update
 
@@ -48,7 +57,10 @@ class LedgerTask(Task):  # type: ignore[misc]
     def ledger(self) -> Ledger:
         if LedgerTask._ledger is None:
             s = get_settings()
-            LedgerTask._ledger = Ledger(db.connect(s), db.redis_client(s), s, KeptLocks(s.lock_linger_s))
+            client = db.redis_client(s)
+            LedgerTask._ledger = Ledger(
+                db.connect(s), client, s, KeptLocks(s.lock_linger_s), SessionLog(client, s.key_prefix)
+            )
         return LedgerTask._ledger
 
     def record_duration(self, started: float) -> None:
@@ -66,9 +78,6 @@ class LedgerTask(Task):  # type: ignore[misc]
             log.debug("could not store apply_ms", exc_info=True)
 
 
-UPDATE_PARAMS = ("work_order_id", "kind", "quantity", "request_id", "context")
-
-
 class UpdateTask(LedgerTask):
     """``update_quantity``'s class: a ``.delay()`` from the main app is recorded in the outbox first.
 
@@ -81,19 +90,13 @@ class UpdateTask(LedgerTask):
     ) -> AsyncResult:
         if not options.pop("record", True) or self.request.id is not None:
             return super().apply_async(args, kwargs, task_id=task_id, **options)
-        from mes_tasks.producer import default_producer
+        from mes_tasks.producer import bind_update, default_producer
 
         job_id = task_id or str(uuid.uuid4())
-        positional, named = _as_named(list(args or ()), dict(kwargs or {}))
+        positional, named = bind_update(args, kwargs)  # TypeError here, at the call site
         named["request_id"] = named.get("request_id") or job_id
         sent = default_producer().send(job_id, positional, named, options)  # QueueError: nothing recorded
         return sent.result or self.AsyncResult(job_id)
-
-
-def _as_named(args: list[Any], kwargs: dict[str, Any]) -> tuple[list[Any], dict[str, Any]]:
-    """Move ``request_id`` and ``context`` given by position into the keyword arguments."""
-    extra = dict(zip(UPDATE_PARAMS[3:], args[3:], strict=False))
-    return args[:3], {**extra, **kwargs}
 
 
 def backoff_s(retries: int, settings: Settings) -> float:
@@ -121,6 +124,8 @@ def update_quantity(
     try:
         req = validate_update(work_order_id, kind, quantity, request_id, context)
         result = self.ledger.apply(req, req.request_id or self.request.id, self.request.id)
+    except NegativeCounter as exc:
+        _wait_for_count_or_dead_letter(self, exc, req.request_id or self.request.id)
     except PermanentError as exc:
         _dead_letter(self, exc)
     except TransientError as exc:
@@ -139,6 +144,37 @@ def _retry_or_dead_letter(task: LedgerTask, exc: MesError) -> NoReturn:
         log.warning("%s: %s; retry %d in %.2fs", exc.code, exc.message, task.request.retries + 1, countdown)
         raise task.retry(exc=exc, countdown=countdown)
     _dead_letter(task, exc)
+
+
+def _wait_for_count_or_dead_letter(task: LedgerTask, exc: NegativeCounter, request_id: str) -> NoReturn:
+    """A correction that would go below zero may have overtaken its count: retry it for a while.
+
+    Its count may still be on its way (spooled during an outage, or retried after
+    ``LOCK_BUSY``), so the refusal is final only ``MES_NEGATIVE_WAIT_S`` after the first one.
+    """
+    settings = task.ledger.settings
+    try:
+        waited = _negative_waited_s(task.ledger.redis, settings, request_id)
+    except redis.RedisError as store_exc:
+        _retry_or_dead_letter(task, RedisUnavailable(f"Redis unreachable: {store_exc}"))
+    left = settings.negative_wait_s - waited
+    if left <= 0:
+        _dead_letter(task, exc)
+    countdown = min(backoff_s(task.request.retries, settings), left)
+    log.warning("%s: %s; its count may be late: retry in %.2fs (%.0fs of %gs waited)",
+                exc.code, exc.message, countdown, waited, settings.negative_wait_s)  # fmt: skip
+    raise task.retry(exc=exc, countdown=countdown)
+
+
+def _negative_waited_s(client: redis.Redis, settings: Settings, request_id: str) -> float:
+    """Seconds since this update was first refused for going below zero (0 the first time)."""
+    key = negative_wait_key(settings.key_prefix, request_id)
+    now = time.time()
+    pipe = client.pipeline(transaction=False)
+    pipe.set(key, f"{now:.3f}", nx=True, ex=int(2 * settings.negative_wait_s) + 1)
+    pipe.get(key)
+    _, first = pipe.execute()
+    return max(0.0, now - float(first or now))
 
 
 def _dead_letter(task: LedgerTask, exc: MesError) -> NoReturn:
