@@ -1,35 +1,55 @@
-"""Exactly one active ``workorder`` consumer: a Redis lease, and recovery of a dead holder's messages.
+"""Exactly one active ``workorder`` consumer: a Redis lease, and recovery of a dead holder's work.
 
-Every worker started on ``workorder`` runs the ``SingleActiveConsumer`` consumer step.
-The one that holds the lease (``{prefix}lease:workorder``, token-owned, ``MES_LEASE_TTL_S``,
-extended by the lock watchdog thread) consumes; any other stays standby with its ``workorder``
-consumer cancelled and tries to take the lease every ``LEASE_POLL_S``. A worker that
-takes the lease over first puts the previous holder's unacknowledged ``workorder``
-messages back at the head of the queue, at once instead of after the visibility
-timeout: with one consumer, nothing else can be processing them. A holder that was
-only paused (SIGSTOP) and comes back is fenced out by the work-order locks and
+Every worker runs the ``SingleActiveConsumer`` consumer step. Of those started on
+``workorder``, the one that holds the lease (``{prefix}lease:workorder``, token-owned,
+``MES_LEASE_TTL_S``, extended by the lock watchdog thread) consumes; any other stays
+standby with its ``workorder`` consumer cancelled and tries to take the lease every
+``LEASE_POLL_S``. A worker not started on ``workorder`` never consumes it, even after an
+``add_consumer``.
+
+A holder that dies lets its lease expire after ``MES_LEASE_TTL_S``; one on this host
+that is no longer running (or a previous incarnation of this very process id, as in a
+restarted container) is recognised and replaced at once. The worker that takes the
+lease over, before it consumes:
+
+1. ends the predecessor's MongoDB sessions (``sessions.end_others``), which aborts a
+   transaction it left open and frees that work order at once, instead of after
+   MongoDB's 60 s transaction lifetime;
+2. deletes the work-order locks the predecessor kept (``clear_predecessor_locks``);
+3. puts the predecessor's unacknowledged ``workorder`` messages back at the head of the
+   queue, at once instead of after the visibility timeout: with one consumer, nothing
+   else can be processing them.
+
+A holder that was only paused (SIGSTOP) and comes back is fenced out by the work-order
 epochs; its heartbeat fails and it goes back to standby.
+
+``queue pause`` (``status.pause``) is a Redis key that the active worker checks on every
+tick, and when it takes the lease: while it is set, nobody consumes ``workorder``.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import socket
 from contextlib import suppress
+from pathlib import Path
 from typing import Any
 
 import redis
 from celery import bootsteps
+from pymongo import MongoClient
 
+from mes_tasks import sessions
 from mes_tasks.broker import unacked_of
-from mes_tasks.errors import RedisUnavailable
-from mes_tasks.keys import lease_key, lease_owner_key, lock_key
-from mes_tasks.locks import TOKEN_SEP, RedisLock, owner_id
+from mes_tasks.errors import LockBusy, MesError, RedisUnavailable
+from mes_tasks.keys import lease_key, lease_owner_key, lock_key, pause_key
+from mes_tasks.locks import _RELEASE, TOKEN_SEP, RedisLock, owner_id
 
 log = logging.getLogger(__name__)
 
 QUEUE = "workorder"
-LEASE_POLL_S = 1.0  # how often a standby tries to take the lease (and the active checks it)
+LEASE_POLL_S = 0.5  # how often a standby tries to take the lease (and the active checks it)
 
 
 class Lease(RedisLock):
@@ -37,15 +57,62 @@ class Lease(RedisLock):
 
     def try_acquire(self) -> bool:
         try:
-            self.acquire()
+            try:
+                self.acquire()
+            except LockBusy:
+                if not self._drop_if_holder_dead():
+                    return False
+                self.acquire()
         except Exception:  # busy, or Redis down: stay standby
             return False
         self.start_watchdog()
         return True
 
+    def _drop_if_holder_dead(self) -> bool:
+        """Delete the lease if its holder is a process of this host that no longer runs."""
+        token = self.client.get(self.key)
+        if not token or not holder_is_dead(str(token)):
+            return False
+        log.warning("the %s lease holder %s is not running any more: taking over", QUEUE, _owner_of(token))
+        return bool(self.client.eval(_RELEASE, 1, self.key, token))
+
     @property
     def held(self) -> bool:
         return self.watchdog.watching(self) and self.lost_reason is None
+
+
+def holder_is_dead(token: str) -> bool:
+    """Whether a token's owner (``host:pid:tag``) is a process of this host that has ended.
+
+    The same pid with another tag is a previous incarnation (a container restarted with
+    the same pid); a pid that was reused by an unrelated process only costs the wait for
+    the lease to expire.
+    """
+    owner = _owner_of(token)
+    host, _, pid = owner.rpartition(":")[0].rpartition(":")  # "host:pid:tag"
+    if not host or not pid.isdigit() or host != socket.gethostname() or owner == owner_id():
+        return False
+    return int(pid) == os.getpid() or not _running(int(pid))
+
+
+def _owner_of(token: Any) -> str:
+    return str(token).split(TOKEN_SEP, 1)[0]
+
+
+def _running(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc here: ask the kernel
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    return stat.rpartition(")")[2].split()[0] not in ("Z", "X")  # a zombie has ended
 
 
 def restore_unacked(channel: Any, queue: str = QUEUE) -> int:
@@ -90,34 +157,41 @@ def _consuming(c: Any) -> bool:
 
 
 class SingleActiveConsumer(bootsteps.StartStopStep):  # type: ignore[misc]
-    """Consumer step: consume ``workorder`` only while holding the lease."""
+    """Consumer step: consume ``workorder`` only while holding the lease and not paused."""
 
     requires = {"celery.worker.consumer.tasks:Tasks"}
 
     def __init__(self, parent: Any, **kwargs: Any) -> None:
         super().__init__(parent, **kwargs)
         self.lease: Lease | None = None
+        self.eligible = False  # started on workorder: may hold the lease
         self.prefix = ""
         self.active = False
         self.timer_entry: Any = None
+        self.mongo: MongoClient[dict[str, Any]] | None = None
 
     def start(self, c: Any) -> None:
-        if not _consuming(c):
-            return
-        from mes_tasks import db
         from mes_tasks.settings import get_settings
 
-        settings = get_settings()
-        client: redis.Redis = db.redis_client(settings)
-        self.lease = Lease(client, lease_key(settings.key_prefix), settings.lease_ttl_s)
-        self.prefix = settings.key_prefix
-        c.cancel_task_queue(QUEUE)  # until the lease is ours
+        self.eligible = self.eligible or _consuming(c)  # a restarted consumer keeps its role
+        if self.eligible:
+            settings = get_settings()
+            client: redis.Redis = _redis_client(settings)
+            self.lease = self.lease or Lease(client, lease_key(settings.key_prefix), settings.lease_ttl_s)
+            self.prefix = settings.key_prefix
+            self.mongo = self.mongo or _mongo_client(settings)
+            if _consuming(c):
+                c.cancel_task_queue(QUEUE)  # until the lease is ours and no pause is in force
         self.tick(c)
         self.timer_entry = c.timer.call_repeatedly(LEASE_POLL_S, self.tick, (c,), priority=10)
 
     def tick(self, c: Any) -> None:
         """Run in the worker's event loop, between tasks."""
-        assert self.lease is not None
+        if self.lease is None:
+            if _consuming(c):
+                log.warning("not started on %s: not consuming it", QUEUE)
+                c.cancel_task_queue(QUEUE)
+            return
         if self.active and not self.lease.held:
             log.error("lost the %s lease (%s): standby now", QUEUE, self.lease.lost_reason)
             c.cancel_task_queue(QUEUE)
@@ -126,19 +200,59 @@ class SingleActiveConsumer(bootsteps.StartStopStep):  # type: ignore[misc]
             log.warning("standby: not consuming %s without the lease", QUEUE)
             c.cancel_task_queue(QUEUE)
         if not self.active and self.lease.try_acquire():
-            cleared = clear_predecessor_locks(self.lease.client, self.prefix)
-            restored = restore_unacked(c.connection.default_channel)
+            self._take_over(c)
+        if self.active:
+            self._honour_pause(c)
+
+    def _take_over(self, c: Any) -> None:
+        assert self.lease is not None and self.mongo is not None
+        ended = 0
+        try:
+            ended = sessions.end_others(self.mongo, self.lease.client, self.prefix)
+        except MesError as exc:  # their transactions then time out on the server
+            log.warning("could not end the previous holder's MongoDB sessions: %s", exc.message)
+        cleared = clear_predecessor_locks(self.lease.client, self.prefix)
+        restored = restore_unacked(c.connection.default_channel)
+        self.active = True
+        log.warning("took the %s lease on %s; restored %d in-flight message(s), cleared %d lock(s), "
+                    "ended %d session(s)", QUEUE, socket.gethostname(), restored, cleared, ended)  # fmt: skip
+
+    def _honour_pause(self, c: Any) -> None:
+        assert self.lease is not None
+        try:
+            paused = self.lease.client.exists(pause_key(self.prefix)) > 0
+        except redis.RedisError:
+            return  # unknown: keep things as they are until Redis answers
+        if paused and _consuming(c):
+            log.warning("%s is paused: not consuming it until `queue resume`", QUEUE)
+            c.cancel_task_queue(QUEUE)
+        elif not paused and not _consuming(c):
             c.add_task_queue(QUEUE)
-            self.active = True
-            log.warning("took the %s lease on %s; restored %d in-flight message(s), cleared %d lock(s)",
-                        QUEUE, socket.gethostname(), restored, cleared)  # fmt: skip
+            log.warning("consuming %s", QUEUE)
 
     def stop(self, c: Any) -> None:
+        """Worker shutdown, or a consumer restart (broker connection lost): let go of the lease.
+
+        A restarted consumer takes it again through ``tick`` like any standby, restoring
+        the messages its previous connection left unacknowledged.
+        """
         if self.timer_entry is not None:
             self.timer_entry.cancel()
+            self.timer_entry = None
         if self.lease is not None and self.active:
             with suppress(RedisUnavailable):
                 self.lease.release()  # a standby can take over at once
-            self.active = False
+        self.active = False
 
     shutdown = stop
+
+
+def _redis_client(settings: Any) -> redis.Redis:
+    from mes_tasks import db
+
+    return db.redis_client(settings)
+
+
+def _mongo_client(settings: Any) -> MongoClient[dict[str, Any]]:
+    timeout_ms = int(settings.connect_timeout_s * 1000)
+    return MongoClient(settings.mongodb_uri, serverSelectionTimeoutMS=timeout_ms, connectTimeoutMS=timeout_ms)

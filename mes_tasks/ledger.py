@@ -49,6 +49,7 @@ from mes_tasks.keptlocks import KeptLocks, let_go
 from mes_tasks.keys import lock_key, wanted_key
 from mes_tasks.locks import CheckLine, RedisLock
 from mes_tasks.models import COUNTER_FIELDS, QuantityLog, WorkOrder, utcnow
+from mes_tasks.sessions import SessionLog
 from mes_tasks.settings import Settings
 from mes_tasks.validation import UpdateRequest
 
@@ -62,7 +63,9 @@ TXN_READ_CONCERN = ReadConcern()
 TXN_WRITE_CONCERN = WriteConcern("majority")
 BULK_WRITE_WIRE_VERSION = 25  # MongoDB 8.0: the client-level bulkWrite command
 DUPLICATE_KEY = 11000
-BUMP_MAX_TIME_MS = 2000  # a bump blocked this long is behind an abandoned transaction
+BUMP_MAX_TIME_MS = 500  # a bump blocked this long is behind an abandoned transaction
+BLOCKED_FIRST_S = 1.0  # a work order found blocked is not tried again for this long...
+BLOCKED_MAX_S = 16.0  # ...doubling while it stays blocked, up to this
 
 
 @dataclass(frozen=True)
@@ -88,7 +91,12 @@ class Ledger:
     """
 
     def __init__(
-        self, mongo: Mongo, redis_client: redis.Redis, settings: Settings, kept: KeptLocks | None = None
+        self,
+        mongo: Mongo,
+        redis_client: redis.Redis,
+        settings: Settings,
+        kept: KeptLocks | None = None,
+        sessions: SessionLog | None = None,
     ) -> None:
         self.mongo = mongo
         self.redis = redis_client
@@ -98,6 +106,8 @@ class Ledger:
         self.logs = QuantityLog._get_collection()
         self.check_line = CheckLine(redis_client)  # this ledger's thread's own, for lock checks
         self.known_commits = 0  # commits that took the known-counter way (see the module docstring)
+        self.sessions = sessions  # the worker's: where a successor finds our transactions' sessions
+        self._blocked: dict[str, tuple[float, float]] = {}  # work order -> (retry after, back-off s)
 
     def lock_for(self, work_order_id: str) -> RedisLock:
         s = self.settings
@@ -154,16 +164,38 @@ class Ledger:
 
         Returns the lock, the new epoch and the counters as they stood when it was set.
         """
+        self._refuse_if_blocked(work_order_id)
         lock = self.lock_for(work_order_id)
         lock.acquire()
         lock.start_watchdog()
         try:
             doc = self._bump_epoch(work_order_id)
+        except WriteConflict:
+            let_go(lock)
+            self._note_blocked(work_order_id)
+            raise
         except BaseException:
             let_go(lock)
             raise
+        self._blocked.pop(work_order_id, None)
         known = {f: doc[f] for f in COUNTER_FIELDS.values() if isinstance(doc.get(f), int)}
         return lock, int(doc["epoch"]), known
+
+    def _refuse_if_blocked(self, work_order_id: str) -> None:
+        """Fail at once (a retry later) for a work order that was just found blocked.
+
+        A transaction that a dead worker left open blocks its work order until it is ended
+        (see ``sessions``) or times out; each try costs ``BUMP_MAX_TIME_MS``, so one blocked
+        work order must not cost that for each of its messages to every update behind them.
+        """
+        blocked = self._blocked.get(work_order_id)
+        if blocked is not None and time.monotonic() < blocked[0]:
+            raise WriteConflict(f"work order {work_order_id!r} is blocked by another transaction")
+
+    def _note_blocked(self, work_order_id: str) -> None:
+        previous = self._blocked.get(work_order_id)
+        backoff = BLOCKED_FIRST_S if previous is None else min(BLOCKED_MAX_S, previous[1] * 2)
+        self._blocked[work_order_id] = (time.monotonic() + backoff, backoff)
 
     def bump_epoch(self, work_order_id: str) -> int:
         """Take the fence: increment the work order's epoch and return the new value."""
@@ -181,7 +213,7 @@ class Ledger:
             with mongo_errors():
                 doc = self._bump(work_order_id, maxTimeMS=BUMP_MAX_TIME_MS)
         except WriteConflict:
-            with mongo_errors(), self.mongo.start_session() as session, session.start_transaction():
+            with self._transaction() as session:
                 doc = self._bump(work_order_id, session=session)
         if doc is None:
             raise UnknownWorkOrder(f"work order {work_order_id!r} does not exist")
@@ -309,12 +341,11 @@ class Ledger:
     @contextmanager
     def _transaction(self) -> Iterator[ClientSession]:
         """A session in a transaction (committed on leaving), pymongo's failures mapped."""
-        with (
-            mongo_errors(),
-            self.mongo.start_session() as session,
-            session.start_transaction(read_concern=TXN_READ_CONCERN, write_concern=TXN_WRITE_CONCERN),
-        ):
-            yield session
+        with mongo_errors(), self.mongo.start_session() as session:
+            if self.sessions is not None:
+                self.sessions.note(session)
+            with session.start_transaction(read_concern=TXN_READ_CONCERN, write_concern=TXN_WRITE_CONCERN):
+                yield session
 
     def _has_bulk_write(self) -> bool:
         """Whether the server takes the client-level ``bulkWrite`` (MongoDB 8.0+)."""

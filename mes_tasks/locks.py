@@ -35,7 +35,17 @@ return 1
 """
 NOT_OURS = "key expired or taken by another owner"
 _RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end"
+# Take over a key that still holds ARGV[1], an orphaned token of this very process.
+_RECLAIM = """
+if redis.call('get', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('set', KEYS[1], ARGV[2], 'PX', ARGV[3])
+return 1
+"""
 _OWNER: dict[int, str] = {}
+# Tokens of this process's locks that are held as far as this process knows; any other
+# token of ours found in Redis is orphaned (its release failed while Redis was down, and
+# the key came back with the AOF): the next acquire takes it over at once.
+_LIVE: set[str] = set()
 
 
 def owner_id() -> str:
@@ -100,10 +110,13 @@ class RedisLock:
         """
         deadline = time.monotonic() + self.wait_s
         pause = ACQUIRE_POLL_MIN_S
+        _LIVE.discard(self.token)
         self.token = f"{owner_id()}{TOKEN_SEP}{secrets.token_hex(12)}"
         asked = False
         with redis_errors():
             while not self.client.set(self.key, self.token, nx=True, px=self.ttl_ms):
+                if self._reclaimed():
+                    break
                 if time.monotonic() + pause > deadline:
                     raise LockBusy(f"lock {self.key} busy for {self.wait_s:g}s")
                 asked = self._ask() or asked
@@ -111,8 +124,17 @@ class RedisLock:
                 pause = min(pause * 2, ACQUIRE_POLL_MAX_S)
             if asked:
                 self.client.delete(self.wanted_key)  # type: ignore[arg-type]
+        _LIVE.add(self.token)
         self.lost_reason = None
         self.wanted = False
+
+    def _reclaimed(self) -> bool:
+        """Take the key over if it holds an orphaned token of this process (see ``_LIVE``)."""
+        found = self.client.get(self.key)
+        holder = found.decode() if isinstance(found, bytes) else found
+        if not holder or not holder.startswith(f"{owner_id()}{TOKEN_SEP}") or holder in _LIVE:
+            return False
+        return bool(self.client.eval(_RECLAIM, 1, self.key, holder, self.token, self.ttl_ms))
 
     def _ask(self) -> bool:
         """Tell a holder that keeps the lock between updates that we wait for it."""
@@ -150,6 +172,7 @@ class RedisLock:
     def release(self) -> bool:
         """Delete the key if we still own it; True when it was ours."""
         self.stop_watchdog()
+        _LIVE.discard(self.token)  # from now on, a key still holding it is an orphan
         with redis_errors():
             return bool(self.client.eval(_RELEASE, 1, self.key, self.token))
 
@@ -233,11 +256,14 @@ class PendingCheck:
                 self.conn = line.get()
         except RedisUnavailable as exc:
             raise lock._unverifiable(exc) from exc
+        command = ("EVAL", _EXTEND, len(keys), *keys, lock.token, lock.ttl_ms)
         try:
             with redis_errors():
-                self.conn.send_command(  # type: ignore[no-untyped-call]
-                    "EVAL", _EXTEND, len(keys), *keys, lock.token, lock.ttl_ms
-                )
+                try:
+                    self.conn.send_command(*command)  # type: ignore[no-untyped-call]
+                except (redis.ConnectionError, redis.TimeoutError):
+                    self.conn.disconnect()  # type: ignore[no-untyped-call]
+                    self.conn.send_command(*command)  # type: ignore[no-untyped-call]  # reconnects
         except BaseException as exc:
             self._done(broken=True)
             if isinstance(exc, RedisUnavailable):
@@ -248,9 +274,19 @@ class PendingCheck:
         try:
             with redis_errors():
                 answer = self.conn.read_response()
-        except RedisUnavailable as exc:
+        except RedisUnavailable:
+            # The kept line may be stale (Redis restarted since its last check): ask again,
+            # once, on a fresh connection; the check is idempotent.
             self._done(broken=True)
-            raise self.lock._unverifiable(exc) from exc
+            try:
+                answer = self.lock.extend()
+            except RedisUnavailable as exc:
+                raise self.lock._unverifiable(exc) from exc
+            if not answer:
+                raise self.lock._lost(NOT_OURS) from None
+            if self.lock.lost_reason:
+                raise self.lock._lost() from None
+            return
         except redis.ResponseError as exc:  # an error reply (wrong type, READONLY, OOM): read in full
             self._done(broken=False)
             raise self.lock._unverifiable(exc) from exc

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import redis
 
@@ -172,8 +174,13 @@ def test_a_work_order_held_by_an_abandoned_transaction_is_a_retryable_conflict(
         with pytest.raises(WriteConflict) as err:
             ledger.apply(validate_update("WO-1", "input", 1), "r1")
         assert err.value.transient
+        # Its next messages fail at once, without waiting on MongoDB again, for a back-off.
+        with pytest.raises(WriteConflict, match="blocked by another transaction"):
+            ledger.apply(validate_update("WO-1", "input", 1), "r1")
     finally:
         session.abort_transaction()
         session.end_session()
+    ledger._blocked["WO-1"] = (time.monotonic() - 0.1, 1.0)  # the back-off has run out
     assert ledger.apply(validate_update("WO-1", "input", 1), "r1").status == "applied"
     assert counters() == (1, 0)
+    assert "WO-1" not in ledger._blocked
