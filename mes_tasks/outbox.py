@@ -4,8 +4,13 @@ The producer writes an entry (``state: "sent"``) before it publishes, and turns 
 ``"spooled"`` when the broker refuses the message. ``relay`` (beat, every
 ``MES_OUTBOX_RELAY_INTERVAL_S``) then:
 
-1. publishes spooled entries, oldest first, with their original job id and request id;
-2. deletes entries whose request id has an outcome (a ``QuantityLog`` or ``FailedUpdate``);
+1. publishes spooled entries, oldest first and all of them (page by page), with their
+   original job id and request id; an entry that can never be published (its payload
+   does not fit the task) is set aside as a dead letter (``UNPUBLISHABLE``), where
+   ``failed list/show/discard`` see it, so it never holds up the entries behind it;
+2. deletes entries whose request id has an outcome: a ``QuantityLog``, or a
+   ``FailedUpdate`` that is not ``retried`` (a retried update stays protected until it
+   is applied or fails again);
 3. re-publishes entries still without one ``MES_OUTBOX_GRACE_S`` after they were sent,
    unless the broker still holds their message (queued, or delivered and unacknowledged).
 
@@ -26,7 +31,10 @@ from typing import Any
 
 from pymongo.collection import Collection
 
+from mes_tasks.broker import BROKER_ERRORS
 from mes_tasks.db import mongo_errors
+from mes_tasks.deadletter import Failure, record_failure
+from mes_tasks.errors import PermanentError
 from mes_tasks.models import FailedUpdate, OutboxMessage, QuantityLog, utcnow
 
 log = logging.getLogger(__name__)
@@ -34,6 +42,16 @@ log = logging.getLogger(__name__)
 SENT, SPOOLED = "sent", "spooled"
 RELAY_BATCH = 500
 SETTLE_SCAN_MAX = 20_000  # entries checked for an outcome per relay run
+PUBLISH_MAX = 20_000  # spooled entries published per relay run; the next run goes on
+UPDATE_TASK = "mes_tasks.tasks.update_quantity"
+
+
+class Unpublishable(PermanentError):
+    """An outbox entry that can never be published: its payload does not fit the task."""
+
+    code = "UNPUBLISHABLE"
+
+
 Publish = Callable[[str, list[Any], dict[str, Any]], None]
 Doc = dict[str, Any]
 
@@ -45,9 +63,10 @@ class RelayResult:
     published: int = 0  # spooled entries handed to the broker
     settled: int = 0  # entries removed because their update has an outcome
     republished: int = 0  # sent entries the broker no longer held, sent again
+    set_aside: int = 0  # entries that can never be published, moved to the dead letters
 
     def __bool__(self) -> bool:
-        return bool(self.published or self.settled or self.republished)
+        return bool(self.published or self.settled or self.republished or self.set_aside)
 
 
 def record(collection: Collection[Doc], job_id: str, args: list[Any], kwargs: dict[str, Any]) -> None:
@@ -106,35 +125,83 @@ def relay(
         held: the task ids the broker still holds for ``workorder`` (see ``broker``).
         grace_s: how long a sent update may go without an outcome before it is checked.
     """
-    result = RelayResult(published=_publish_spooled(publish, limit))
+    result = RelayResult()
+    _publish_spooled(publish, limit, result)
     result.settled = _delete_settled(limit)
-    result.republished = _republish_lost(publish, held, grace_s, limit)
+    _republish_lost(publish, held, grace_s, limit, result)
     return result
 
 
-def _publish_spooled(publish: Publish, limit: int) -> int:
-    with mongo_errors():
-        batch = list(_collection().find({"state": {"$ne": SENT}}).sort("created_at", 1).limit(limit))
-    return _send_all(publish, batch, {"$inc": {"attempts": 1}})
+def _publish_spooled(publish: Publish, limit: int, result: RelayResult) -> None:
+    """Every spooled entry, oldest first, a page at a time, until the broker refuses one."""
+    after: Doc = {}
+    while result.published + result.set_aside < PUBLISH_MAX:
+        with mongo_errors():
+            query = {"state": {"$ne": SENT}, **after}
+            batch = list(_collection().find(query).sort([("created_at", 1), ("_id", 1)]).limit(limit))
+        if not batch:
+            return
+        if not _send_all(publish, batch, {"$inc": {"attempts": 1}}, result, "published"):
+            return  # the broker is down: the next run goes on
+        last = batch[-1]
+        after = {"$or": [{"created_at": {"$gt": last["created_at"]}},
+                         {"created_at": last["created_at"], "_id": {"$gt": last["_id"]}}]}  # fmt: skip
 
 
-def _send_all(publish: Publish, batch: list[Doc], update: Doc) -> int:
-    """Publish each entry and mark it sent; stop at the first broker failure."""
-    sent = 0
+def _send_all(publish: Publish, batch: list[Doc], update: Doc, result: RelayResult, count: str) -> bool:
+    """Publish each entry and mark it sent; False at the first broker failure (the rest wait).
+
+    An entry that fails for any other reason is set aside and the others go on.
+    """
     for doc in batch:
-        payload = json.loads(doc["payload"])
         try:
+            payload = json.loads(doc["payload"])
             publish(doc["job_id"], payload["args"], payload["kwargs"])
-        except Exception as exc:  # broker still down: keep the rest for the next run
+        except BROKER_ERRORS as exc:  # broker still down: keep the rest for the next run
             _mark_failed(doc, exc)
-            log.warning("outbox relay stopped after %d: %s", sent, type(exc).__name__)
-            break
+            log.warning("outbox relay stopped: %s", type(exc).__name__)
+            return False
+        except Exception as exc:
+            set_aside(doc, exc)
+            result.set_aside += 1
+            continue
         with mongo_errors():
             _collection().update_one(
                 {"_id": doc["_id"]}, {"$set": {"state": SENT, "sent_at": utcnow()}, **update}
             )
-        sent += 1
-    return sent
+        setattr(result, count, getattr(result, count) + 1)
+    return True
+
+
+def set_aside(doc: Doc, exc: Exception) -> None:
+    """Move an entry that can never be published to the dead letters, and out of the outbox."""
+    reason = f"{type(exc).__name__}: {str(exc)[:300]}"
+    payload = _loaded(doc.get("payload"))
+    args: list[Any] = payload["args"] if isinstance(payload.get("args"), list) else []
+    kwargs: dict[str, Any] = payload["kwargs"] if isinstance(payload.get("kwargs"), dict) else {}
+    failure = Failure(
+        task_name=UPDATE_TASK,
+        task_id=doc.get("job_id"),
+        request_id=str(doc.get("request_id") or doc["job_id"]),
+        work_order_id=args[0] if args and isinstance(args[0], str) else None,
+        args=args,
+        kwargs=kwargs,
+        error=Unpublishable(f"the outbox entry cannot be published: {reason}"),
+        attempts=1,
+    )
+    record_failure(failure)
+    with mongo_errors():
+        _collection().delete_one({"_id": doc["_id"]})
+    log.error("outbox: %s (job %s) can never be published, set aside as a dead letter: %s",
+              doc.get("request_id"), doc.get("job_id"), reason)  # fmt: skip
+
+
+def _loaded(raw: Any) -> Doc:
+    try:
+        value = json.loads(raw)
+    except (TypeError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def _mark_failed(doc: Doc, exc: Exception) -> None:
@@ -163,44 +230,55 @@ def _delete_settled(limit: int) -> int:
     return deleted
 
 
-def _republish_lost(publish: Publish, held: Callable[[], set[str]], grace_s: float, limit: int) -> int:
+def _republish_lost(
+    publish: Publish, held: Callable[[], set[str]], grace_s: float, limit: int, result: RelayResult
+) -> None:
     overdue = {"state": SENT, "sent_at": {"$lt": utcnow() - timedelta(seconds=grace_s)}}
     with mongo_errors():
         batch = list(_collection().find(overdue).sort("sent_at", 1).limit(limit))
     if not batch:
-        return 0
+        return
     try:
         in_broker = held()  # before the outcome check: a message acked in between then shows as settled
     except Exception as exc:  # the broker is unreachable: nothing can be told lost now
         log.warning(
             "outbox: cannot read the broker (%s); lost updates are checked next run", type(exc).__name__
         )
-        return 0
+        return
     absent = [d for d in batch if d["job_id"] not in in_broker]
     done = settled_request_ids(d["request_id"] for d in absent)
     lost = [d for d in absent if d["request_id"] not in done]
     for doc in lost:
         log.warning("outbox: %s (job %s) has no outcome and is not in the broker; re-sending",
                     doc["request_id"], doc["job_id"])  # fmt: skip
-    return _send_all(publish, lost, {"$inc": {"republished": 1}})
+    _send_all(publish, lost, {"$inc": {"republished": 1}}, result, "republished")
 
 
-def forget(job_ids: list[str]) -> int:
-    """Delete the entries of these jobs (purged on purpose: they must not be re-sent)."""
+def forget(job_ids: list[str], collection: Collection[Doc] | None = None) -> int:
+    """Delete the entries of these jobs (purged on purpose, or never sendable: not to be re-sent)."""
     with mongo_errors():
-        return int(_collection().delete_many({"job_id": {"$in": job_ids}}).deleted_count)
+        found = (collection if collection is not None else _collection()).delete_many(
+            {"job_id": {"$in": job_ids}}
+        )
+        return int(found.deleted_count)
 
 
 def settled_request_ids(request_ids: Iterable[str]) -> set[str]:
-    """The request ids among ``request_ids`` that were applied or dead-lettered."""
+    """The request ids among ``request_ids`` that were applied, or dead-lettered and not retried since.
+
+    A ``retried`` dead letter is no outcome: its update is on its way again and, until it
+    is applied or fails anew (which sets the record ``open``), the outbox keeps re-sending
+    it if the broker loses it.
+    """
     wanted = list(set(request_ids))
     if not wanted:
         return set()
     found: set[str] = set()
+    queries: tuple[tuple[Any, Doc], ...] = ((QuantityLog, {}), (FailedUpdate, {"status": {"$ne": "retried"}}))
     with mongo_errors():
-        for model in (QuantityLog, FailedUpdate):
+        for model, extra in queries:
             cursor = model._get_collection().find(
-                {"request_id": {"$in": wanted}}, {"request_id": 1, "_id": 0}
+                {"request_id": {"$in": wanted}, **extra}, {"request_id": 1, "_id": 0}
             )
             found.update(d["request_id"] for d in cursor)
     return found

@@ -57,7 +57,7 @@ def test_a_broker_that_is_down_spools_and_the_relay_applies_each_update_once(
     OutboxMessage(job_id="x", request_id="sp-1", state="spooled", payload='{"args": ["WO-1", "input", 2], '
                   '"kwargs": {"request_id": "sp-1", "context": null}}').save()  # fmt: skip
     # A relay that crashed before marking it sent: it comes again, and is settled already.
-    assert relay() == {"published": 1, "settled": 1, "republished": 0}
+    assert relay() == {"published": 1, "settled": 1, "republished": 0, "set_aside": 0}
     wait_until(lambda: redis_client.llen(WORKORDER_QUEUE) == 0, 30, "the re-published duplicate")
     wait_until(lambda: "duplicate" in worker.log(), 30, "the duplicate's outcome")
     assert WorkOrder.objects.get(id="WO-1").input_qty == 5
@@ -72,7 +72,7 @@ def test_every_queued_submission_is_recorded_until_its_update_has_an_outcome(
     assert Producer().submit("WO-NONE", "input", 2, "q-2")["code"] == "QUEUED"  # dead-lettered later
     entries = {e.request_id: e for e in OutboxMessage.objects}
     assert set(entries) == {"q-1", "q-2"} and {e.state for e in entries.values()} == {"sent"}
-    assert relay(grace_s=60) == {"published": 0, "settled": 0, "republished": 0}
+    assert relay(grace_s=60) == {"published": 0, "settled": 0, "republished": 0, "set_aside": 0}
     start_worker()
     wait_until(
         lambda: relay(grace_s=60)["settled"] == 2 or OutboxMessage.objects.count() == 0, 30, "outcomes"

@@ -76,7 +76,10 @@ def retry(record_ids: tuple[str, ...], every: bool, code: str | None, as_json: b
     from mes_tasks.tasks import update_quantity
 
     def send(args: list[Any], kwargs: dict[str, Any]) -> str:
-        return str(update_quantity.apply_async(args, kwargs).id)
+        try:
+            return str(update_quantity.apply_async(args, kwargs).id)
+        except TypeError as exc:  # an UNPUBLISHABLE entry: its payload can never be sent
+            raise ValidationError(f"cannot be retried: {exc}", code="UNRETRYABLE") from None
 
     records = _select(record_ids, every, code)
     done = [{"id": str(r.id), "request_id": r.request_id, "task_id": retry_failed(r, send)} for r in records]
