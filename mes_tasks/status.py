@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import time
 from typing import Any
 
 import redis
@@ -10,14 +12,15 @@ from celery import Celery
 from mes_tasks import outbox
 from mes_tasks.db import mongo_errors
 from mes_tasks.errors import MesError, RedisUnavailable
-from mes_tasks.keys import lock_key, paused_key
+from mes_tasks.keys import lock_key, pause_key, unrecorded_key
 from mes_tasks.locks import redis_errors
-from mes_tasks.models import AuditReport, FailedUpdate
+from mes_tasks.models import AuditReport, FailedUpdate, utcnow
 from mes_tasks.settings import Settings
 
 QUEUES = ("workorder", "audit")
 UNACKED_KEY = "unacked"  # kombu's hash of delivered, unacknowledged messages (all queues)
 INSPECT_TIMEOUT_S = 1.0
+RESUME_WAIT_S = 5.0  # how long ``resume`` waits to see the active worker consume again
 
 
 def held_locks(client: redis.Redis, prefix: str) -> list[dict[str, Any]]:
@@ -58,8 +61,9 @@ def queue_status(app: Celery, client: redis.Redis, settings: Settings) -> dict[s
         for queue in QUEUES:
             pipe.llen(queue)
         pipe.hlen(UNACKED_KEY)
-        pipe.smembers(paused_key(settings.key_prefix))
-        *lengths, unacked, paused = pipe.execute()
+        pipe.get(pause_key(settings.key_prefix))
+        pipe.get(unrecorded_key(settings.key_prefix))
+        *lengths, unacked, paused, unrecorded = pipe.execute()
     by_queue = consumers(app)
     with mongo_errors():
         failed = FailedUpdate.objects(status="open").count()
@@ -69,7 +73,8 @@ def queue_status(app: Celery, client: redis.Redis, settings: Settings) -> dict[s
             q: {"waiting": n, "consumers": by_queue.get(q, [])} for q, n in zip(QUEUES, lengths, strict=True)
         },
         "unacked": unacked,
-        "paused_workers": sorted(paused),
+        "paused": None if paused is None else _pause_record(paused),
+        "unrecorded": int(unrecorded or 0),
         "failed_open": failed,
         "outbox": outbox.counts(),
         "locks_held": len(held_locks(client, settings.key_prefix)),
@@ -77,29 +82,52 @@ def queue_status(app: Celery, client: redis.Redis, settings: Settings) -> dict[s
     }
 
 
+def pause_state(client: redis.Redis, settings: Settings) -> dict[str, Any] | None:
+    """The pause in force (``{"at": ...}``), or None."""
+    with redis_errors():
+        raw = client.get(pause_key(settings.key_prefix))
+    return None if raw is None else _pause_record(raw)
+
+
 def pause(app: Celery, client: redis.Redis, settings: Settings, queue: str = "workorder") -> list[str]:
-    """Stop consuming ``queue`` (messages stay queued); returns the workers that stopped."""
-    replies = _control(app, "cancel_consumer", queue)
-    workers = [name for reply in replies for name in reply]
-    if workers:
-        with redis_errors():
-            client.sadd(paused_key(settings.key_prefix), *workers)
-    return workers
+    """Pause ``queue`` until ``resume``: messages stay queued, the in-flight update completes.
+
+    The pause is a Redis key that every ``workorder`` worker honours at start, when it
+    takes the lease and on every tick, so a restart, a standby or a successor never
+    undoes it. The consumers that answer are also told at once; returns their names.
+    """
+    with redis_errors():
+        client.set(pause_key(settings.key_prefix), json.dumps({"at": utcnow().isoformat()}))
+    consuming = consumers(app).get(queue, [])
+    if not consuming:
+        return []
+    replies = _control(app, "cancel_consumer", queue, destination=consuming)
+    return sorted(name for reply in replies for name in reply)
 
 
 def resume(app: Celery, client: redis.Redis, settings: Settings, queue: str = "workorder") -> list[str]:
-    """Make the workers that ``pause`` stopped consume ``queue`` again (and only those)."""
-    key = paused_key(settings.key_prefix)
+    """End the pause; the active ``workorder`` worker consumes again at its next tick.
+
+    Returns the workers seen consuming ``queue`` within ``RESUME_WAIT_S`` (none: no
+    active worker is running). Only the lease holder ever consumes, never another worker.
+    """
     with redis_errors():
-        workers = sorted(client.smembers(key))
-    if not workers:
-        raise MesError(f"no paused consumer of {queue!r} is recorded", code="NOT_PAUSED")
-    replies = _control(app, "add_consumer", queue, destination=workers)
-    resumed = [name for reply in replies for name in reply]
-    with redis_errors():
-        if resumed:
-            client.srem(key, *resumed)
-    return resumed
+        if not client.delete(pause_key(settings.key_prefix)):
+            raise MesError(f"{queue!r} is not paused", code="NOT_PAUSED")
+    deadline = time.monotonic() + RESUME_WAIT_S
+    while True:
+        consuming = consumers(app).get(queue, [])
+        if consuming or time.monotonic() > deadline:
+            return consuming
+        time.sleep(0.2)
+
+
+def _pause_record(raw: Any) -> dict[str, Any]:
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        value = None
+    return value if isinstance(value, dict) else {"at": None}
 
 
 def _control(app: Celery, command: str, queue: str, **kwargs: Any) -> list[dict[str, Any]]:

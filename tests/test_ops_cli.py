@@ -166,9 +166,13 @@ def test_queue_status_counts_the_outbox(services: redis.Redis) -> None:
     assert "outbox: 0 spooled (broker was down), 1 sent awaiting an outcome" in cli("queue", "status").stdout
 
 
-def test_queue_pause_with_no_worker_says_so(services: redis.Redis) -> None:
+def test_queue_pause_with_no_worker_is_recorded_and_says_nobody_was_consuming(services: redis.Redis) -> None:
     result = cli("queue", "pause")
-    assert result.exit_code == 2 and "NO_WORKER" in result.stderr
+    assert result.exit_code == 0 and "no worker was consuming it" in result.stdout
+    assert cli_json("queue", "status")["paused"]["at"]  # type: ignore[index]
+    assert "PAUSED since" in cli("queue", "status").stdout
+    assert cli("queue", "resume").exit_code == 0
+    assert cli_json("queue", "status")["paused"] is None
 
 
 def test_queue_status_with_redis_down_is_a_clear_error(

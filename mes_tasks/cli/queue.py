@@ -36,8 +36,10 @@ def status(ctx: click.Context, as_json: bool) -> None:
         who = ", ".join(q["consumers"]) or "NO CONSUMER"
         click.echo(f"queue {name}: {q['waiting']} waiting; consumed by {who}")
     click.echo(f"in flight (unacknowledged): {data['unacked']}")
-    if data["paused_workers"]:
-        click.echo(f"paused: {', '.join(data['paused_workers'])}")
+    if data["paused"]:
+        click.echo(f"PAUSED since {data['paused']['at']} (queue resume ends it)")
+    if data["unrecorded"]:
+        click.echo(f"submissions queued without an outbox record (MongoDB was down): {data['unrecorded']}")
     click.echo(f"failed updates open: {data['failed_open']}")
     pending = data["outbox"]
     click.echo(
@@ -51,17 +53,25 @@ def status(ctx: click.Context, as_json: bool) -> None:
 @click.pass_context
 @handle_errors
 def pause_cmd(ctx: click.Context) -> None:
-    """Stop consuming workorder; messages wait in the queue, nothing is lost."""
+    """Stop consuming workorder until resumed; messages wait in the queue, nothing is lost.
+
+    The pause holds across worker restarts and take-overs.
+    """
     workers = _on_workers(ctx, pause)
-    click.echo(f"paused workorder on {', '.join(workers)}; the in-flight update, if any, completes")
+    where = f"stopped the consumer on {', '.join(workers)}" if workers else "no worker was consuming it"
+    click.echo(f"paused workorder ({where}); the in-flight update, if any, completes")
 
 
 @queue.command("resume")
 @click.pass_context
 @handle_errors
 def resume_cmd(ctx: click.Context) -> None:
-    """Consume workorder again, on the workers that were paused."""
-    click.echo(f"resumed workorder on {', '.join(_on_workers(ctx, resume))}")
+    """End the pause: the active workorder worker consumes again."""
+    workers = _on_workers(ctx, resume)
+    if workers:
+        click.echo(f"resumed workorder; consumed by {', '.join(workers)}")
+    else:
+        click.echo("resumed workorder; no worker consumes it yet (is a workorder worker running?)")
 
 
 @queue.command("purge")
