@@ -113,11 +113,11 @@ def _final_failure(job_id: str) -> FailedUpdate:
     return FailedUpdate.objects.get(task_id=job_id)
 
 
-def test_unknown_work_orders_and_negative_counters_are_dead_lettered_without_retries(
+def test_unknown_work_orders_and_negative_counters_past_their_wait_are_dead_lettered_without_retries(
     start_worker: Callable[..., Worker],
 ) -> None:
     make_work_orders(["WO-1"], output_qty=1)
-    worker = start_worker()
+    worker = start_worker(MES_NEGATIVE_WAIT_S="0")  # see test_corrections for the wait itself
     unknown = submit_quantity_update("WO-404", "output", 1, request_id="u1")
     negative = submit_quantity_update("WO-1", "output", -2, request_id="n1")
     for job, code in ((unknown, "UNKNOWN_WORK_ORDER"), (negative, "NEGATIVE_COUNTER")):
