@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import reprlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from itertools import chain
+from json.encoder import encode_basestring
 from typing import Any
 
 from mes_tasks.errors import ValidationError
@@ -12,8 +16,19 @@ MAX_WORK_ORDER_ID_LEN = 128
 MAX_REQUEST_ID_LEN = 256
 MAX_CONTEXT_VALUE_LEN = 512
 MAX_ABS_QUANTITY = 1_000_000
+# An update's JSON, in bytes; the largest one the field checks accept is about 24 KiB
+# (every character a control character, escaped as \uXXXX).
+MAX_UPDATE_BYTES = 32 * 1024
+SHOWN_CHARS = 40  # of a value quoted in an error message
+SHOWN_KEYS = 3  # unknown context keys named in an error message
 WORK_ORDER_ID_FORBIDDEN = ("$", "\x00")
 REQUEST_ID_FORBIDDEN = ("\x00",)  # barcodes (Code 39) may carry '$'; it is only ever a value
+UPDATE_FIELDS = ("work_order_id", "kind", "quantity", "request_id", "context")
+
+_repr = reprlib.Repr()
+_repr.maxstring = _repr.maxother = SHOWN_CHARS
+_repr.maxlevel, _repr.maxdict, _repr.maxlist, _repr.maxtuple = 2, 3, 3, 3
+_END = object()
 
 
 @dataclass(frozen=True)
@@ -34,11 +49,12 @@ def validate_update(
     request_id: Any = None,
     context: Any = None,
 ) -> UpdateRequest:
-    """Check every field of an update.
+    """Check every field of an update, its size first.
 
     Raises:
         ValidationError: with ``code`` naming what is wrong.
     """
+    _check_size(dict(zip(UPDATE_FIELDS, (work_order_id, kind, quantity, request_id, context), strict=True)))
     return UpdateRequest(
         work_order_id=check_work_order_id(work_order_id),
         kind=_kind(kind),
@@ -46,6 +62,70 @@ def validate_update(
         request_id=None if request_id is None else _request_id(request_id),
         context=_context(context),
     )
+
+
+def check_update_size(args: Any = (), kwargs: Any = None) -> None:
+    """Refuse task arguments larger than ``MAX_UPDATE_BYTES`` as JSON, reading no more than that.
+
+    For the send path (``update_quantity.delay()`` / ``apply_async``), on its raw ``args``
+    and ``kwargs``: the worker would only dead-letter a larger update.
+
+    Raises:
+        ValidationError: ``UPDATE_TOO_LARGE``.
+    """
+    _check_size({"args": args, "kwargs": kwargs})
+
+
+def _check_size(value: Any) -> None:
+    if json_size(value, MAX_UPDATE_BYTES) > MAX_UPDATE_BYTES:
+        raise ValidationError(
+            f"the update is larger than {MAX_UPDATE_BYTES} bytes as JSON", code="UPDATE_TOO_LARGE"
+        )
+
+
+def json_size(value: Any, limit: int) -> int:
+    """About the UTF-8 size of ``value`` as JSON, counted only until it passes ``limit``.
+
+    Containers are read one item at a time and a string longer than ``limit`` is not
+    encoded, so refusing a huge, deep or circular value costs no more than ``limit``.
+    """
+    total = 0
+    pending: list[Iterator[Any]] = [iter((value,))]
+    while pending and total <= limit:
+        item = next(pending[-1], _END)
+        if item is _END:
+            pending.pop()
+        elif isinstance(item, dict):
+            pending.append(chain.from_iterable(item.items()))
+            total += 1 + 2 * len(item)  # braces, a ':' and a ',' per entry
+        elif isinstance(item, list | tuple):
+            pending.append(iter(item))
+            total += 1 + len(item)  # brackets and commas
+        else:
+            total += _scalar_size(item, limit)
+    return total
+
+
+def _scalar_size(item: Any, limit: int) -> int:
+    if isinstance(item, str):
+        if len(item) > limit:
+            return len(item)
+        return len(encode_basestring(item).encode("utf-8", "surrogatepass"))
+    if isinstance(item, int) and not isinstance(item, bool):
+        return item.bit_length() // 3 + 2  # decimal digits, and a sign
+    return len(repr(item)) if item is None or isinstance(item, bool | float) else len(type(item).__name__)
+
+
+def shown(value: Any) -> str:
+    """``value`` as an error message quotes it: the repr of a short prefix, and its length if cut."""
+    if isinstance(value, str):
+        if len(value) <= SHOWN_CHARS:
+            return repr(value)
+        return f"{value[:SHOWN_CHARS]!r}…({len(value)} chars)"
+    try:
+        return _repr.repr(value)
+    except Exception:  # a value whose repr fails (e.g. an int of 5000 digits) is named by its type
+        return f"<{type(value).__name__}>"
 
 
 def check_work_order_id(value: Any) -> str:
@@ -64,17 +144,21 @@ def _request_id(value: Any) -> str:
 def _check_id(name: str, value: Any, max_len: int, forbidden: tuple[str, ...]) -> None:
     code = f"INVALID_{name.upper()}"
     if not isinstance(value, str) or not value.strip():
-        raise ValidationError(f"{name} must be a non-empty string", code=code)
+        raise ValidationError(f"{name} must be a non-empty string, not {shown(value)}", code=code)
     if len(value) > max_len:
-        raise ValidationError(f"{name} is longer than {max_len} characters", code=code)
+        raise ValidationError(f"{name} {shown(value)} is longer than {max_len} characters", code=code)
     if any(ch in value for ch in forbidden) or value != value.strip():
-        shown = " or ".join(repr(ch) for ch in forbidden)
-        raise ValidationError(f"{name} must not contain {shown} nor start or end with spaces", code=code)
+        chars = " or ".join(repr(ch) for ch in forbidden)
+        raise ValidationError(
+            f"{name} {shown(value)} must not contain {chars} nor start or end with spaces", code=code
+        )
 
 
 def _kind(value: Any) -> str:
     if value not in KINDS or not isinstance(value, str):
-        raise ValidationError(f"kind must be one of {', '.join(KINDS)}", code="INVALID_KIND")
+        raise ValidationError(
+            f"kind must be one of {', '.join(KINDS)}, not {shown(value)}", code="INVALID_KIND"
+        )
     return str(value)
 
 
@@ -93,17 +177,20 @@ def _context(value: Any) -> dict[str, str]:
     if value is None:
         return {}
     if not isinstance(value, dict):
-        raise ValidationError("context must be an object", code="INVALID_CONTEXT")
-    unknown = sorted(str(k) for k in value if k not in CONTEXT_FIELDS)
+        raise ValidationError(f"context must be an object, not {shown(value)}", code="INVALID_CONTEXT")
+    unknown = [k for k in value if k not in CONTEXT_FIELDS]
     if unknown:
+        more = f" and {len(unknown) - SHOWN_KEYS} more" if len(unknown) > SHOWN_KEYS else ""
+        names = ", ".join(shown(k) for k in unknown[:SHOWN_KEYS])
         raise ValidationError(
-            f"unknown context keys {unknown}; allowed: {', '.join(CONTEXT_FIELDS)}",
+            f"unknown context keys {names}{more}; allowed: {', '.join(CONTEXT_FIELDS)}",
             code="INVALID_CONTEXT",
         )
     for key, item in value.items():
         if item is not None and (not isinstance(item, str) or len(item) > MAX_CONTEXT_VALUE_LEN):
             raise ValidationError(
-                f"context[{key!r}] must be a string of at most {MAX_CONTEXT_VALUE_LEN} characters",
+                f"context[{key!r}] must be a string of at most {MAX_CONTEXT_VALUE_LEN} characters, "
+                f"not {shown(item)}",
                 code="INVALID_CONTEXT",
             )
     return {k: v for k, v in value.items() if v is not None}
