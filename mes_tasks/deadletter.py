@@ -2,18 +2,27 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from datetime import datetime
 from typing import Any
 
 from bson import ObjectId
 from bson.errors import InvalidId
 
 from mes_tasks.db import mongo_errors
-from mes_tasks.errors import MesError, ValidationError
+from mes_tasks.errors import MesError, MongoUnavailable, ValidationError
 from mes_tasks.models import FAILED_STATUSES, FailedUpdate, utcnow
-from mes_tasks.validation import check_work_order_id
+from mes_tasks.validation import MAX_UPDATE_BYTES, SHOWN_CHARS, check_work_order_id
+
+log = logging.getLogger(__name__)
+
+MAX_PAYLOAD_BYTES = 64 * 1024  # of a dead letter's payload JSON; a longer one keeps this prefix
+MAX_TEXT_CHARS = 1000  # of an error message, task id or work order id in a dead letter
+MAX_HISTORY = 50  # events kept per dead letter, the newest
 
 
 @dataclass(frozen=True)
@@ -33,42 +42,113 @@ class Failure:
 def record_failure(failure: Failure) -> None:
     """Upsert the ``FailedUpdate`` for this request id and append the attempt to its history.
 
+    Every part is bounded (payload, messages, the last ``MAX_HISTORY`` events), so the
+    record fits in a MongoDB document whatever the update held; should the server refuse
+    it all the same, a record without the payload is kept instead.
+
     Raises:
         MongoUnavailable: nothing could be recorded; the caller must not drop the task.
     """
     now = utcnow()
-    event = {
-        "at": now,
-        "event": "failed",
-        "code": failure.error.code,
-        "message": failure.error.message,
-        "attempts": failure.attempts,
-        "task_id": failure.task_id,
+    payload, truncated = _payload(failure.args, failure.kwargs)
+    refused = _upsert(failure.request_id, _changes(failure, now, payload, truncated))
+    if refused is None:
+        return
+    log.warning(
+        "dead letter %s refused (%s); recording it without its payload", _key(failure.request_id), refused
+    )
+    minimal = _without_payload(failure)
+    refused = _upsert(minimal.request_id, _changes(minimal, now, None, True, f"payload not kept: {refused}"))
+    if refused is not None:
+        raise MongoUnavailable(f"the dead-letter store refused even a record without payload: {refused}")
+
+
+def _changes(
+    failure: Failure, now: datetime, payload: str | None, truncated: bool, note: str | None = None
+) -> dict[str, Any]:
+    message = _clip(failure.error.message, MAX_TEXT_CHARS)
+    task_id = _clip(failure.task_id, MAX_TEXT_CHARS)
+    event = {"at": now, "event": "failed", "code": failure.error.code, "message": message,
+             "attempts": failure.attempts, "task_id": task_id}  # fmt: skip
+    if note:
+        event["note"] = note
+    return {
+        "$set": {
+            "task_name": failure.task_name,
+            "task_id": task_id,
+            "payload": payload,
+            "payload_truncated": truncated,
+            "work_order_id": _clip(failure.work_order_id, MAX_TEXT_CHARS),
+            "error_code": failure.error.code,
+            "error_message": message,
+            "last_failed_at": now,
+            "status": "open",
+        },
+        "$setOnInsert": {"first_failed_at": now},
+        "$inc": {"attempts": failure.attempts},
+        "$push": {"history": {"$each": [event], "$slice": -MAX_HISTORY}},
     }
-    with mongo_errors():
-        FailedUpdate._get_collection().update_one(
-            {"request_id": failure.request_id},
-            {
-                "$set": {
-                    "task_name": failure.task_name,
-                    "task_id": failure.task_id,
-                    "payload": _payload(failure.args, failure.kwargs),
-                    "work_order_id": failure.work_order_id,
-                    "error_code": failure.error.code,
-                    "error_message": failure.error.message,
-                    "last_failed_at": now,
-                    "status": "open",
-                },
-                "$setOnInsert": {"first_failed_at": now},
-                "$inc": {"attempts": failure.attempts},
-                "$push": {"history": event},
-            },
-            upsert=True,
-        )
 
 
-def _payload(args: Any, kwargs: Any) -> str:
-    return json.dumps({"args": list(args or ()), "kwargs": dict(kwargs or {})}, default=repr)
+def _upsert(request_id: str, changes: dict[str, Any]) -> str | None:
+    """Store a dead letter; the server's reason when it refused, None once stored.
+
+    Raises:
+        MongoUnavailable: MongoDB could not be reached.
+    """
+    try:
+        with mongo_errors():
+            FailedUpdate._get_collection().update_one({"request_id": _key(request_id)}, changes, upsert=True)
+    except MongoUnavailable:
+        raise
+    except Exception as exc:  # e.g. DocumentTooLarge, or text BSON cannot encode
+        return _clip(f"{type(exc).__name__}: {exc}", MAX_TEXT_CHARS)
+    return None
+
+
+def _payload(args: Any, kwargs: Any) -> tuple[str, bool]:
+    """The update as JSON, and whether it was cut at ``MAX_PAYLOAD_BYTES`` (then not valid JSON)."""
+    value = {"args": list(args or ()), "kwargs": dict(kwargs or {})}
+    chunks, size = [], 0
+    for chunk in json.JSONEncoder(default=repr).iterencode(value):  # ASCII: a character is a byte
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > MAX_PAYLOAD_BYTES:
+            return "".join(chunks)[:MAX_PAYLOAD_BYTES], True
+    return "".join(chunks), False
+
+
+def _without_payload(failure: Failure) -> Failure:
+    """The failure as the smallest record: no payload, every text valid UTF-8."""
+    error = MesError(_utf8(failure.error.message), code=failure.error.code)
+    task_id, work_order_id = failure.task_id, failure.work_order_id
+    return replace(
+        failure,
+        request_id=_utf8(failure.request_id),
+        task_id=task_id and _utf8(task_id),
+        work_order_id=work_order_id and _utf8(work_order_id),
+        args=(),
+        kwargs={},
+        error=error,
+    )
+
+
+def _utf8(text: str) -> str:
+    return text.encode("utf-8", "replace").decode("utf-8")
+
+
+def _key(request_id: str) -> str:
+    """The request id a dead letter is filed under: itself, or a digest of one too long to index."""
+    if len(request_id) <= MAX_UPDATE_BYTES:
+        return request_id
+    digest = hashlib.sha256(request_id.encode("utf-8", "surrogatepass")).hexdigest()
+    return f"{request_id[:SHOWN_CHARS]}…({len(request_id)} chars, sha256 {digest})"
+
+
+def _clip(text: str | None, limit: int) -> str | None:
+    if text is None or len(text) <= limit:
+        return text
+    return f"{text[:limit]}…({len(text)} chars)"
 
 
 def find_failed(
