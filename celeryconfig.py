@@ -1,15 +1,19 @@
 """Celery settings for mes_tasks, derived from the environment (see mes_tasks.settings)."""
 
+import os
 import sys
 from datetime import timedelta
 
 from celery.schedules import crontab
 
 from mes_tasks.errors import ConfigurationError
+from mes_tasks.flowerauth import check_basic_auth
 from mes_tasks.settings import get_settings
 
 try:
     _s = get_settings()
+    if os.environ.get("FLOWER_BASIC_AUTH"):  # Flower would misread it silently: refuse it here
+        check_basic_auth(os.environ["FLOWER_BASIC_AUTH"])
 except ConfigurationError as _exc:
     if "celery" in sys.argv[0]:  # the celery CLI: one clear line instead of a traceback
         print(f"mes_tasks: invalid configuration [{_exc.code}]: {_exc.message}", file=sys.stderr)

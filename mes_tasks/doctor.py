@@ -13,7 +13,8 @@ import redis
 from celery import Celery
 
 from mes_tasks import db
-from mes_tasks.errors import MesError
+from mes_tasks.errors import ConfigurationError, MesError
+from mes_tasks.flowerauth import check_basic_auth
 from mes_tasks.models import AuditReport, FailedUpdate, QuantityLog, utcnow
 from mes_tasks.settings import Settings, mask_secrets
 from mes_tasks.status import consumers
@@ -208,7 +209,13 @@ def check_audit(ctx: Context) -> list[Check]:
 
 
 def check_flower_auth(ctx: Context) -> list[Check]:
-    if os.environ.get("FLOWER_BASIC_AUTH") or os.environ.get("FLOWER_AUTH"):
+    basic = os.environ.get("FLOWER_BASIC_AUTH")
+    if basic:
+        try:
+            check_basic_auth(basic)
+        except ConfigurationError as exc:
+            return [Check(FAIL, "flower auth", exc.message, "see the message")]
+    if basic or os.environ.get("FLOWER_AUTH"):
         return [Check(OK, "flower auth", "configured")]
     return [
         Check(

@@ -31,6 +31,8 @@ from mes_tasks.devserver import (
     secantus_uri,
     worker_argv,
 )
+from mes_tasks.errors import ConfigurationError
+from mes_tasks.flowerauth import basic_auth
 from mes_tasks.settings import mask_url
 
 SIGINT_GRACE_S = 5.0  # time for children to react to the terminal's own Ctrl-C
@@ -62,25 +64,37 @@ def _pump(child: Child, log_path: Path) -> None:
 
 
 def flower_credentials(var: Path) -> tuple[str, str, bool]:
-    """(user, password, generated): from the environment, else a password made once under ``var/``."""
+    """(user, password, generated): from the environment, else a password made once under ``var/``.
+
+    Raises:
+        ConfigurationError: Flower would misread the user or the password.
+    """
     user = os.environ.get("MES_FLOWER_USER") or FLOWER_USER
     password = os.environ.get("MES_FLOWER_PASSWORD")
-    if password:
-        return user, password, False
     path = var / PASSWORD_FILE
-    if path.exists():
-        return user, path.read_text().strip(), False
-    password = secrets.token_urlsafe(18)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.touch(mode=0o600)
-    path.write_text(password + "\n")
-    return user, password, True
+    if password:
+        source, generated = "MES_FLOWER_PASSWORD", False
+    elif path.exists():
+        password, source, generated = path.read_text().strip(), str(path), False
+    else:
+        password, source, generated = secrets.token_urlsafe(18), "the generated password", True
+    basic_auth(user, password, "MES_FLOWER_USER", source)
+    if generated:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch(mode=0o600)
+        path.write_text(password + "\n")
+    return user, password, generated
 
 
 def run_stack(var: Path, redis_port: int, mongo_port: int, flower_port: int) -> int:
     var = var.resolve()
+    try:
+        user, password, generated = flower_credentials(var)
+    except ConfigurationError as exc:
+        raise SystemExit(f"[stack] cannot start Flower: {exc.message}") from None
     (var / "log").mkdir(parents=True, exist_ok=True)
     env, services = _services(var, redis_port, mongo_port)
+    env["FLOWER_BASIC_AUTH"] = f"{user}:{password}"
     children: list[Child] = []
     try:
         for svc in services:
@@ -88,8 +102,6 @@ def run_stack(var: Path, redis_port: int, mongo_port: int, flower_port: int) -> 
                 raise SystemExit(f"port {svc.port} for {svc.name} is taken: is another `make run` running?")
             print(f"[stack] starting {svc.name} on 127.0.0.1:{svc.port} (data in {var})", flush=True)
             svc.start()
-        user, password, generated = flower_credentials(var)
-        env["FLOWER_BASIC_AUTH"] = f"{user}:{password}"
         for name, argv in _processes(var, flower_port):
             proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
             children.append(Child(name, proc))
