@@ -22,6 +22,7 @@ except ConfigurationError as _exc:
 
 broker_url = _s.redis_url
 broker_connection_retry_on_startup = True
+broker_connection_max_retries = None  # a lost broker is retried every second, for as long as it takes
 broker_transport_options = {
     "visibility_timeout": _s.visibility_timeout_s,
     "unacked_restore_interval": _s.unacked_restore_interval_s,

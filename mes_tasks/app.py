@@ -20,6 +20,7 @@ EXIT_CONFIG = 78  # EX_CONFIG from sysexits.h
 
 app = Celery("mes_tasks", include=["mes_tasks.tasks"])
 app.config_from_object("celeryconfig")
+app.conf.worker_consumer = "mes_tasks.consumer:Consumer"
 app.steps["consumer"].add(SingleActiveConsumer)
 app.steps["consumer"].add(ReleaseKeptLocks)
 

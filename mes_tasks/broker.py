@@ -21,6 +21,17 @@ SCAN_CHUNK = 1000  # list entries read per LRANGE
 BROKER_ERRORS: tuple[type[Exception], ...] = (OperationalError, redis.RedisError, OSError)
 
 
+def is_outage(exc: BaseException) -> bool:
+    """Whether a publish failed because a store is down (spool it), not because of its arguments.
+
+    Celery's Redis result consumer reports a failed reconnect (while a ``.delay()``
+    subscribes to its result) as a ``RuntimeError`` raised from the connection error.
+    """
+    if isinstance(exc, BROKER_ERRORS):
+        return True
+    return isinstance(exc, RuntimeError) and isinstance(exc.__cause__, BROKER_ERRORS)
+
+
 def held_task_ids(channel: Any, queue: str) -> set[str]:
     """Task ids of every message of ``queue`` that is waiting or delivered but unacknowledged."""
     ids: set[str] = set()

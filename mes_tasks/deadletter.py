@@ -195,10 +195,24 @@ def retry_failed(record: FailedUpdate, send: Callable[..., str]) -> str:
     Returns:
         The new task id.
     """
-    payload = json.loads(record.payload or "{}")
+    if record.payload_truncated or not record.payload:
+        raise MesError(
+            f"dead letter {record.id} kept no full payload (it was too large): discard it and send the "
+            "update again from its source",
+            code="PAYLOAD_TRUNCATED",
+        )
+    payload = json.loads(record.payload)
     kwargs = dict(payload.get("kwargs") or {})
     kwargs["request_id"] = record.request_id
-    task_id = send(list(payload.get("args") or []), kwargs)
+    # "retried" before the send: from the moment the update is in the outbox, this record
+    # must not count as its outcome (the relay would settle it and never re-send it).
+    with mongo_errors():
+        FailedUpdate.objects(id=record.id).update_one(set__status="retried")
+    try:
+        task_id = send(list(payload.get("args") or []), kwargs)
+    except BaseException as exc:
+        _set_status(record, "open", event="retry_failed", message=f"{type(exc).__name__}: {str(exc)[:300]}")
+        raise
     _set_status(record, "retried", task_id=task_id)
     return task_id
 
@@ -208,10 +222,10 @@ def discard_failed(record: FailedUpdate) -> None:
     _set_status(record, "discarded")
 
 
-def _set_status(record: FailedUpdate, status: str, **extra: Any) -> None:
-    event = {"at": utcnow(), "event": status, **extra}
+def _set_status(record: FailedUpdate, status: str, event: str | None = None, **extra: Any) -> None:
+    entry = {"at": utcnow(), "event": event or status, **extra}
     with mongo_errors():
-        FailedUpdate.objects(id=record.id).update_one(set__status=status, push__history=event)
+        FailedUpdate.objects(id=record.id).update_one(set__status=status, push__history=entry)
     record.reload()
 
 

@@ -167,6 +167,7 @@ class SingleActiveConsumer(bootsteps.StartStopStep):  # type: ignore[misc]
         self.eligible = False  # started on workorder: may hold the lease
         self.prefix = ""
         self.active = False
+        self.paused: bool | None = None  # as last seen, for the log
         self.timer_entry: Any = None
         self.mongo: MongoClient[dict[str, Any]] | None = None
 
@@ -223,12 +224,15 @@ class SingleActiveConsumer(bootsteps.StartStopStep):  # type: ignore[misc]
             paused = self.lease.client.exists(pause_key(self.prefix)) > 0
         except redis.RedisError:
             return  # unknown: keep things as they are until Redis answers
+        if paused != self.paused:
+            log.warning(
+                "%s is paused: not consuming it until `queue resume`" if paused else "consuming %s", QUEUE
+            )
+            self.paused = paused
         if paused and _consuming(c):
-            log.warning("%s is paused: not consuming it until `queue resume`", QUEUE)
             c.cancel_task_queue(QUEUE)
         elif not paused and not _consuming(c):
             c.add_task_queue(QUEUE)
-            log.warning("consuming %s", QUEUE)
 
     def stop(self, c: Any) -> None:
         """Worker shutdown, or a consumer restart (broker connection lost): let go of the lease.
@@ -243,6 +247,7 @@ class SingleActiveConsumer(bootsteps.StartStopStep):  # type: ignore[misc]
             with suppress(RedisUnavailable):
                 self.lease.release()  # a standby can take over at once
         self.active = False
+        self.paused = None
 
     shutdown = stop
 

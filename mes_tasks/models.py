@@ -84,6 +84,7 @@ class FailedUpdate(Document):
     task_name = StringField(required=True)
     task_id = StringField()
     payload = StringField()  # JSON {"args": [...], "kwargs": {...}}, exactly as sent
+    payload_truncated = BooleanField(default=False)  # cut at its size limit: it cannot be retried
     work_order_id = StringField()
     error_code = StringField(required=True)
     error_message = StringField()

@@ -31,7 +31,7 @@ from typing import Any
 
 from pymongo.collection import Collection
 
-from mes_tasks.broker import BROKER_ERRORS
+from mes_tasks.broker import is_outage
 from mes_tasks.db import mongo_errors
 from mes_tasks.deadletter import Failure, record_failure
 from mes_tasks.errors import PermanentError
@@ -137,15 +137,12 @@ def _publish_spooled(publish: Publish, limit: int, result: RelayResult) -> None:
     after: Doc = {}
     while result.published + result.set_aside < PUBLISH_MAX:
         with mongo_errors():
-            query = {"state": {"$ne": SENT}, **after}
-            batch = list(_collection().find(query).sort([("created_at", 1), ("_id", 1)]).limit(limit))
+            batch = list(_collection().find({"state": {"$ne": SENT}, **after}).sort("_id", 1).limit(limit))
         if not batch:
             return
         if not _send_all(publish, batch, {"$inc": {"attempts": 1}}, result, "published"):
             return  # the broker is down: the next run goes on
-        last = batch[-1]
-        after = {"$or": [{"created_at": {"$gt": last["created_at"]}},
-                         {"created_at": last["created_at"], "_id": {"$gt": last["_id"]}}]}  # fmt: skip
+        after = {"_id": {"$gt": batch[-1]["_id"]}}
 
 
 def _send_all(publish: Publish, batch: list[Doc], update: Doc, result: RelayResult, count: str) -> bool:
@@ -157,11 +154,11 @@ def _send_all(publish: Publish, batch: list[Doc], update: Doc, result: RelayResu
         try:
             payload = json.loads(doc["payload"])
             publish(doc["job_id"], payload["args"], payload["kwargs"])
-        except BROKER_ERRORS as exc:  # broker still down: keep the rest for the next run
-            _mark_failed(doc, exc)
-            log.warning("outbox relay stopped: %s", type(exc).__name__)
-            return False
         except Exception as exc:
+            if is_outage(exc):  # broker still down: keep the rest for the next run
+                _mark_failed(doc, exc)
+                log.warning("outbox relay stopped: %s", type(exc).__name__)
+                return False
             set_aside(doc, exc)
             result.set_aside += 1
             continue

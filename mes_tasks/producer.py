@@ -14,12 +14,12 @@ from pymongo import MongoClient
 from pymongo.collection import Collection
 
 from mes_tasks import db, outbox
-from mes_tasks.broker import BROKER_ERRORS
+from mes_tasks.broker import is_outage
 from mes_tasks.errors import MesError, QueueError, ValidationError
 from mes_tasks.keys import apply_ms_key, unrecorded_key
 from mes_tasks.models import OutboxMessage
 from mes_tasks.settings import Settings, get_settings, mask_secrets
-from mes_tasks.validation import validate_update
+from mes_tasks.validation import check_update_size, validate_update
 
 log = logging.getLogger(__name__)
 
@@ -140,19 +140,21 @@ class Producer:
             QueueError: the broker refused it and the outbox could not record it.
             TypeError, kombu's EncodeError: the arguments do not fit the task or are not JSON;
                 nothing is kept.
+            ValidationError: ``UPDATE_TOO_LARGE``; nothing is kept.
         """
         args, kwargs = bind_update(args, kwargs)
+        check_update_size(args, kwargs)  # ValidationError here: the worker could only dead-letter it
         recorded = self._record(job_id, args, kwargs)
         try:
             return Sent(result=publish(job_id, args, kwargs, options), recorded=recorded)
-        except BROKER_ERRORS as exc:  # an outage is spooled or reported, never raised raw
-            reason = mask_secrets(f"{type(exc).__name__}: {exc}")
+        except Exception as exc:
+            if not is_outage(exc):
+                if recorded:  # a mistake at the call site: never relay what can never be sent
+                    outbox.forget([job_id], self.outbox_collection())
+                raise
+            reason = mask_secrets(f"{type(exc).__name__}: {exc}")  # an outage: spooled or reported
             self._spool(job_id, args, kwargs, reason, recorded)
             return Sent(spooled=reason)
-        except Exception:
-            if recorded:  # a mistake at the call site: never relay what can never be sent
-                outbox.forget([job_id], self.outbox_collection())
-            raise
 
     def _record(self, job_id: str, args: list[Any], kwargs: dict[str, Any]) -> bool:
         if not self.settings.journal:

@@ -35,6 +35,18 @@ TEST_ENV = {
     "MES_LEASE_TTL_S": "3",
 }
 os.environ.update(TEST_ENV)
+# The shipped defaults of every timing TEST_ENV shortens: recovery is proved on these.
+DEFAULT_TIMINGS = {
+    "MES_LOCK_TTL_S": "30",
+    "MES_LOCK_WAIT_S": "10",
+    "MES_RETRY_MAX": "8",
+    "MES_RETRY_BACKOFF_S": "1",
+    "MES_RETRY_BACKOFF_MAX_S": "60",
+    "MES_VISIBILITY_TIMEOUT_S": "600",
+    "MES_UNACKED_RESTORE_INTERVAL_S": "10",
+    "MES_CONNECT_TIMEOUT_S": "5",
+    "MES_LEASE_TTL_S": "3",
+}
 
 from mes_tasks import db  # noqa: E402
 from mes_tasks.models import ALL_MODELS, WorkOrder  # noqa: E402

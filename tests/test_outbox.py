@@ -169,3 +169,87 @@ def test_mongodb_down_at_the_producer_still_queues_and_stops_waiting_for_it(
     assert producer._outbox_down_until > 0  # the next submissions skip the outbox for a while
     assert producer.submit("WO-1", "input", 2, "m-2")["code"] == "QUEUED"
     assert redis_client.llen(WORKORDER_QUEUE) == 2
+
+
+def test_a_malformed_delay_raises_at_the_call_site_and_is_never_spooled(
+    mongo: Mongo, redis_client: redis.Redis, servers: dict[str, Service]
+) -> None:
+    with pytest.raises(TypeError, match="countdown"):
+        update_quantity.delay("WO-1", "input", 5, request_id="x", countdown=5)
+    with pytest.raises(TypeError, match="countdown"):  # with the broker down too: not an outage
+        with_redis_down(servers, lambda: update_quantity.delay("WO-1", "input", 5, countdown=5))
+    with pytest.raises(TypeError, match="missing"):
+        update_quantity.delay("WO-1", "input")
+    assert OutboxMessage.objects.count() == 0 and redis_client.llen(WORKORDER_QUEUE) == 0
+
+
+def _spooled(name: str, payload: str) -> None:
+    OutboxMessage(job_id=name, request_id=f"{name}-1", state="spooled", payload=payload).save()
+
+
+def test_a_poisoned_outbox_entry_is_set_aside_and_the_entries_behind_it_still_go(
+    mongo: Mongo, redis_client: redis.Redis, start_worker: Callable[..., Worker]
+) -> None:
+    from celery.bin.celery import celery
+    from click.testing import CliRunner
+
+    from mes_tasks.models import FailedUpdate
+
+    make_work_orders(["WO-1"])
+    _spooled(
+        "bad", json.dumps({"args": ["WO-1", "input", 1], "kwargs": {"request_id": "bad-1", "countdown": 5}})
+    )
+    _spooled("junk", "{not json")
+    _spooled("good", json.dumps({"args": ["WO-1", "input", 2], "kwargs": {"request_id": "good-1"}}))
+    result = relay()
+    assert (result["published"], result["set_aside"]) == (1, 2)
+    assert {f.request_id: f.error_code for f in FailedUpdate.objects} == {
+        "bad-1": "UNPUBLISHABLE", "junk-1": "UNPUBLISHABLE"}  # fmt: skip
+    assert OutboxMessage.objects(state="spooled").count() == 0
+    start_worker()
+    wait_until(lambda: QuantityLog.objects(request_id="good-1").count() == 1, 30, "the good entry")
+    bad = FailedUpdate.objects.get(request_id="bad-1")
+    retried = CliRunner().invoke(celery, ["-A", "mes_tasks", "failed", "retry", str(bad.id)])
+    assert retried.exit_code == 2 and "UNRETRYABLE" in retried.stderr and "Traceback" not in retried.output
+    assert FailedUpdate.objects.get(request_id="bad-1").status == "open"
+
+
+def test_the_relay_reaches_every_spooled_entry_not_only_the_oldest_page(
+    mongo: Mongo, redis_client: redis.Redis
+) -> None:
+    from mes_tasks.outbox import RELAY_BATCH
+
+    n = RELAY_BATCH * 2 + 10
+    OutboxMessage._get_collection().insert_many([
+        {"job_id": f"j{i}", "request_id": f"r{i}", "state": "spooled", "attempts": 0,
+         "payload": json.dumps({"args": ["WO-1", "input", 1], "kwargs": {"request_id": f"r{i}"}})}
+        for i in range(n)
+    ])  # fmt: skip
+    assert relay(grace_s=60)["published"] == n
+    assert redis_client.llen(WORKORDER_QUEUE) == n
+
+
+def test_a_retried_dead_letter_stays_protected_until_it_has_an_outcome(
+    mongo: Mongo, redis_client: redis.Redis, start_worker: Callable[..., Worker]
+) -> None:
+    from celery.bin.celery import celery
+    from click.testing import CliRunner
+
+    from mes_tasks.deadletter import Failure, record_failure
+    from mes_tasks.errors import UnknownWorkOrder
+    from mes_tasks.models import FailedUpdate
+    from mes_tasks.tasks import UPDATE_QUANTITY
+
+    kwargs = {"request_id": "late-wo", "context": None}
+    error = UnknownWorkOrder("no WO-9")
+    record_failure(Failure(UPDATE_QUANTITY, "t-1", "late-wo", "WO-9", ["WO-9", "input", 3], kwargs, error, 1))
+    make_work_orders(["WO-9"])  # the main app created it late: the operator retries
+    record = FailedUpdate.objects.get(request_id="late-wo")
+    assert CliRunner().invoke(celery, ["-A", "mes_tasks", "failed", "retry", str(record.id)]).exit_code == 0
+    assert redis_client.delete(WORKORDER_QUEUE) == 1  # the broker loses the retried message
+    assert relay(grace_s=0)["republished"] == 1  # "retried" is no outcome: it is sent again
+    start_worker()
+    wait_until(lambda: QuantityLog.objects(request_id="late-wo").count() == 1, 30, "the retried update")
+    assert WorkOrder.objects.get(id="WO-9").input_qty == 3
+    wait_until(lambda: relay(grace_s=0)["settled"] == 1 or OutboxMessage.objects.count() == 0, 10, "settled")
+    assert OutboxMessage.objects.count() == 0

@@ -46,3 +46,40 @@ def test_a_broker_that_is_down_never_raises_to_the_caller(
     assert (result["success"], result["code"]) == (True, "SPOOLED")  # see test_outbox
     assert result["error"]  # the broker's reason
     assert submit_quantity_update("WO-1", "input", 1, request_id="up-again")["code"] == "QUEUED"
+
+
+def test_a_delay_with_redis_down_returns_in_about_a_second_and_spools(
+    redis_client: redis.Redis, servers: dict[str, Service]
+) -> None:
+    import time
+
+    from mes_tasks.models import OutboxMessage
+    from mes_tasks.tasks import update_quantity
+
+    servers["redis"].stop()
+    try:
+        started = time.monotonic()
+        update_quantity.delay("WO-1", "input", 1, request_id="d-down")
+        took = time.monotonic() - started
+    finally:
+        servers["redis"].start()
+    assert took < 5  # was about 20 s: the result store's reconnect, and no publish retry policy
+    assert OutboxMessage.objects.get(request_id="d-down").state == "spooled"
+
+
+def test_with_mongodb_down_an_update_is_queued_and_says_it_was_not_recorded(
+    redis_client: redis.Redis,
+) -> None:
+    from dataclasses import replace
+
+    from mes_tasks.keys import unrecorded_key
+    from mes_tasks.settings import get_settings
+
+    settings = replace(get_settings(), mongodb_uri="mongodb://127.0.0.1:1/mes", connect_timeout_s=0.3)
+    producer = Producer(settings)
+    first = producer.submit("WO-1", "input", 1, request_id="nomongo-1")
+    second = producer.submit("WO-1", "input", 1, request_id="nomongo-2")  # skips the outbox a moment
+    for result in (first, second):
+        assert (result["success"], result["code"], result["recorded"]) == (True, "QUEUED", False)
+    assert producer.unrecorded == 2 and redis_client.get(unrecorded_key("mes:")) == "2"
+    assert redis_client.llen(WORKORDER_QUEUE) == 2

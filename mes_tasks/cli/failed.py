@@ -82,6 +82,11 @@ def retry(record_ids: tuple[str, ...], every: bool, code: str | None, as_json: b
             raise ValidationError(f"cannot be retried: {exc}", code="UNRETRYABLE") from None
 
     records = _select(record_ids, every, code)
+    if every:  # records that kept no full payload cannot be retried: --all passes over them
+        unsendable = [r for r in records if r.payload_truncated or not r.payload]
+        for r in unsendable:
+            click.echo(f"skipped {r.id} (request {r.request_id}): no full payload kept", err=True)
+        records = [r for r in records if r not in unsendable]
     done = [{"id": str(r.id), "request_id": r.request_id, "task_id": retry_failed(r, send)} for r in records]
     _report(done, "re-sent", as_json)
 

@@ -1,0 +1,172 @@
+"""Recovery in seconds on default timings: a worker killed inside its transaction, restarted in place
+or replaced by a standby; a Redis restart while locks are kept."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import pytest
+import redis
+from bson.binary import Binary
+
+from conftest import DEFAULT_TIMINGS, Worker, make_work_orders, wait_until
+from mes_tasks.db import Mongo
+from mes_tasks.devserver import Service
+from mes_tasks.errors import LockBusy
+from mes_tasks.keys import lease_key, lock_key, sessions_key
+from mes_tasks.lease import holder_is_dead
+from mes_tasks.locks import RedisLock, owner_id
+from mes_tasks.models import QuantityLog, WorkOrder
+from mes_tasks.producer import submit_quantity_update
+from mes_tasks.sessions import end_others
+
+# Far below the 60 s that MongoDB keeps an abandoned transaction; the chaos run reports
+# the figure itself (goal: 5 s). A bound, not a benchmark: it catches waiting it out.
+RECOVERED_WITHIN_S = 15.0
+
+
+def _pending(wos: list[str], per_wo: int, tag: str) -> list[str]:
+    ids = []
+    for i in range(per_wo):
+        for wo in wos:
+            rid = f"{tag}:{wo}:{i}"
+            assert submit_quantity_update(wo, "input", 1, request_id=rid)["success"]
+            ids.append(rid)
+    return ids
+
+
+def _kill_mid_transaction(
+    start_worker: Callable[..., Worker], wos: list[str], tag: str
+) -> tuple[list[str], Worker]:
+    doomed = start_worker(MES_TEST_TXN_DELAY_S="60", **DEFAULT_TIMINGS)
+    rids = _pending(wos, 3, tag)
+    doomed.wait_for_log("holding the transaction open")
+    return rids, doomed
+
+
+def _all_applied(rids: list[str]) -> bool:
+    return QuantityLog.objects(request_id__in=rids).count() == len(rids)
+
+
+def test_a_worker_killed_inside_its_transaction_and_restarted_in_place_applies_everything_in_seconds(
+    start_worker: Callable[..., Worker],
+) -> None:
+    wos = ["WO-1", "WO-2"]
+    make_work_orders(wos)
+    rids, doomed = _kill_mid_transaction(start_worker, wos, "inplace")
+    doomed.kill()
+    killed = time.monotonic()
+    again = start_worker(wait=False, **DEFAULT_TIMINGS)
+    wait_until(lambda: _all_applied(rids), 60, "every pending update")
+    took = time.monotonic() - killed
+    print(f"\nrestarted in place: every pending update applied {took:.1f}s after the SIGKILL")
+    assert took < RECOVERED_WITHIN_S
+    assert "is not running any more: taking over" in again.log()  # not after the lease's TTL
+    assert "ended 1 session(s)" in again.log()
+    assert [WorkOrder.objects.get(id=wo).input_qty for wo in wos] == [3, 3]
+
+
+def test_a_worker_killed_inside_its_transaction_is_replaced_by_a_standby_in_seconds(
+    redis_client: redis.Redis, start_worker: Callable[..., Worker]
+) -> None:
+    wos = ["WO-1", "WO-2"]
+    make_work_orders(wos)
+    doomed = start_worker(MES_TEST_TXN_DELAY_S="60", **DEFAULT_TIMINGS)
+    wait_until(lambda: redis_client.get(lease_key("mes:")) is not None, 20, "the lease")
+    standby = start_worker(**DEFAULT_TIMINGS)
+    rids = _pending(wos, 3, "standby")
+    doomed.wait_for_log("holding the transaction open")
+    doomed.kill()
+    killed = time.monotonic()
+    wait_until(lambda: _all_applied(rids), 60, "every pending update")
+    took = time.monotonic() - killed
+    print(f"\nstandby: every pending update applied {took:.1f}s after the SIGKILL")
+    assert took < RECOVERED_WITHIN_S
+    assert "ended 1 session(s)" in standby.log()
+    assert [WorkOrder.objects.get(id=wo).input_qty for wo in wos] == [3, 3]
+
+
+def test_taking_over_ends_a_transaction_another_process_left_open(
+    mongo: Mongo, redis_client: redis.Redis
+) -> None:
+    make_work_orders(["WO-1"])
+    session = mongo.start_session()
+    session.start_transaction()
+    WorkOrder._get_collection().update_one({"_id": "WO-1"}, {"$inc": {"input_qty": 5}}, session=session)
+    lsid = bytes(session.session_id["id"]).hex()
+    redis_client.hset(sessions_key("mes:"), f"elsewhere:1:abc|{lsid}", "0")
+    redis_client.hset(sessions_key("mes:"), f"{owner_id()}|{'00' * 16}", "0")  # ours: left alone
+    try:
+        assert end_others(mongo, redis_client, "mes:") == 1
+        # The work order is free at once, and the abandoned write is gone.
+        WorkOrder._get_collection().find_one_and_update(
+            {"_id": "WO-1"}, {"$inc": {"epoch": 1}}, maxTimeMS=500
+        )
+        assert WorkOrder.objects.get(id="WO-1").input_qty == 0
+        assert list(redis_client.hkeys(sessions_key("mes:"))) == [f"{owner_id()}|{'00' * 16}"]
+        with pytest.raises(Exception):  # noqa: B017 - the server says the transaction is gone
+            session.commit_transaction()
+    finally:
+        session.end_session()
+    assert Binary(bytes.fromhex(lsid), 4)
+
+
+def test_a_lease_holder_of_this_host_is_dead_when_its_process_has_ended() -> None:
+    import socket
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    host = socket.gethostname()
+    assert holder_is_dead(f"{host}:{child.pid}:abc123/tok")
+    assert not holder_is_dead(f"{host}:1:abc123/tok")  # running (init)
+    assert not holder_is_dead(f"elsewhere:{child.pid}:abc123/tok")  # another host: wait out its TTL
+    assert not holder_is_dead(f"{owner_id()}/tok")  # this very process
+    assert holder_is_dead(f"{host}:{owner_id().split(':')[1]}:other1/tok")  # an earlier life of our pid
+
+
+def test_a_lock_of_this_process_that_survived_a_failed_release_is_taken_over_at_once(
+    redis_client: redis.Redis, servers: dict[str, Service]
+) -> None:
+    first = RedisLock(redis_client, lock_key("mes:", "WO-1"), 30, wait_s=10)
+    first.acquire()
+    orphan = first.token
+    first.stop_watchdog()
+    servers["redis"].stop()  # the release fails; with AOF, the key comes back with Redis
+    try:
+        with pytest.raises(Exception):  # noqa: B017
+            first.release()
+    finally:
+        servers["redis"].start()
+    assert redis_client.get(first.key) == orphan
+    second = RedisLock(redis_client, lock_key("mes:", "WO-1"), 30, wait_s=10)
+    started = time.monotonic()
+    second.acquire()  # not after MES_LOCK_WAIT_S: the orphan is ours
+    assert time.monotonic() - started < 5
+    assert redis_client.get(second.key) == second.token
+    other = RedisLock(redis_client, lock_key("mes:", "WO-1"), 30, wait_s=0.2)
+    with pytest.raises(LockBusy):  # a live lock of ours is never taken over
+        other.acquire()
+    second.release()
+
+
+def test_after_a_redis_restart_with_kept_locks_the_worker_applies_again_in_seconds(
+    redis_client: redis.Redis, servers: dict[str, Service], start_worker: Callable[..., Worker]
+) -> None:
+    make_work_orders(["WO-1", "WO-2"])
+    worker = start_worker(**DEFAULT_TIMINGS)
+    first = _pending(["WO-1", "WO-2"], 2, "before")
+    wait_until(lambda: _all_applied(first), 30, "the first updates")
+    servers["redis"].stop()  # the kept locks are in the AOF: they come back
+    time.sleep(2)
+    servers["redis"].start()
+    back = time.monotonic()
+    after = _pending(["WO-1", "WO-2"], 2, "after")
+    wait_until(lambda: _all_applied(after), 60, "the updates after the restart")
+    took = time.monotonic() - back
+    print(f"\nRedis restart: applying again {took:.1f}s after Redis came back")
+    assert took < RECOVERED_WITHIN_S  # was about 28 s: the worker waited on its own orphaned locks
+    assert [WorkOrder.objects.get(id=wo).input_qty for wo in ["WO-1", "WO-2"]] == [4, 4]
+    assert "LOCK_BUSY" not in worker.log()
