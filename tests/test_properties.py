@@ -1,14 +1,19 @@
 """Property: whatever the mix of submissions, duplicates, redeliveries, lost locks, paused
-holders and kept locks taken away between updates, every counter equals the sum of its
-distinct accepted requests, exactly once each, and every log records the value its own
-update left.
+holders, kept locks taken away between updates, deliveries held back (a paused queue, a
+count spooled during an outage) so that corrections overtake their counts, operator
+retries of dead letters and poisoned outbox entries beside good ones, every counter
+equals the sum of its distinct accepted requests, exactly once each, every log records
+the value its own update left, and a correction is refused only if it would still take
+its counter below zero once everything held back has arrived.
 
-Runs the real apply step against the real servers; hypothesis chooses the sequence.
+Runs the real apply step and the real outbox relay against the real servers; hypothesis
+chooses the sequence.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 
 import pytest
 import redis
@@ -16,17 +21,20 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from conftest import make_work_orders
+from mes_tasks import outbox
 from mes_tasks.db import Mongo
 from mes_tasks.errors import FenceLost, LockLost, NegativeCounter
 from mes_tasks.keptlocks import KeptLocks
 from mes_tasks.keys import lock_key
 from mes_tasks.ledger import ApplyResult, Ledger
-from mes_tasks.models import ALL_MODELS, QuantityLog, WorkOrder
+from mes_tasks.models import ALL_MODELS, FailedUpdate, OutboxMessage, QuantityLog, WorkOrder
+from mes_tasks.producer import bind_update
 from mes_tasks.settings import Settings
 from mes_tasks.validation import UpdateRequest, validate_update
 
 WOS = ["P-1", "P-2", "P-3"]
-FAULTS = ("none", "redeliver", "lock_lost", "paused_holder", "kept_lock_taken")
+FAULTS = ("none", "redeliver", "lock_lost", "paused_holder", "kept_lock_taken",
+          "held_back", "operator_retry", "poisoned_outbox")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -85,12 +93,63 @@ def deliver(ledger: Ledger, req: UpdateRequest, rid: str) -> ApplyResult:
     raise AssertionError(f"{rid}: three transient failures in a row")
 
 
+@dataclass
+class Run:
+    """What the sequence did so far, as the pipeline around the apply step would see it."""
+
+    ledger: Ledger
+    redis: redis.Redis
+    expected: dict[tuple[str, str], int]
+    accepted: set[str] = field(default_factory=set)
+    held_back: list[tuple[UpdateRequest, str]] = field(default_factory=list)  # paused / spooled
+    waiting: list[tuple[UpdateRequest, str]] = field(default_factory=list)  # refused below zero
+
+    def offer(self, req: UpdateRequest, rid: str, fault: str) -> None:
+        """One delivery; a refusal below zero waits for a retry, as the task's does."""
+        try:
+            attempt(self.ledger, self.redis, req, rid, fault, seen=rid in self.accepted)
+        except NegativeCounter:
+            assert self.expected[req.work_order_id, req.kind] + req.quantity < 0 and rid not in self.accepted
+            if (req, rid) not in self.waiting:
+                self.waiting.append((req, rid))
+            return
+        self.waiting = [(r, i) for r, i in self.waiting if i != rid]
+        if rid not in self.accepted:
+            self.accepted.add(rid)
+            self.expected[req.work_order_id, req.kind] += req.quantity
+
+    def retry_waiting(self) -> None:
+        waiting, self.waiting = self.waiting, []
+        for req, rid in waiting:
+            self.offer(req, rid, "none")
+
+    def relay_beside_a_poisoned_entry(self, req: UpdateRequest, rid: str, n: int) -> None:
+        """The update spooled behind an entry that can never be published; the relay sends it."""
+        bad = json.dumps({"args": [req.work_order_id], "kwargs": {"request_id": f"poison-{n}", "eta": 1}})
+        OutboxMessage(job_id=f"poison-{n}", request_id=f"poison-{n}", state="spooled", payload=bad).save()
+        good = {"args": [req.work_order_id, req.kind, req.quantity], "kwargs": {"request_id": rid}}
+        OutboxMessage(job_id=f"job-{n}", request_id=rid, state="spooled", payload=json.dumps(good)).save()
+
+        def publish(job_id: str, args: list[object], kwargs: dict[str, object]) -> None:
+            named = bind_update(args, kwargs)[1]  # TypeError for the poisoned entry
+            self.offer(req, str(named["request_id"]), "none")
+
+        result = outbox.relay(publish, held=set, grace_s=3600)
+        assert (result.published, result.set_aside) == (1, 1)
+        assert FailedUpdate.objects.get(request_id=f"poison-{n}").error_code == "UNPUBLISHABLE"
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(pool=requests_pool, sequence=steps, keep=st.booleans())
 @example(
     pool=[("P-1", "input", 2), ("P-1", "input", -2)],
     sequence=[Step(0, "none"), Step(1, "redeliver")],
     keep=True,
+)
+@example(  # a correction overtakes its held-back count
+    pool=[("P-1", "output", 5), ("P-1", "output", -5)],
+    sequence=[Step(0, "held_back"), Step(1, "none")],
+    keep=False,
 )
 def test_every_counter_is_the_sum_of_its_distinct_accepted_requests(
     mongo: Mongo,
@@ -105,20 +164,28 @@ def test_every_counter_is_the_sum_of_its_distinct_accepted_requests(
     redis_client.flushdb()
     make_work_orders(WOS)
     ledger = Ledger(mongo, redis_client, settings, KeptLocks(60.0 if keep else 0.0))
-    expected = {(wo, kind): 0 for wo in WOS for kind in ("input", "output")}
-    accepted: set[str] = set()
-    for step in sequence:
+    run = Run(ledger, redis_client, {(wo, kind): 0 for wo in WOS for kind in ("input", "output")})
+    for n, step in enumerate(sequence):
         wo, kind, qty = pool[step.request % len(pool)]
         rid = f"req-{step.request % len(pool)}"
         req = validate_update(wo, kind, qty)
-        try:
-            attempt(ledger, redis_client, req, rid, step.fault, seen=rid in accepted)
-        except NegativeCounter:
-            assert expected[wo, kind] + qty < 0 and rid not in accepted
-            continue
-        if rid not in accepted:
-            accepted.add(rid)
-            expected[wo, kind] += qty
+        if step.fault == "held_back":
+            run.held_back.append((req, rid))
+        elif step.fault == "poisoned_outbox":
+            run.relay_beside_a_poisoned_entry(req, rid, n)
+        elif step.fault == "operator_retry":  # delivered, then sent again by `failed retry`
+            run.offer(req, rid, "none")
+            run.offer(req, rid, "none")
+        else:
+            run.offer(req, rid, step.fault)
+        run.retry_waiting()
+    for req, rid in run.held_back:  # resumed, or the relay sent what was spooled
+        run.offer(req, rid, "none")
+        run.retry_waiting()
+    run.retry_waiting()  # the last retry before MES_NEGATIVE_WAIT_S ends
+    for req, _ in run.waiting:  # dead-lettered only if it still goes below zero
+        assert run.expected[req.work_order_id, req.kind] + req.quantity < 0
+    expected, accepted = run.expected, run.accepted
     for doc in WorkOrder.objects:
         assert (doc.input_qty, doc.output_qty) == (expected[doc.id, "input"], expected[doc.id, "output"])
     assert sorted(log.request_id for log in QuantityLog.objects) == sorted(accepted)
