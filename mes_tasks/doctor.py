@@ -17,7 +17,7 @@ from mes_tasks.errors import ConfigurationError, MesError
 from mes_tasks.flowerauth import check_basic_auth
 from mes_tasks.models import AuditReport, FailedUpdate, QuantityLog, utcnow
 from mes_tasks.settings import Settings, mask_secrets
-from mes_tasks.status import consumers
+from mes_tasks.status import consumers, pause_state
 
 OK, WARN, FAIL = "OK", "WARN", "FAIL"
 AUDIT_MAX_AGE = timedelta(hours=26)  # a nightly audit plus slack
@@ -151,6 +151,18 @@ def check_consumers(ctx: Context) -> list[Check]:
     if ctx.redis is None:
         return [Check(FAIL, "workorder consumer", "not checked: Redis unreachable")]
     workers = consumers(ctx.app).get("workorder", [])
+    paused = pause_state(ctx.redis, ctx.settings)
+    if paused is not None:
+        return [
+            Check(
+                WARN,
+                "workorder consumer",
+                f"paused since {paused.get('at')}",
+                "celery -A mes_tasks queue resume",
+            )
+        ] + (
+            [] if not workers else [Check(FAIL, "workorder consumer", f"consumed while paused by {workers}")]
+        )
     if not workers:
         return [
             Check(WARN, "workorder consumer", "no worker answered", "start one solo worker on -Q workorder")

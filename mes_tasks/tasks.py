@@ -38,6 +38,7 @@ RELAY_OUTBOX = "mes_tasks.tasks.relay_outbox"
 APPLY_MS_EWMA_WEIGHT = 0.1  # weight of the newest duration in the moving average
 APPLY_MS_TTL_S = 3600
 APPLY_MS_PUBLISH_INTERVAL_S = 1.0  # the estimate is written to Redis at most this often
+MAX_ERROR_CHARS = 500  # of an unexpected error's text, in logs and dead letters
 
 
 class InternalError(TransientError):
@@ -132,7 +133,7 @@ def update_quantity(
         _retry_or_dead_letter(self, exc)
     except Exception as exc:
         log.exception("unexpected error in %s", self.request.id)
-        _retry_or_dead_letter(self, InternalError(f"{type(exc).__name__}: {exc}"))
+        _retry_or_dead_letter(self, InternalError(f"{type(exc).__name__}: {str(exc)[:MAX_ERROR_CHARS]}"))
     self.record_duration(started)
     return result.to_dict()
 
