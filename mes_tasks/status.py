@@ -98,10 +98,11 @@ def pause(app: Celery, client: redis.Redis, settings: Settings, queue: str = "wo
     """
     with redis_errors():
         client.set(pause_key(settings.key_prefix), json.dumps({"at": utcnow().isoformat()}))
-    consuming = consumers(app).get(queue, [])
-    if not consuming:
+    try:
+        consuming = consumers(app).get(queue, [])
+        replies = _control(app, "cancel_consumer", queue, destination=consuming) if consuming else []
+    except MesError:  # recorded all the same: the workers honour it at their next tick
         return []
-    replies = _control(app, "cancel_consumer", queue, destination=consuming)
     return sorted(name for reply in replies for name in reply)
 
 

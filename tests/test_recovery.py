@@ -170,3 +170,19 @@ def test_after_a_redis_restart_with_kept_locks_the_worker_applies_again_in_secon
     assert took < RECOVERED_WITHIN_S  # was about 28 s: the worker waited on its own orphaned locks
     assert [WorkOrder.objects.get(id=wo).input_qty for wo in ["WO-1", "WO-2"]] == [4, 4]
     assert "LOCK_BUSY" not in worker.log()
+
+
+def test_a_lease_held_by_a_worker_on_another_host_is_taken_once_its_ttl_runs_out(
+    redis_client: redis.Redis, start_worker: Callable[..., Worker]
+) -> None:
+    make_work_orders(["WO-1"])
+    redis_client.set(lease_key("mes:"), "elsewhere:4242:dead00/token", px=3000)  # its holder died there
+    set_at = time.monotonic()
+    worker = start_worker(wait=False, **DEFAULT_TIMINGS)
+    worker.wait_for_log("took the workorder lease", 30)
+    took = time.monotonic() - set_at
+    print(f"\nanother host's dead lease taken {took:.1f}s after it was last extended (TTL 3 s)")
+    assert "is not running any more" not in worker.log()  # nothing to tell from here: the TTL decides
+    assert took < RECOVERED_WITHIN_S
+    assert submit_quantity_update("WO-1", "input", 1, request_id="after-ttl")["success"]
+    wait_until(lambda: _all_applied(["after-ttl"]), 30, "an update after the take-over")
