@@ -1,353 +1,274 @@
-"""``make chaos``: updates flow while faults are injected in turn; nothing may be lost or counted twice.
+"""``make chaos``: updates flow while every fault is injected, repeatedly, on default settings.
 
-    python -m mes_tasks.chaos [--updates 5000] [--work-orders 20] [--rate 25] [--dup-share 0.1]
-                              [--faults kill,pause,...]
+    python -m mes_tasks.chaos [--repeat 3] [--seed 1] [--faults kill-standby,pause,...]
+                              [--rate 20] [--work-orders 20] [--dup-share 0.1] [--updates N]
+                              [--recovery-wait 30] [--no-recovery-goal]
 
-Starts its own Redis (AOF) and SecantusDB, two workers on ``workorder`` (active and standby)
-that reach both stores through fault proxies, and a producer thread. Faults, in turn:
-SIGKILL of the active worker, SIGSTOP past the lease TTL (then SIGCONT), Redis restart,
-SecantusDB restart, latency and dropped connections on each proxy, a burst of bad input.
-Exits 0 only when lost = 0, double-counted = 0 and the audit finds nothing.
+Starts its own Redis (AOF) and SecantusDB, two workers on ``workorder`` (active and
+standby) with the project's default settings, reaching both stores through fault proxies,
+a producer thread (through the same proxies) and the outbox relay, run here every
+``MES_OUTBOX_RELAY_INTERVAL_S`` as beat would. Each fault (``chaosfaults.FAULTS``) is
+injected ``--repeat`` times in an order shuffled by ``--seed``; after each injection the
+run waits until every update accepted before the fault's end has its outcome (at most
+``--recovery-wait`` seconds) and goes on.
+
+A fault's recovery: seconds from its end until every update accepted before that
+moment was applied or dead-lettered, from the stores' own timestamps. Exits 0 only
+when lost = 0, double-counted = 0, the audit is clean, no accepted update was
+dead-lettered, every fault's own checks held and, unless ``--no-recovery-goal``, every
+fault's worst recovery was at most 5 s.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
 import random
-import signal
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from mes_tasks.chaosreport import Row, Sent, fill_row, lost_and_double_counted, table, worker_events
+import redis
+from pymongo import MongoClient
+from pymongo.errors import PyMongoError
 
-WORKER_ENV = {
-    "MES_LOCK_TTL_S": "3",
-    "MES_LOCK_WAIT_S": "2",
-    "MES_RETRY_MAX": "400",  # a killed worker's transaction holds its work order up to 60 s
-    "MES_RETRY_BACKOFF_S": "0.05",
-    "MES_RETRY_BACKOFF_MAX_S": "0.5",
-    "MES_VISIBILITY_TIMEOUT_S": "12",
-    "MES_UNACKED_RESTORE_INTERVAL_S": "1",
-    "MES_CONNECT_TIMEOUT_S": "2",
-    "MES_LEASE_TTL_S": "2",
-}
-FAULT_HOLD_S = 4.0  # how long latency / a pause lasts
-SETTLE_S = 3.0  # quiet time between faults
-BAD_BURST = 20
-FAULTS = {
-    "kill": "SIGKILL active worker",
-    "pause": "SIGSTOP active > lease TTL",
-    "redis-restart": "Redis restart (AOF)",
-    "mongo-restart": "MongoDB restart",
-    "redis-latency": "Redis latency 50 ms",
-    "mongo-latency": "MongoDB latency 50 ms",
-    "redis-drop": "Redis connections dropped",
-    "mongo-drop": "MongoDB connections dropped",
-    "bad-input": "bad input burst",
-}
-OUTBOX_GRACE_S = 5.0  # the relay re-sends what the broker lost after this long
+from mes_tasks.chaosfaults import FAULTS, Run, proxied_mongo_uri
+from mes_tasks.chaosreport import (
+    Injection,
+    Outcome,
+    Row,
+    add_injection,
+    counting_errors,
+    outcomes,
+    table,
+    verdict,
+    worker_events,
+)
+from mes_tasks.devserver import free_port, mongo_service, redis_service, secantus_uri
+from mes_tasks.faultproxy import FaultProxy
+
+GAP_S = 2.0  # updates flow undisturbed this long before each injection
+RECOVERY_WAIT_S = 30.0
+FINAL_WAIT_FACTOR = 4  # after the last fault, wait this many recovery waits for the stragglers
+POLL_S = 0.2
 
 
-@dataclass
-class Run:
-    """The stack under test and what the producer did."""
-
-    tmp: Path
-    services: dict[str, Any] = field(default_factory=dict)
-    proxies: dict[str, Any] = field(default_factory=dict)
-    workers: list[Any] = field(default_factory=list)
-    sent: Sent = field(default_factory=Sent)
-    duplicates_sent: int = 0
-    bad_sent: int = 0
-    refused: int = 0
-
-    def worker_env(self) -> dict[str, str]:
-        from mes_tasks.devserver import secantus_uri
-
-        return {
-            **os.environ,
-            **WORKER_ENV,
-            "REDIS_URL": f"redis://127.0.0.1:{self.proxies['redis'].port}/3",
-            "MONGODB_URI": secantus_uri(self.proxies["mongo"].port, "mes"),
-        }
-
-    def start_worker(self) -> Any:
-        from mes_tasks.devserver import worker_argv
-
-        log = self.tmp / f"worker-{len(self.workers)}.log"
-        worker = _Proc(worker_argv(name=f"chaos{len(self.workers)}"), log, self.worker_env())
-        self.workers.append(worker)
-        return worker
-
-    def active_worker(self) -> Any:
-        live = [w for w in self.workers if w.alive()]
-        holders = [w for w in live if "took the workorder lease" in w.log_text()]
-        return holders[-1] if holders else live[0]
-
-
-class _Proc:
-    def __init__(self, argv: list[str], log: Path, env: dict[str, str]) -> None:
-        import subprocess
-
-        self.log = log
-        with open(log, "ab") as out:
-            self.proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def signal(self, signum: int) -> None:
-        if self.alive():
-            self.proc.send_signal(signum)
-
-    def stop(self) -> None:
-        self.signal(signal.SIGCONT)
-        self.signal(signal.SIGTERM)
-        try:
-            self.proc.wait(20)
-        except Exception:
-            self.proc.kill()
-
-
-def build_plan(n: int, work_orders: list[str], dup_share: float, seed: int) -> list[dict[str, Any]]:
-    rng = random.Random(seed)
-    plan: list[dict[str, Any]] = []
-    for i in range(n):
-        if plan and rng.random() < dup_share:
-            plan.append(dict(rng.choice(plan)))
-            continue
-        plan.append({"work_order_id": rng.choice(work_orders), "kind": rng.choice(["input", "output"]),
-                     "quantity": rng.randint(1, 9), "request_id": f"chaos:{i}"})  # fmt: skip
-    return plan
-
-
-def produce(run: Run, plan: list[dict[str, Any]], rate: float, stop: threading.Event) -> None:
+def produce(
+    run: Run, rate: float, dup_share: float, limit: int | None, stop: threading.Event, seed: int
+) -> None:
+    """Valid updates at ``rate`` per second (a share re-sent with the same request id) until ``stop``."""
     from mes_tasks.producer import Producer
 
-    producer = Producer()
-    seen: set[str] = set()
-    started = time.monotonic()
-    for i, update in enumerate(plan):
-        if stop.is_set():
-            return
+    rng, producer = random.Random(seed), Producer()
+    sent: list[tuple[str, str, int, str]] = []
+    work_orders = [d["_id"] for d in run.db.work_orders.find({"_id": {"$regex": "^CH-[0-9]+$"}})]
+    started, i = time.monotonic(), 0
+    while not stop.is_set() and (limit is None or i < limit):
         time.sleep(max(0.0, started + i / rate - time.monotonic()))
-        result = producer.submit(**update)
-        now, rid = time.time(), update["request_id"]
-        run.sent.times.append(now)
-        if not result["success"]:
-            raise RuntimeError(f"producer lost an update: {result}")  # spooling must cover outages
-        if rid in seen:
-            run.duplicates_sent += 1
-        seen.add(rid)
-        run.sent.first_sent.setdefault(rid, now)
-        run.sent.accepted[rid] = (update["work_order_id"], update["kind"], update["quantity"])
+        if sent and rng.random() < dup_share:
+            update = rng.choice(sent)
+        else:
+            update = (
+                rng.choice(work_orders),
+                rng.choice(["input", "output"]),
+                rng.randint(1, 9),
+                f"chaos:{i}",
+            )
+            sent.append(update)
+        run.submit(producer, *update)
+        i += 1
 
 
-def relay_forever(stop: threading.Event) -> None:
+def relay_forever(run: Run, stop: threading.Event) -> None:
     """Beat's job in a real deployment: publish what was spooled, re-send what the broker lost."""
+    from mes_tasks.settings import get_settings
     from mes_tasks.tasks import relay_outbox
 
-    while not stop.wait(1.0):
-        with contextlib.suppress(Exception):  # a store is down: the next second tries again
+    while not stop.wait(get_settings().outbox_relay_interval_s):
+        try:
             relay_outbox()
+        except Exception:  # a store is down: the next run tries again, as beat's would
+            run.relay_errors += 1
 
 
-def faults(run: Run) -> dict[str, Callable[[], None]]:
-    def kill_active() -> None:
-        run.active_worker().signal(signal.SIGKILL)
-        run.start_worker()  # the replacement joins as standby
+def wait_settled(run: Run, inj: Injection, timeout_s: float, applied: set[str]) -> set[str]:
+    """Until every update accepted before the fault's end (and not an earlier one's) has its outcome.
 
-    def pause_active() -> None:
-        worker = run.active_worker()
-        worker.signal(signal.SIGSTOP)
-        time.sleep(FAULT_HOLD_S)  # past the lease TTL: the standby takes over
-        worker.signal(signal.SIGCONT)
-
-    def restart(name: str) -> Callable[[], None]:
-        return lambda: run.services[name].restart()
-
-    def latency(name: str) -> Callable[[], None]:
-        def inject() -> None:
-            run.proxies[name].latency_s = 0.05
-            time.sleep(FAULT_HOLD_S)
-            run.proxies[name].latency_s = 0.0
-
-        return inject
-
-    def drop(name: str) -> Callable[[], None]:
-        return lambda: run.proxies[name].drop_all() and None
-
-    def bad_burst() -> None:
-        from mes_tasks.producer import submit_quantity_update
-        from mes_tasks.tasks import update_quantity
-
-        for _ in range(BAD_BURST // 2):
-            run.bad_sent += 1
-            run.refused += not submit_quantity_update("", "output", 1)["success"]
-        for i in range(BAD_BURST // 2):  # valid in form, refused by the worker
-            run.bad_sent += 1
-            update_quantity.apply_async(
-                ("WO-NONE", "output", 1), {"request_id": f"chaos:bad:{i}"}, ignore_result=True
-            )
-
-    return {
-        "kill": kill_active,
-        "pause": pause_active,
-        "redis-restart": restart("redis"),
-        "mongo-restart": restart("mongo"),
-        "redis-latency": latency("redis"),
-        "mongo-latency": latency("mongo"),
-        "redis-drop": drop("redis"),
-        "mongo-drop": drop("mongo"),
-        "bad-input": bad_burst,
-    }
+    Returns those still without one after ``timeout_s``. ``applied``: request ids known
+    applied, a cache (an applied update stays applied; a dead letter may be retried).
+    """
+    deadline = time.monotonic() + timeout_s
+    waiting = run.sent.before(inj.ended) - inj.excluded - applied
+    while waiting:
+        with contextlib.suppress(PyMongoError):  # the store may still be coming back
+            found = outcomes(run.db, waiting)
+            applied.update(rid for rid, o in found.items() if o.applied)
+            waiting -= found.keys()
+        if not waiting or time.monotonic() > deadline:
+            break
+        time.sleep(POLL_S)
+    inj.settled = time.time()
+    return waiting
 
 
-def recovery_after(at: datetime, timeout_s: float = 120.0) -> float | None:
-    """Seconds from ``at`` to the first commit after it."""
+def inject_all(run: Run, schedule: list[str], recovery_wait_s: float, applied: set[str]) -> None:
+    """Each fault in turn, each followed by the wait for its recovery."""
+    excluded: set[str] = set()  # left unsettled by an injection: charged to it, not to later ones
+    carried: set[str] = set()  # of those, the ones still pending
+    for n, key in enumerate(schedule, 1):
+        problems = run.ensure_workers()
+        time.sleep(GAP_S)
+        with contextlib.suppress(PyMongoError):
+            carried -= outcomes(run.db, carried).keys()
+        inj = Injection(key, time.time(), excluded=frozenset(excluded), pending_at_start=len(carried),
+                        problems=problems)  # fmt: skip
+        run.injections.append(inj)
+        print(f"chaos: {time.strftime('%H:%M:%S')} [{n}/{len(schedule)}] {key}", file=sys.stderr, flush=True)
+        try:
+            FAULTS[key].inject(run, inj)
+        except Exception as exc:
+            inj.problems.append(f"the injection failed: {type(exc).__name__}: {exc}")
+        inj.ended = inj.ended or time.time()
+        left = wait_settled(run, inj, recovery_wait_s, applied)
+        excluded |= left
+        carried |= left
+        said = f"{len(left)} update(s) still without an outcome" if left else "all settled"
+        print(f"chaos:   {said} {inj.settled - inj.ended:.1f} s after its end", file=sys.stderr, flush=True)
+        for problem in inj.problems:
+            print(f"chaos:   problem: {problem}", file=sys.stderr, flush=True)
+
+
+def verify(run: Run) -> tuple[list[Row], dict[str, int]]:
+    """One row per fault, and the totals."""
+    from mes_tasks.audit import run_audit
     from mes_tasks.models import QuantityLog
 
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            log = QuantityLog._get_collection().find_one(
-                {"created_at": {"$gt": at}}, sort=[("created_at", 1)]
-            )
-        except Exception:
-            log = None
-        if log is not None:
-            return float(max(0.0, (log["created_at"].replace(tzinfo=UTC) - at).total_seconds()))
-        time.sleep(0.2)
-    return None
-
-
-def settle(run: Run, timeout_s: float) -> None:
-    """Until every accepted request is logged or dead-lettered and nothing waits anywhere."""
-    from mes_tasks.models import FailedUpdate, OutboxMessage, QuantityLog
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        with contextlib.suppress(Exception):  # a store may still be coming back
-            done = {d["request_id"] for d in QuantityLog._get_collection().find({}, {"request_id": 1})}
-            done |= {d["request_id"] for d in FailedUpdate._get_collection().find({}, {"request_id": 1})}
-            if set(run.sent.accepted) <= done and OutboxMessage.objects.count() == 0:
-                return
-        time.sleep(1)
-
-
-def verify(run: Run, rows: list[Row]) -> dict[str, int]:
-    """Fill each fault's row; the totals: lost, double-counted, audit findings, bad input."""
-    from mes_tasks.audit import run_audit
-    from mes_tasks.models import FailedUpdate, QuantityLog
-
-    lost, double = lost_and_double_counted(run.sent)
+    done: dict[str, Outcome] = outcomes(run.db)
+    for inj, check in run.final_checks:
+        inj.problems.extend(check())
+    rows = {key: Row(key, fault.name) for key, fault in FAULTS.items()}
     events = worker_events(w.log for w in run.workers)
-    for row in rows:
-        fill_row(row, run.sent, events, lost)
-    failed = {d["request_id"] for d in FailedUpdate._get_collection().find({}, {"request_id": 1})}
-    return {
+    for inj in run.injections:
+        add_injection(rows[inj.key], inj, run.db, run.sent, events, done)
+    lost, dead, double = counting_errors(run.db, run.sent, done)
+    failed = {d["request_id"] for d in run.db.failed_updates.find({}, {"request_id": 1})}
+    totals = {
         "accepted": len(run.sent.accepted),
         "duplicates_sent": run.duplicates_sent,
         "duplicates_suppressed": len(events["duplicates"]),
-        "applied": QuantityLog._get_collection().estimated_document_count(),
+        "applied": run.db.quantity_logs.estimated_document_count(),
         "failed": len(failed),
         "lost": len(lost),
         "double_counted": double,
+        "dead_lettered": len(dead),
         "audit_findings": len(run_audit(QuantityLog._get_collection().database.client).findings),
         "bad_sent": run.bad_sent,
         "bad_accounted": run.refused + len([rid for rid in failed if rid.startswith("chaos:bad:")]),
+        "producer_refused": run.producer_refused,
         "retries": len(events["retries"]),
+        "relay_errors": run.relay_errors,
+        "outbox_spooled": run.db.outbox.count_documents({"state": {"$ne": "sent"}}),
     }
+    if lost:
+        print(f"chaos: lost {sorted(lost)[:20]}", file=sys.stderr, flush=True)
+    return [r for r in rows.values() if r.injected], totals
 
 
-def run_chaos(
-    updates: int, work_orders: int, rate: float, dup_share: float, seed: int, tmp: Path, only: list[str]
-) -> int:
-    from mes_tasks.devserver import free_port, mongo_service, redis_service, secantus_uri
-    from mes_tasks.faultproxy import FaultProxy
-
-    run = Run(tmp)
+@contextlib.contextmanager
+def stack(tmp: Path, work_orders: int) -> Iterator[Run]:
+    """Redis and SecantusDB, each behind two proxies: the workers' (where the network faults
+    strike) and this process's (producer and relay: the main app and beat, whose connections
+    only the outage of ``spooled-corrections`` cuts)."""
     redis_port, mongo_port = free_port(), free_port()
-    run.services["redis"] = redis_service(tmp / "redis", redis_port, tmp / "redis.log").start()
-    run.services["mongo"] = mongo_service(tmp / "mongo", mongo_port, tmp / "mongo.log").start()
-    run.proxies = {"redis": FaultProxy(redis_port).start(), "mongo": FaultProxy(mongo_port).start()}
-    os.environ["REDIS_URL"] = f"redis://127.0.0.1:{redis_port}/3"
-    os.environ["MONGODB_URI"] = secantus_uri(mongo_port, "mes")
-    os.environ["MES_CONNECT_TIMEOUT_S"] = "2"
-    os.environ.setdefault("MES_OUTBOX_GRACE_S", str(OUTBOX_GRACE_S))
-    stop = threading.Event()
+    services = {"redis": redis_service(tmp / "redis", redis_port, tmp / "redis.log"),
+                "mongo": mongo_service(tmp / "mongo", mongo_port, tmp / "mongo.log")}  # fmt: skip
+    mongo: MongoClient[dict[str, Any]] = MongoClient(
+        secantus_uri(mongo_port, "mes"), serverSelectionTimeoutMS=2000
+    )
+    proxies = {f"{side}{name}": FaultProxy(port).start() for side in ("", "app-")
+               for name, port in (("redis", redis_port), ("mongo", mongo_port))}  # fmt: skip
+    run = Run(tmp, mongo["mes"], redis.Redis(port=redis_port, db=3, decode_responses=True, socket_timeout=2),
+              services, proxies)  # fmt: skip
     try:
+        for service in services.values():
+            service.start()
+        for name in [k for k in os.environ if k.startswith("MES_")]:
+            del os.environ[name]  # the project's defaults, here as in the workers
+        os.environ["REDIS_URL"] = f"redis://127.0.0.1:{proxies['app-redis'].port}/3"
+        os.environ["MONGODB_URI"] = proxied_mongo_uri(proxies["app-mongo"].port)
         from mes_tasks import db
-        from mes_tasks.models import WorkOrder
         from mes_tasks.settings import get_settings
 
         db.prepare(get_settings())
-        wos = [f"CH-{i:03d}" for i in range(work_orders)]
-        WorkOrder._get_collection().insert_many([{"_id": w, "input_qty": 0, "output_qty": 0} for w in wos])
-        run.start_worker()
-        time.sleep(3)
-        run.start_worker()
-        plan = build_plan(updates, wos, dup_share, seed)
-        stop_producing = threading.Event()  # production spans every fault, until the last has passed
-        producer = threading.Thread(target=produce, args=(run, plan, rate, stop_producing), daemon=True)
-        threading.Thread(target=relay_forever, args=(stop,), daemon=True).start()
-        producer.start()
-        rows = []
-        injectors = faults(run)
-        for key in only:
-            inject, name = injectors[key], FAULTS[key]
-            time.sleep(SETTLE_S)
-            row = Row(name, injected=1)
-            start = datetime.now(UTC)
-            print(f"chaos: {name}", file=sys.stderr, flush=True)
-            inject()
-            db.connect(get_settings())  # the harness's own connection may have been cut too
-            row.recovery_s = recovery_after(datetime.now(UTC))
-            row.window = (start, datetime.now(UTC))
-            rows.append(row)
-        time.sleep(SETTLE_S)
-        stop_producing.set()
-        producer.join()
-        settle(run, timeout_s=300)
-        totals = verify(run, rows)
-        print(table(rows, totals))
-        ok = totals["lost"] == 0 and totals["double_counted"] == 0 and totals["audit_findings"] == 0
-        return 0 if ok and totals["bad_accounted"] == totals["bad_sent"] else 1
+        run.db.work_orders.insert_many([{"_id": f"CH-{i:03d}", "input_qty": 0, "output_qty": 0}
+                                        for i in range(work_orders)])  # fmt: skip
+        yield run
     finally:
-        stop.set()
         for worker in run.workers:
             worker.stop()
-        for proxy in run.proxies.values():
+        for proxy in proxies.values():
             proxy.close()
-        for service in run.services.values():
+        for service in services.values():
             service.stop()
+        mongo.close()
+
+
+def run_chaos(args: argparse.Namespace, tmp: Path) -> int:
+    stop = threading.Event()
+    with stack(tmp, args.work_orders) as run:
+        problems = run.ensure_workers()
+        if problems:
+            raise SystemExit(f"chaos: the workers did not come up: {problems}")
+        schedule = [key for key in args.faults for _ in range(args.repeat)]
+        random.Random(args.seed).shuffle(schedule)
+        producing = threading.Event()  # production spans every fault, until the last has recovered
+        flow = (run, args.rate, args.dup_share, args.updates, producing, args.seed)
+        producer = threading.Thread(target=produce, args=flow, daemon=True)
+        threading.Thread(target=relay_forever, args=(run, stop), daemon=True).start()
+        producer.start()
+        applied: set[str] = set()
+        try:
+            inject_all(run, schedule, args.recovery_wait, applied)
+        finally:
+            producing.set()
+            producer.join()
+        end = Injection("end", started=time.time(), ended=time.time())
+        wait_settled(run, end, FINAL_WAIT_FACTOR * args.recovery_wait, applied)
+        rows, totals = verify(run)
+        stop.set()
+    ok, lines = verdict(rows, totals, recovery_goal=args.recovery_goal)
+    print(table(rows, totals))
+    print("\n".join(lines))
+    return 0 if ok else 1
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="make chaos", description=__doc__)
-    parser.add_argument("--updates", type=int, default=5000, help="at most; sending stops after the faults")
-    parser.add_argument("--work-orders", type=int, default=20)
-    parser.add_argument("--rate", type=float, default=25.0, help="updates per second offered")
-    parser.add_argument("--dup-share", type=float, default=0.1)
-    parser.add_argument("--seed", type=int, default=1)
+    parser = argparse.ArgumentParser(prog="make chaos", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument("--repeat", type=int, default=3, help="injections of each fault (default 3)")
+    parser.add_argument("--seed", type=int, default=1, help="orders the injections and the updates")
     parser.add_argument("--faults", type=fault_list, default=list(FAULTS),
-                        help=f"comma-separated, in order; default all: {','.join(FAULTS)}")  # fmt: skip
+                        help=f"comma-separated; default all: {','.join(FAULTS)}")  # fmt: skip
+    parser.add_argument("--rate", type=float, default=20.0, help="updates per second offered")
+    parser.add_argument("--work-orders", type=int, default=20)
+    parser.add_argument("--dup-share", type=float, default=0.1, help="share re-sent with the same request id")
+    parser.add_argument("--updates", type=int, default=None, help="stop sending after this many")
+    parser.add_argument("--recovery-wait", type=float, default=RECOVERY_WAIT_S,
+                        help="seconds to wait for an injection's updates before going on")  # fmt: skip
+    parser.add_argument("--no-recovery-goal", dest="recovery_goal", action="store_false",
+                        help="report recoveries over 5 s without failing the run")  # fmt: skip
     args = parser.parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="mes-chaos-"))
     print(f"chaos: logs in {tmp}", file=sys.stderr, flush=True)
-    return run_chaos(args.updates, args.work_orders, args.rate, args.dup_share, args.seed, tmp, args.faults)
+    logging.basicConfig(filename=tmp / "harness.log", level=logging.INFO,
+                        format="[%(asctime)s: %(levelname)s/%(name)s] %(message)s")  # fmt: skip
+    return run_chaos(args, tmp)
 
 
 def fault_list(text: str) -> list[str]:

@@ -1,26 +1,41 @@
-"""A small TCP fault proxy on loopback, for the chaos run: latency and dropped connections.
+"""A small TCP fault proxy on loopback, for the chaos run: latency, loss, stalls, cuts, refusal.
 
 proxy = FaultProxy(target_port).start()    # listens on proxy.port
-proxy.latency_s = 0.05                      # every chunk waits 50 ms each way
+proxy.latency_s = 0.2                       # every chunk waits 200 ms each way
+proxy.loss = 0.2                            # a fifth of the chunks are "lost" and retransmitted
+proxy.stall(1.5)                            # nothing is forwarded for 1.5 s (held, not dropped)
 proxy.drop_all()                            # cut every open connection now
+proxy.refuse = True                         # cut them and close every new one at once
+
+TCP cannot lose bytes, so loss is emulated the way an application sees it: a lost
+segment holds back everything behind it on that connection until it is retransmitted,
+after a retransmission timeout that doubles while losses follow each other.
 """
 
 from __future__ import annotations
 
 import contextlib
+import random
 import socket
 import threading
 import time
 
 CHUNK = 65536
+RTO_MIN_S = 0.2  # Linux's minimum TCP retransmission timeout
+RTO_MAX_S = 3.2  # cap of the doubling, a few consecutive losses
+STALL_POLL_S = 0.01
 
 
 class FaultProxy:
     """Forwards 127.0.0.1:port to 127.0.0.1:target_port, with faults switched on at will."""
 
-    def __init__(self, target_port: int, port: int = 0) -> None:
+    def __init__(self, target_port: int, port: int = 0, seed: int | None = None) -> None:
         self.target_port = target_port
         self.latency_s = 0.0
+        self.loss = 0.0
+        self._refuse = False
+        self._stalled_until = 0.0
+        self._rng = random.Random(seed)
         self._server = socket.create_server(("127.0.0.1", port))
         self.port = int(self._server.getsockname()[1])
         self._conns: set[socket.socket] = set()
@@ -30,6 +45,25 @@ class FaultProxy:
     def start(self) -> FaultProxy:
         threading.Thread(target=self._accept, name=f"proxy:{self.port}", daemon=True).start()
         return self
+
+    @property
+    def refuse(self) -> bool:
+        return self._refuse
+
+    @refuse.setter
+    def refuse(self, on: bool) -> None:
+        """While on, the target is unreachable: open connections are cut, new ones closed at once."""
+        self._refuse = on
+        if on:
+            self.drop_all()
+
+    def stall(self, seconds: float) -> None:
+        """Forward nothing, on any connection, for ``seconds`` from now (data waits, nothing is lost)."""
+        self._stalled_until = max(self._stalled_until, time.monotonic() + seconds)
+
+    def clear(self) -> None:
+        """Every fault off (connections stay as they are)."""
+        self.latency_s, self.loss, self._stalled_until, self._refuse = 0.0, 0.0, 0.0, False
 
     def drop_all(self) -> int:
         """Close every open connection (both sides); returns how many pairs were cut."""
@@ -50,12 +84,17 @@ class FaultProxy:
         while not self._closed:
             try:
                 client, _ = self._server.accept()
-                upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=5)
             except OSError:
                 if self._closed:
                     return
-                with contextlib.suppress(NameError, OSError):
-                    client.close()
+                continue
+            if self._refuse:
+                client.close()
+                continue
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=5)
+            except OSError:
+                client.close()
                 continue
             upstream.settimeout(None)
             with self._lock:
@@ -66,8 +105,7 @@ class FaultProxy:
     def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
         try:
             while data := src.recv(CHUNK):
-                if self.latency_s:
-                    time.sleep(self.latency_s)
+                self._hold()
                 dst.sendall(data)
         except OSError:
             pass
@@ -78,3 +116,14 @@ class FaultProxy:
             with self._lock:
                 self._conns.discard(src)
                 self._conns.discard(dst)
+
+    def _hold(self) -> None:
+        """Delay one chunk as the faults say."""
+        while time.monotonic() < self._stalled_until:
+            time.sleep(STALL_POLL_S)
+        if self.latency_s:
+            time.sleep(self.latency_s)
+        rto = RTO_MIN_S
+        while self.loss and self._rng.random() < self.loss:  # a retransmission may be lost again
+            time.sleep(rto)
+            rto = min(RTO_MAX_S, rto * 2)

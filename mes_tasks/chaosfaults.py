@@ -1,0 +1,501 @@
+"""The chaos run's stack under test (stores, proxies, workers) and the faults it injects.
+
+Each fault is ``inject(run, injection)``: it does its harm, sets ``injection.ended`` (the
+moment recovery is measured from, see ``FAULTS``) and adds a line to
+``injection.problems`` for anything its own checks found wrong. The runtime is imported
+inside the functions: the chaos run sets the environment its settings read first.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import redis
+
+from mes_tasks.chaosreport import Db, Injection, Sent, utc
+from mes_tasks.devserver import Service, secantus_uri, worker_argv
+from mes_tasks.faultproxy import FaultProxy
+
+WORKERS = 2  # an active consumer and a standby
+BOOT_TIMEOUT_S = 90.0
+POLL_S = 0.02
+TXN_HOLD_S = 2.0  # MES_TEST_TXN_DELAY_S of the worker killed inside its transaction
+HOOK_LINE = "test hook: holding the transaction open"
+HOOK_WAIT_S = 30.0
+PAUSE_MARGIN_S = 2.0  # SIGSTOP lasts the lease TTL plus this
+HOLD_S = 4.0  # how long latency and packet loss last
+LATENCY_S = 0.2
+LOSS = 0.2  # share of chunks "lost" (held for a retransmission timeout)
+LOSS_STALL_S = 1.5  # and nothing forwarded at all for this long first
+PAUSED_WATCH_S = 2.0  # paused, after the restarted worker is up: nothing may be applied
+PAUSE_GRACE_S = 0.5  # the update running when the pause came may still commit
+CONSUMER_WATCH_S = 3.0  # after resume: exactly one consumer of workorder
+DEAD_LETTER_WAIT_S = 30.0
+SPOOLED_COUNTS = 3  # +q updates sent while Redis refuses, one work order each
+SPOOL_HOLD_S = 3.0  # Redis refuses at least this long
+POISON_FOLLOWERS = 5  # valid spooled entries behind the poisoned one
+BAD_BURST = 20
+BURST = 20  # updates sent at once right before a fault strikes or ends
+BURST_WORK_ORDERS = 5  # spread over the first few work orders
+
+
+def proxied_mongo_uri(port: int) -> str:
+    """SecantusDB through the proxy on ``port``.
+
+    ``directConnection``: otherwise the driver discovers the replica set, connects to the
+    member the server names (its real port) and every MongoDB fault misses.
+    """
+    return f"{secantus_uri(port, 'mes')}&directConnection=true"
+
+
+class Worker:
+    """A ``workorder`` worker subprocess, its output in ``log``."""
+
+    def __init__(self, name: str, log: Path, env: dict[str, str]) -> None:
+        self.name, self.log = name, log
+        with open(log, "ab") as out:
+            self.proc = subprocess.Popen(
+                worker_argv(name=name), env=env, stdout=out, stderr=subprocess.STDOUT
+            )
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_for(self, text: str, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while text not in self.log_text():
+            if not self.alive() or time.monotonic() > deadline:
+                return False
+            time.sleep(POLL_S)
+        return True
+
+    def signal(self, signum: int) -> None:
+        if self.alive():
+            self.proc.send_signal(signum)
+
+    def stop(self) -> None:
+        self.signal(signal.SIGCONT)
+        self.signal(signal.SIGTERM)
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@dataclass
+class Run:
+    """The stack under test, what was sent to it, and what the faults did."""
+
+    tmp: Path
+    db: Db  # a direct client of the store, past the proxy: the harness's own view
+    redis: redis.Redis  # likewise
+    services: dict[str, Service] = field(default_factory=dict)
+    proxies: dict[str, FaultProxy] = field(default_factory=dict)
+    workers: list[Worker] = field(default_factory=list)
+    sent: Sent = field(default_factory=Sent)
+    injections: list[Injection] = field(default_factory=list)
+    final_checks: list[tuple[Injection, Callable[[], list[str]]]] = field(default_factory=list)
+    duplicates_sent: int = 0
+    bad_sent: int = 0
+    refused: int = 0  # bad input refused at the call site
+    producer_refused: int = 0  # valid updates the producer did not take
+    relay_errors: int = 0
+    _producer: Any = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def worker_env(self, **extra: str) -> dict[str, str]:
+        """Default settings: only the stores' addresses (the proxies), and ``extra``."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MES_")}
+        return {
+            **env,
+            "REDIS_URL": f"redis://127.0.0.1:{self.proxies['redis'].port}/3",
+            "MONGODB_URI": proxied_mongo_uri(self.proxies["mongo"].port),
+            **extra,
+        }
+
+    def start_worker(self, **extra: str) -> Worker:
+        name = f"chaos{len(self.workers)}"
+        worker = Worker(name, self.tmp / f"worker-{len(self.workers)}.log", self.worker_env(**extra))
+        self.workers.append(worker)
+        return worker
+
+    def live_workers(self) -> list[Worker]:
+        return [w for w in self.workers if w.alive()]
+
+    def lease_holder(self) -> Worker | None:
+        """The live worker whose token holds the ``workorder`` lease, if any."""
+        from mes_tasks.keys import lease_key
+        from mes_tasks.settings import get_settings
+
+        try:
+            token = self.redis.get(lease_key(get_settings().key_prefix))
+        except redis.RedisError:
+            return None
+        if not isinstance(token, str):
+            return None
+        pid = token.split("/")[0].rsplit(":", 2)[-2]
+        return next((w for w in self.live_workers() if str(w.proc.pid) == pid), None)
+
+    def active_worker(self) -> Worker:
+        holder = self.lease_holder()
+        if holder is not None:
+            return holder
+        live = self.live_workers()
+        took = [w for w in live if "took the workorder lease" in w.log_text()]
+        return (took or live)[-1]
+
+    def ensure_workers(self) -> list[str]:
+        """Back to an active worker and a standby, both up; what went wrong on the way."""
+        for _ in range(WORKERS - len(self.live_workers())):
+            self.start_worker()
+        problems = [f"{w.name} did not start" for w in self.live_workers()
+                    if not w.wait_for(" ready.", BOOT_TIMEOUT_S)]  # fmt: skip
+        deadline = time.monotonic() + BOOT_TIMEOUT_S
+        while self.lease_holder() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return problems if self.lease_holder() is not None else [*problems, "no worker took the lease"]
+
+    def submit(self, producer: Any, wo: str, kind: str, qty: int, rid: str) -> dict[str, Any]:
+        """Submit one valid update; record it when the producer took it."""
+        try:
+            result: dict[str, Any] = producer.submit(wo, kind, qty, request_id=rid)
+        except Exception as exc:  # the contract is a result dict, never an exception
+            result = {"success": False, "code": "RAISED", "error": repr(exc)}
+        if not result["success"]:
+            self.producer_refused += 1
+            print(f"chaos: the producer refused {rid}: {result}", file=sys.stderr, flush=True)
+        elif not self.sent.accept(rid, (wo, kind, qty), time.time()):
+            self.duplicates_sent += 1
+        return result
+
+    def burst(self, n: int = BURST) -> None:
+        """``n`` updates at once, so that the fault finds work queued and in hand."""
+        at = len(self.injections)
+        for i in range(n):
+            self.submit(
+                self.producer(), f"CH-{i % BURST_WORK_ORDERS:03d}", "input", 1, f"chaos:burst:{at}:{i}"
+            )
+
+    def producer(self) -> Any:
+        """The faults' own producer (the flow has another)."""
+        from mes_tasks.producer import Producer
+
+        with self._lock:
+            if self._producer is None:
+                self._producer = Producer()
+            return self._producer
+
+    def new_work_order(self, wo: str) -> None:
+        self.db.work_orders.insert_one({"_id": wo, "input_qty": 0, "output_qty": 0})
+
+
+class Fault(NamedTuple):
+    name: str  # as the table shows it
+    inject: Callable[[Run, Injection], None]
+
+
+def kill_txn_restart(run: Run, inj: Injection) -> None:
+    """SIGKILL the active worker inside its open transaction; start one in its place, no standby."""
+    hooked = run.start_worker(MES_TEST_TXN_DELAY_S=str(TXN_HOLD_S))
+    if not hooked.wait_for(" ready.", BOOT_TIMEOUT_S):
+        inj.problems.append("the worker with the transaction hook did not start")
+    others = [w for w in run.live_workers() if w is not hooked]
+    for worker in others:
+        worker.signal(signal.SIGTERM)  # both at once: the hooked worker takes the lease
+    for worker in others:
+        worker.stop()
+    if not hooked.wait_for(HOOK_LINE, HOOK_WAIT_S):
+        inj.problems.append(f"no transaction held open within {HOOK_WAIT_S:g} s; killed anyway")
+    run.burst()  # queued behind the open transaction
+    hooked.signal(signal.SIGKILL)
+    inj.ended = time.time()
+    run.start_worker()
+
+
+def kill_standby(run: Run, inj: Injection) -> None:
+    """SIGKILL the active worker; the standby takes over."""
+    worker = run.active_worker()
+    run.burst()
+    worker.signal(signal.SIGKILL)
+    inj.ended = time.time()
+
+
+def pause(run: Run, inj: Injection) -> None:
+    from mes_tasks.settings import get_settings
+
+    worker = run.active_worker()
+    worker.signal(signal.SIGSTOP)
+    time.sleep(get_settings().lease_ttl_s + PAUSE_MARGIN_S)  # past the lease: the standby takes over
+    run.burst()  # in the queue as the paused worker wakes up
+    worker.signal(signal.SIGCONT)
+    inj.ended = time.time()
+
+
+def restart(name: str) -> Callable[[Run, Injection], None]:
+    def inject(run: Run, inj: Injection) -> None:
+        if name == "redis":
+            print(
+                f"chaos:   {kept_locks(run)} work-order lock(s) held at the restart",
+                file=sys.stderr,
+                flush=True,
+            )
+        run.burst()  # waits in the broker across the restart
+        run.services[name].restart()
+        inj.ended = time.time()
+
+    return inject
+
+
+def kept_locks(run: Run) -> int:
+    from mes_tasks.settings import get_settings
+    from mes_tasks.status import held_locks
+
+    return len(held_locks(run.redis, get_settings().key_prefix))
+
+
+def latency(name: str) -> Callable[[Run, Injection], None]:
+    def inject(run: Run, inj: Injection) -> None:
+        run.proxies[name].latency_s = LATENCY_S
+        time.sleep(HOLD_S)
+        run.proxies[name].latency_s = 0.0
+        inj.ended = time.time()
+
+    return inject
+
+
+def drop(name: str) -> Callable[[Run, Injection], None]:
+    def inject(run: Run, inj: Injection) -> None:
+        run.burst()
+        run.proxies[name].drop_all()
+        inj.ended = time.time()
+
+    return inject
+
+
+def loss(name: str) -> Callable[[Run, Injection], None]:
+    def inject(run: Run, inj: Injection) -> None:
+        proxy = run.proxies[name]
+        run.burst()
+        proxy.stall(LOSS_STALL_S)
+        proxy.loss = LOSS
+        time.sleep(HOLD_S)
+        proxy.loss = 0.0
+        inj.ended = time.time()
+
+    return inject
+
+
+def queue_pause(run: Run, inj: Injection) -> None:
+    """Operator pause, restart of the active worker, resume: nothing applied while paused, one consumer."""
+    from mes_tasks.status import pause as pause_queue
+
+    if not _operator(inj, pause_queue):
+        return
+    paused_at = time.time()
+    run.active_worker().stop()
+    if not run.start_worker().wait_for(" ready.", BOOT_TIMEOUT_S):
+        inj.problems.append("the restarted worker did not start")
+    time.sleep(PAUSED_WATCH_S)
+    _applied_while_paused(run, inj, paused_at + PAUSE_GRACE_S)
+    inj.ended = time.time()  # the operator's command, not its reply
+    if _resume(inj):
+        _one_consumer(run, inj)
+
+
+def _operator(inj: Injection, action: Callable[..., list[str]]) -> bool:
+    """Run ``status.pause`` or ``status.resume`` as the CLI does; False (and a problem) if it failed."""
+    from mes_tasks import db
+    from mes_tasks.app import app
+    from mes_tasks.errors import MesError
+    from mes_tasks.settings import get_settings
+
+    settings = get_settings()
+    try:
+        action(app, db.redis_client(settings), settings)
+    except MesError as exc:
+        inj.problems.append(f"{action.__name__}: {exc.code} {exc.message}")
+        return False
+    return True
+
+
+def _resume(inj: Injection) -> bool:
+    from mes_tasks.status import resume
+
+    return _operator(inj, resume)
+
+
+def _applied_while_paused(run: Run, inj: Injection, since: float) -> None:
+    n = run.db.quantity_logs.count_documents({"created_at": {"$gte": utc(since)}})
+    if n:
+        inj.problems.append(f"{n} update(s) applied while the queue was paused")
+
+
+def _one_consumer(run: Run, inj: Injection) -> None:
+    from mes_tasks.app import app
+    from mes_tasks.errors import MesError
+    from mes_tasks.status import consumers
+
+    seen: list[list[str]] = []
+    deadline = time.monotonic() + CONSUMER_WATCH_S
+    while time.monotonic() < deadline:
+        try:
+            seen.append(consumers(app).get("workorder", []))
+        except MesError:
+            seen.append(["?"])
+        time.sleep(0.5)
+    if len(seen[-1]) != 1 or any(len(s) > 1 for s in seen):
+        inj.problems.append(f"consumers of workorder after resume: {seen}")
+    if not seen[-1]:
+        for worker in run.live_workers():  # nothing consumes: restart them so the run can go on
+            worker.stop()
+
+
+def spooled_corrections(run: Run, inj: Injection) -> None:
+    """Counts spooled while Redis refuses; corrections sent the moment it is back overtake them."""
+    n = len(run.injections)
+    counts = [(f"CH-SP{n}-{i}", i + 2, f"chaos:spool:{n}:{i}") for i in range(SPOOLED_COUNTS)]
+    for wo, _, _ in counts:
+        run.new_work_order(wo)
+    run.proxies["app-redis"].refuse = True  # the main app's broker is down; the workers' is not
+    reopen_at = time.monotonic() + SPOOL_HOLD_S
+    for wo, qty, rid in counts:
+        code = run.submit(run.producer(), wo, "output", qty, rid).get("code")
+        if code != "SPOOLED":
+            inj.problems.append(f"{rid} sent while Redis refused came back {code}, not SPOOLED")
+    time.sleep(max(0.0, reopen_at - time.monotonic()))
+    run.proxies["app-redis"].refuse = False
+    for wo, qty, rid in counts:
+        run.submit(run.producer(), wo, "output", -qty, f"{rid}:fix")
+    inj.ended = time.time()
+    run.final_checks.append((inj, lambda: _netted_out(run, [wo for wo, _, _ in counts])))
+
+
+def _netted_out(run: Run, work_orders: list[str]) -> list[str]:
+    docs = run.db.work_orders.find({"_id": {"$in": work_orders}}, {"output_qty": 1})
+    wrong = [f"{d['_id']} output={d.get('output_qty')}" for d in docs if d.get("output_qty")]
+    dead = run.db.failed_updates.count_documents({"work_order_id": {"$in": work_orders}})
+    return (["did not net out to 0: " + ", ".join(wrong)] if wrong else []) + (
+        [f"{dead} count(s) or correction(s) dead-lettered"] if dead else []
+    )
+
+
+def retry_then_loss(run: Run, inj: Injection) -> None:
+    """A dead letter retried while paused, its message then lost from the broker: still applied."""
+    from mes_tasks.deadletter import retry_failed
+    from mes_tasks.models import FailedUpdate
+    from mes_tasks.status import pause as pause_queue
+    from mes_tasks.tasks import update_quantity
+
+    n = len(run.injections)
+    wo, rid = f"CH-LATE-{n}", f"chaos:late:{n}"
+    run.submit(run.producer(), wo, "input", 3, rid)
+    if not _dead_lettered(run, rid, "UNKNOWN_WORK_ORDER"):
+        inj.problems.append(f"{rid} was not dead-lettered UNKNOWN_WORK_ORDER in {DEAD_LETTER_WAIT_S:g} s")
+        run.new_work_order(wo)
+        return
+    run.new_work_order(wo)
+    paused = _operator(inj, pause_queue)
+    record = FailedUpdate.objects(request_id=rid).first()
+    task_id = retry_failed(record, lambda a, k: str(update_quantity.apply_async(a, k).id))
+    if not remove_waiting(run.redis, task_id):
+        inj.problems.append("the retried message was not waiting in the broker")
+    inj.ended = time.time()
+    if paused:
+        _resume(inj)
+
+
+def _dead_lettered(run: Run, rid: str, code: str) -> bool:
+    deadline = time.monotonic() + DEAD_LETTER_WAIT_S
+    while time.monotonic() < deadline:
+        if run.db.failed_updates.find_one({"request_id": rid, "error_code": code}):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def remove_waiting(client: redis.Redis, task_id: str, queue: str = "workorder") -> bool:
+    """LREM the one waiting message of ``task_id`` from the queue's list: the broker lost it."""
+    raws: list[str] = client.lrange(queue, 0, -1)  # type: ignore[assignment]
+    for raw in raws:
+        if json.loads(raw).get("headers", {}).get("id") == task_id:
+            return bool(client.lrem(queue, 1, raw))
+    return False
+
+
+def malformed_call(run: Run, inj: Injection) -> None:
+    """A .delay() that cannot bind is refused at the call site; a poisoned outbox entry blocks nothing."""
+    from mes_tasks.outbox import spool
+    from mes_tasks.tasks import update_quantity
+
+    n = len(run.injections)
+    run.bad_sent += 1
+    try:
+        update_quantity.delay("CH-000", "input", 5, request_id=f"chaos:malformed:{n}", countdown=5)
+    except TypeError:
+        run.refused += 1
+    else:
+        inj.problems.append("update_quantity.delay(..., countdown=5) did not raise TypeError")
+    poison = {"args": ["CH-000", "input", 1], "kwargs": {"request_id": f"chaos:poison:{n}", "bogus": 1}}
+    run.db.outbox.insert_one({"job_id": str(uuid.uuid4()), "request_id": f"chaos:poison:{n}",
+                              "payload": json.dumps(poison), "state": "spooled", "attempts": 0,
+                              "created_at": utc(time.time())})  # fmt: skip
+    for i in range(POISON_FOLLOWERS):
+        wo, rid = f"CH-{i:03d}", f"chaos:behind-poison:{n}:{i}"
+        spool(run.db.outbox, str(uuid.uuid4()), [wo, "output", 1], {"request_id": rid, "context": None},
+              "chaos: spooled behind a poisoned entry")  # fmt: skip
+        run.sent.accept(rid, (wo, "output", 1), time.time())
+    inj.ended = time.time()
+
+
+def bad_input(run: Run, inj: Injection) -> None:
+    from mes_tasks.producer import submit_quantity_update
+    from mes_tasks.tasks import update_quantity
+
+    n = len(run.injections)
+    for _ in range(BAD_BURST // 2):
+        run.bad_sent += 1
+        run.refused += not submit_quantity_update("", "output", 1)["success"]
+    for i in range(BAD_BURST // 2):  # valid in form, refused by the worker
+        run.bad_sent += 1
+        update_quantity.apply_async(
+            ("WO-NONE", "output", 1), {"request_id": f"chaos:bad:{n}:{i}"}, ignore_result=True
+        )
+    inj.ended = time.time()
+
+
+# Recovery counts from: the kill for kills; the SIGCONT, the restart, the fault switched
+# off, the resume, the reopened broker (and corrections sent), the spooled entries
+# written, the end of the burst for the others.
+FAULTS: dict[str, Fault] = {
+    "kill-txn-restart": Fault("SIGKILL in txn, restart in place", kill_txn_restart),
+    "kill-standby": Fault("SIGKILL active, standby takes over", kill_standby),
+    "pause": Fault("SIGSTOP active > lease TTL", pause),
+    "redis-restart": Fault("Redis restart (AOF, kept locks)", restart("redis")),
+    "mongo-restart": Fault("MongoDB restart", restart("mongo")),
+    "redis-latency": Fault(f"Redis latency {LATENCY_S * 1000:.0f} ms", latency("redis")),
+    "mongo-latency": Fault(f"MongoDB latency {LATENCY_S * 1000:.0f} ms", latency("mongo")),
+    "redis-drop": Fault("Redis connections dropped", drop("redis")),
+    "mongo-drop": Fault("MongoDB connections dropped", drop("mongo")),
+    "redis-loss": Fault(f"Redis packet loss {LOSS:.0%}, stall", loss("redis")),
+    "mongo-loss": Fault(f"MongoDB packet loss {LOSS:.0%}, stall", loss("mongo")),
+    "queue-pause": Fault("queue pause, restart, resume", queue_pause),
+    "spooled-corrections": Fault("spooled counts, corrections first", spooled_corrections),
+    "retry-then-loss": Fault("failed retry, message lost", retry_then_loss),
+    "malformed-call": Fault("malformed .delay(), poisoned outbox", malformed_call),
+    "bad-input": Fault("bad input burst", bad_input),
+}
