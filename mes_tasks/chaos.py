@@ -6,14 +6,15 @@
 
 Starts its own Redis (AOF) and SecantusDB, two workers on ``workorder`` (active and
 standby) with the project's default settings, reaching both stores through fault proxies,
-a producer thread (through the same proxies) and the outbox relay, run here every
-``MES_OUTBOX_RELAY_INTERVAL_S`` as beat would. Each fault (``chaosfaults.FAULTS``) is
-injected ``--repeat`` times in an order shuffled by ``--seed``; after each injection the
-run waits until every update accepted before the fault's end has its outcome (at most
-``--recovery-wait`` seconds) and goes on.
+and in this process a producer thread and the outbox relay (every
+``MES_OUTBOX_RELAY_INTERVAL_S``, as beat would), through proxies of their own. Each fault
+(``chaosfaults.FAULTS``) is injected ``--repeat`` times in an order shuffled by ``--seed``
+while updates keep flowing; after each injection the run waits until every update
+accepted before the fault's end has its outcome (at most ``--recovery-wait`` seconds).
 
 A fault's recovery: seconds from its end until every update accepted before that
-moment was applied or dead-lettered, from the stores' own timestamps. Exits 0 only
+moment was applied or dead-lettered, from the stores' own timestamps (an update an
+earlier injection left without an outcome is charged to that one). Exits 0 only
 when lost = 0, double-counted = 0, the audit is clean, no accepted update was
 dead-lettered, every fault's own checks held and, unless ``--no-recovery-goal``, every
 fault's worst recovery was at most 5 s.
@@ -251,7 +252,7 @@ def run_chaos(args: argparse.Namespace, tmp: Path) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="make chaos", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    parser.add_argument("--repeat", type=int, default=3, help="injections of each fault (default 3)")
+    parser.add_argument("--repeat", type=positive, default=3, help="injections of each fault (default 3)")
     parser.add_argument("--seed", type=int, default=1, help="orders the injections and the updates")
     parser.add_argument("--faults", type=fault_list, default=list(FAULTS),
                         help=f"comma-separated; default all: {','.join(FAULTS)}")  # fmt: skip
@@ -269,6 +270,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(filename=tmp / "harness.log", level=logging.INFO,
                         format="[%(asctime)s: %(levelname)s/%(name)s] %(message)s")  # fmt: skip
     return run_chaos(args, tmp)
+
+
+def positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return int(text)
 
 
 def fault_list(text: str) -> list[str]:

@@ -146,9 +146,8 @@ class Run:
             token = self.redis.get(lease_key(get_settings().key_prefix))
         except redis.RedisError:
             return None
-        if not isinstance(token, str):
-            return None
-        pid = token.split("/")[0].rsplit(":", 2)[-2]
+        owner = token.split("/")[0].split(":") if isinstance(token, str) else []  # host:pid:tag
+        pid = owner[-2] if len(owner) >= 3 else None
         return next((w for w in self.live_workers() if str(w.proc.pid) == pid), None)
 
     def active_worker(self) -> Worker:
