@@ -50,6 +50,17 @@ log = logging.getLogger(__name__)
 
 QUEUE = "workorder"
 LEASE_POLL_S = 0.5  # how often a standby tries to take the lease (and the active checks it)
+_STEP: list[SingleActiveConsumer] = []  # this worker's step, once it started on workorder
+
+
+def may_apply() -> bool:
+    """False in a ``workorder`` worker that does not hold the lease right now.
+
+    A worker resumed after SIGSTOP may take a message before its tick sees that the lease
+    is gone; it must hand the message back rather than take work-order locks the new
+    active worker needs. Other processes (no lease step) may always apply.
+    """
+    return not _STEP or (_STEP[0].active and _STEP[0].lease is not None and _STEP[0].lease.held)
 
 
 class Lease(RedisLock):
@@ -78,7 +89,7 @@ class Lease(RedisLock):
 
     @property
     def held(self) -> bool:
-        return self.watchdog.watching(self) and self.lost_reason is None
+        return self.watchdog.watching(self) and self.lost_reason is None and self.fresh()
 
 
 def holder_is_dead(token: str) -> bool:
@@ -181,6 +192,7 @@ class SingleActiveConsumer(bootsteps.StartStopStep):  # type: ignore[misc]
             self.lease = self.lease or Lease(client, lease_key(settings.key_prefix), settings.lease_ttl_s)
             self.prefix = settings.key_prefix
             self.mongo = self.mongo or _mongo_client(settings)
+            _STEP[:] = [self]
             if _consuming(c):
                 c.cancel_task_queue(QUEUE)  # until the lease is ours and no pause is in force
         self.tick(c)
@@ -208,6 +220,7 @@ class SingleActiveConsumer(bootsteps.StartStopStep):  # type: ignore[misc]
     def _take_over(self, c: Any) -> None:
         assert self.lease is not None and self.mongo is not None
         ended = 0
+        sessions.forget_recorded()  # a successor may have ended ours while we were standby
         try:
             ended = sessions.end_others(self.mongo, self.lease.client, self.prefix)
         except MesError as exc:  # their transactions then time out on the server

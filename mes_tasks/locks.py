@@ -96,6 +96,7 @@ class RedisLock:
         self.wait_s = wait_s
         self.extend_interval_s = extend_interval_s or ttl_s / 3
         self.token = ""
+        self.extended_at = 0.0  # monotonic time of the last request that confirmed the key ours
         self.lost_reason: str | None = None
         self.wanted = False
         self.wanted_key = wanted_key
@@ -114,6 +115,7 @@ class RedisLock:
         self.token = f"{owner_id()}{TOKEN_SEP}{secrets.token_hex(12)}"
         asked = False
         with redis_errors():
+            sent = time.monotonic()
             while not self.client.set(self.key, self.token, nx=True, px=self.ttl_ms):
                 if self._reclaimed():
                     break
@@ -122,9 +124,11 @@ class RedisLock:
                 asked = self._ask() or asked
                 time.sleep(pause)
                 pause = min(pause * 2, ACQUIRE_POLL_MAX_S)
+                sent = time.monotonic()
             if asked:
                 self.client.delete(self.wanted_key)  # type: ignore[arg-type]
         _LIVE.add(self.token)
+        self.extended_at = sent
         self.lost_reason = None
         self.wanted = False
 
@@ -151,9 +155,20 @@ class RedisLock:
     def extend(self) -> bool:
         """Push the expiry back to a full TTL if we still own the key (and note ``wanted``)."""
         keys = self.extend_keys
+        sent = time.monotonic()
         with redis_errors():
             answer = self.client.eval(_EXTEND, len(keys), *keys, self.token, self.ttl_ms)
+        if answer:
+            self.extended_at = sent
         return self._answered(answer)
+
+    def fresh(self) -> bool:
+        """Whether the key was last confirmed ours less than a TTL ago, by this process's clock.
+
+        False right after this process was stopped (SIGSTOP, a long GC pause) for longer
+        than the TTL, before the watchdog has even tried again.
+        """
+        return time.monotonic() - self.extended_at < self.ttl_ms / 1000
 
     def _answered(self, answer: object) -> bool:
         """Note what an ``_EXTEND`` answer says about waiters; whether the key is still ours."""

@@ -27,6 +27,14 @@ from mes_tasks.locks import owner_id, redis_errors
 log = logging.getLogger(__name__)
 
 FIELD_SEP = "|"  # a field is "<owner_id>|<lsid hex>"
+# Session ids this process has recorded since it last took the lease: a successor that
+# took over meanwhile ended and forgot them, so taking the lease back starts afresh.
+_RECORDED: set[str] = set()
+
+
+def forget_recorded() -> None:
+    """Record every session again from now on (this process has just taken the lease)."""
+    _RECORDED.clear()
 
 
 class SessionLog:
@@ -35,7 +43,6 @@ class SessionLog:
     def __init__(self, client: redis.Redis, prefix: str) -> None:
         self.client = client
         self.key = sessions_key(prefix)
-        self._known: set[str] = set()
 
     def note(self, session: ClientSession) -> None:
         """Record ``session`` unless already recorded; before its transaction starts.
@@ -44,11 +51,11 @@ class SessionLog:
             RedisUnavailable: not recorded; the caller must not start the transaction.
         """
         lsid = _lsid_hex(session.session_id)
-        if lsid in self._known:
+        if lsid in _RECORDED:
             return
         with redis_errors():
             self.client.hset(self.key, f"{owner_id()}{FIELD_SEP}{lsid}", f"{time.time():.0f}")
-        self._known.add(lsid)
+        _RECORDED.add(lsid)
 
 
 def end_others(mongo: Mongo, client: redis.Redis, prefix: str) -> int:

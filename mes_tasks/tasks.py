@@ -10,9 +10,10 @@ from typing import Any, NoReturn
 
 import redis
 from celery import Task
+from celery.exceptions import Reject
 from celery.result import AsyncResult
 
-from mes_tasks import db
+from mes_tasks import db, lease
 from mes_tasks.app import app
 from mes_tasks.deadletter import Failure, record_failure
 from mes_tasks.errors import (
@@ -122,6 +123,9 @@ def update_quantity(
         ``{"status": "applied" | "duplicate", "value": counter after, "request_id": ..., ...}``
     """
     started = time.monotonic()
+    if not lease.may_apply():  # resumed after a stop, before the tick saw the lease go
+        log.warning("not the active workorder consumer any more: handing %s back", self.request.id)
+        raise Reject("not the active workorder consumer", requeue=True)
     try:
         req = validate_update(work_order_id, kind, quantity, request_id, context)
         result = self.ledger.apply(req, req.request_id or self.request.id, self.request.id)

@@ -186,3 +186,32 @@ def test_a_lease_held_by_a_worker_on_another_host_is_taken_once_its_ttl_runs_out
     assert took < RECOVERED_WITHIN_S
     assert submit_quantity_update("WO-1", "input", 1, request_id="after-ttl")["success"]
     wait_until(lambda: _all_applied(["after-ttl"]), 30, "an update after the take-over")
+
+
+def test_a_lease_not_confirmed_for_a_ttl_is_not_held_even_before_its_watchdog_notices(
+    redis_client: redis.Redis,
+) -> None:
+    from mes_tasks.lease import Lease
+
+    lease = Lease(redis_client, lease_key("mes:"), 3.0)
+    assert lease.try_acquire() and lease.held
+    lease.extended_at -= 3.5  # this process was stopped (SIGSTOP) for longer than the TTL
+    assert not lease.held  # so a resumed worker hands messages back instead of taking locks
+    lease.release()
+
+
+def test_a_worker_that_takes_the_lease_back_records_its_sessions_again(
+    mongo: Mongo, redis_client: redis.Redis
+) -> None:
+    from mes_tasks.sessions import SessionLog, forget_recorded
+
+    log = SessionLog(redis_client, "mes:")
+    with mongo.start_session() as session:
+        log.note(session)
+        assert redis_client.hlen(sessions_key("mes:")) == 1
+        redis_client.delete(sessions_key("mes:"))  # a successor ended and forgot them
+        log.note(session)
+        assert redis_client.hlen(sessions_key("mes:")) == 0  # known: no write per transaction
+        forget_recorded()  # this worker takes the lease back
+        log.note(session)
+        assert redis_client.hlen(sessions_key("mes:")) == 1
