@@ -162,3 +162,19 @@ def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str) -> No
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
         time.sleep(0.1)
+
+
+# Test tiers. fast: no servers, no subprocesses (``make test-fast``, seconds); the rest are
+# integration tests (real Redis and SecantusDB over TCP) and end-to-end tests (``slow``:
+# celery worker subprocesses). ``make test`` runs every tier.
+SERVER_FIXTURES = {"servers", "settings", "mongo", "redis_client", "start_worker", "services"}
+SUBPROCESS_FIXTURES = {"start_worker"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        names = set(getattr(item, "fixturenames", ()))
+        if names & SUBPROCESS_FIXTURES:
+            item.add_marker(pytest.mark.slow)
+        if not names & SERVER_FIXTURES and not item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.fast)

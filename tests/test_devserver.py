@@ -12,6 +12,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import pytest
 import redis
 from pymongo import MongoClient
 
@@ -72,6 +73,7 @@ def submit(redis_port: int, mongo_port: int) -> str:
     return done.stdout.strip()
 
 
+@pytest.mark.slow  # the whole stack, for 20 s
 def test_the_stack_runs_stops_on_ctrl_c_and_keeps_its_data(tmp_path: Path) -> None:
     var, redis_port, mongo_port, flower_port = tmp_path / "var", free_port(), free_port(), free_port()
     proc, log = start_stack(var, redis_port, mongo_port, flower_port)

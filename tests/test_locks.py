@@ -84,6 +84,7 @@ def test_the_watchdog_records_a_failed_extension(redis_client: redis.Redis) -> N
             held.ensure_held()
 
 
+@pytest.mark.slow  # waits out a connect timeout
 def test_an_unreachable_redis_is_a_transient_error() -> None:
     client = redis.Redis(port=1, socket_connect_timeout=0.2)
     with pytest.raises(RedisUnavailable):
