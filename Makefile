@@ -14,10 +14,10 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: install
-	$(PY) -m mes_tasks.devserver run
+	$(PY) -m devtools.devserver run
 
 demo: install
-	$(PY) -m mes_tasks.demo $(DEMO_ARGS)
+	$(PY) -m devtools.demo $(DEMO_ARGS)
 
 test: install
 	$(PY) -m pytest
@@ -28,7 +28,7 @@ test-fast: install
 lint: install
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	$(PY) -m mypy mes_tasks
+	$(PY) -m mypy mes_tasks devtools
 
 format: install
 	$(PY) -m ruff format .
@@ -38,7 +38,7 @@ bench: install
 	$(PY) bench/run.py $(BENCH_ARGS)
 
 chaos: install
-	$(PY) -m mes_tasks.chaos $(CHAOS_ARGS)
+	$(PY) -m devtools.chaos $(CHAOS_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -20,7 +20,6 @@ from typing import Any
 
 from mes_tasks import db
 from mes_tasks.audit import run_audit
-from mes_tasks.devserver import free_port, mongo_service, secantus_uri
 from mes_tasks.models import QuantityLog, WorkOrder
 from mes_tasks.settings import Settings
 
@@ -87,6 +86,9 @@ def main() -> int:
     server = None
     uri = os.environ.get("MONGODB_URI")
     if not uri:
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # devtools: not installed
+        from devtools.devserver import free_port, mongo_service, secantus_uri
+
         port = free_port()
         server = mongo_service(Path(tempfile.mkdtemp(prefix="mes-bench-")), port).start()
         uri = secantus_uri(port, "mes_bench")

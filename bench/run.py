@@ -36,6 +36,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # devtools: not installed
+
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 WORK_ORDERS = [f"B-{i:03d}" for i in range(20)]
@@ -48,7 +50,7 @@ ENQUEUED: dict[str, float] = {}
 
 def start_servers(base: Path) -> list[Any]:
     """Own Redis + SecantusDB unless REDIS_URL / MONGODB_URI are set; sets the env for children."""
-    from mes_tasks.devserver import free_port, mongo_service, redis_service, secantus_uri
+    from devtools.devserver import free_port, mongo_service, redis_service, secantus_uri
 
     started = []
     if not os.environ.get("REDIS_URL"):
@@ -209,8 +211,8 @@ def throughput(n: int, rounds: int, tmp: Path, profile: Path | None = None) -> d
     """
     import classic
 
+    from devtools.devserver import worker_argv
     from mes_tasks import db
-    from mes_tasks.devserver import worker_argv
     from mes_tasks.keptlocks import KeptLocks
     from mes_tasks.ledger import Ledger
     from mes_tasks.models import OutboxMessage, QuantityLog, WorkOrder
@@ -296,7 +298,7 @@ def latency(rates: list[float], duration_s: float, tmp: Path) -> dict[str, dict[
     backlog the rest of a short run then queues behind. It is measured on its own
     (``warm_up_max_ms``), not mixed into the percentiles.
     """
-    from mes_tasks.devserver import worker_argv
+    from devtools.devserver import worker_argv
     from mes_tasks.models import OutboxMessage, QuantityLog, WorkOrder
     from mes_tasks.tasks import update_quantity
 
@@ -368,7 +370,7 @@ def audit_scaling(sizes: list[int]) -> dict[str, dict[str, float]]:
 
 
 def worker_memory(sizes: list[int], tmp: Path) -> dict[str, float]:
-    from mes_tasks.devserver import worker_argv
+    from devtools.devserver import worker_argv
     from mes_tasks.models import OutboxMessage, QuantityLog, WorkOrder
     from mes_tasks.tasks import update_quantity
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from mes_tasks.devserver import free_port, mongo_service, redis_service, secantus_uri, worker_argv
+from devtools.devserver import free_port, mongo_service, redis_service, secantus_uri, worker_argv
 
 REDIS_PORT = free_port()
 MONGO_PORT = free_port()

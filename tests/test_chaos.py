@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from conftest import REPO
-from mes_tasks.chaosfaults import FAULTS
+from devtools.chaosfaults import FAULTS
 
 CHAOS_TIMEOUT_S = 540  # about two minutes on a 2-core machine; failing faults wait 15 s each
 
@@ -23,7 +23,7 @@ CHAOS_TIMEOUT_S = 540  # about two minutes on a 2-core machine; failing faults w
 def test_under_every_fault_no_update_is_lost_or_counted_twice_and_each_recovers_in_seconds() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MES_", "REDIS_URL", "MONGODB_URI"))}
     run = subprocess.run(
-        [sys.executable, "-m", "mes_tasks.chaos", "--repeat", "1", "--rate", "15", "--recovery-wait", "15"],
+        [sys.executable, "-m", "devtools.chaos", "--repeat", "1", "--rate", "15", "--recovery-wait", "15"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=CHAOS_TIMEOUT_S,
     )  # fmt: skip
     print(run.stdout, run.stderr[-5000:])

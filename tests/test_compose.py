@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from conftest import REPO
-from mes_tasks.devserver import beat_argv, flower_argv, worker_argv
+from devtools.devserver import beat_argv, flower_argv, worker_argv
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import redis
 
 from conftest import Worker, make_work_orders, wait_until
-from mes_tasks.devserver import Service
+from devtools.devserver import Service
 from mes_tasks.models import FailedUpdate, QuantityLog, WorkOrder
 from mes_tasks.producer import Producer
 from mes_tasks.tasks import relay_outbox

@@ -8,7 +8,7 @@ import pytest
 import redis
 
 from conftest import Worker
-from mes_tasks import demo
+from devtools import demo
 from mes_tasks.db import Mongo
 
 

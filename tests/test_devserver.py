@@ -17,7 +17,7 @@ import redis
 from pymongo import MongoClient
 
 from conftest import REPO, wait_until
-from mes_tasks.devserver import free_port, port_open, secantus_uri
+from devtools.devserver import free_port, port_open, secantus_uri
 
 SUBMIT = """
 from mes_tasks import db
@@ -35,7 +35,7 @@ def start_stack(var: Path, *ports: int) -> tuple[subprocess.Popen[str], Path]:
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "MONGODB_URI")}
     env.pop("MES_FLOWER_PASSWORD", None)
     log = var.parent / f"devserver-{time.monotonic_ns()}.log"
-    argv = [sys.executable, "-m", "mes_tasks.devserver", "run", "--var", str(var)]
+    argv = [sys.executable, "-m", "devtools.devserver", "run", "--var", str(var)]
     argv += [f"--{name}-port={port}" for name, port in zip(("redis", "mongo", "flower"), ports, strict=True)]
     with open(log, "w") as out:
         proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)

@@ -16,11 +16,11 @@ from celery.bin.celery import celery
 from click.testing import CliRunner
 
 from conftest import REPO
+from devtools.devserver import CELERY, free_port
+from devtools.stack import flower_credentials
 from mes_tasks.db import Mongo
-from mes_tasks.devserver import CELERY, free_port
 from mes_tasks.errors import ConfigurationError
 from mes_tasks.flowerauth import basic_auth, check_basic_auth
-from mes_tasks.stack import flower_credentials
 
 SECRET = "s3cret-pa"  # the two halves of a password cut at its ','
 REST = "rt2-of-it"
@@ -117,7 +117,7 @@ def test_every_celery_process_refuses_it_too() -> None:
 
 def test_make_run_refuses_a_flower_password_with_a_comma_before_starting_anything(tmp_path: Path) -> None:
     var = tmp_path / "var"
-    argv = [sys.executable, "-m", "mes_tasks.devserver", "run", "--var", str(var)]
+    argv = [sys.executable, "-m", "devtools.devserver", "run", "--var", str(var)]
     argv += [f"--{name}-port={free_port()}" for name in ("redis", "mongo", "flower")]
     done = run(argv, MES_FLOWER_PASSWORD=f"{SECRET},{REST}")
     assert done.returncode == 1

@@ -12,9 +12,9 @@ from celery.bin.celery import celery
 from click.testing import CliRunner, Result
 
 from conftest import Worker, make_work_orders, spawn, wait_until
+from devtools.devserver import worker_argv
 from mes_tasks.db import Mongo
 from mes_tasks.deadletter import Failure, record_failure
-from mes_tasks.devserver import worker_argv
 from mes_tasks.errors import UnknownWorkOrder
 from mes_tasks.keys import lock_key
 from mes_tasks.locks import RedisLock

@@ -12,8 +12,8 @@ import pytest
 import redis
 
 from conftest import Worker, make_work_orders, wait_until
+from devtools.devserver import Service
 from mes_tasks.db import Mongo
-from mes_tasks.devserver import Service
 from mes_tasks.errors import QueueError
 from mes_tasks.models import OutboxMessage, QuantityLog, WorkOrder
 from mes_tasks.producer import WORKORDER_QUEUE, Producer

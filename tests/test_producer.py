@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 import redis
 
-from mes_tasks.devserver import Service
+from devtools.devserver import Service
 from mes_tasks.keys import apply_ms_key
 from mes_tasks.models import QuantityLog
 from mes_tasks.producer import WORKORDER_QUEUE, Producer, submit_quantity_update

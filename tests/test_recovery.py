@@ -11,8 +11,8 @@ import redis
 from bson.binary import Binary
 
 from conftest import DEFAULT_TIMINGS, Worker, make_work_orders, wait_until
+from devtools.devserver import Service
 from mes_tasks.db import Mongo
-from mes_tasks.devserver import Service
 from mes_tasks.errors import LockBusy
 from mes_tasks.keys import lease_key, lock_key, sessions_key
 from mes_tasks.lease import holder_is_dead

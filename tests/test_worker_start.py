@@ -6,7 +6,7 @@ import subprocess
 from pathlib import Path
 
 from conftest import TEST_ENV, spawn_worker
-from mes_tasks.devserver import free_port, mongo_service
+from devtools.devserver import free_port, mongo_service
 
 EXIT_CONFIG = 78
 

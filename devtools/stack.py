@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from mes_tasks.devserver import (
+from devtools.devserver import (
     DEV_REDIS_DB,
     STOP_TIMEOUT_S,
     Service,

@@ -1,6 +1,6 @@
 """``make chaos``: updates flow while every fault is injected, repeatedly, on default settings.
 
-    python -m mes_tasks.chaos [--repeat 3] [--seed 1] [--faults kill-standby,pause,...]
+    python -m devtools.chaos [--repeat 3] [--seed 1] [--faults kill-standby,pause,...]
                               [--rate 20] [--work-orders 20] [--dup-share 0.1] [--updates N]
                               [--recovery-wait 30] [--no-recovery-goal]
 
@@ -39,8 +39,8 @@ import redis
 from pymongo import MongoClient
 from pymongo.errors import PyMongoError
 
-from mes_tasks.chaosfaults import FAULTS, Run, proxied_mongo_uri
-from mes_tasks.chaosreport import (
+from devtools.chaosfaults import FAULTS, Run, proxied_mongo_uri
+from devtools.chaosreport import (
     Injection,
     Outcome,
     Row,
@@ -51,8 +51,8 @@ from mes_tasks.chaosreport import (
     verdict,
     worker_events,
 )
-from mes_tasks.devserver import free_port, mongo_service, redis_service, secantus_uri
-from mes_tasks.faultproxy import FaultProxy
+from devtools.devserver import free_port, mongo_service, redis_service, secantus_uri
+from devtools.faultproxy import FaultProxy
 
 GAP_S = 2.0  # updates flow undisturbed this long before each injection
 RECOVERY_WAIT_S = 30.0

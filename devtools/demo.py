@@ -110,7 +110,7 @@ def summarise(run: str, scans: list[dict[str, Any]], results: list[dict[str, Any
 
 def ensure_stack() -> subprocess.Popen[bytes] | None:
     """Use ``REDIS_URL`` / ``make run``'s stack; start that stack in the background if it is down."""
-    from mes_tasks.devserver import DEV_MONGO_PORT, DEV_REDIS_PORT, port_open, secantus_uri
+    from devtools.devserver import DEV_MONGO_PORT, DEV_REDIS_PORT, port_open, secantus_uri
 
     if os.environ.get("REDIS_URL"):
         return None  # a stack of the user's own
@@ -123,7 +123,7 @@ def ensure_stack() -> subprocess.Popen[bytes] | None:
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "MONGODB_URI")}
     with open("var/log/demo-stack.log", "ab") as out:
         stack = subprocess.Popen(
-            [sys.executable, "-m", "mes_tasks.devserver", "run"],
+            [sys.executable, "-m", "devtools.devserver", "run"],
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,

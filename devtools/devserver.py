@@ -1,7 +1,7 @@
 """Embedded services for ``make run`` and the tests: redis-server and SecantusDB as child
 processes, and the command lines of every mes_tasks process.
 
-``python -m mes_tasks.devserver run`` starts the whole stack (see ``mes_tasks.stack``).
+``python -m devtools.devserver run`` starts the whole stack (see ``devtools.stack``).
 """
 
 from __future__ import annotations
@@ -183,7 +183,7 @@ def flower_argv(port: int, address: str = "127.0.0.1") -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mes_tasks.devserver")
+    parser = argparse.ArgumentParser(prog="python -m devtools.devserver")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="start Redis, SecantusDB and the workorder worker in the foreground")
     run.add_argument("--var", default=os.environ.get("MES_VAR_DIR", "var"), help="data and log directory")
@@ -197,7 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--flower-port", type=int, default=int(os.environ.get("MES_FLOWER_PORT", DEV_FLOWER_PORT))
     )
     args = parser.parse_args(argv)
-    from mes_tasks.stack import run_stack
+    from devtools.stack import run_stack
 
     return run_stack(Path(args.var), args.redis_port, args.mongo_port, args.flower_port)
 

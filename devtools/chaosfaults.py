@@ -23,9 +23,9 @@ from typing import Any, NamedTuple
 
 import redis
 
-from mes_tasks.chaosreport import Db, Injection, Sent, utc
-from mes_tasks.devserver import Service, secantus_uri, worker_argv
-from mes_tasks.faultproxy import FaultProxy
+from devtools.chaosreport import Db, Injection, Sent, utc
+from devtools.devserver import Service, secantus_uri, worker_argv
+from devtools.faultproxy import FaultProxy
 
 WORKERS = 2  # an active consumer and a standby
 BOOT_TIMEOUT_S = 90.0
