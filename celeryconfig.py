@@ -8,6 +8,7 @@ from celery.schedules import crontab
 
 from mes_tasks.errors import ConfigurationError
 from mes_tasks.flowerauth import check_basic_auth
+from mes_tasks.names import AUDIT_QUEUE, AUDIT_WORK_ORDERS, RELAY_OUTBOX, UPDATE_QUANTITY, WORKORDER_QUEUE
 from mes_tasks.settings import get_settings
 
 try:
@@ -46,9 +47,9 @@ accept_content = ["json"]
 result_accept_content = ["json"]
 
 task_routes = {
-    "mes_tasks.tasks.update_quantity": {"queue": "workorder"},
-    "mes_tasks.tasks.audit_work_orders": {"queue": "audit"},
-    "mes_tasks.tasks.relay_outbox": {"queue": "audit"},
+    UPDATE_QUANTITY: {"queue": WORKORDER_QUEUE},
+    AUDIT_WORK_ORDERS: {"queue": AUDIT_QUEUE},
+    RELAY_OUTBOX: {"queue": AUDIT_QUEUE},
 }
 task_acks_late = True
 task_acks_on_failure = True  # dead-lettered first, so a final failure is never lost
@@ -64,17 +65,17 @@ timezone = _s.audit_timezone
 enable_utc = True
 beat_schedule = {
     "nightly-audit": {
-        "task": "mes_tasks.tasks.audit_work_orders",
+        "task": AUDIT_WORK_ORDERS,
         "schedule": (
             timedelta(seconds=_s.audit_interval_s)
             if _s.audit_interval_s
             else crontab(hour=_s.audit_time[0], minute=_s.audit_time[1])
         ),
-        "options": {"queue": "audit", "expires": 12 * 3600},
+        "options": {"queue": AUDIT_QUEUE, "expires": 12 * 3600},
     },
     "outbox-relay": {
-        "task": "mes_tasks.tasks.relay_outbox",
+        "task": RELAY_OUTBOX,
         "schedule": timedelta(seconds=_s.outbox_relay_interval_s),
-        "options": {"queue": "audit", "expires": _s.outbox_relay_interval_s},
+        "options": {"queue": AUDIT_QUEUE, "expires": _s.outbox_relay_interval_s},
     },
 }

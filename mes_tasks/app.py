@@ -10,9 +10,9 @@ from celery import Celery, signals
 
 from mes_tasks import db
 from mes_tasks.errors import MesError
-from mes_tasks.keptlocks import ReleaseKeptLocks
 from mes_tasks.lease import SingleActiveConsumer
 from mes_tasks.settings import get_settings
+from mes_tasks.worker import ReleaseKeptLocks
 
 log = logging.getLogger(__name__)
 

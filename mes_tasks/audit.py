@@ -138,29 +138,21 @@ def repair(ledger: Ledger, wo_id: str) -> Repair | None:
     Raises:
         FenceLost, LockLost, LockBusy: another holder interfered; nothing was written.
     """
-    if ledger.kept is not None:  # a worker consuming both queues would wait on itself
-        ledger.kept.drop(wo_id)
-    with ledger.lock_for(wo_id) as lock:
-        epoch = ledger.bump_epoch(wo_id)
-        with (
-            mongo_errors(),
-            ledger.mongo.start_session() as session,
-            session.start_transaction(read_concern=SNAPSHOT),
-        ):
-            doc = ledger.work_orders.find_one({"_id": wo_id}, session=session) or {}
-            sums = next(iter(_log_sums([wo_id], session=session)), None) or {}
-            before = {f: int(doc.get(f) or 0) for f in COUNTER_FIELDS.values()}
-            after = {f: int(sums.get(kind, 0)) for kind, f in COUNTER_FIELDS.items()}
-            if before == after:
-                return None
-            done = ledger.work_orders.update_one(
-                {"_id": wo_id, "epoch": epoch},
-                {"$set": {**after, "updated_at": utcnow()}, "$inc": {"version": 1}},
-                session=session,
-            )
-            if done.matched_count != 1:
-                raise FenceLost(f"work order {wo_id!r} fenced during repair")
-            lock.ensure_held()
+    with ledger.fenced(wo_id, read_concern=SNAPSHOT) as fence:
+        session = fence.session
+        doc = ledger.work_orders.find_one({"_id": wo_id}, session=session) or {}
+        sums = next(iter(_log_sums([wo_id], session=session)), None) or {}
+        before = {f: int(doc.get(f) or 0) for f in COUNTER_FIELDS.values()}
+        after = {f: int(sums.get(kind, 0)) for kind, f in COUNTER_FIELDS.items()}
+        if before == after:
+            return None
+        done = ledger.work_orders.update_one(
+            {"_id": wo_id, "epoch": fence.epoch},
+            {"$set": {**after, "updated_at": utcnow()}, "$inc": {"version": 1}},
+            session=session,
+        )
+        if done.matched_count != 1:
+            raise FenceLost(f"work order {wo_id!r} fenced during repair")
     return Repair(wo_id, before, after)
 
 

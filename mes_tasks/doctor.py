@@ -16,6 +16,7 @@ from mes_tasks import db
 from mes_tasks.errors import ConfigurationError, MesError
 from mes_tasks.flowerauth import check_basic_auth
 from mes_tasks.models import AuditReport, FailedUpdate, QuantityLog, utcnow
+from mes_tasks.names import WORKORDER_QUEUE
 from mes_tasks.settings import Settings, mask_secrets
 from mes_tasks.status import consumers, pause_state
 
@@ -150,7 +151,7 @@ def check_test_hooks(ctx: Context) -> list[Check]:
 def check_consumers(ctx: Context) -> list[Check]:
     if ctx.redis is None:
         return [Check(FAIL, "workorder consumer", "not checked: Redis unreachable")]
-    workers = consumers(ctx.app).get("workorder", [])
+    workers = consumers(ctx.app).get(WORKORDER_QUEUE, [])
     paused = pause_state(ctx.redis, ctx.settings)
     if paused is not None:
         return [

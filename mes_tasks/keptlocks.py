@@ -23,16 +23,11 @@ import logging
 import time
 from contextlib import suppress
 from dataclasses import dataclass
-from typing import Any
-
-from celery import bootsteps
 
 from mes_tasks.errors import RedisUnavailable
 from mes_tasks.locks import RedisLock
 
 log = logging.getLogger(__name__)
-
-RELEASE_CHECK_S = 0.5  # how often the worker looks for kept locks to let go
 
 
 @dataclass
@@ -97,38 +92,3 @@ def let_go(lock: RedisLock) -> None:
     """Release if still ours; with Redis down the key expires by itself (the fence covers it)."""
     with suppress(RedisUnavailable):
         lock.release()
-
-
-class ReleaseKeptLocks(bootsteps.StartStopStep):  # type: ignore[misc]
-    """Consumer step: let go of idle kept locks between tasks, and of all of them at shutdown."""
-
-    requires = {"celery.worker.consumer.tasks:Tasks"}
-
-    def __init__(self, parent: Any, **kwargs: Any) -> None:
-        super().__init__(parent, **kwargs)
-        self.timer_entry: Any = None
-
-    def start(self, c: Any) -> None:
-        self.timer_entry = c.timer.call_repeatedly(RELEASE_CHECK_S, self.tick, priority=10)
-
-    def tick(self) -> None:
-        """Run in the worker's event loop, between tasks, like the tasks themselves."""
-        kept = _worker_kept_locks()
-        if kept is not None:
-            kept.release_idle()
-
-    def stop(self, c: Any) -> None:
-        if self.timer_entry is not None:
-            self.timer_entry.cancel()
-        kept = _worker_kept_locks()
-        if kept is not None and len(kept):
-            log.info("released %d kept work-order lock(s)", kept.release_all())
-
-    shutdown = stop
-
-
-def _worker_kept_locks() -> KeptLocks | None:
-    from mes_tasks.tasks import LedgerTask  # the tasks module imports the app, which imports this
-
-    ledger = LedgerTask._ledger
-    return None if ledger is None else ledger.kept

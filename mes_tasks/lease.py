@@ -40,15 +40,17 @@ import redis
 from celery import bootsteps
 from pymongo import MongoClient
 
-from mes_tasks import sessions
+from mes_tasks import db, sessions
 from mes_tasks.broker import unacked_of
 from mes_tasks.errors import LockBusy, MesError, RedisUnavailable
 from mes_tasks.keys import lease_key, lease_owner_key, lock_key, pause_key
 from mes_tasks.locks import _RELEASE, TOKEN_SEP, RedisLock, owner_id
+from mes_tasks.names import WORKORDER_QUEUE
+from mes_tasks.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
-QUEUE = "workorder"
+QUEUE = WORKORDER_QUEUE
 LEASE_POLL_S = 0.5  # how often a standby tries to take the lease (and the active checks it)
 _STEP: list[SingleActiveConsumer] = []  # this worker's step, once it started on workorder
 
@@ -183,12 +185,10 @@ class SingleActiveConsumer(bootsteps.StartStopStep):  # type: ignore[misc]
         self.mongo: MongoClient[dict[str, Any]] | None = None
 
     def start(self, c: Any) -> None:
-        from mes_tasks.settings import get_settings
-
         self.eligible = self.eligible or _consuming(c)  # a restarted consumer keeps its role
         if self.eligible:
             settings = get_settings()
-            client: redis.Redis = _redis_client(settings)
+            client: redis.Redis = db.redis_client(settings)
             self.lease = self.lease or Lease(client, lease_key(settings.key_prefix), settings.lease_ttl_s)
             self.prefix = settings.key_prefix
             self.mongo = self.mongo or _mongo_client(settings)
@@ -265,12 +265,6 @@ class SingleActiveConsumer(bootsteps.StartStopStep):  # type: ignore[misc]
     shutdown = stop
 
 
-def _redis_client(settings: Any) -> redis.Redis:
-    from mes_tasks import db
-
-    return db.redis_client(settings)
-
-
-def _mongo_client(settings: Any) -> MongoClient[dict[str, Any]]:
+def _mongo_client(settings: Settings) -> MongoClient[dict[str, Any]]:
     timeout_ms = int(settings.connect_timeout_s * 1000)
     return MongoClient(settings.mongodb_uri, serverSelectionTimeoutMS=timeout_ms, connectTimeoutMS=timeout_ms)

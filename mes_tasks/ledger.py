@@ -69,6 +69,14 @@ BLOCKED_MAX_S = 16.0  # ...doubling while it stays blocked, up to this
 
 
 @dataclass(frozen=True)
+class Fenced:
+    """A transaction under a work order's lock, and the epoch its writes must match."""
+
+    session: ClientSession
+    epoch: int
+
+
+@dataclass(frozen=True)
 class ApplyResult:
     """What one update did: ``applied`` or ``duplicate``, and the counter afterwards."""
 
@@ -339,12 +347,32 @@ class Ledger:
         return ApplyResult("applied", *_ident(req, request_id), value=value, epoch=epoch)
 
     @contextmanager
-    def _transaction(self) -> Iterator[ClientSession]:
+    def fenced(self, work_order_id: str, read_concern: ReadConcern = TXN_READ_CONCERN) -> Iterator[Fenced]:
+        """A write to one work order other than an update (the audit's repair), fenced like one.
+
+        Takes the work order's lock and a new epoch (as ``take``), opens a transaction, and
+        checks the lock before the commit; a write inside must match ``Fenced.epoch``.
+
+        Raises:
+            LockBusy, LockLost, FenceLost, UnknownWorkOrder: nothing was written.
+        """
+        if self.kept is not None:  # a worker consuming both queues would wait on itself
+            self.kept.drop(work_order_id)
+        lock, epoch, _ = self.take(work_order_id)
+        try:
+            with self._transaction(read_concern) as session:
+                yield Fenced(session, epoch)
+                lock.ensure_held()
+        finally:
+            let_go(lock)
+
+    @contextmanager
+    def _transaction(self, read_concern: ReadConcern = TXN_READ_CONCERN) -> Iterator[ClientSession]:
         """A session in a transaction (committed on leaving), pymongo's failures mapped."""
         with mongo_errors(), self.mongo.start_session() as session:
             if self.sessions is not None:
                 self.sessions.note(session)
-            with session.start_transaction(read_concern=TXN_READ_CONCERN, write_concern=TXN_WRITE_CONCERN):
+            with session.start_transaction(read_concern=read_concern, write_concern=TXN_WRITE_CONCERN):
                 yield session
 
     def _has_bulk_write(self) -> bool:

@@ -14,16 +14,17 @@ from pymongo import MongoClient
 from pymongo.collection import Collection
 
 from mes_tasks import db, outbox
+from mes_tasks.app import app
 from mes_tasks.broker import is_outage
 from mes_tasks.errors import MesError, QueueError, ValidationError
 from mes_tasks.keys import apply_ms_key, unrecorded_key
 from mes_tasks.models import OutboxMessage
+from mes_tasks.names import UPDATE_QUANTITY, WORKORDER_QUEUE
 from mes_tasks.settings import Settings, get_settings, mask_secrets
 from mes_tasks.validation import check_update_size, validate_update
 
 log = logging.getLogger(__name__)
 
-WORKORDER_QUEUE = "workorder"
 DEFAULT_APPLY_MS = 10.0  # estimate per queued update until the worker has measured one
 OUTBOX_DOWN_BACKOFF_S = 1.0  # after the outbox failed, submissions skip it this long
 PUBLISH_RETRY_POLICY = {"max_retries": 2, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.3}
@@ -225,7 +226,7 @@ class Producer:
 def publish(
     job_id: str, args: list[Any], kwargs: dict[str, Any], options: dict[str, Any] | None = None
 ) -> AsyncResult:
-    """Send one update to the broker under ``job_id``, unrecorded (the outbox relay's way).
+    """Send one update to the broker under ``job_id``, by task name, unrecorded (the relay's way).
 
     ``options``: ``apply_async`` options of a ``.delay()`` caller, passed on over the
     bounded publish retry (``PUBLISH_OPTIONS``), which a caller cannot switch off.
@@ -236,11 +237,10 @@ def publish(
     then blocks the call for the backend's ~20 s of reconnect retries. The outcome of an
     update is its ``QuantityLog`` or ``FailedUpdate``.
     """
-    from mes_tasks.tasks import update_quantity
-
+    args, kwargs = bind_update(args, kwargs)  # TypeError: an entry that can never be sent
     given = {"ignore_result": True} if options is None else options
     sent_with = {**given, **PUBLISH_OPTIONS}
-    result: AsyncResult = update_quantity.apply_async(args, kwargs, task_id=job_id, record=False, **sent_with)
+    result: AsyncResult = app.send_task(UPDATE_QUANTITY, args, kwargs, task_id=job_id, **sent_with)
     return result
 
 

@@ -15,9 +15,9 @@ from mes_tasks.errors import MesError, RedisUnavailable
 from mes_tasks.keys import lock_key, pause_key, unrecorded_key
 from mes_tasks.locks import redis_errors
 from mes_tasks.models import AuditReport, FailedUpdate, utcnow
+from mes_tasks.names import QUEUES, WORKORDER_QUEUE
 from mes_tasks.settings import Settings
 
-QUEUES = ("workorder", "audit")
 UNACKED_KEY = "unacked"  # kombu's hash of delivered, unacknowledged messages (all queues)
 INSPECT_TIMEOUT_S = 1.0
 RESUME_WAIT_S = 5.0  # how long ``resume`` waits to see the active worker consume again
@@ -89,7 +89,7 @@ def pause_state(client: redis.Redis, settings: Settings) -> dict[str, Any] | Non
     return None if raw is None else _pause_record(raw)
 
 
-def pause(app: Celery, client: redis.Redis, settings: Settings, queue: str = "workorder") -> list[str]:
+def pause(app: Celery, client: redis.Redis, settings: Settings, queue: str = WORKORDER_QUEUE) -> list[str]:
     """Pause ``queue`` until ``resume``: messages stay queued, the in-flight update completes.
 
     The pause is a Redis key that every ``workorder`` worker honours at start, when it
@@ -106,7 +106,7 @@ def pause(app: Celery, client: redis.Redis, settings: Settings, queue: str = "wo
     return sorted(name for reply in replies for name in reply)
 
 
-def resume(app: Celery, client: redis.Redis, settings: Settings, queue: str = "workorder") -> list[str]:
+def resume(app: Celery, client: redis.Redis, settings: Settings, queue: str = WORKORDER_QUEUE) -> list[str]:
     """End the pause; the active ``workorder`` worker consumes again at its next tick.
 
     Returns the workers seen consuming ``queue`` within ``RESUME_WAIT_S`` (none: no

@@ -6,6 +6,7 @@ import logging
 import random
 import time
 import uuid
+from dataclasses import asdict
 from typing import Any, NoReturn
 
 import redis
@@ -13,7 +14,8 @@ from celery import Task
 from celery.exceptions import Reject
 from celery.result import AsyncResult
 
-from mes_tasks import db, lease
+from mes_tasks import broker, lease, outbox
+from mes_tasks.alerts import summary
 from mes_tasks.app import app
 from mes_tasks.deadletter import Failure, record_failure
 from mes_tasks.errors import (
@@ -24,21 +26,17 @@ from mes_tasks.errors import (
     RedisUnavailable,
     TransientError,
 )
-from mes_tasks.keptlocks import KeptLocks
-from mes_tasks.keys import apply_ms_key, negative_wait_key
+from mes_tasks.keys import negative_wait_key
 from mes_tasks.ledger import Ledger
-from mes_tasks.sessions import SessionLog
+from mes_tasks.names import AUDIT_WORK_ORDERS, RELAY_OUTBOX, UPDATE_QUANTITY, WORKORDER_QUEUE
+from mes_tasks.producer import bind_update, default_producer, publish
+from mes_tasks.reports import audit_and_report
 from mes_tasks.settings import Settings, get_settings
 from mes_tasks.validation import check_work_order_id, validate_update
+from mes_tasks.worker import STATE
 
 log = logging.getLogger(__name__)
 
-UPDATE_QUANTITY = "mes_tasks.tasks.update_quantity"
-AUDIT_WORK_ORDERS = "mes_tasks.tasks.audit_work_orders"
-RELAY_OUTBOX = "mes_tasks.tasks.relay_outbox"
-APPLY_MS_EWMA_WEIGHT = 0.1  # weight of the newest duration in the moving average
-APPLY_MS_TTL_S = 3600
-APPLY_MS_PUBLISH_INTERVAL_S = 1.0  # the estimate is written to Redis at most this often
 MAX_ERROR_CHARS = 500  # of an unexpected error's text, in logs and dead letters
 
 
@@ -49,51 +47,26 @@ class InternalError(TransientError):
 
 
 class LedgerTask(Task):  # type: ignore[misc]
-    """Base task holding this worker process's ledger (connections made on first use)."""
-
-    _ledger: Ledger | None = None
-    _apply_ms: float | None = None
-    _apply_ms_published = 0.0
+    """Base task: this worker process's ledger (see ``worker``)."""
 
     @property
     def ledger(self) -> Ledger:
-        if LedgerTask._ledger is None:
-            s = get_settings()
-            client = db.redis_client(s)
-            LedgerTask._ledger = Ledger(
-                db.connect(s), client, s, KeptLocks(s.lock_linger_s), SessionLog(client, s.key_prefix)
-            )
-        return LedgerTask._ledger
-
-    def record_duration(self, started: float) -> None:
-        ms = (time.monotonic() - started) * 1000
-        prev = LedgerTask._apply_ms
-        avg = ms if prev is None else prev + APPLY_MS_EWMA_WEIGHT * (ms - prev)
-        LedgerTask._apply_ms = avg
-        if time.monotonic() - LedgerTask._apply_ms_published < APPLY_MS_PUBLISH_INTERVAL_S:
-            return
-        LedgerTask._apply_ms_published = time.monotonic()
-        s = self.ledger.settings
-        try:
-            self.ledger.redis.set(apply_ms_key(s.key_prefix), f"{avg:.2f}", ex=APPLY_MS_TTL_S)
-        except Exception:  # a statistic must never fail an applied update
-            log.debug("could not store apply_ms", exc_info=True)
+        return STATE.ledger
 
 
 class UpdateTask(LedgerTask):
     """``update_quantity``'s class: a ``.delay()`` from the main app is recorded in the outbox first.
 
-    A retry from inside the task, and the relay (``record=False``), publish unrecorded:
-    their update is in the outbox already.
+    The task's own retries (``Task.retry`` passes ``retries``) are sent as Celery sends
+    them: their update is in the outbox already. The relay sends by name
+    (``producer.publish``) and never comes here.
     """
 
     def apply_async(
         self, args: Any = None, kwargs: Any = None, task_id: str | None = None, **options: Any
     ) -> AsyncResult:
-        if not options.pop("record", True) or self.request.id is not None:
+        if "retries" in options:
             return super().apply_async(args, kwargs, task_id=task_id, **options)
-        from mes_tasks.producer import bind_update, default_producer
-
         job_id = task_id or str(uuid.uuid4())
         positional, named = bind_update(args, kwargs)  # TypeError here, at the call site
         named["request_id"] = named.get("request_id") or job_id
@@ -138,7 +111,7 @@ def update_quantity(
     except Exception as exc:
         log.exception("unexpected error in %s", self.request.id)
         _retry_or_dead_letter(self, InternalError(f"{type(exc).__name__}: {str(exc)[:MAX_ERROR_CHARS]}"))
-    self.record_duration(started)
+    STATE.record_duration(started)
     return result.to_dict()
 
 
@@ -219,9 +192,6 @@ def audit_work_orders(
     Acknowledged on receipt: an audit that dies is not re-run twice; the next one covers it.
     ``repair`` defaults to ``MES_AUDIT_REPAIR``.
     """
-    from mes_tasks.alerts import summary
-    from mes_tasks.reports import audit_and_report
-
     ids = None if work_order_ids is None else [check_work_order_id(i) for i in work_order_ids]
     do_repair = self.ledger.settings.audit_repair if repair is None else bool(repair)
     report = audit_and_report(self.ledger, ids, do_repair=do_repair, trigger="schedule")
@@ -234,11 +204,6 @@ def relay_outbox(grace_s: float | None = None) -> dict[str, int]:
 
     ``grace_s`` defaults to ``MES_OUTBOX_GRACE_S``.
     """
-    from dataclasses import asdict
-
-    from mes_tasks import broker, outbox
-    from mes_tasks.producer import WORKORDER_QUEUE, publish
-
     with app.connection_for_read() as conn:
 
         def held() -> set[str]:

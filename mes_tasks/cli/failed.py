@@ -11,6 +11,7 @@ from mes_tasks.cli.common import echo_json, echo_table, handle_errors, json_opti
 from mes_tasks.deadletter import discard_failed, find_failed, get_failed, retry_failed
 from mes_tasks.errors import ValidationError
 from mes_tasks.models import FAILED_STATUSES, FailedUpdate, QuantityLog
+from mes_tasks.tasks import update_quantity
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -73,7 +74,6 @@ def show(record_id: str, as_json: bool) -> None:
 @handle_errors
 def retry(record_ids: tuple[str, ...], every: bool, code: str | None, as_json: bool) -> None:
     """Re-send with the original request id: a retried update can never count twice."""
-    from mes_tasks.tasks import update_quantity
 
     def send(args: list[Any], kwargs: dict[str, Any]) -> str:
         try:

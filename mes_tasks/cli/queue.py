@@ -11,7 +11,7 @@ from celery import Celery
 
 from mes_tasks import broker, outbox
 from mes_tasks.cli.common import echo_json, handle_errors, json_option, ledger
-from mes_tasks.producer import WORKORDER_QUEUE
+from mes_tasks.names import WORKORDER_QUEUE
 from mes_tasks.settings import Settings
 from mes_tasks.status import pause, queue_status, resume
 

@@ -1,0 +1,95 @@
+"""This worker process's state, in one place: its ledger (made on first use) and its apply-time estimate.
+
+The tasks read it, and so do the consumer steps that run between tasks (``ReleaseKeptLocks``
+here, and the lease in ``lease``); nothing that they import imports this module.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from celery import bootsteps
+
+from mes_tasks import db
+from mes_tasks.keptlocks import KeptLocks
+from mes_tasks.keys import apply_ms_key
+from mes_tasks.ledger import Ledger
+from mes_tasks.sessions import SessionLog
+from mes_tasks.settings import get_settings
+
+log = logging.getLogger(__name__)
+
+RELEASE_CHECK_S = 0.5  # how often the worker looks for kept locks to let go
+APPLY_MS_EWMA_WEIGHT = 0.1  # weight of the newest duration in the moving average
+APPLY_MS_TTL_S = 3600
+APPLY_MS_PUBLISH_INTERVAL_S = 1.0  # the estimate is written to Redis at most this often
+
+
+class WorkerState:
+    """The ledger this process applies updates with, and how long one takes on average."""
+
+    def __init__(self) -> None:
+        self._ledger: Ledger | None = None
+        self.apply_ms: float | None = None
+        self._published_at = 0.0
+
+    @property
+    def ledger(self) -> Ledger:
+        if self._ledger is None:
+            s = get_settings()
+            client = db.redis_client(s)
+            kept = KeptLocks(s.lock_linger_s)
+            self._ledger = Ledger(db.connect(s), client, s, kept, SessionLog(client, s.key_prefix))
+        return self._ledger
+
+    @property
+    def kept_locks(self) -> KeptLocks | None:
+        """The locks the ledger keeps, once it exists."""
+        return None if self._ledger is None else self._ledger.kept
+
+    def record_duration(self, started: float) -> None:
+        """Fold one update's duration into the estimate; publish it for the producer now and then."""
+        ms = (time.monotonic() - started) * 1000
+        prev = self.apply_ms
+        self.apply_ms = avg = ms if prev is None else prev + APPLY_MS_EWMA_WEIGHT * (ms - prev)
+        if time.monotonic() - self._published_at < APPLY_MS_PUBLISH_INTERVAL_S:
+            return
+        self._published_at = time.monotonic()
+        s = self.ledger.settings
+        try:
+            self.ledger.redis.set(apply_ms_key(s.key_prefix), f"{avg:.2f}", ex=APPLY_MS_TTL_S)
+        except Exception:  # a statistic must never fail an applied update
+            log.debug("could not store apply_ms", exc_info=True)
+
+
+STATE = WorkerState()
+
+
+class ReleaseKeptLocks(bootsteps.StartStopStep):  # type: ignore[misc]
+    """Consumer step: let go of idle kept locks between tasks, and of all of them at shutdown."""
+
+    requires = {"celery.worker.consumer.tasks:Tasks"}
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        self.timer_entry: Any = None
+
+    def start(self, c: Any) -> None:
+        self.timer_entry = c.timer.call_repeatedly(RELEASE_CHECK_S, self.tick, priority=10)
+
+    def tick(self) -> None:
+        """Run in the worker's event loop, between tasks, like the tasks themselves."""
+        kept = STATE.kept_locks
+        if kept is not None:
+            kept.release_idle()
+
+    def stop(self, c: Any) -> None:
+        if self.timer_entry is not None:
+            self.timer_entry.cancel()
+        kept = STATE.kept_locks
+        if kept is not None and len(kept):
+            log.info("released %d kept work-order lock(s)", kept.release_all())
+
+    shutdown = stop
