@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 
 import redis
 
-from devtools.chaosreport import Db, Injection, Sent, utc
+from devtools.chaosreport import Accepted, Db, Injection, utc
 from devtools.devserver import Service, secantus_uri, worker_argv
 from devtools.faultproxy import FaultProxy
 
@@ -107,7 +107,7 @@ class Run:
     services: dict[str, Service] = field(default_factory=dict)
     proxies: dict[str, FaultProxy] = field(default_factory=dict)
     workers: list[Worker] = field(default_factory=list)
-    sent: Sent = field(default_factory=Sent)
+    sent: Accepted = field(default_factory=Accepted)
     injections: list[Injection] = field(default_factory=list)
     final_checks: list[tuple[Injection, Callable[[], list[str]]]] = field(default_factory=list)
     duplicates_sent: int = 0

@@ -82,7 +82,7 @@ class Row:
         return worst is not None and worst <= RECOVERY_GOAL_S
 
 
-class Sent:
+class Accepted:
     """What the producer side had accepted: request id -> update, and when; shared by threads."""
 
     def __init__(self) -> None:
@@ -132,7 +132,7 @@ def _epoch(value: datetime) -> float:
     return (value if value.tzinfo else value.replace(tzinfo=UTC)).timestamp()
 
 
-def recovery_s(inj: Injection, sent: Sent, done: dict[str, Outcome]) -> float | None:
+def recovery_s(inj: Injection, sent: Accepted, done: dict[str, Outcome]) -> float | None:
     """Seconds from the fault's end until every update accepted before it had its outcome."""
     waited = sent.before(inj.ended) - inj.excluded
     if any(rid not in done for rid in waited):
@@ -140,7 +140,7 @@ def recovery_s(inj: Injection, sent: Sent, done: dict[str, Outcome]) -> float | 
     return max([0.0, *(done[rid].at - inj.ended for rid in waited)])
 
 
-def unsettled(inj: Injection, sent: Sent, done: dict[str, Outcome]) -> set[str]:
+def unsettled(inj: Injection, sent: Accepted, done: dict[str, Outcome]) -> set[str]:
     """The injection's updates (accepted before its end, not an earlier one's) with no outcome."""
     return {rid for rid in sent.before(inj.ended) - inj.excluded if rid not in done}
 
@@ -162,7 +162,7 @@ def worker_events(logs: Iterable[Path]) -> dict[str, list[float]]:
 
 
 def add_injection(
-    row: Row, inj: Injection, db: Db, sent: Sent, events: dict[str, list[float]], done: dict[str, Outcome]
+    row: Row, inj: Injection, db: Db, sent: Accepted, events: dict[str, list[float]], done: dict[str, Outcome]
 ) -> None:
     """Add one injection's figures, counted from its start until it had recovered, to ``row``."""
     start, end = inj.started, max(inj.settled, inj.ended)
@@ -183,7 +183,7 @@ def utc(epoch_s: float) -> datetime:
     return datetime.fromtimestamp(epoch_s, UTC)
 
 
-def counting_errors(db: Db, sent: Sent, done: dict[str, Outcome]) -> tuple[set[str], set[str], int]:
+def counting_errors(db: Db, sent: Accepted, done: dict[str, Outcome]) -> tuple[set[str], set[str], int]:
     """Lost request ids, dead-lettered ones, and units counted beyond what was applied.
 
     Every accepted update of the run is valid and applicable, so a dead letter that stayed

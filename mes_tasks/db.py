@@ -12,7 +12,7 @@ from mongoengine.connection import get_connection
 from pymongo import MongoClient
 from pymongo.errors import ConnectionFailure, DuplicateKeyError, OperationFailure, PyMongoError
 
-from mes_tasks.errors import MongoUnavailable, TransactionsUnsupported, WriteConflict
+from mes_tasks.errors import MongoUnavailable, RedisUnavailable, TransactionsUnsupported, WriteConflict
 from mes_tasks.models import ALL_MODELS
 from mes_tasks.settings import Settings, mask_url
 
@@ -99,3 +99,12 @@ def mongo_errors() -> Iterator[None]:
         if exc.has_error_label("UnknownTransactionCommitResult"):
             raise MongoUnavailable(f"commit result unknown: {exc}") from exc
         raise
+
+
+@contextmanager
+def redis_errors() -> Iterator[None]:
+    """Turn redis-py connection failures into ``RedisUnavailable``."""
+    try:
+        yield
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        raise RedisUnavailable(f"Redis unreachable: {exc}") from exc

@@ -21,10 +21,8 @@ from __future__ import annotations
 
 import logging
 import time
-from contextlib import suppress
 from dataclasses import dataclass
 
-from mes_tasks.errors import RedisUnavailable
 from mes_tasks.locks import RedisLock
 
 log = logging.getLogger(__name__)
@@ -45,18 +43,18 @@ class KeptLocks:
         self.linger_s = linger_s
         self._kept: dict[str, Kept] = {}
 
-    def take(self, work_order_id: str) -> Kept | None:
+    def reuse(self, work_order_id: str) -> Kept | None:
         """The kept lock of a work order, still usable, or None (a stale one is let go)."""
         kept = self._kept.pop(work_order_id, None)
         if kept is not None and not self._usable(kept):
-            let_go(kept.lock)
+            kept.lock.let_go()
             return None
         return kept
 
     def keep(self, work_order_id: str, lock: RedisLock, epoch: int, known: dict[str, int]) -> None:
         """Keep ``lock`` after an update, unless someone waits for it or keeping is off."""
         if self.linger_s <= 0 or lock.wanted:
-            let_go(lock)
+            lock.let_go()
             return
         self._kept[work_order_id] = Kept(lock, epoch, known, time.monotonic())
 
@@ -64,19 +62,19 @@ class KeptLocks:
         """Let go of a work order's kept lock, for a caller in this process that takes it itself."""
         kept = self._kept.pop(work_order_id, None)
         if kept is not None:
-            let_go(kept.lock)
+            kept.lock.let_go()
 
     def release_idle(self) -> int:
         """Let go of every kept lock that lingered too long, was lost or is wanted."""
         stale = [wo for wo, kept in self._kept.items() if not self._usable(kept)]
         for wo in stale:
-            let_go(self._kept.pop(wo).lock)
+            self._kept.pop(wo).lock.let_go()
         return len(stale)
 
     def release_all(self) -> int:
         count = len(self._kept)
         for kept in self._kept.values():
-            let_go(kept.lock)
+            kept.lock.let_go()
         self._kept.clear()
         return count
 
@@ -86,9 +84,3 @@ class KeptLocks:
     def _usable(self, kept: Kept) -> bool:
         fresh = time.monotonic() - kept.used_at < self.linger_s
         return fresh and kept.lock.lost_reason is None and not kept.lock.wanted
-
-
-def let_go(lock: RedisLock) -> None:
-    """Release if still ours; with Redis down the key expires by itself (the fence covers it)."""
-    with suppress(RedisUnavailable):
-        lock.release()

@@ -45,7 +45,7 @@ from mes_tasks.errors import (
     UnknownWorkOrder,
     WriteConflict,
 )
-from mes_tasks.keptlocks import KeptLocks, let_go
+from mes_tasks.keptlocks import KeptLocks
 from mes_tasks.keys import lock_key, wanted_key
 from mes_tasks.locks import CheckLine, RedisLock
 from mes_tasks.models import COUNTER_FIELDS, QuantityLog, WorkOrder, utcnow
@@ -136,7 +136,7 @@ class Ledger:
             LockBusy, LockLost, FenceLost, RedisUnavailable, MongoUnavailable,
             WriteConflict: transient; retrying is safe.
         """
-        kept = None if self.kept is None else self.kept.take(req.work_order_id)
+        kept = None if self.kept is None else self.kept.reuse(req.work_order_id)
         if kept is not None:
             try:
                 return self._commit_then_keep(req, request_id, task_id, kept.lock, kept.epoch, kept.known)
@@ -159,10 +159,10 @@ class Ledger:
         try:
             result = self.commit(req, request_id, epoch, task_id, lock=lock, known=known)
         except BaseException:
-            let_go(lock)
+            lock.let_go()
             raise
         if self.kept is None:
-            let_go(lock)
+            lock.let_go()
         else:
             self.kept.keep(req.work_order_id, lock, epoch, known)
         return result
@@ -179,11 +179,11 @@ class Ledger:
         try:
             doc = self._bump_epoch(work_order_id)
         except WriteConflict:
-            let_go(lock)
+            lock.let_go()
             self._note_blocked(work_order_id)
             raise
         except BaseException:
-            let_go(lock)
+            lock.let_go()
             raise
         self._blocked.pop(work_order_id, None)
         known = {f: doc[f] for f in COUNTER_FIELDS.values() if isinstance(doc.get(f), int)}
@@ -364,7 +364,7 @@ class Ledger:
                 yield Fenced(session, epoch)
                 lock.ensure_held()
         finally:
-            let_go(lock)
+            lock.let_go()
 
     @contextmanager
     def _transaction(self, read_concern: ReadConcern = TXN_READ_CONCERN) -> Iterator[ClientSession]:

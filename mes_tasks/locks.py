@@ -11,13 +11,13 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from types import TracebackType
 
 import redis
 from redis.connection import Connection
 
+from mes_tasks.db import redis_errors
 from mes_tasks.errors import LockBusy, LockLost, RedisUnavailable
 
 ACQUIRE_POLL_MIN_S = 0.005
@@ -54,15 +54,6 @@ def owner_id() -> str:
     if pid not in _OWNER:
         _OWNER[pid] = f"{socket.gethostname()}:{pid}:{secrets.token_hex(3)}"
     return _OWNER[pid]
-
-
-@contextmanager
-def redis_errors() -> Iterator[None]:
-    """Turn redis-py connection failures into ``RedisUnavailable``."""
-    try:
-        yield
-    except (redis.ConnectionError, redis.TimeoutError) as exc:
-        raise RedisUnavailable(f"Redis unreachable: {exc}") from exc
 
 
 class RedisLock:
@@ -191,6 +182,11 @@ class RedisLock:
         with redis_errors():
             return bool(self.client.eval(_RELEASE, 1, self.key, self.token))
 
+    def let_go(self) -> None:
+        """Release if still ours; with Redis down the key expires by itself (the fence covers it)."""
+        with suppress(RedisUnavailable):
+            self.release()
+
     def ensure_held(self) -> None:
         """Check ownership now (and the watchdog's record) and renew the TTL.
 
@@ -233,8 +229,7 @@ class RedisLock:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        with suppress(RedisUnavailable):  # the key expires by itself; the fence covers the gap
-            self.release()
+        self.let_go()
 
 
 class CheckLine:

@@ -10,10 +10,9 @@ import redis
 from celery import Celery
 
 from mes_tasks import outbox
-from mes_tasks.db import mongo_errors
+from mes_tasks.db import mongo_errors, redis_errors
 from mes_tasks.errors import MesError, RedisUnavailable
 from mes_tasks.keys import lock_key, pause_key, unrecorded_key
-from mes_tasks.locks import redis_errors
 from mes_tasks.models import AuditReport, FailedUpdate, utcnow
 from mes_tasks.names import QUEUES, WORKORDER_QUEUE
 from mes_tasks.settings import Settings

@@ -5,9 +5,9 @@ from __future__ import annotations
 import click
 
 from mes_tasks.cli.common import echo_json, echo_table, handle_errors, json_option, ledger
+from mes_tasks.db import redis_errors
 from mes_tasks.errors import MesError, ValidationError
 from mes_tasks.keys import lock_key
-from mes_tasks.locks import redis_errors
 from mes_tasks.status import held_locks
 from mes_tasks.validation import check_work_order_id
 
