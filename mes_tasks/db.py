@@ -33,6 +33,12 @@ def redis_client(settings: Settings) -> redis.Redis:
     )
 
 
+def mongo_client(settings: Settings) -> Mongo:
+    """A plain pymongo client of its own, with bounded timeouts, beside any mongoengine connection."""
+    timeout_ms = int(settings.connect_timeout_s * 1000)
+    return MongoClient(settings.mongodb_uri, serverSelectionTimeoutMS=timeout_ms, connectTimeoutMS=timeout_ms)
+
+
 def connect(settings: Settings, alias: str = mongoengine.DEFAULT_CONNECTION_NAME) -> Mongo:
     """Register the mongoengine connection for ``settings`` (replacing any old one)."""
     mongoengine.disconnect(alias)

@@ -38,7 +38,6 @@ from typing import Any
 
 import redis
 from celery import bootsteps
-from pymongo import MongoClient
 
 from mes_tasks import db, sessions
 from mes_tasks.broker import unacked_of
@@ -46,7 +45,7 @@ from mes_tasks.errors import LockBusy, MesError, RedisUnavailable
 from mes_tasks.keys import lease_key, lease_owner_key, lock_key, pause_key
 from mes_tasks.locks import _RELEASE, TOKEN_SEP, RedisLock, owner_id
 from mes_tasks.names import WORKORDER_QUEUE
-from mes_tasks.settings import Settings, get_settings
+from mes_tasks.settings import get_settings
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +181,7 @@ class SingleActiveConsumer(bootsteps.StartStopStep):  # type: ignore[misc]
         self.active = False
         self.paused: bool | None = None  # as last seen, for the log
         self.timer_entry: Any = None
-        self.mongo: MongoClient[dict[str, Any]] | None = None
+        self.mongo: db.Mongo | None = None
 
     def start(self, c: Any) -> None:
         self.eligible = self.eligible or _consuming(c)  # a restarted consumer keeps its role
@@ -191,7 +190,7 @@ class SingleActiveConsumer(bootsteps.StartStopStep):  # type: ignore[misc]
             client: redis.Redis = db.redis_client(settings)
             self.lease = self.lease or Lease(client, lease_key(settings.key_prefix), settings.lease_ttl_s)
             self.prefix = settings.key_prefix
-            self.mongo = self.mongo or _mongo_client(settings)
+            self.mongo = self.mongo or db.mongo_client(settings)
             _STEP[:] = [self]
             if _consuming(c):
                 c.cancel_task_queue(QUEUE)  # until the lease is ours and no pause is in force
@@ -263,8 +262,3 @@ class SingleActiveConsumer(bootsteps.StartStopStep):  # type: ignore[misc]
         self.paused = None
 
     shutdown = stop
-
-
-def _mongo_client(settings: Settings) -> MongoClient[dict[str, Any]]:
-    timeout_ms = int(settings.connect_timeout_s * 1000)
-    return MongoClient(settings.mongodb_uri, serverSelectionTimeoutMS=timeout_ms, connectTimeoutMS=timeout_ms)

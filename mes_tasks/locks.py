@@ -288,14 +288,7 @@ class PendingCheck:
             # The kept line may be stale (Redis restarted since its last check): ask again,
             # once, on a fresh connection; the check is idempotent.
             self._done(broken=True)
-            try:
-                answer = self.lock.extend()
-            except RedisUnavailable as exc:
-                raise self.lock._unverifiable(exc) from exc
-            if not answer:
-                raise self.lock._lost(NOT_OURS) from None
-            if self.lock.lost_reason:
-                raise self.lock._lost() from None
+            self.lock.ensure_held()
             return
         except redis.ResponseError as exc:  # an error reply (wrong type, READONLY, OOM): read in full
             self._done(broken=False)

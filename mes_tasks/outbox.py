@@ -36,6 +36,7 @@ from mes_tasks.db import mongo_errors
 from mes_tasks.deadletter import Failure, record_failure
 from mes_tasks.errors import PermanentError
 from mes_tasks.models import FailedUpdate, OutboxMessage, QuantityLog, utcnow
+from mes_tasks.names import UPDATE_QUANTITY
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,6 @@ SENT, SPOOLED = "sent", "spooled"
 RELAY_BATCH = 500
 SETTLE_SCAN_MAX = 20_000  # entries checked for an outcome per relay run
 PUBLISH_MAX = 20_000  # spooled entries published per relay run; the next run goes on
-UPDATE_TASK = "mes_tasks.tasks.update_quantity"
 
 
 class Unpublishable(PermanentError):
@@ -177,7 +177,7 @@ def set_aside(doc: Doc, exc: Exception) -> None:
     args: list[Any] = payload["args"] if isinstance(payload.get("args"), list) else []
     kwargs: dict[str, Any] = payload["kwargs"] if isinstance(payload.get("kwargs"), dict) else {}
     failure = Failure(
-        task_name=UPDATE_TASK,
+        task_name=UPDATE_QUANTITY,
         task_id=doc.get("job_id"),
         request_id=str(doc.get("request_id") or doc["job_id"]),
         work_order_id=args[0] if args and isinstance(args[0], str) else None,

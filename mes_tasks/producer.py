@@ -10,7 +10,6 @@ from typing import Any
 
 import redis
 from celery.result import AsyncResult
-from pymongo import MongoClient
 from pymongo.collection import Collection
 
 from mes_tasks import db, outbox
@@ -21,7 +20,7 @@ from mes_tasks.keys import apply_ms_key, unrecorded_key
 from mes_tasks.models import OutboxMessage
 from mes_tasks.names import UPDATE_QUANTITY, WORKORDER_QUEUE
 from mes_tasks.settings import Settings, get_settings, mask_secrets
-from mes_tasks.validation import check_update_size, validate_update
+from mes_tasks.validation import UPDATE_FIELDS, check_update_size, validate_update
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +30,6 @@ PUBLISH_RETRY_POLICY = {"max_retries": 2, "interval_start": 0, "interval_step": 
 # Every publish, a .delay() from the main app included, fails over to the outbox within
 # about a second; a caller's own options win, except these two.
 PUBLISH_OPTIONS = {"retry": True, "retry_policy": PUBLISH_RETRY_POLICY}
-UPDATE_PARAMS = ("work_order_id", "kind", "quantity", "request_id", "context")
 REQUIRED_PARAMS = 3
 
 
@@ -55,26 +53,26 @@ def bind_update(args: Any, kwargs: Any) -> tuple[list[Any], dict[str, Any]]:
             ``countdown=5`` given to ``.delay()``): a mistake at the call site, never spooled.
     """
     positional, named = list(args or ()), dict(kwargs or {})
-    if len(positional) > len(UPDATE_PARAMS):
+    if len(positional) > len(UPDATE_FIELDS):
         raise TypeError(
-            f"update_quantity takes at most {len(UPDATE_PARAMS)} arguments, got {len(positional)}"
+            f"update_quantity takes at most {len(UPDATE_FIELDS)} arguments, got {len(positional)}"
         )
-    unknown = sorted(str(k) for k in named if k not in UPDATE_PARAMS)
+    unknown = sorted(str(k) for k in named if k not in UPDATE_FIELDS)
     if unknown:
         raise TypeError(
             f"update_quantity got unexpected keyword argument(s) {unknown}; its parameters are "
-            f"{', '.join(UPDATE_PARAMS)} (apply_async options such as countdown go to apply_async)"
+            f"{', '.join(UPDATE_FIELDS)} (apply_async options such as countdown go to apply_async)"
         )
-    given = dict(zip(UPDATE_PARAMS, positional, strict=False))
+    given = dict(zip(UPDATE_FIELDS, positional, strict=False))
     twice = sorted(set(given) & set(named))
     if twice:
         raise TypeError(f"update_quantity got multiple values for argument(s) {twice}")
     merged = {**given, **named}
-    missing = [p for p in UPDATE_PARAMS[:REQUIRED_PARAMS] if p not in merged]
+    missing = [p for p in UPDATE_FIELDS[:REQUIRED_PARAMS] if p not in merged]
     if missing:
         raise TypeError(f"update_quantity is missing required argument(s) {missing}")
-    return [merged[p] for p in UPDATE_PARAMS[:REQUIRED_PARAMS]], {
-        p: merged[p] for p in UPDATE_PARAMS[REQUIRED_PARAMS:] if p in merged
+    return [merged[p] for p in UPDATE_FIELDS[:REQUIRED_PARAMS]], {
+        p: merged[p] for p in UPDATE_FIELDS[REQUIRED_PARAMS:] if p in merged
     }
 
 
@@ -133,6 +131,8 @@ class Producer:
     ) -> Sent:
         """Record the update in the outbox (``MES_JOURNAL``), then publish it.
 
+        ``request_id`` defaults to ``job_id``.
+
         Returns:
             The broker's result handle, or the broker's reason when it refused the update,
             which then waits in the outbox for the relay.
@@ -144,6 +144,7 @@ class Producer:
             ValidationError: ``UPDATE_TOO_LARGE``; nothing is kept.
         """
         args, kwargs = bind_update(args, kwargs)
+        kwargs["request_id"] = kwargs.get("request_id") or job_id
         check_update_size(args, kwargs)  # ValidationError here: the worker could only dead-letter it
         recorded = self._record(job_id, args, kwargs)
         try:
@@ -203,10 +204,7 @@ class Producer:
     def outbox_collection(self) -> Collection[dict[str, Any]]:
         """The outbox, through a client of the producer's own (made on first use)."""
         if self._outbox is None:
-            timeout_ms = int(self.settings.connect_timeout_s * 1000)
-            client: MongoClient[dict[str, Any]] = MongoClient(
-                self.settings.mongodb_uri, serverSelectionTimeoutMS=timeout_ms, connectTimeoutMS=timeout_ms
-            )
+            client = db.mongo_client(self.settings)
             self._outbox = client[self.settings.mongodb_db][OutboxMessage._meta["collection"]]
         return self._outbox
 

@@ -29,7 +29,7 @@ from mes_tasks.errors import (
 from mes_tasks.keys import negative_wait_key
 from mes_tasks.ledger import Ledger
 from mes_tasks.names import AUDIT_WORK_ORDERS, RELAY_OUTBOX, UPDATE_QUANTITY, WORKORDER_QUEUE
-from mes_tasks.producer import bind_update, default_producer, publish
+from mes_tasks.producer import default_producer, publish
 from mes_tasks.reports import audit_and_report
 from mes_tasks.settings import Settings, get_settings
 from mes_tasks.validation import check_work_order_id, validate_update
@@ -68,9 +68,8 @@ class UpdateTask(LedgerTask):
         if "retries" in options:
             return super().apply_async(args, kwargs, task_id=task_id, **options)
         job_id = task_id or str(uuid.uuid4())
-        positional, named = bind_update(args, kwargs)  # TypeError here, at the call site
-        named["request_id"] = named.get("request_id") or job_id
-        sent = default_producer().send(job_id, positional, named, options)  # QueueError: nothing recorded
+        # TypeError at the call site for arguments that do not fit; QueueError: nothing recorded
+        sent = default_producer().send(job_id, list(args or ()), dict(kwargs or {}), options)
         return sent.result or self.AsyncResult(job_id)
 
 
