@@ -30,8 +30,8 @@ from devtools.faultproxy import FaultProxy
 WORKERS = 2  # an active consumer and a standby
 BOOT_TIMEOUT_S = 90.0
 POLL_S = 0.02
-TXN_HOLD_S = 2.0  # MES_TEST_TXN_DELAY_S of the worker killed inside its transaction
-HOOK_LINE = "test hook: holding the transaction open"
+TXN_HOLD_S = 2.0  # the killed worker holds its written transaction open this long (devtools.faultworker)
+HOOK_LINE = "holding the transaction open"
 HOOK_WAIT_S = 30.0
 PAUSE_MARGIN_S = 2.0  # SIGSTOP lasts the lease TTL plus this
 HOLD_S = 4.0  # how long latency and packet loss last
@@ -62,12 +62,11 @@ def proxied_mongo_uri(port: int) -> str:
 class Worker:
     """A ``workorder`` worker subprocess, its output in ``log``."""
 
-    def __init__(self, name: str, log: Path, env: dict[str, str]) -> None:
+    def __init__(self, name: str, log: Path, env: dict[str, str], hold: str | None = None) -> None:
         self.name, self.log = name, log
+        argv = worker_argv(name=name, hold=hold)
         with open(log, "ab") as out:
-            self.proc = subprocess.Popen(
-                worker_argv(name=name), env=env, stdout=out, stderr=subprocess.STDOUT
-            )
+            self.proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -128,9 +127,10 @@ class Run:
             **extra,
         }
 
-    def start_worker(self, **extra: str) -> Worker:
+    def start_worker(self, hold: str | None = None, **extra: str) -> Worker:
         name = f"chaos{len(self.workers)}"
-        worker = Worker(name, self.tmp / f"worker-{len(self.workers)}.log", self.worker_env(**extra))
+        log = self.tmp / f"worker-{len(self.workers)}.log"
+        worker = Worker(name, log, self.worker_env(**extra), hold)
         self.workers.append(worker)
         return worker
 
@@ -210,7 +210,7 @@ class Fault(NamedTuple):
 
 def kill_txn_restart(run: Run, inj: Injection) -> None:
     """SIGKILL the active worker inside its open transaction; start one in its place, no standby."""
-    hooked = run.start_worker(MES_TEST_TXN_DELAY_S=str(TXN_HOLD_S))
+    hooked = run.start_worker(hold=f"written={TXN_HOLD_S:g}")
     if not hooked.wait_for(" ready.", BOOT_TIMEOUT_S):
         inj.problems.append("the worker with the transaction hook did not start")
     others = [w for w in run.live_workers() if w is not hooked]

@@ -164,11 +164,22 @@ CELERY = [sys.executable, "-m", "celery", "-A", "mes_tasks"]
 
 
 def worker_argv(
-    queue: str = "workorder", name: str = "workorder", loglevel: str = "INFO", app: str = "mes_tasks"
+    queue: str = "workorder",
+    name: str = "workorder",
+    loglevel: str = "INFO",
+    app: str = "mes_tasks",
+    hold: str | None = None,
 ) -> list[str]:
-    """The one way a worker is started: solo pool, prefetch 1, events on (for Flower)."""
+    """The one way a worker is started: solo pool, prefetch 1, events on (for Flower).
+
+    ``hold``: tests only, ``POINT=SECONDS`` for ``devtools.faultworker``: every update's
+    transaction stops at that fault point this long (``written=60``: open before the commit).
+    """
+    start = CELERY[:3]
+    if hold is not None:
+        start = [sys.executable, "-m", "devtools.faultworker", "--hold", hold, "--"]
     return [
-        *CELERY[:3], "-A", app, "worker", "-P", "solo", "-c", "1", "-Q", queue, "-n", f"{name}@%h",
+        *start, "-A", app, "worker", "-P", "solo", "-c", "1", "-Q", queue, "-n", f"{name}@%h",
         "--prefetch-multiplier", "1", "-E", "--loglevel", loglevel,
     ]  # fmt: skip
 

@@ -142,12 +142,6 @@ def check_timing(ctx: Context) -> list[Check]:
     ]
 
 
-def check_test_hooks(ctx: Context) -> list[Check]:
-    if ctx.settings.test_txn_delay_s:
-        return [Check(FAIL, "test hooks", "MES_TEST_TXN_DELAY_S is set", "unset it: it stalls every update")]
-    return [Check(OK, "test hooks", "off")]
-
-
 def check_consumers(ctx: Context) -> list[Check]:
     if ctx.redis is None:
         return [Check(FAIL, "workorder consumer", "not checked: Redis unreachable")]
@@ -253,7 +247,6 @@ CHECKS: list[Callable[[Context], list[Check]]] = [
     check_mongo,
     check_indexes,
     check_timing,
-    check_test_hooks,
     check_consumers,
     check_audit,
     check_flower_auth,

@@ -10,10 +10,11 @@ Correctness rests on MongoDB, not on the lock:
 
 Two ways to commit, with the same guarantees:
 
-* known counter (the common case under a kept lock, MongoDB 8.0+): the holder knows the
-  counter's value under its epoch (read when it bumped the epoch, moved by its own
-  commits since), so the log insert and a ``$inc`` that matches only that exact value
-  go in one ``bulkWrite``: two MongoDB round trips (the write and the commit). If the
+* the one-write way (the common case under a kept lock, MongoDB 8.0+): the holder knows
+  the counter's value under its epoch (read when it bumped the epoch, moved by its own
+  commits since: its known counter), so the log insert and a ``$inc`` that matches only
+  that exact value go in one ``bulkWrite``: two MongoDB round trips (the write and the
+  commit). If the
   counter or the epoch is not what the holder knew, nothing is counted and the general
   way runs;
 * general: ``findAndModify`` reads the value the ``$inc`` produced, then the log insert,
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -36,6 +37,7 @@ from pymongo.errors import ClientBulkWriteException, DuplicateKeyError
 from pymongo.read_concern import ReadConcern
 from pymongo.write_concern import WriteConcern
 
+from mes_tasks import faults
 from mes_tasks.db import RETRYABLE_CODES, Mongo, mongo_errors
 from mes_tasks.errors import (
     FenceLost,
@@ -113,7 +115,7 @@ class Ledger:
         self.work_orders = WorkOrder._get_collection()
         self.logs = QuantityLog._get_collection()
         self.check_line = CheckLine(redis_client)  # this ledger's thread's own, for lock checks
-        self.known_commits = 0  # commits that took the known-counter way (see the module docstring)
+        self.one_write_commits = 0  # commits that took the one-write way (see the module docstring)
         self.sessions = sessions  # the worker's: where a successor finds our transactions' sessions
         self._blocked: dict[str, tuple[float, float]] = {}  # work order -> (retry after, back-off s)
 
@@ -246,7 +248,6 @@ class Ledger:
         *,
         lock: RedisLock | None = None,
         known: dict[str, int] | None = None,
-        before_commit: Callable[[], None] = lambda: None,
     ) -> ApplyResult:
         """Insert the log and move the counter in one transaction, if still fenced in.
 
@@ -259,13 +260,13 @@ class Ledger:
         expected = None if known is None else known.pop(field, None)
         try:
             if expected is not None and expected + req.quantity >= 0 and self._has_bulk_write():
-                result = self._commit_known(req, request_id, epoch, task_id, expected, lock, before_commit)
+                result = self._commit_known(req, request_id, epoch, task_id, expected, lock)
                 if result is None:  # the counter or the epoch moved without us: the general way
-                    result = self._commit(req, request_id, epoch, task_id, lock, before_commit)
+                    result = self._commit(req, request_id, epoch, task_id, lock)
                 else:
-                    self.known_commits += 1
+                    self.one_write_commits += 1
             else:
-                result = self._commit(req, request_id, epoch, task_id, lock, before_commit)
+                result = self._commit(req, request_id, epoch, task_id, lock)
         except DuplicateKeyError:
             _restore(known, field, expected)  # the transaction aborted: nothing moved
             return self.duplicate_of(req, request_id)
@@ -287,17 +288,16 @@ class Ledger:
         epoch: int,
         task_id: str | None,
         lock: RedisLock | None,
-        before_commit: Callable[[], None],
     ) -> ApplyResult:
         """The general way: ``findAndModify`` for the value, then the log insert, then commit."""
         with self._transaction() as session:
+            faults.at(faults.BEGUN)
             value = self._inc_counter(session, req, epoch)
-            self._test_delay()
             with lock.check_sent(self.check_line) if lock is not None else nullcontext() as check:
                 self.logs.insert_one(self._log_doc(req, request_id, epoch, value, task_id), session=session)
                 if check is not None:
                     check.confirm()
-            before_commit()
+            faults.at(faults.WRITTEN)
         return ApplyResult("applied", *_ident(req, request_id), value=value, epoch=epoch)
 
     def _commit_known(
@@ -308,7 +308,6 @@ class Ledger:
         task_id: str | None,
         expected: int,
         lock: RedisLock | None,
-        before_commit: Callable[[], None],
     ) -> ApplyResult | None:
         """The one-write way: the log and a ``$inc`` matching ``expected`` in one ``bulkWrite``.
 
@@ -324,11 +323,10 @@ class Ledger:
                 namespace=self.work_orders.full_name,
             ),
         ]
-        # The test hook holds the written transaction open before the lock is checked.
-        held = bool(self.settings.test_txn_delay_s)
-        early = None if held else lock  # checked while the write is on its way
         with self._transaction() as session:
-            with early.check_sent(self.check_line) if early is not None else nullcontext() as check:
+            faults.at(faults.BEGUN)
+            # The lock is checked while the write is on its way.
+            with lock.check_sent(self.check_line) if lock is not None else nullcontext() as check:
                 try:
                     written = self.mongo.bulk_write(writes, session=session, ordered=True)
                 except ClientBulkWriteException as exc:
@@ -339,11 +337,7 @@ class Ledger:
             if written.matched_count != 1:
                 session.abort_transaction()
                 return None
-            if held:
-                self._test_delay()
-                if lock is not None:
-                    lock.ensure_held()
-            before_commit()
+            faults.at(faults.WRITTEN)
         return ApplyResult("applied", *_ident(req, request_id), value=value, epoch=epoch)
 
     @contextmanager
@@ -447,11 +441,6 @@ class Ledger:
             "created_at": utcnow(),
             **req.context,
         }
-
-    def _test_delay(self) -> None:
-        if self.settings.test_txn_delay_s:
-            log.warning("test hook: holding the transaction open for %ss", self.settings.test_txn_delay_s)
-            time.sleep(self.settings.test_txn_delay_s)
 
 
 def _restore(known: dict[str, int] | None, field: str, expected: int | None) -> None:

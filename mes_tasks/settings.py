@@ -61,7 +61,6 @@ ENV_NAMES = {
     "visibility_timeout_s": "MES_VISIBILITY_TIMEOUT_S",
     "connect_timeout_s": "MES_CONNECT_TIMEOUT_S",
     "unacked_restore_interval_s": "MES_UNACKED_RESTORE_INTERVAL_S",
-    "test_txn_delay_s": "MES_TEST_TXN_DELAY_S",
     "audit_at": "MES_AUDIT_AT",
     "audit_timezone": "MES_AUDIT_TIMEZONE",
     "audit_interval_s": "MES_AUDIT_INTERVAL_S",
@@ -96,8 +95,6 @@ class Settings:
     visibility_timeout_s: float = VISIBILITY_TIMEOUT_S
     connect_timeout_s: float = CONNECT_TIMEOUT_S
     unacked_restore_interval_s: float = UNACKED_RESTORE_INTERVAL_S
-    # Test-only: sleep inside the MongoDB transaction, before commit. Off (0) by default.
-    test_txn_delay_s: float = 0.0
     audit_at: str = AUDIT_AT
     audit_timezone: str = AUDIT_TIMEZONE
     audit_interval_s: float = 0.0  # > 0: audit every N seconds instead of nightly
@@ -236,7 +233,6 @@ def _check_positive(s: Settings) -> None:
         "retry_max",
         "lock_linger_s",
         "retry_backoff_max_s",
-        "test_txn_delay_s",
         "connect_timeout_s",
         "audit_interval_s",
         "report_retention_days",

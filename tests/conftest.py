@@ -126,8 +126,14 @@ class Worker:
                 self.kill()
 
 
-def spawn_worker(log_path: Path, name: str = "workorder", queue: str = "workorder", **env: str) -> Worker:
-    return spawn(worker_argv(queue=queue, name=name), log_path, **env)
+def spawn_worker(
+    log_path: Path,
+    name: str = "workorder",
+    queue: str = "workorder",
+    hold: str | None = None,
+    **env: str,
+) -> Worker:
+    return spawn(worker_argv(queue=queue, name=name, hold=hold), log_path, **env)
 
 
 def spawn(argv: list[str], log_path: Path, **env: str) -> Worker:
@@ -142,9 +148,16 @@ def spawn(argv: list[str], log_path: Path, **env: str) -> Worker:
 def start_worker(tmp_path: Path, mongo: db.Mongo, redis_client: object) -> Iterator[Callable[..., Worker]]:
     workers: list[Worker] = []
 
-    def start(name: str = "workorder", wait: bool = True, queue: str = "workorder", **env: str) -> Worker:
+    def start(
+        name: str = "workorder",
+        wait: bool = True,
+        queue: str = "workorder",
+        hold: str | None = None,
+        **env: str,
+    ) -> Worker:
+        """``hold``: ``POINT=SECONDS``, every update stops at that fault point (devtools.faultworker)."""
         log_path = tmp_path / f"worker-{len(workers)}.log"
-        worker = spawn_worker(log_path, name=f"{name}{len(workers)}", queue=queue, **env)
+        worker = spawn_worker(log_path, f"{name}{len(workers)}", queue, hold, **env)
         worker.name = f"{name}{len(workers)}@{socket.gethostname()}"
         workers.append(worker)
         if wait:

@@ -66,7 +66,7 @@ def test_a_restarted_worker_recovers_the_in_flight_message_at_once(
     redis_client: redis.Redis, start_worker: Callable[..., Worker]
 ) -> None:
     make_work_orders(["WO-1"])
-    doomed = start_worker(MES_TEST_TXN_DELAY_S="30", **FAST)
+    doomed = start_worker(hold="written=30", **FAST)
     submit_quantity_update("WO-1", "input", 4, request_id="inflight-1")
     doomed.wait_for_log("holding the transaction open")
     doomed.kill()

@@ -153,7 +153,7 @@ def test_a_kept_lock_commits_in_one_write_with_the_exact_value_after(keeper: Led
     running = [sum(quantities[: i + 1]) for i in range(len(quantities))]
     assert [r.value for r in results] == running == value_afters()
     assert WorkOrder.objects.get(id="WO-1").input_qty == 4
-    assert keeper.known_commits == len(quantities)  # the epoch bump told the first one the counter
+    assert keeper.one_write_commits == len(quantities)  # the epoch bump told the first one the counter
 
 
 def test_a_counter_moved_without_the_holder_is_matched_not_overwritten(keeper: Ledger) -> None:
@@ -161,9 +161,9 @@ def test_a_counter_moved_without_the_holder_is_matched_not_overwritten(keeper: L
     WorkOrder._get_collection().update_one({"_id": "WO-1"}, {"$inc": {"input_qty": 100}})  # by hand
     assert keeper.apply(validate_update("WO-1", "input", 3), "r2").value == 105
     assert value_afters() == [2, 105] and WorkOrder.objects.get(id="WO-1").input_qty == 105
-    assert keeper.known_commits == 1  # r2 found the counter moved and took the general way ...
+    assert keeper.one_write_commits == 1  # r2 found the counter moved and took the general way ...
     assert keeper.apply(validate_update("WO-1", "input", 1), "r3").value == 106
-    assert keeper.known_commits == 2  # ... which told r3 the counter again
+    assert keeper.one_write_commits == 2  # ... which told r3 the counter again
 
 
 def test_a_duplicate_in_one_write_counts_once_and_a_reused_id_is_refused(keeper: Ledger) -> None:
@@ -172,7 +172,7 @@ def test_a_duplicate_in_one_write_counts_once_and_a_reused_id_is_refused(keeper:
     again = keeper.apply(validate_update("WO-1", "input", 2), "r1")
     assert (again.status, again.value) == ("duplicate", 2)
     assert keeper.apply(validate_update("WO-1", "input", 1), "r3").value == 6
-    assert keeper.known_commits == 3  # the duplicate moved nothing, so the counter stayed known
+    assert keeper.one_write_commits == 3  # the duplicate moved nothing, so the counter stayed known
     with pytest.raises(RequestIdConflict):
         keeper.apply(validate_update("WO-1", "input", 7), "r2")
     assert keeper.apply(validate_update("WO-1", "input", 1), "r4").value == 7
@@ -188,7 +188,7 @@ def test_a_read_concern_in_the_uri_does_not_reach_the_transaction(
     ledger = Ledger(mongo, redis_client, settings, KeptLocks(60.0))
     try:
         assert [apply(ledger, f"r{i}") for i in range(3)] == [1, 1, 1]
-        assert ledger.known_commits == 3 and WorkOrder.objects.get(id="WO-1").input_qty == 3
+        assert ledger.one_write_commits == 3 and WorkOrder.objects.get(id="WO-1").input_qty == 3
     finally:
         assert ledger.kept is not None
         ledger.kept.release_all()
@@ -207,12 +207,12 @@ def test_a_work_order_busy_in_another_transaction_is_a_retryable_conflict(
     keeper: Ledger, mongo: Mongo
 ) -> None:
     apply(keeper, "r1")
-    known_before = keeper.known_commits
+    known_before = keeper.one_write_commits
     with mongo.start_session() as session, session.start_transaction():
         WorkOrder._get_collection().update_one({"_id": "WO-1"}, {"$set": {"note": "x"}}, session=session)
         with pytest.raises(WriteConflict):
             apply(keeper, "r2")
-    assert keeper.known_commits == known_before
+    assert keeper.one_write_commits == known_before
     assert apply(keeper, "r3") >= 1
     assert (
         QuantityLog.objects(request_id="r2").count() == 0 and WorkOrder.objects.get(id="WO-1").input_qty == 2
@@ -224,7 +224,7 @@ def test_without_bulk_write_every_commit_takes_the_general_way(
 ) -> None:
     monkeypatch.setattr(keeper, "_has_bulk_write", lambda: False)  # as on MongoDB 7
     assert [keeper.apply(validate_update("WO-1", "input", q), f"r{q}").value for q in (1, 2, 3)] == [1, 3, 6]
-    assert keeper.known_commits == 0 and value_afters() == [1, 3, 6]
+    assert keeper.one_write_commits == 0 and value_afters() == [1, 3, 6]
 
 
 def test_the_lock_check_line_reconnects_after_redis_dropped_it(

@@ -8,6 +8,7 @@ import pytest
 import redis
 
 from conftest import make_work_orders
+from mes_tasks import faults
 from mes_tasks.db import Mongo
 from mes_tasks.errors import (
     FenceLost,
@@ -82,16 +83,28 @@ def test_a_redelivered_correction_is_a_duplicate_even_if_it_would_now_go_negativ
     assert counters() == (0, 0)
 
 
-def test_a_crash_before_commit_leaves_nothing(ledger: Ledger) -> None:
+WAYS = ["general", "one-write"]
+
+
+def known_counters(way: str) -> dict[str, int] | None:
+    """What ``commit`` is told the counters are: the one-write way needs them (see ledger)."""
+    return {"input_qty": 0, "output_qty": 0} if way == "one-write" else None
+
+
+@pytest.mark.parametrize("way", WAYS)
+def test_a_crash_before_commit_leaves_nothing(ledger: Ledger, way: str) -> None:
     epoch = ledger.bump_epoch("WO-1")
 
     def crash() -> None:
         raise RuntimeError("power cut")
 
-    with pytest.raises(RuntimeError):
-        ledger.commit(validate_update("WO-1", "input", 5), "r1", epoch, before_commit=crash)
+    with faults.injected(faults.WRITTEN, crash), pytest.raises(RuntimeError):
+        ledger.commit(validate_update("WO-1", "input", 5), "r1", epoch, known=known_counters(way))
     assert counters() == (0, 0)
     assert QuantityLog.objects.count() == 0
+    again = ledger.commit(validate_update("WO-1", "input", 5), "r1", epoch, known=known_counters(way))
+    assert again.value == 5
+    assert ledger.one_write_commits == (1 if way == "one-write" else 0)  # the way under test was taken
 
 
 def test_a_paused_holder_is_fenced_out_after_another_holder_applied(
@@ -126,14 +139,38 @@ def test_a_holder_is_fenced_as_soon_as_the_next_one_acquires_even_before_it_writ
     assert counters() == (0, 0)
 
 
-def test_a_lock_lost_before_commit_aborts_the_transaction(ledger: Ledger, redis_client: redis.Redis) -> None:
+@pytest.mark.parametrize("way", WAYS)
+def test_a_lock_lost_inside_the_transaction_is_caught_by_productions_own_check(
+    ledger: Ledger, redis_client: redis.Redis, way: str
+) -> None:
+    """Stolen once the transaction has begun: the check sent with the write catches it."""
     with ledger.lock_for("WO-1") as held:
         epoch = ledger.bump_epoch("WO-1")
-        redis_client.set(held.key, "intruder")
-        with pytest.raises(LockLost):
-            ledger.commit(validate_update("WO-1", "input", 1), "r1", epoch, before_commit=held.ensure_held)
+        steal = lambda: redis_client.set(held.key, "intruder")  # noqa: E731
+        with faults.injected(faults.BEGUN, steal), pytest.raises(LockLost):
+            req = validate_update("WO-1", "input", 1)
+            ledger.commit(req, "r1", epoch, lock=held, known=known_counters(way))
     assert counters() == (0, 0)
     assert QuantityLog.objects.count() == 0
+
+
+@pytest.mark.parametrize("way", WAYS)
+def test_the_lock_is_checked_before_the_commit_point_and_the_fence_guards_after_it(
+    ledger: Ledger, redis_client: redis.Redis, way: str
+) -> None:
+    """Production's order: the lock check has answered by ``WRITTEN``; the commit follows.
+
+    A lock lost after its check cannot stop this commit, and need not: the next holder's
+    epoch bump waits for it, so the counts stay exact (the next test's fence).
+    """
+    with ledger.lock_for("WO-1") as held:
+        epoch = ledger.bump_epoch("WO-1")
+        steal = lambda: redis_client.set(held.key, "intruder")  # noqa: E731
+        with faults.injected(faults.WRITTEN, steal):
+            req = validate_update("WO-1", "input", 2)
+            result = ledger.commit(req, "r1", epoch, lock=held, known=known_counters(way))
+    assert (result.status, counters()) == ("applied", (2, 0))
+    assert ledger.one_write_commits == (1 if way == "one-write" else 0)
 
 
 @pytest.mark.parametrize("tamper", ["delete", "overwrite"])

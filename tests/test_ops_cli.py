@@ -79,7 +79,7 @@ def test_failed_retry_resends_with_the_original_request_id_and_never_counts_twic
     make_work_orders(["WO-NEW"])  # the cause is fixed
     start_worker()
     retried = cli("failed", "retry", str(record.id))
-    assert retried.exit_code == 0 and "re-sent" in retried.stdout
+    assert retried.exit_code == 0 and "re-sent" in retried.stdout, retried.output
     wait_until(lambda: QuantityLog.objects(request_id="scan:X:PACK").count() == 1, 30, "the retried update")
     assert cli("failed", "retry", str(record.id)).exit_code == 0  # a second retry of the same record
     sent = submit_quantity_update("WO-NEW", "output", 1, request_id="after")

@@ -62,7 +62,7 @@ def test_a_worker_killed_inside_its_transaction_applies_the_update_once_after_re
     start_worker: Callable[..., Worker],
 ) -> None:
     make_work_orders(["WO-1"])
-    doomed = start_worker(MES_TEST_TXN_DELAY_S="60")
+    doomed = start_worker(hold="written=60")
     sent = update_quantity.delay("WO-1", "input", 7, request_id="crash-1")
     doomed.wait_for_log("holding the transaction open")
     doomed.kill()
@@ -80,7 +80,7 @@ def test_a_worker_killed_inside_its_transaction_applies_the_update_once_after_re
 
 def _lock_tamper_test(start_worker: Callable[..., Worker], redis_client: redis.Redis, tamper: str) -> Worker:
     make_work_orders(["WO-1"])
-    worker = start_worker(MES_TEST_TXN_DELAY_S="0.5")
+    worker = start_worker(hold="begun=0.5")  # before the lock check
     sent = update_quantity.delay("WO-1", "output", 5, request_id="tamper-1")
     worker.wait_for_log("holding the transaction open")
     key = lock_key("mes:", "WO-1")

@@ -65,10 +65,10 @@ def attempt(
             epoch = ledger.bump_epoch(req.work_order_id)
             redis_client.delete(lock.key)
             if seen:
-                assert ledger.commit(req, rid, epoch, before_commit=lock.ensure_held).status == "duplicate"
+                assert ledger.commit(req, rid, epoch, lock=lock).status == "duplicate"
             else:
                 with pytest.raises(LockLost):
-                    ledger.commit(req, rid, epoch, before_commit=lock.ensure_held)
+                    ledger.commit(req, rid, epoch, lock=lock)
     elif fault == "paused_holder":
         epoch = ledger.bump_epoch(req.work_order_id)  # then it stalls past its TTL ...
         ledger.bump_epoch(req.work_order_id)  # ... and the next holder acquires

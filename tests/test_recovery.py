@@ -39,7 +39,7 @@ def _pending(wos: list[str], per_wo: int, tag: str) -> list[str]:
 def _kill_mid_transaction(
     start_worker: Callable[..., Worker], wos: list[str], tag: str
 ) -> tuple[list[str], Worker]:
-    doomed = start_worker(MES_TEST_TXN_DELAY_S="60", **DEFAULT_TIMINGS)
+    doomed = start_worker(hold="written=60", **DEFAULT_TIMINGS)
     rids = _pending(wos, 3, tag)
     doomed.wait_for_log("holding the transaction open")
     return rids, doomed
@@ -72,7 +72,7 @@ def test_a_worker_killed_inside_its_transaction_is_replaced_by_a_standby_in_seco
 ) -> None:
     wos = ["WO-1", "WO-2"]
     make_work_orders(wos)
-    doomed = start_worker(MES_TEST_TXN_DELAY_S="60", **DEFAULT_TIMINGS)
+    doomed = start_worker(hold="written=60", **DEFAULT_TIMINGS)
     wait_until(lambda: redis_client.get(lease_key("mes:")) is not None, 20, "the lease")
     standby = start_worker(**DEFAULT_TIMINGS)
     rids = _pending(wos, 3, "standby")
