@@ -21,6 +21,13 @@ Key patterns:
                                    (MongoDB down at the producer)
     {prefix}stats:apply_ms         string, moving average of one update's duration (ms), for
                                    the producer's ``estimated_delay_ms``
+    {prefix}stats:updates          hash, the worker's outcome counters: ``applied``,
+                                   ``duplicate``, ``retried:<CODE>``, ``dead_lettered:<CODE>``;
+                                   read by ``metrics``; no TTL
+    {prefix}stats:apply_ms_hist    hash, the duration of each applied or duplicate update: one
+                                   field per histogram bucket (its upper bound in ms, or
+                                   ``+Inf``) -> updates in that bucket, and ``sum`` -> total ms;
+                                   read by ``metrics``; no TTL
 
 The Celery broker's own keys (queue lists such as ``workorder``, ``unacked``,
 ``unacked_index``, ``_kombu.binding.*``) live in the same Redis database, which
@@ -64,3 +71,11 @@ def unrecorded_key(prefix: str) -> str:
 
 def lease_key(prefix: str) -> str:
     return f"{prefix}lease:workorder"
+
+
+def update_counts_key(prefix: str) -> str:
+    return f"{prefix}stats:updates"
+
+
+def apply_histogram_key(prefix: str) -> str:
+    return f"{prefix}stats:apply_ms_hist"

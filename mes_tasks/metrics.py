@@ -1,0 +1,389 @@
+"""Prometheus metrics: the counters the worker keeps in Redis, and a collector that reads state per scrape.
+
+The worker adds each update's outcome (and the duration of an applied or duplicate one)
+to two Redis hashes in one pipelined round trip (``count_outcome``). A scrape reads
+those, the broker's queue lists, the lease and the pause in one Redis round trip, then
+the outbox, the heads of the queues, the open dead letters and the last audit in at most
+four MongoDB round trips. Nothing runs between scrapes. docs/metrics.md lists every
+series and where its number comes from.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, TypeVar
+
+import redis
+from kombu.transport.redis import PRIORITY_STEPS, Channel
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from mes_tasks.broker import _task_id
+from mes_tasks.db import mongo_errors, redis_errors
+from mes_tasks.errors import FenceLost, MesError
+from mes_tasks.keys import (
+    apply_histogram_key,
+    lease_key,
+    lease_owner_key,
+    pause_key,
+    unrecorded_key,
+    update_counts_key,
+)
+from mes_tasks.models import AuditReport, FailedUpdate, OutboxMessage
+from mes_tasks.names import QUEUES, UPDATE_QUANTITY
+from mes_tasks.outbox import SENT, SPOOLED
+from mes_tasks.status import UNACKED_KEY
+
+log = logging.getLogger(__name__)
+
+DEFAULT_HOST = "127.0.0.1"  # the lease holder's host and pid are in the series: not public by default
+DEFAULT_PORT = 9808
+APPLY_MS_BUCKETS = (1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)  # upper bounds, ms
+INF = "+Inf"
+APPLIED, DUPLICATE, RETRIED, DEAD_LETTERED = "applied", "duplicate", "retried", "dead_lettered"
+SCRAPE_REDIS_RETRIES = 1  # per scrape command, immediately; the next scrape tries again
+MAX_ERROR_CHARS = 300  # of a store error's text in the log
+T = TypeVar("T")
+
+
+def bucket_of(ms: float) -> str:
+    """The histogram field an update of ``ms`` milliseconds is counted in."""
+    return next((_bound(b) for b in APPLY_MS_BUCKETS if ms <= b), INF)
+
+
+def count_outcome(
+    client: redis.Redis, prefix: str, outcome: str, code: str | None = None, apply_ms: float | None = None
+) -> None:
+    """Add one update's outcome (and its duration) to the worker's counters; never raises.
+
+    One pipelined round trip. A statistic must never fail, or delay into a retry, an update.
+    """
+    try:
+        pipe = client.pipeline(transaction=False)
+        pipe.hincrby(update_counts_key(prefix), outcome if code is None else f"{outcome}:{code}", 1)
+        if apply_ms is not None:
+            pipe.hincrby(apply_histogram_key(prefix), bucket_of(apply_ms), 1)
+            pipe.hincrbyfloat(apply_histogram_key(prefix), "sum", apply_ms)
+        pipe.execute()
+    except Exception:
+        log.debug("could not count a %s update", outcome, exc_info=True)
+
+
+def queue_keys(queue: str) -> list[str]:
+    """The Redis lists kombu keeps for ``queue``, one per priority step."""
+    return [f"{queue}{Channel.sep}{pri}" if pri else queue for pri in PRIORITY_STEPS]
+
+
+@dataclass
+class RedisState:
+    """What one scrape read from Redis."""
+
+    waiting: dict[str, int]
+    heads: dict[str, list[str]]  # queue -> task id of the oldest message of each priority list
+    unacked: int
+    paused: bool
+    unrecorded: int
+    counts: dict[str, int]
+    histogram: dict[str, float]
+    lease_token: str | None
+    lease_owner: str | None
+
+
+@dataclass
+class MongoState:
+    """What one scrape read from MongoDB."""
+
+    outbox: dict[str, tuple[int, datetime | None]]  # state -> (entries, oldest created_at)
+    submitted_at: dict[str, datetime]  # job id -> created_at, for the queues' heads
+    dead_letters: dict[str, int]  # open dead letters per error code
+    last_audit: dict[str, Any] | None
+
+
+def read_redis(client: redis.Redis, prefix: str) -> RedisState:
+    """Everything the scrape needs from Redis, in one pipelined round trip."""
+    with redis_errors():
+        pipe = client.pipeline(transaction=False)
+        for queue in QUEUES:
+            for key in queue_keys(queue):
+                pipe.llen(key)
+                pipe.lindex(key, -1)  # kombu pushes on the left and pops on the right
+        pipe.hlen(UNACKED_KEY)
+        pipe.exists(pause_key(prefix))
+        pipe.get(unrecorded_key(prefix))
+        pipe.hgetall(update_counts_key(prefix))
+        pipe.hgetall(apply_histogram_key(prefix))
+        pipe.get(lease_key(prefix))
+        pipe.get(lease_owner_key(prefix))
+        replies = pipe.execute()
+    n = 2 * len(PRIORITY_STEPS)
+    per_queue = {q: replies[i * n : (i + 1) * n] for i, q in enumerate(QUEUES)}
+    unacked, paused, unrecorded, counts, hist, token, owner = replies[len(QUEUES) * n :]
+    return RedisState(
+        waiting={q: sum(r[0::2]) for q, r in per_queue.items()},
+        heads={q: [_task_id(raw) for raw in r[1::2] if raw] for q, r in per_queue.items()},
+        unacked=int(unacked),
+        paused=bool(paused),
+        unrecorded=int(unrecorded or 0),
+        counts={k: int(v) for k, v in counts.items()},
+        histogram={k: float(v) for k, v in hist.items()},
+        lease_token=token,
+        lease_owner=owner,
+    )
+
+
+def read_mongo(head_job_ids: Iterable[str]) -> MongoState:
+    """The outbox, the queues' heads, the open dead letters and the last audit: four round trips at most."""
+    ids = sorted(set(head_job_ids) - {""})
+    with mongo_errors():
+        rows = OutboxMessage._get_collection().aggregate(
+            [{"$group": {"_id": "$state", "n": {"$sum": 1}, "oldest": {"$min": "$created_at"}}}]
+        )
+        outbox = _outbox_by_state(list(rows))
+        heads = (
+            OutboxMessage._get_collection().find({"job_id": {"$in": ids}}, {"job_id": 1, "created_at": 1})
+            if ids
+            else []
+        )
+        submitted = {d["job_id"]: d["created_at"] for d in heads if d.get("created_at")}
+        open_rows = FailedUpdate._get_collection().aggregate(
+            [{"$match": {"status": "open"}}, {"$group": {"_id": "$error_code", "n": {"$sum": 1}}}]
+        )
+        dead = {str(r["_id"]): int(r["n"]) for r in open_rows}
+        last = AuditReport._get_collection().find_one(
+            {}, {"findings": 0, "repairs": 0, "repair_errors": 0}, sort=[("started_at", -1)]
+        )
+    return MongoState(outbox, submitted, dead, last)
+
+
+def _outbox_by_state(rows: list[dict[str, Any]]) -> dict[str, tuple[int, datetime | None]]:
+    found: dict[str, tuple[int, datetime | None]] = {SENT: (0, None), SPOOLED: (0, None)}  # no state: spooled
+    for row in rows:
+        state = SENT if row["_id"] == SENT else SPOOLED
+        n, oldest = found[state]
+        found[state] = (n + int(row["n"]), _earliest(oldest, row.get("oldest")))
+    return found
+
+
+def _earliest(a: datetime | None, b: datetime | None) -> datetime | None:
+    return b if a is None else a if b is None else min(a, b)
+
+
+class MesCollector(Collector):
+    """Reads mes_tasks's state from Redis and MongoDB at each scrape; a store that is down says so."""
+
+    def __init__(self, client: redis.Redis, prefix: str) -> None:
+        self.redis = client
+        self.prefix = prefix
+        self._lock = threading.Lock()
+        self._first_seen: dict[str, float] = {}  # head task id without an outbox entry -> when seen
+        self._owner: str | None = None
+        self._takeovers = 0
+
+    def collect(self) -> Iterator[Metric]:
+        started = time.monotonic()
+        now = time.time()
+        up = GaugeMetricFamily("mes_store_up", "1 when the scrape could read the store.", labels=["store"])
+        rstate = self._try(read_redis, self.redis, self.prefix)
+        up.add_metric(["redis"], rstate is not None)
+        heads = [] if rstate is None else [i for ids in rstate.heads.values() for i in ids]
+        mstate = self._try(read_mongo, heads)
+        up.add_metric(["mongodb"], mstate is not None)
+        with self._lock:
+            if rstate is not None:
+                yield from self._redis_metrics(rstate, mstate, now)
+        if mstate is not None:
+            yield from mongo_metrics(mstate, now)
+        yield up
+        yield GaugeMetricFamily(
+            "mes_scrape_duration_seconds", "How long this scrape took.", time.monotonic() - started
+        )
+
+    @staticmethod
+    def _try(read: Callable[..., T], *args: Any) -> T | None:
+        """The store's state, or None (``mes_store_up`` 0) rather than a failed scrape."""
+        try:
+            return read(*args)
+        except MesError as exc:
+            log.warning("metrics: %s", exc.message)
+        except Exception as exc:  # any other store error: the other store's series still count
+            log.warning("metrics: %s: %s", type(exc).__name__, str(exc)[:MAX_ERROR_CHARS])
+        return None
+
+    def _redis_metrics(self, state: RedisState, mongo: MongoState | None, now: float) -> Iterator[Metric]:
+        yield from counter_metrics(state)
+        yield from queue_metrics(state, self._head_ages(state, mongo, now))
+        if state.lease_owner is not None and self._owner not in (None, state.lease_owner):
+            self._takeovers += 1
+        self._owner = state.lease_owner
+        yield from lease_metrics(state, self._takeovers)
+
+    def _head_ages(self, state: RedisState, mongo: MongoState | None, now: float) -> dict[str, float]:
+        """Age of each queue's oldest message: from its outbox entry, else since this process saw it."""
+        submitted = {} if mongo is None else mongo.submitted_at
+        heads = {i for ids in state.heads.values() for i in ids}
+        self._first_seen = {i: self._first_seen.get(i, now) for i in heads if i not in submitted}
+        return {
+            q: max(
+                (now - submitted[i].timestamp() if i in submitted else now - self._first_seen.get(i, now))
+                for i in ids
+            )
+            for q, ids in state.heads.items()
+            if ids
+        }
+
+
+def counter_metrics(state: RedisState) -> Iterator[Metric]:
+    """The worker's outcome counters and apply-time histogram, as mes_* and celery_task_* series."""
+    counts = state.counts
+    by_code: dict[str, dict[str, int]] = {RETRIED: {}, DEAD_LETTERED: {}}
+    for key, n in counts.items():
+        outcome, _, code = key.partition(":")
+        if outcome in by_code and code:
+            by_code[outcome][code] = n
+    yield _counter("mes_updates_applied", "Updates that changed a counter.", counts.get(APPLIED, 0))
+    yield _counter(
+        "mes_updates_duplicate", "Updates whose request id was logged already.", counts.get(DUPLICATE, 0)
+    )
+    yield _by_code("mes_updates_retried", "Update attempts that failed and were retried.", by_code[RETRIED])
+    yield _by_code("mes_updates_dead_lettered", "Updates that failed for good.", by_code[DEAD_LETTERED])
+    fence = by_code[RETRIED].get(FenceLost.code, 0) + by_code[DEAD_LETTERED].get(FenceLost.code, 0)
+    yield _counter("mes_fence_rejections", "Commits refused because a newer holder took the fence.", fence)
+    yield _counter(
+        "mes_submissions_unrecorded", "Submissions queued without an outbox record.", state.unrecorded
+    )
+    yield apply_histogram(state.histogram)
+    yield from celery_task_metrics(counts.get(APPLIED, 0) + counts.get(DUPLICATE, 0), by_code)
+
+
+def celery_task_metrics(succeeded: int, by_code: dict[str, dict[str, int]]) -> Iterator[Metric]:
+    """celery-exporter's task counters, for update_quantity (``name`` label, as there)."""
+    for suffix, what, value in (
+        ("succeeded", "Tasks that succeeded.", succeeded),
+        ("failed", "Tasks that failed for good.", sum(by_code[DEAD_LETTERED].values())),
+        ("retried", "Tasks that were retried.", sum(by_code[RETRIED].values())),
+    ):
+        family = CounterMetricFamily(f"celery_task_{suffix}", what, labels=["name"])
+        family.add_metric([UPDATE_QUANTITY], value)
+        yield family
+
+
+def apply_histogram(hist: dict[str, float]) -> Metric:
+    """The worker's per-bucket counts in Redis as a cumulative Prometheus histogram, in seconds."""
+    buckets, total = [], 0.0
+    for bound in [*(_bound(b) for b in APPLY_MS_BUCKETS), INF]:
+        total += hist.get(bound, 0.0)
+        buckets.append((bound if bound == INF else repr(float(bound) / 1000), total))
+    return HistogramMetricFamily(
+        "mes_update_apply_seconds",
+        "Time the worker took per applied or duplicate update.",
+        buckets=buckets,
+        sum_value=hist.get("sum", 0.0) / 1000,
+    )
+
+
+def queue_metrics(state: RedisState, ages: dict[str, float]) -> Iterator[Metric]:
+    waiting = GaugeMetricFamily("mes_queue_waiting", "Messages waiting in the queue.", labels=["queue"])
+    length = GaugeMetricFamily("celery_queue_length", "Messages waiting in the queue.", labels=["queue_name"])
+    oldest = GaugeMetricFamily(
+        "mes_queue_oldest_age_seconds", "Age of the oldest waiting message (0: none).", labels=["queue"]
+    )
+    for queue, n in state.waiting.items():
+        waiting.add_metric([queue], n)
+        length.add_metric([queue], n)
+        oldest.add_metric([queue], ages.get(queue, 0.0))
+    yield from (waiting, length, oldest)
+    yield GaugeMetricFamily(
+        "mes_broker_unacked", "Messages delivered and not yet acknowledged (all queues).", state.unacked
+    )
+    yield GaugeMetricFamily("mes_workorder_paused", "1 while `queue pause` is in force.", state.paused)
+
+
+def lease_metrics(state: RedisState, takeovers: int) -> Iterator[Metric]:
+    yield GaugeMetricFamily(
+        "mes_workorder_active_consumer",
+        "1 while a worker holds the workorder lease.",
+        state.lease_token is not None,
+    )
+    info = GaugeMetricFamily(
+        "mes_workorder_active_consumer_info", "The lease holder's process (host:pid:tag).", labels=["owner"]
+    )
+    if state.lease_token is not None:
+        info.add_metric([state.lease_token.split("/", 1)[0]], 1)
+    yield info
+    yield _counter("mes_lease_takeovers", "Changes of the lease holder this metrics process saw.", takeovers)
+
+
+def mongo_metrics(state: MongoState, now: float) -> Iterator[Metric]:
+    entries = GaugeMetricFamily("mes_outbox_entries", "Outbox entries without an outcome.", labels=["state"])
+    oldest = GaugeMetricFamily(
+        "mes_outbox_oldest_age_seconds", "Age of the oldest outbox entry (0: none).", labels=["state"]
+    )
+    for state_name, (n, first) in sorted(state.outbox.items()):
+        entries.add_metric([state_name], n)
+        oldest.add_metric([state_name], 0.0 if first is None else max(0.0, now - first.timestamp()))
+    yield from (entries, oldest)
+    yield GaugeMetricFamily("mes_dead_letters_open", "Open dead letters.", sum(state.dead_letters.values()))
+    by_code = GaugeMetricFamily(
+        "mes_dead_letters_open_by_code", "Open dead letters per code.", labels=["code"]
+    )
+    for code, n in sorted(state.dead_letters.items()):
+        by_code.add_metric([code], n)
+    yield by_code
+    yield from audit_metrics(state.last_audit)
+
+
+def audit_metrics(report: dict[str, Any] | None) -> Iterator[Metric]:
+    """The last audit; a timestamp of 0 when there was none, so an age alert fires."""
+    report = report or {}
+    started, finished = report.get("started_at"), report.get("finished_at")
+    yield GaugeMetricFamily(
+        "mes_audit_last_run_timestamp_seconds",
+        "When the last audit ended (Unix time; 0: never).",
+        0.0 if started is None else (finished or started).timestamp(),
+    )
+    yield GaugeMetricFamily(
+        "mes_audit_last_duration_seconds",
+        "How long the last audit took.",
+        0.0 if started is None or finished is None else (finished - started).total_seconds(),
+    )
+    for name, what, key in (
+        ("mes_audit_last_findings", "Findings of the last audit.", "finding_count"),
+        ("mes_audit_last_work_orders_scanned", "Work orders the last audit scanned.", "work_orders_scanned"),
+        ("mes_audit_last_repaired", "1 when the last audit repaired.", "repaired"),
+    ):
+        yield GaugeMetricFamily(name, what, float(report.get(key) or 0))
+
+
+def _counter(name: str, what: str, value: float) -> Metric:
+    return CounterMetricFamily(name, what, value)
+
+
+def _by_code(name: str, what: str, counts: dict[str, int]) -> Metric:
+    family = CounterMetricFamily(name, what, labels=["code"])
+    for code, n in sorted(counts.items()):
+        family.add_metric([code], n)
+    return family
+
+
+def _bound(ms: float) -> str:
+    return f"{ms:g}"
+
+
+def registry_for(client: redis.Redis, prefix: str) -> CollectorRegistry:
+    """A registry with only mes_tasks's collector (no process or platform series).
+
+    The client tries once more, at once, rather than back off: a scrape with Redis
+    down must answer (``mes_store_up`` 0) well inside Prometheus's scrape timeout.
+    """
+    client.set_retry(Retry(NoBackoff(), SCRAPE_REDIS_RETRIES))
+    registry = CollectorRegistry()
+    registry.register(MesCollector(client, prefix))
+    return registry
