@@ -1,7 +1,7 @@
 # One image for every mes_tasks process: workers, beat, Flower and the CLI.
 FROM python:3.11-slim
 
-ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 MES_CELERY_CONFIG=/app/celeryconfig.py
 RUN useradd --create-home --uid 10001 mes \
     && mkdir -p /var/lib/mes/reports /var/lib/mes/beat && chown -R mes /var/lib/mes
 WORKDIR /app

@@ -17,6 +17,7 @@ from celery import Celery
 from pymongo import MongoClient
 from pymongo.collection import Collection
 
+from mes_tasks.config import configuration
 from mes_tasks.settings import get_settings
 
 QUEUE = "classic"
@@ -24,7 +25,7 @@ LOCK_TTL_MS = 30_000
 LOCK_POLL_S = 0.005
 
 app = Celery("classic")
-app.config_from_object("celeryconfig")
+app.config_from_object(configuration())
 app.conf.task_routes = {"classic.update": {"queue": QUEUE}}
 
 

@@ -9,6 +9,7 @@ from typing import Any
 from celery import Celery, signals
 
 from mes_tasks import db
+from mes_tasks.config import EXIT_CONFIG, configure
 from mes_tasks.errors import MesError
 from mes_tasks.lease import SingleActiveConsumer
 from mes_tasks.settings import get_settings
@@ -16,11 +17,8 @@ from mes_tasks.worker import ReleaseKeptLocks
 
 log = logging.getLogger(__name__)
 
-EXIT_CONFIG = 78  # EX_CONFIG from sysexits.h
-
 app = Celery("mes_tasks", include=["mes_tasks.tasks"])
-app.config_from_object("celeryconfig")
-app.conf.worker_consumer = "mes_tasks.consumer:Consumer"
+configure(app)  # from the environment and the deployment's celeryconfig.py (see mes_tasks.config)
 app.steps["consumer"].add(SingleActiveConsumer)
 app.steps["consumer"].add(ReleaseKeptLocks)
 

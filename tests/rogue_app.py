@@ -2,5 +2,7 @@
 
 from celery import Celery
 
+from mes_tasks.config import configuration
+
 app = Celery("rogue")
-app.config_from_object("celeryconfig")
+app.config_from_object(configuration())
