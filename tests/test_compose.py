@@ -78,3 +78,32 @@ def test_every_service_has_a_restart_policy_and_data_has_volumes(compose: dict[s
 def test_the_image_installs_the_package_and_runs_unprivileged() -> None:
     dockerfile = (REPO / "Dockerfile").read_text()
     assert "pip install --no-cache-dir ." in dockerfile and "USER mes" in dockerfile
+
+
+def test_the_metrics_service_serves_on_all_interfaces_of_its_container_only(compose: dict[str, Any]) -> None:
+    metrics = services(compose)["metrics"]
+    assert metrics["command"] == [
+        "celery",
+        "-A",
+        "mes_tasks",
+        "metrics",
+        "--host",
+        "0.0.0.0",
+        "--port",
+        "9808",
+    ]
+    assert metrics["ports"] == ["127.0.0.1:9808:9808"]
+    assert "profiles" not in metrics and "healthcheck" in metrics
+
+
+def test_prometheus_and_grafana_are_an_optional_profile_fed_from_deploy(compose: dict[str, Any]) -> None:
+    svc = services(compose)
+    for name in ("prometheus", "grafana"):
+        assert svc[name]["profiles"] == ["monitoring"], name
+        assert all(p.startswith("127.0.0.1:") for p in svc[name]["ports"]), name
+        for volume in svc[name]["volumes"]:
+            source = volume.split(":")[0]
+            assert not source.startswith("./") or (REPO / source).exists(), volume
+    scrape = yaml.safe_load((REPO / "deploy/prometheus/prometheus.yml").read_text())["scrape_configs"][0]
+    assert scrape["static_configs"][0]["targets"] == ["metrics:9808"]
+    assert {"prometheus-data", "grafana-data"} <= set(compose["volumes"])
