@@ -49,7 +49,7 @@ DEFAULT_PORT = 9808
 APPLY_MS_BUCKETS = (1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)  # upper bounds, ms
 INF = "+Inf"
 APPLIED, DUPLICATE, RETRIED, DEAD_LETTERED = "applied", "duplicate", "retried", "dead_lettered"
-SCRAPE_REDIS_RETRIES = 1  # per scrape command, immediately; the next scrape tries again
+SCRAPE_REDIS_RETRIES = 0  # a failed scrape read is not retried: the next scrape tries again
 MAX_ERROR_CHARS = 300  # of a store error's text in the log
 T = TypeVar("T")
 
@@ -380,8 +380,8 @@ def _bound(ms: float) -> str:
 def registry_for(client: redis.Redis, prefix: str) -> CollectorRegistry:
     """A registry with only mes_tasks's collector (no process or platform series).
 
-    The client tries once more, at once, rather than back off: a scrape with Redis
-    down must answer (``mes_store_up`` 0) well inside Prometheus's scrape timeout.
+    The client does not retry: a scrape with Redis down must answer (``mes_store_up`` 0)
+    inside Prometheus's scrape timeout, and the next scrape tries again anyway.
     """
     client.set_retry(Retry(NoBackoff(), SCRAPE_REDIS_RETRIES))
     registry = CollectorRegistry()
