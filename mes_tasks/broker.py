@@ -10,6 +10,7 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
+import kombu.exceptions
 import redis
 from kombu.exceptions import OperationalError
 
@@ -19,17 +20,23 @@ SCAN_CHUNK = 1000  # list entries read per LRANGE
 # worth spooling and retrying. Anything else (a TypeError from Celery's argument check, an
 # EncodeError) is the caller's mistake: retrying it can never succeed.
 BROKER_ERRORS: tuple[type[Exception], ...] = (OperationalError, redis.RedisError, OSError)
+# What wraps such an error: Celery's Redis result consumer reports a failed reconnect as a
+# RuntimeError, and kombu (5.7 and later) a Redis pipeline of a publish batch that failed
+# while it ran as a BatchPublishError (delivery uncertain).
+WRAPPED_ERRORS: tuple[type[Exception], ...] = (
+    RuntimeError,
+    getattr(kombu.exceptions, "BatchPublishError", RuntimeError),
+)
 
 
 def is_outage(exc: BaseException) -> bool:
     """Whether a publish failed because a store is down (spool it), not because of its arguments.
 
-    Celery's Redis result consumer reports a failed reconnect (while a ``.delay()``
-    subscribes to its result) as a ``RuntimeError`` raised from the connection error.
+    A ``WRAPPED_ERRORS`` one counts when raised from a connection error.
     """
     if isinstance(exc, BROKER_ERRORS):
         return True
-    return isinstance(exc, RuntimeError) and isinstance(exc.__cause__, BROKER_ERRORS)
+    return isinstance(exc, WRAPPED_ERRORS) and isinstance(exc.__cause__, BROKER_ERRORS)
 
 
 def held_task_ids(channel: Any, queue: str) -> set[str]:

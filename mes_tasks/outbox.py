@@ -24,12 +24,14 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
+from pymongo import UpdateOne
 from pymongo.collection import Collection
+from pymongo.errors import BulkWriteError
 
 from mes_tasks.broker import is_outage
 from mes_tasks.db import mongo_errors
@@ -69,42 +71,65 @@ class RelayResult:
         return bool(self.published or self.settled or self.republished or self.set_aside)
 
 
-def record(collection: Collection[Doc], job_id: str, args: list[Any], kwargs: dict[str, Any]) -> None:
-    """Record an update about to be published, in the ``outbox`` collection given.
+class Job(NamedTuple):
+    """An update on its way to the broker: its job id and ``update_quantity``'s bound arguments."""
+
+    job_id: str
+    args: list[Any]
+    kwargs: dict[str, Any]  # with its request id
+
+
+def record_all(collection: Collection[Doc], jobs: Sequence[Job]) -> set[str]:
+    """Record updates about to be published, in one unordered insert into the ``outbox`` given.
 
     A plain pymongo collection: the producer runs inside the main app, whose own
     mongoengine connections mes_tasks must not replace.
 
+    Returns:
+        The job ids recorded (all of them unless the server refused some).
+
     Raises:
-        MongoUnavailable: MongoDB is down; nothing was recorded.
+        MongoUnavailable: MongoDB is down; nothing is known to be recorded.
     """
     now = utcnow()
-    with mongo_errors():
-        collection.insert_one(
-            _entry(job_id, args, kwargs) | {"state": SENT, "sent_at": now, "created_at": now}
-        )
+    try:
+        with mongo_errors():
+            collection.insert_many(
+                [_entry(job) | {"state": SENT, "sent_at": now, "created_at": now} for job in jobs],
+                ordered=False,
+            )
+    except BulkWriteError as exc:
+        refused = {error["index"] for error in exc.details.get("writeErrors", [])}
+        return {job.job_id for i, job in enumerate(jobs) if i not in refused}
+    return {job.job_id for job in jobs}
 
 
 def spool(
     collection: Collection[Doc], job_id: str, args: list[Any], kwargs: dict[str, Any], reason: str
 ) -> None:
-    """Mark an update the broker refused as spooled, recording it first if it is not yet.
+    """Mark one update the broker refused as spooled; see ``spool_all``."""
+    spool_all(collection, [Job(job_id, args, kwargs)], reason)
+
+
+def spool_all(collection: Collection[Doc], jobs: Sequence[Job], reason: str) -> None:
+    """Mark updates the broker refused as spooled, in one write, recording any that is not yet.
 
     Raises:
         MongoUnavailable: MongoDB is down too; nothing was recorded.
     """
     with mongo_errors():
-        collection.update_one(
-            {"job_id": job_id},
-            {"$set": {"state": SPOOLED, "reason": reason},
-             "$setOnInsert": _entry(job_id, args, kwargs) | {"created_at": utcnow()}},
-            upsert=True,
+        collection.bulk_write(
+            [UpdateOne({"job_id": job.job_id},
+                       {"$set": {"state": SPOOLED, "reason": reason},
+                        "$setOnInsert": _entry(job) | {"created_at": utcnow()}},
+                       upsert=True) for job in jobs],
+            ordered=False,
         )  # fmt: skip
 
 
-def _entry(job_id: str, args: list[Any], kwargs: dict[str, Any]) -> Doc:
-    payload = json.dumps({"args": args, "kwargs": kwargs})
-    return {"job_id": job_id, "request_id": kwargs["request_id"], "payload": payload, "attempts": 0}
+def _entry(job: Job) -> Doc:
+    payload = json.dumps({"args": job.args, "kwargs": job.kwargs})
+    return {"job_id": job.job_id, "request_id": job.kwargs["request_id"], "payload": payload, "attempts": 0}
 
 
 def counts() -> dict[str, int]:

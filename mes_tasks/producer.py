@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Iterable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,12 +17,21 @@ from pymongo.collection import Collection
 from mes_tasks import db, outbox
 from mes_tasks.app import app
 from mes_tasks.broker import is_outage
-from mes_tasks.errors import MesError, QueueError, ValidationError
+from mes_tasks.errors import MesError, QueueError, RequestIdConflict, ValidationError
 from mes_tasks.keys import apply_ms_key, unrecorded_key
 from mes_tasks.models import OutboxMessage
 from mes_tasks.names import UPDATE_QUANTITY, WORKORDER_QUEUE
+from mes_tasks.outbox import Job
 from mes_tasks.settings import Settings, get_settings, mask_secrets
-from mes_tasks.validation import UPDATE_FIELDS, check_update_size, validate_update
+from mes_tasks.validation import (
+    UPDATE_FIELDS,
+    UpdateRequest,
+    check_update_size,
+    shown,
+    unknown_keys,
+    validate_item,
+    validate_update,
+)
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +42,13 @@ PUBLISH_RETRY_POLICY = {"max_retries": 2, "interval_start": 0, "interval_step": 
 # about a second; a caller's own options win, except these two.
 PUBLISH_OPTIONS = {"retry": True, "retry_policy": PUBLISH_RETRY_POLICY}
 REQUIRED_PARAMS = 3
+# A batch publishes with retry=False and is retried as a whole (publish_all): a retry inside
+# kombu's publish batch would revive the producer onto a channel the batch is not on.
+BATCH_OPTIONS = {"ignore_result": True, "retry": False}
+# Redis commands one update may buffer: its LPUSH, its task-sent event's PUBLISH, and a
+# PEXPIRE per priority step for a queue that expires. A bound, so that the pipeline runs
+# once, at the end of the batch.
+BATCH_OPS_PER_UPDATE = 8
 
 
 @dataclass
@@ -43,6 +61,12 @@ class Sent:
     result: AsyncResult | None = None
     spooled: str | None = None
     recorded: bool = True
+    error: QueueError | None = None  # the broker refused it and the outbox could not record it
+
+    @property
+    def queued(self) -> bool:
+        """Whether the broker took it."""
+        return self.spooled is None and self.error is None
 
 
 def bind_update(args: Any, kwargs: Any) -> tuple[list[Any], dict[str, Any]]:
@@ -57,7 +81,7 @@ def bind_update(args: Any, kwargs: Any) -> tuple[list[Any], dict[str, Any]]:
         raise TypeError(
             f"update_quantity takes at most {len(UPDATE_FIELDS)} arguments, got {len(positional)}"
         )
-    unknown = sorted(str(k) for k in named if k not in UPDATE_FIELDS)
+    unknown = sorted(str(k) for k in unknown_keys(named, UPDATE_FIELDS))
     if unknown:
         raise TypeError(
             f"update_quantity got unexpected keyword argument(s) {unknown}; its parameters are "
@@ -96,35 +120,26 @@ class Producer:
     ) -> dict[str, Any]:
         """Validate and enqueue one update; see ``submit_quantity_update``."""
         try:
-            req = validate_update(work_order_id, kind, quantity, request_id, context)
-        except ValidationError as exc:
-            return {"success": False, "job_id": None, "code": exc.code, "error": exc.message}
-        job_id = str(uuid.uuid4())
-        rid = req.request_id or job_id
-        try:
-            sent = self.send(job_id, [req.work_order_id, req.kind, req.quantity],
-                                {"request_id": rid, "context": req.context or None})  # fmt: skip
-        except QueueError as exc:
-            return {
-                "success": False,
-                "job_id": None,
-                "code": exc.code,
-                "recorded": False,
-                "error": exc.message,
-            }
-        if sent.spooled is not None:
-            return {"success": True, "job_id": job_id, "request_id": rid, "code": "SPOOLED", "recorded": True,
-                    "queue_length": None, "estimated_delay_ms": None, "error": sent.spooled}  # fmt: skip
-        length, delay_ms = self.queue_stats()
-        return {
-            "success": True,
-            "job_id": job_id,
-            "request_id": rid,
-            "code": "QUEUED",
-            "recorded": sent.recorded,
-            "queue_length": length,
-            "estimated_delay_ms": delay_ms,
-        }
+            job = _job(validate_update(work_order_id, kind, quantity, request_id, context))
+            sent = self.send(*job)
+        except (ValidationError, QueueError) as exc:
+            return refused(exc)
+        return self._answers([job], {job.job_id: sent})[job.job_id]
+
+    def submit_many(self, items: Iterable[Any]) -> list[dict[str, Any]]:
+        """Validate and enqueue a batch; see ``submit_quantity_updates``."""
+        slots = _slots(items)
+        jobs = [slot for slot in slots if isinstance(slot, Job)]
+        answers = self._answers(jobs, self.send_many(jobs))
+        results: list[dict[str, Any]] = []
+        for slot in slots:
+            if isinstance(slot, Job):
+                results.append(answers[slot.job_id])
+            elif isinstance(slot, int):  # the same update as an earlier item: that item's answer
+                results.append({**results[slot], "duplicate_of": slot})
+            else:
+                results.append(slot)
+        return results
 
     def send(
         self, job_id: str, args: list[Any], kwargs: dict[str, Any], options: dict[str, Any] | None = None
@@ -146,60 +161,99 @@ class Producer:
         args, kwargs = bind_update(args, kwargs)
         kwargs["request_id"] = kwargs.get("request_id") or job_id
         check_update_size(args, kwargs)  # ValidationError here: the worker could only dead-letter it
-        recorded = self._record(job_id, args, kwargs)
+        job = Job(job_id, args, kwargs)
+        recorded = self._record([job])
         try:
-            return Sent(result=publish(job_id, args, kwargs, options), recorded=recorded)
+            return Sent(result=publish(job_id, args, kwargs, options), recorded=bool(recorded))
         except Exception as exc:
-            if not is_outage(exc):
-                if recorded:  # a mistake at the call site: never relay what can never be sent
-                    outbox.forget([job_id], self.outbox_collection())
-                raise
-            reason = mask_secrets(f"{type(exc).__name__}: {exc}")  # an outage: spooled or reported
-            self._spool(job_id, args, kwargs, reason, recorded)
-            return Sent(spooled=reason)
+            sent = self._after_refusal([job], recorded, exc)[job_id]
+        if sent.error is not None:
+            raise sent.error
+        return sent
 
-    def _record(self, job_id: str, args: list[Any], kwargs: dict[str, Any]) -> bool:
-        if not self.settings.journal:
-            return False
-        if time.monotonic() < self._outbox_down_until:
-            self._unrecorded(kwargs["request_id"], "it was unreachable a moment ago")
-            return False
+    def send_many(self, jobs: Sequence[Job]) -> dict[str, Sent]:
+        """Record validated updates in one outbox write, then publish them in one pipeline.
+
+        Returns:
+            What became of each, by job id: queued; spooled (the broker refused the batch);
+            or, where the outbox could not record it either, an ``error``.
+
+        Raises:
+            TypeError, kombu's EncodeError: an update does not fit the task; nothing is kept.
+        """
+        if not jobs:
+            return {}
+        recorded = self._record(jobs)
         try:
-            outbox.record(self.outbox_collection(), job_id, args, kwargs)
+            publish_all(jobs)
+        except Exception as exc:
+            return self._after_refusal(jobs, recorded, exc)
+        return {job.job_id: Sent(recorded=job.job_id in recorded) for job in jobs}
+
+    def _after_refusal(self, jobs: Sequence[Job], recorded: set[str], exc: Exception) -> dict[str, Sent]:
+        """A publish failed: spool the updates if the broker is down, else forget them and re-raise."""
+        if not is_outage(exc):
+            if recorded:  # a mistake at the call site: never relay what can never be sent
+                outbox.forget(sorted(recorded), self.outbox_collection())
+            raise exc
+        return self._spool(jobs, mask_secrets(f"{type(exc).__name__}: {exc}"), recorded)
+
+    def _record(self, jobs: Sequence[Job]) -> set[str]:
+        """The job ids the outbox now holds (none with ``MES_JOURNAL=0``)."""
+        if not self.settings.journal:
+            return set()
+        if time.monotonic() < self._outbox_down_until:
+            self._unrecorded(jobs, "it was unreachable a moment ago")
+            return set()
+        try:
+            recorded = outbox.record_all(self.outbox_collection(), jobs)
         except MesError as exc:
             # Skip the outbox for a while rather than make every submission wait for a timeout.
             self._outbox_down_until = time.monotonic() + OUTBOX_DOWN_BACKOFF_S
-            self._unrecorded(kwargs["request_id"], exc.message)
-            return False
-        return True
+            self._unrecorded(jobs, exc.message)
+            return set()
+        left_out = [job for job in jobs if job.job_id not in recorded]
+        if left_out:
+            self._unrecorded(left_out, "the outbox refused the entry")
+        return recorded
 
-    def _unrecorded(self, request_id: str, why: str) -> None:
-        """Say, and count, that an update goes to the broker without the outbox's protection."""
-        self.unrecorded += 1
-        log.warning("outbox unreachable, sending %s unrecorded: %s", request_id, mask_secrets(why))
+    def _unrecorded(self, jobs: Sequence[Job], why: str) -> None:
+        """Say, and count, that updates go to the broker without the outbox's protection."""
+        self.unrecorded += len(jobs)
+        log.warning("outbox unreachable, sending %s unrecorded: %s", _which(jobs), mask_secrets(why))
         try:
-            self.redis.incr(unrecorded_key(self.settings.key_prefix))
+            self.redis.incrby(unrecorded_key(self.settings.key_prefix), len(jobs))
         except redis.RedisError:
             log.debug("could not count an unrecorded submission", exc_info=True)
 
-    def _spool(
-        self, job_id: str, args: list[Any], kwargs: dict[str, Any], reason: str, recorded: bool
-    ) -> None:
-        """Broker down: mark the update spooled in the outbox, or say that nothing was recorded."""
-        rid = kwargs["request_id"]
+    def _spool(self, jobs: Sequence[Job], reason: str, recorded: set[str]) -> dict[str, Sent]:
+        """Broker down: mark the updates spooled in the outbox, or tell which nothing recorded."""
         try:
-            outbox.spool(self.outbox_collection(), job_id, args, kwargs, reason)
+            outbox.spool_all(self.outbox_collection(), jobs, reason)
         except MesError as exc:
-            if recorded:  # kept as "sent": the relay re-sends it after the grace period
-                log.warning("broker down, %s stays in the outbox as sent: %s", rid, reason)
-                return
-            error = (
+            kept = [job for job in jobs if job.job_id in recorded]
+            lost = [job for job in jobs if job.job_id not in recorded]
+            error = QueueError(
                 f"nothing was recorded: the broker refused it ({reason}) "
                 f"and the outbox is unreachable ({exc.message})"
             )
-            log.error("could not enqueue nor spool %s: %s", rid, error)
-            raise QueueError(error) from exc
-        log.warning("broker down, spooled %s to the outbox: %s", rid, reason)
+            if kept:  # kept as "sent": the relay re-sends them after the grace period
+                log.warning("broker down, %s stays in the outbox as sent: %s", _which(kept), reason)
+            if lost:
+                log.error("could not enqueue nor spool %s: %s", _which(lost), error.message)
+            return {job.job_id: Sent(spooled=reason) for job in kept} | {
+                job.job_id: Sent(recorded=False, error=error) for job in lost
+            }
+        log.warning("broker down, spooled %s to the outbox: %s", _which(jobs), reason)
+        return {job.job_id: Sent(spooled=reason) for job in jobs}
+
+    def _answers(self, jobs: Sequence[Job], sent: dict[str, Sent]) -> dict[str, dict[str, Any]]:
+        """Each update's result dict, by job id; the queue is read once, if any was queued."""
+        queued = [job for job in jobs if sent[job.job_id].queued]
+        length, per_update_ms = self.queue_state() if queued else (None, None)
+        behind = {job.job_id: len(queued) - 1 - i for i, job in enumerate(queued)}  # queued after it
+        return {job.job_id: _answer(job, sent[job.job_id], length, per_update_ms, behind.get(job.job_id, 0))
+                for job in jobs}  # fmt: skip
 
     def outbox_collection(self) -> Collection[dict[str, Any]]:
         """The outbox, through a client of the producer's own (made on first use)."""
@@ -210,6 +264,11 @@ class Producer:
 
     def queue_stats(self) -> tuple[int | None, int | None]:
         """Messages waiting in ``workorder`` and the estimated wait for a new one (ms)."""
+        length, per_update_ms = self.queue_state()
+        return length, estimated_delay_ms(length, per_update_ms)
+
+    def queue_state(self) -> tuple[int | None, float | None]:
+        """Messages waiting in ``workorder`` and the worker's average time per update (ms)."""
         try:
             pipe = self.redis.pipeline(transaction=False)
             pipe.llen(WORKORDER_QUEUE)
@@ -217,8 +276,83 @@ class Producer:
             length, apply_ms = pipe.execute()
         except redis.RedisError:
             return None, None
-        per_update = float(apply_ms) if apply_ms else DEFAULT_APPLY_MS
-        return int(length), round((int(length) + 1) * per_update)
+        return int(length), float(apply_ms) if apply_ms else DEFAULT_APPLY_MS
+
+
+def estimated_delay_ms(length: int | None, per_update_ms: float | None, behind: int = 0) -> int | None:
+    """The wait of an update with ``behind`` updates queued after it, of ``length`` waiting (ms).
+
+    The update being applied counts too, and the update itself is always waiting.
+    """
+    if length is None or per_update_ms is None:
+        return None
+    return round((max(length - behind, 1) + 1) * per_update_ms)
+
+
+def refused(exc: MesError) -> dict[str, Any]:
+    """The result dict of an update that was not queued, nor kept."""
+    extra = {"recorded": False} if isinstance(exc, QueueError) else {}
+    return {"success": False, "job_id": None, "code": exc.code, **extra, "error": exc.message}
+
+
+def _answer(
+    job: Job, sent: Sent, length: int | None, per_update_ms: float | None, behind: int
+) -> dict[str, Any]:
+    if sent.error is not None:
+        return refused(sent.error)
+    rid = job.kwargs["request_id"]
+    if sent.spooled is not None:
+        return {"success": True, "job_id": job.job_id, "request_id": rid, "code": "SPOOLED", "recorded": True,
+                "queue_length": None, "estimated_delay_ms": None, "error": sent.spooled}  # fmt: skip
+    return {
+        "success": True,
+        "job_id": job.job_id,
+        "request_id": rid,
+        "code": "QUEUED",
+        "recorded": sent.recorded,
+        "queue_length": length,
+        "estimated_delay_ms": estimated_delay_ms(length, per_update_ms, behind),
+    }
+
+
+def _job(req: UpdateRequest) -> Job:
+    """A validated update under a new job id, which stands in for a missing request id."""
+    job_id = str(uuid.uuid4())
+    kwargs = {"request_id": req.request_id or job_id, "context": req.context or None}
+    return Job(job_id, [req.work_order_id, req.kind, req.quantity], kwargs)
+
+
+def _slots(items: Iterable[Any]) -> list[Job | int | dict[str, Any]]:
+    """Per item: its job, the index of an earlier item with the same update, or its refusal."""
+    if isinstance(items, str | bytes | dict):
+        raise TypeError(f"submit_quantity_updates takes a list of items, not a {type(items).__name__}")
+    slots: list[Job | int | dict[str, Any]] = []
+    first: dict[str, tuple[int, Job]] = {}  # request id -> the item that carries it first
+    for i, item in enumerate(items):
+        try:
+            job = _job(validate_item(item))
+        except ValidationError as exc:
+            slots.append(refused(exc))
+            continue
+        at, earlier = first.setdefault(job.kwargs["request_id"], (i, job))
+        slots.append(job if earlier is job else _repeated(at, earlier, job))
+    return slots
+
+
+def _repeated(at: int, earlier: Job, job: Job) -> int | dict[str, Any]:
+    """An update whose request id item ``at`` carries: a duplicate of it, or a conflict."""
+    if earlier.args == job.args:
+        return at
+    conflict = RequestIdConflict(
+        f"request id {shown(job.kwargs['request_id'])} is item {at}'s, for a different update "
+        f"({', '.join(map(str, earlier.args))}); nothing was sent for this item"
+    )
+    return refused(conflict)
+
+
+def _which(jobs: Sequence[Job]) -> str:
+    """Updates as a log line names them: the request id of one, the number of several."""
+    return str(jobs[0].kwargs["request_id"]) if len(jobs) == 1 else f"{len(jobs)} updates"
 
 
 def publish(
@@ -237,8 +371,41 @@ def publish(
     """
     args, kwargs = bind_update(args, kwargs)  # TypeError: an entry that can never be sent
     given = {"ignore_result": True} if options is None else options
-    sent_with = {**given, **PUBLISH_OPTIONS}
-    result: AsyncResult = app.send_task(UPDATE_QUANTITY, args, kwargs, task_id=job_id, **sent_with)
+    return _send_task(Job(job_id, args, kwargs), {**given, **PUBLISH_OPTIONS})
+
+
+def publish_all(jobs: Sequence[Job]) -> None:
+    """Send validated updates by task name on one pooled producer, in one Redis pipeline.
+
+    kombu (5.7 and later) buffers each message's LPUSH in a pipeline that runs when the
+    batch ends (``Producer.batch``); without it, or on a transport that cannot batch, the
+    messages go one by one, still on one producer and connection. The batch is retried as
+    a whole, with the waits of ``PUBLISH_RETRY_POLICY``.
+
+    Raises:
+        The last broker error when every attempt failed: then no message was sent or, when
+        the pipeline itself failed (kombu's ``BatchPublishError``), some may have been.
+    """
+    policy, retries = PUBLISH_RETRY_POLICY, int(PUBLISH_RETRY_POLICY["max_retries"])
+    for attempt in range(retries + 1):
+        try:
+            return _publish_batch(jobs)
+        except Exception as exc:
+            if attempt == retries or not is_outage(exc):
+                raise
+        time.sleep(min(policy["interval_start"] + attempt * policy["interval_step"], policy["interval_max"]))
+
+
+def _publish_batch(jobs: Sequence[Job]) -> None:
+    with app.producer_or_acquire() as producer:
+        batched = getattr(producer, "supports_batch_publish", False)
+        with producer.batch(max_size=BATCH_OPS_PER_UPDATE * len(jobs)) if batched else nullcontext():
+            for job in jobs:
+                _send_task(job, {**BATCH_OPTIONS, "producer": producer})
+
+
+def _send_task(job: Job, options: dict[str, Any]) -> AsyncResult:
+    result: AsyncResult = app.send_task(UPDATE_QUANTITY, job.args, job.kwargs, task_id=job.job_id, **options)
     return result
 
 
@@ -270,3 +437,25 @@ def submit_quantity_update(
         where ``QUEUE_ERROR`` means nothing was recorded.
     """
     return default_producer().submit(work_order_id, kind, quantity, request_id, context)
+
+
+def submit_quantity_updates(items: Iterable[Any]) -> list[dict[str, Any]]:
+    """Validate and enqueue a batch of updates (a scanner burst): one outbox write, one publish.
+
+    Args:
+        items: each a dict of ``submit_quantity_update``'s arguments by name
+            (``work_order_id``, ``kind``, ``quantity``, optional ``request_id`` and ``context``).
+
+    Returns:
+        One result dict per item, in their order, shaped as ``submit_quantity_update``'s. A
+        bad item is refused on its own (``INVALID_ITEM``: not a dict, or a key that is no
+        argument; or the field's code) and the others go on. An item whose request id an
+        earlier item of the batch carries, for the same update, is not sent again: it gets
+        that item's answer plus ``"duplicate_of": <its index>``; for a different update it
+        is refused as ``REQUEST_ID_CONFLICT``. A request id sent before the batch counts
+        once all the same: the worker's log decides.
+
+    Raises:
+        TypeError: ``items`` is a string or a dict, not a list of items.
+    """
+    return default_producer().submit_many(items)

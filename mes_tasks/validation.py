@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import reprlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from itertools import chain
 from json.encoder import encode_basestring
@@ -62,6 +62,36 @@ def validate_update(
         request_id=None if request_id is None else _request_id(request_id),
         context=_context(context),
     )
+
+
+def validate_item(item: Any) -> UpdateRequest:
+    """One item of a batch: ``update_quantity``'s arguments by name, checked as ``validate_update``.
+
+    Raises:
+        ValidationError: ``INVALID_ITEM`` (not an object, or a key that is no argument), or
+            the code ``validate_update`` gives; a missing argument counts as ``None``.
+    """
+    if not isinstance(item, Mapping):
+        raise ValidationError(
+            f"an item must be an object of {', '.join(UPDATE_FIELDS)}, not {shown(item)}", code="INVALID_ITEM"
+        )
+    unknown = unknown_keys(item, UPDATE_FIELDS)
+    if unknown:
+        raise ValidationError(
+            f"unknown keys {named(unknown)}; an item takes {', '.join(UPDATE_FIELDS)}", code="INVALID_ITEM"
+        )
+    return validate_update(**{name: item.get(name) for name in UPDATE_FIELDS})
+
+
+def unknown_keys(keys: Iterable[Any], allowed: tuple[str, ...]) -> list[Any]:
+    """The keys that are not ``allowed``, in their order."""
+    return [k for k in keys if k not in allowed]
+
+
+def named(keys: list[Any]) -> str:
+    """Keys as an error message names them: the first ``SHOWN_KEYS``, and how many more."""
+    more = f" and {len(keys) - SHOWN_KEYS} more" if len(keys) > SHOWN_KEYS else ""
+    return ", ".join(shown(k) for k in keys[:SHOWN_KEYS]) + more
 
 
 def check_update_size(args: Any = (), kwargs: Any = None) -> None:
@@ -178,12 +208,10 @@ def _context(value: Any) -> dict[str, str]:
         return {}
     if not isinstance(value, dict):
         raise ValidationError(f"context must be an object, not {shown(value)}", code="INVALID_CONTEXT")
-    unknown = [k for k in value if k not in CONTEXT_FIELDS]
+    unknown = unknown_keys(value, CONTEXT_FIELDS)
     if unknown:
-        more = f" and {len(unknown) - SHOWN_KEYS} more" if len(unknown) > SHOWN_KEYS else ""
-        names = ", ".join(shown(k) for k in unknown[:SHOWN_KEYS])
         raise ValidationError(
-            f"unknown context keys {names}{more}; allowed: {', '.join(CONTEXT_FIELDS)}",
+            f"unknown context keys {named(unknown)}; allowed: {', '.join(CONTEXT_FIELDS)}",
             code="INVALID_CONTEXT",
         )
     for key, item in value.items():
