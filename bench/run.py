@@ -26,7 +26,6 @@ import os
 import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -37,6 +36,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # devtools: not installed
+
+from devtools.process import Child
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -64,33 +65,21 @@ def start_servers(base: Path) -> list[Any]:
     return started
 
 
-class Worker:
-    """A worker subprocess whose RSS can be read."""
+class Worker(Child):
+    """A worker subprocess, started and waited for until ready; its RSS can be read."""
 
     def __init__(self, argv: list[str], log: Path, **extra_env: str) -> None:
         pythonpath = f"{BENCH}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
         env = {**os.environ, "PYTHONPATH": pythonpath, **extra_env}
-        self.log = log
-        with open(log, "wb") as out:
-            self.proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while " ready." not in log.read_text(errors="replace"):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.proc.kill()
-                raise RuntimeError(f"worker did not start:\n{log.read_text()[-2000:]}")
-            time.sleep(0.1)
+        log.unlink(missing_ok=True)
+        super().__init__(log.stem, argv, log, env=env, cwd=REPO)
+        self.start()
+        if not self.wait_for(" ready.", READY_TIMEOUT_S):
+            self.kill()
+            raise RuntimeError(f"worker did not start:\n{self.log_text()[-2000:]}")
 
-    def rss_mb(self) -> float:
-        status = Path(f"/proc/{self.proc.pid}/status").read_text()
-        kb = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:"))
-        return kb / 1024
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+    def stop(self, timeout_s: float = 30.0) -> None:
+        super().stop(timeout_s)
 
 
 def reset(collections: list[Any]) -> None:
@@ -156,14 +145,14 @@ def run_queued(
     ENQUEUED[name] = n / (time.perf_counter() - started)
     worker = Worker(worker_argv, tmp / f"{name}.log", **worker_env)
     raw = None if profile is None else profile.with_suffix(".raw")
-    spy = None if raw is None else start_py_spy(worker.proc.pid, raw)
+    spy = None if raw is None else start_py_spy(worker.pid, raw)
     try:
         wait_for_logs(logs, n, f"{name} throughput")
     finally:
         worker.stop()
     if spy is not None and raw is not None and profile is not None:
         spy.wait(30)
-        profile.write_text(summarize_profile(raw, worker.proc.pid))
+        profile.write_text(summarize_profile(raw, worker.pid))
     return commit_rate(logs)
 
 
@@ -173,12 +162,10 @@ def py_spy() -> str | None:
     return shutil.which("py-spy", path=f"{here}{os.pathsep}{os.environ.get('PATH', '')}")
 
 
-def start_py_spy(pid: int, out: Path) -> subprocess.Popen[bytes]:
+def start_py_spy(pid: int, out: Path) -> Child:
     """py-spy sampling the worker until it exits, waits included, as collapsed stacks per thread."""
     argv = [py_spy() or "py-spy", "record", "--format", "raw", "--idle", "--threads", "--rate", "200"]
-    spy = subprocess.Popen(
-        [*argv, "-o", str(out), "-p", str(pid)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+    spy = Child("py-spy", [*argv, "-o", str(out), "-p", str(pid)]).start()
     time.sleep(1.0)  # attached before the first task
     return spy
 

@@ -53,6 +53,7 @@ from devtools.chaosreport import (
 )
 from devtools.devserver import free_port, mongo_service, redis_service, secantus_uri
 from devtools.faultproxy import FaultProxy
+from devtools.load import scans
 
 GAP_S = 2.0  # updates flow undisturbed this long before each injection
 RECOVERY_WAIT_S = 30.0
@@ -66,23 +67,14 @@ def produce(
     """Valid updates at ``rate`` per second (a share re-sent with the same request id) until ``stop``."""
     from mes_tasks.producer import Producer
 
-    rng, producer = random.Random(seed), Producer()
-    sent: list[tuple[str, str, int, str]] = []
+    producer = Producer()
     work_orders = [d["_id"] for d in run.db.work_orders.find({"_id": {"$regex": "^CH-[0-9]+$"}})]
+    updates = scans(random.Random(seed), work_orders, "chaos", dup_share=dup_share)
     started, i = time.monotonic(), 0
     while not stop.is_set() and (limit is None or i < limit):
         time.sleep(max(0.0, started + i / rate - time.monotonic()))
-        if sent and rng.random() < dup_share:
-            update = rng.choice(sent)
-        else:
-            update = (
-                rng.choice(work_orders),
-                rng.choice(["input", "output"]),
-                rng.randint(1, 9),
-                f"chaos:{i}",
-            )
-            sent.append(update)
-        run.submit(producer, *update)
+        u = next(updates)
+        run.submit(producer, u["work_order_id"], u["kind"], u["quantity"], u["request_id"])
         i += 1
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -26,6 +25,7 @@ import redis
 from devtools.chaosreport import Accepted, Db, Injection, utc
 from devtools.devserver import Service, secantus_uri, worker_argv
 from devtools.faultproxy import FaultProxy
+from devtools.process import Child
 
 WORKERS = 2  # an active consumer and a standby
 BOOT_TIMEOUT_S = 90.0
@@ -59,41 +59,13 @@ def proxied_mongo_uri(port: int) -> str:
     return f"{secantus_uri(port, 'mes')}&directConnection=true"
 
 
-class Worker:
+class Worker(Child):
     """A ``workorder`` worker subprocess, its output in ``log``."""
 
     def __init__(self, name: str, log: Path, env: dict[str, str], hold: str | None = None) -> None:
-        self.name, self.log = name, log
-        argv = worker_argv(name=name, hold=hold)
-        with open(log, "ab") as out:
-            self.proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def wait_for(self, text: str, timeout_s: float) -> bool:
-        deadline = time.monotonic() + timeout_s
-        while text not in self.log_text():
-            if not self.alive() or time.monotonic() > deadline:
-                return False
-            time.sleep(POLL_S)
-        return True
-
-    def signal(self, signum: int) -> None:
-        if self.alive():
-            self.proc.send_signal(signum)
-
-    def stop(self) -> None:
-        self.signal(signal.SIGCONT)
-        self.signal(signal.SIGTERM)
-        try:
-            self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        super().__init__(name, worker_argv(name=name, hold=hold), log, env=env)
+        self.log = log
+        self.start()
 
 
 @dataclass
@@ -148,7 +120,7 @@ class Run:
             return None
         owner = token.split("/")[0].split(":") if isinstance(token, str) else []  # host:pid:tag
         pid = owner[-2] if len(owner) >= 3 else None
-        return next((w for w in self.live_workers() if str(w.proc.pid) == pid), None)
+        return next((w for w in self.live_workers() if str(w.pid) == pid), None)
 
     def active_worker(self) -> Worker:
         holder = self.lease_holder()

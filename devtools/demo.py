@@ -10,9 +10,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
-import random
 import re
-import subprocess
 import sys
 import time
 import uuid
@@ -22,6 +20,9 @@ from typing import Any
 
 import click
 
+from devtools.load import plan as load_plan
+from devtools.process import Child
+
 LINE = [f"DEMO-{i:03d}" for i in range(1, 11)]
 DRAIN_TIMEOUT_S = 600.0
 STACK_TIMEOUT_S = 120.0
@@ -29,25 +30,8 @@ STACK_TIMEOUT_S = 120.0
 
 def plan(run: str, count: int, dup_share: float, bad_share: float, seed: int) -> list[dict[str, Any]]:
     """The scans to send; duplicates repeat an earlier scan exactly, bad ones are malformed."""
-    rng = random.Random(seed)
-    scans: list[dict[str, Any]] = []
-    for i in range(count):
-        roll = rng.random()
-        if scans and roll < dup_share:
-            scans.append(dict(rng.choice(scans)))
-            continue
-        wo = rng.choice(LINE)
-        scan = {
-            "work_order_id": wo,
-            "kind": rng.choice(["input", "output"]),
-            "quantity": rng.randint(1, 5),
-            "request_id": f"demo:{run}:{i}",
-            "context": {"barcode": f"BC{run}{i}", "source": "DEMO"},
-        }
-        if roll < dup_share + bad_share:
-            scan.update(rng.choice([{"quantity": 0}, {"work_order_id": "DEMO-MISSING"}, {"kind": "scrap"}]))
-        scans.append(scan)
-    return scans
+    return load_plan(count, LINE, f"demo:{run}", seed, dup_share=dup_share, bad_share=bad_share,
+                     max_quantity=5, source="DEMO")  # fmt: skip
 
 
 def produce(args: tuple[list[dict[str, Any]], float, Any]) -> list[dict[str, Any]]:
@@ -108,7 +92,7 @@ def summarise(run: str, scans: list[dict[str, Any]], results: list[dict[str, Any
     }
 
 
-def ensure_stack() -> subprocess.Popen[bytes] | None:
+def ensure_stack() -> Child | None:
     """Use ``REDIS_URL`` / ``make run``'s stack; start that stack in the background if it is down."""
     from devtools.devserver import DEV_MONGO_PORT, DEV_REDIS_PORT, port_open, secantus_uri
 
@@ -118,17 +102,10 @@ def ensure_stack() -> subprocess.Popen[bytes] | None:
     os.environ.setdefault("MONGODB_URI", secantus_uri(DEV_MONGO_PORT, "mes"))
     if port_open(DEV_REDIS_PORT):
         return None
-    Path("var/log").mkdir(parents=True, exist_ok=True)
     click.echo("the stack is not running: starting it (output in var/log/demo-stack.log)")
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "MONGODB_URI")}
-    with open("var/log/demo-stack.log", "ab") as out:
-        stack = subprocess.Popen(
-            [sys.executable, "-m", "devtools.devserver", "run"],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    return stack
+    argv = [sys.executable, "-m", "devtools.devserver", "run"]
+    return Child("stack", argv, Path("var/log/demo-stack.log"), env=env).start()
 
 
 def wait_for_worker(app: Any) -> None:
@@ -157,8 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         return _demo(args)
     finally:
         if stack is not None:
-            stack.terminate()
-            stack.wait(60)
+            stack.stop(60)
 
 
 def _demo(args: argparse.Namespace) -> int:

