@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+MES_VAR_DIR ?= var
 
-.PHONY: install run demo test test-fast lint format bench chaos clean
+.PHONY: install run shell demo test test-fast lint format bench chaos clean
 
 install: $(STAMP)
 
@@ -15,6 +16,12 @@ $(STAMP): pyproject.toml
 
 run: install
 	$(PY) -m devtools.devserver run
+
+# A shell on the stack `make run` started: its settings, and the venv's celery on PATH.
+shell: install
+	@test -f $(MES_VAR_DIR)/stack.env || { echo "error [NO_STACK]: $(MES_VAR_DIR)/stack.env is missing: start the stack with make run first"; exit 1; }
+	@echo "operator shell on the make run stack (exit to leave); try: celery -A mes_tasks queue status"
+	@bash --rcfile $(MES_VAR_DIR)/stack.env -i
 
 demo: install
 	$(PY) -m devtools.demo $(DEMO_ARGS)

@@ -2,21 +2,18 @@
 
 Redis (AOF) and SecantusDB with their data under ``var/`` (unless ``REDIS_URL`` /
 ``MONGODB_URI`` point elsewhere), then the ``workorder`` worker, the ``audit`` worker,
-beat and Flower (basic auth). Each process's output goes to the terminal with a name
+beat, Flower (basic auth) and the metrics endpoint. Each process's output goes to the terminal with a name
 prefix and to ``var/log/<name>.log``. Ctrl-C stops them all, then the servers.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import secrets
+import shlex
 import signal
-import subprocess
 import sys
-import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from devtools.devserver import (
@@ -25,12 +22,14 @@ from devtools.devserver import (
     Service,
     beat_argv,
     flower_argv,
+    metrics_argv,
     mongo_service,
     port_open,
     redis_service,
     secantus_uri,
     worker_argv,
 )
+from devtools.process import Child
 from mes_tasks.errors import ConfigurationError
 from mes_tasks.flowerauth import basic_auth
 from mes_tasks.settings import mask_url
@@ -38,29 +37,8 @@ from mes_tasks.settings import mask_url
 SIGINT_GRACE_S = 5.0  # time for children to react to the terminal's own Ctrl-C
 FLOWER_USER = "admin"
 PASSWORD_FILE = "flower-password"
-
-
-@dataclass
-class Child:
-    """A mes_tasks process whose output is prefixed on the terminal and copied to a log."""
-
-    name: str
-    proc: subprocess.Popen[bytes]
-
-    def pump(self, log_path: Path) -> threading.Thread:
-        thread = threading.Thread(target=_pump, args=(self, log_path), daemon=True)
-        thread.start()
-        return thread
-
-
-def _pump(child: Child, log_path: Path) -> None:
-    assert child.proc.stdout is not None
-    with open(log_path, "ab") as log:
-        for line in child.proc.stdout:
-            log.write(line)
-            log.flush()
-            sys.stdout.write(f"{child.name:<9}| {line.decode(errors='replace')}")
-            sys.stdout.flush()
+ENV_FILE = "stack.env"
+STACK_SETTINGS = ("REDIS_URL", "MONGODB_URI", "MES_REPORTS_DIR")
 
 
 def flower_credentials(var: Path) -> tuple[str, str, bool]:
@@ -86,7 +64,7 @@ def flower_credentials(var: Path) -> tuple[str, str, bool]:
     return user, password, generated
 
 
-def run_stack(var: Path, redis_port: int, mongo_port: int, flower_port: int) -> int:
+def run_stack(var: Path, redis_port: int, mongo_port: int, flower_port: int, metrics_port: int) -> int:
     var = var.resolve()
     try:
         user, password, generated = flower_credentials(var)
@@ -102,11 +80,10 @@ def run_stack(var: Path, redis_port: int, mongo_port: int, flower_port: int) -> 
                 raise SystemExit(f"port {svc.port} for {svc.name} is taken: is another `make run` running?")
             print(f"[stack] starting {svc.name} on 127.0.0.1:{svc.port} (data in {var})", flush=True)
             svc.start()
-        for name, argv in _processes(var, flower_port):
-            proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-            children.append(Child(name, proc))
-            children[-1].pump(var / "log" / f"{name}.log")
-        _print_access(env, flower_port, user, password if generated else None, var)
+        for name, argv in _processes(var, flower_port, metrics_port):
+            children.append(Child(name, argv, var / "log" / f"{name}.log", env=env, echo=True).start())
+        write_env_file(var, env)
+        _print_access(env, flower_port, metrics_port, user, password if generated else None, var)
         return _wait(children)
     finally:
         _stop_children(children)
@@ -118,32 +95,53 @@ def run_stack(var: Path, redis_port: int, mongo_port: int, flower_port: int) -> 
 def _services(var: Path, redis_port: int, mongo_port: int) -> tuple[dict[str, str], list[Service]]:
     env = dict(os.environ)
     services = []
-    if not env.get("REDIS_URL"):
+    if env.get("REDIS_URL"):
+        print("[stack] REDIS_URL is set in your environment: using it, not starting Redis", flush=True)
+    else:
         services.append(redis_service(var / "redis", redis_port, var / "log" / "redis.log"))
         env["REDIS_URL"] = f"redis://127.0.0.1:{redis_port}/{DEV_REDIS_DB}"
-    if not env.get("MONGODB_URI"):
+    if env.get("MONGODB_URI"):
+        print("[stack] MONGODB_URI is set in your environment: using it, not starting SecantusDB", flush=True)
+    else:
         services.append(mongo_service(var / "mongo", mongo_port, var / "log" / "mongo.log"))
         env["MONGODB_URI"] = secantus_uri(mongo_port, "mes")
     env.setdefault("MES_REPORTS_DIR", str(var / "reports"))
     return env, services
 
 
-def _processes(var: Path, flower_port: int) -> list[tuple[str, list[str]]]:
+def _processes(var: Path, flower_port: int, metrics_port: int) -> list[tuple[str, list[str]]]:
     return [
         ("workorder", worker_argv("workorder", "workorder")),
         ("audit", worker_argv("audit", "audit")),
         ("beat", beat_argv(var / "celerybeat-schedule")),
         ("flower", flower_argv(flower_port)),
+        ("metrics", metrics_argv(metrics_port)),
     ]
 
 
+def write_env_file(var: Path, env: dict[str, str]) -> Path:
+    """The stack's settings as a shell file (``make shell`` sources it); readable by its owner only."""
+    path = var / ENV_FILE
+    lines = [
+        "# Written by `make run`: the settings of the stack running from this directory.",
+        "[ -f ~/.bashrc ] && . ~/.bashrc",
+        *(f"export {name}={shlex.quote(env[name])}" for name in STACK_SETTINGS if env.get(name)),
+        f"export PATH={shlex.quote(str(Path(sys.executable).parent))}:$PATH",
+        'PS1="(mes_tasks) $PS1"',
+    ]
+    path.touch(mode=0o600)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 def _print_access(
-    env: dict[str, str], flower_port: int, user: str, new_password: str | None, var: Path
+    env: dict[str, str], flower_port: int, metrics_port: int, user: str, new_password: str | None, var: Path
 ) -> None:
-    print("[stack] in another shell, to talk to this stack:", flush=True)
-    print(f"  export REDIS_URL={mask_url(env['REDIS_URL'])}", flush=True)
-    print(f"  export MONGODB_URI={mask_url(env['MONGODB_URI'])}", flush=True)
+    print(f"[stack] this stack's settings are in {var / ENV_FILE}; for the operator commands:", flush=True)
+    print("  make shell    (then: celery -A mes_tasks queue status)", flush=True)
+    print(f"  Redis {mask_url(env['REDIS_URL'])}, MongoDB {mask_url(env['MONGODB_URI'])}", flush=True)
     print(f"[stack] Flower: http://127.0.0.1:{flower_port}/ (user {user})", flush=True)
+    print(f"[stack] metrics: http://127.0.0.1:{metrics_port}/metrics", flush=True)
     if new_password is not None:
         print(
             f"[stack] generated Flower password (kept in {var / PASSWORD_FILE}): {new_password}", flush=True
@@ -167,7 +165,7 @@ def _wait(children: list[Child]) -> int:
     signal.signal(signal.SIGINT, _raise_stop)
     signal.signal(signal.SIGTERM, _raise_stop)
     try:
-        while all(c.proc.poll() is None for c in children):
+        while all(c.alive() for c in children):
             time.sleep(0.2)
     except _Stop as stop:
         print("[stack] stopping (warm shutdown)", flush=True)
@@ -176,27 +174,21 @@ def _wait(children: list[Child]) -> int:
         if stop.signum == signal.SIGTERM:
             _signal_all(children, signal.SIGTERM)
         return 0
-    dead = next(c for c in children if c.proc.poll() is not None)
-    print(f"[stack] {dead.name} exited with {dead.proc.returncode}; stopping the rest", flush=True)
+    dead = next(c for c in children if not c.alive())
+    print(f"[stack] {dead.name} exited with {dead.returncode}; stopping the rest", flush=True)
     return 1
 
 
 def _stop_children(children: list[Child]) -> None:
     deadline = time.monotonic() + SIGINT_GRACE_S
-    while time.monotonic() < deadline and any(c.proc.poll() is None for c in children):
+    while time.monotonic() < deadline and any(c.alive() for c in children):
         time.sleep(0.1)
     _signal_all(children, signal.SIGTERM)
     deadline = time.monotonic() + STOP_TIMEOUT_S
     for child in children:
-        try:
-            child.proc.wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            child.proc.kill()
-            child.proc.wait()
+        child.wait(max(0.1, deadline - time.monotonic()))
 
 
 def _signal_all(children: list[Child], signum: int) -> None:
     for child in children:
-        if child.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                child.proc.send_signal(signum)
+        child.signal(signum)

@@ -36,7 +36,10 @@ def start_stack(var: Path, *ports: int) -> tuple[subprocess.Popen[str], Path]:
     env.pop("MES_FLOWER_PASSWORD", None)
     log = var.parent / f"devserver-{time.monotonic_ns()}.log"
     argv = [sys.executable, "-m", "devtools.devserver", "run", "--var", str(var)]
-    argv += [f"--{name}-port={port}" for name, port in zip(("redis", "mongo", "flower"), ports, strict=True)]
+    argv += [
+        f"--{name}-port={port}"
+        for name, port in zip(("redis", "mongo", "flower", "metrics"), ports, strict=True)
+    ]
     with open(log, "w") as out:
         proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
     ready = ("workorder| ", "audit    | ")
@@ -48,6 +51,11 @@ def start_stack(var: Path, *ports: int) -> tuple[subprocess.Popen[str], Path]:
     wait_until(lambda: up() or proc.poll() is not None, 90, "the stack")
     assert proc.poll() is None, log.read_text()
     return proc, log
+
+
+def bare_env() -> dict[str, str]:
+    """A new shell's environment: no store URL, no MES_* setting, no venv on PATH."""
+    return {"PATH": "/usr/bin:/bin", "HOME": os.environ.get("HOME", "/root")}
 
 
 def flower_get(port: int, path: str, auth: tuple[str, str] | None) -> tuple[int, str]:
@@ -76,7 +84,8 @@ def submit(redis_port: int, mongo_port: int) -> str:
 @pytest.mark.slow  # the whole stack, for 20 s
 def test_the_stack_runs_stops_on_ctrl_c_and_keeps_its_data(tmp_path: Path) -> None:
     var, redis_port, mongo_port, flower_port = tmp_path / "var", free_port(), free_port(), free_port()
-    proc, log = start_stack(var, redis_port, mongo_port, flower_port)
+    metrics_port = free_port()
+    proc, log = start_stack(var, redis_port, mongo_port, flower_port, metrics_port)
     assert submit(redis_port, mongo_port) == "applied"
 
     password = (var / "flower-password").read_text().strip()
@@ -92,7 +101,19 @@ def test_the_stack_runs_stops_on_ctrl_c_and_keeps_its_data(tmp_path: Path) -> No
         return status == 200 and "workorder@" in body and "audit@" in body
 
     wait_until(workers_listed, 60, "Flower to list the workers")
-    for name in ("workorder", "audit", "beat", "flower", "redis"):
+    wait_until(lambda: port_open(metrics_port), 60, "the metrics endpoint")
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=20) as reply:
+        assert "mes_updates_applied_total 1.0" in reply.read().decode()
+
+    env_file = (var / "stack.env").read_text()  # what `make shell` sources
+    assert f"export REDIS_URL=redis://127.0.0.1:{redis_port}/3" in env_file
+    assert (var / "stack.env").stat().st_mode & 0o077 == 0  # its owner's only
+    shell = f". {var / 'stack.env'} && celery -A mes_tasks queue status --json"
+    done = subprocess.run(
+        ["bash", "-c", shell], cwd=REPO, env=bare_env(), capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0 and '"queues"' in done.stdout, done.stderr
+    for name in ("workorder", "audit", "beat", "flower", "metrics", "redis"):
         assert (var / "log" / f"{name}.log").stat().st_size > 0, name
     assert (var / "log" / "mongo.log").exists()  # SecantusDB logs warnings only
     assert password not in (var / "log" / "flower.log").read_text()
@@ -103,7 +124,7 @@ def test_the_stack_runs_stops_on_ctrl_c_and_keeps_its_data(tmp_path: Path) -> No
     assert (var / "redis" / "appendonlydir").is_dir()
     assert "stopping redis" in log.read_text()
 
-    proc, log = start_stack(var, redis_port, mongo_port, flower_port)
+    proc, log = start_stack(var, redis_port, mongo_port, flower_port, metrics_port)
     assert "generated Flower password" not in log.read_text()  # made once, then kept
     try:
         assert redis.Redis(port=redis_port, db=3).get("mes:test:kept") == b"1"
