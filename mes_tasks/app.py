@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from typing import Any
 
+import redis
 from celery import Celery, signals
 
 from mes_tasks import db
 from mes_tasks.config import EXIT_CONFIG, configure
-from mes_tasks.errors import MesError
+from mes_tasks.errors import MesError, one_line
+from mes_tasks.keys import first_start_key
 from mes_tasks.lease import SingleActiveConsumer
-from mes_tasks.settings import get_settings
+from mes_tasks.settings import REDIS_WAIT_POLL_S, REDIS_WAIT_REPORT_S, get_settings, mask_secrets, mask_url
 from mes_tasks.worker import ReleaseKeptLocks
 
 log = logging.getLogger(__name__)
@@ -25,13 +28,35 @@ app.steps["consumer"].add(ReleaseKeptLocks)
 
 @signals.worker_init.connect
 def prepare_worker(**_: Any) -> None:
-    """Refuse to start unless MongoDB is reachable, transactional and indexed."""
+    """Wait for Redis, saying so; refuse to start unless MongoDB is reachable, transactional, indexed.
+
+    Runs before the worker sets up logging, so its lines go to stderr directly, once each.
+    """
+    settings = get_settings()
+    client, url, reported = db.redis_client(settings), mask_url(settings.redis_url), None
+    while True:
+        try:  # the first start's time stays: the deployment's age, for doctor
+            client.set(first_start_key(settings.key_prefix), f"{time.time():.0f}", nx=True)
+            break
+        except (redis.AuthenticationError, redis.ResponseError) as exc:  # waiting cannot help
+            problem = f"REDIS_URL={url} refused mes_tasks: {one_line(mask_secrets(str(exc)))}; fix REDIS_URL"
+            print(f"mes_tasks: cannot start the worker [REDIS_REFUSED]: {problem}", file=sys.stderr)
+            raise SystemExit(EXIT_CONFIG) from None
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            if reported is None or time.monotonic() - reported >= REDIS_WAIT_REPORT_S:
+                reported = time.monotonic()
+                print(f"mes_tasks: waiting for Redis [REDIS_UNAVAILABLE]: REDIS_URL={url} is unreachable "
+                      f"({one_line(mask_secrets(str(exc)))}); start Redis or fix REDIS_URL. Retrying every "
+                      f"{REDIS_WAIT_POLL_S:g} s, this line every {REDIS_WAIT_REPORT_S:g} s",
+                      file=sys.stderr, flush=True)  # fmt: skip
+            time.sleep(REDIS_WAIT_POLL_S)
+    client.close()
+    if reported is not None:
+        print("mes_tasks: Redis is reachable; starting", file=sys.stderr, flush=True)
     try:
-        settings = get_settings()
         db.prepare(settings)
     except MesError as exc:
-        message = f"mes_tasks: cannot start the worker [{exc.code}]: {exc.message}"
-        log.critical(message)
-        print(message, file=sys.stderr, flush=True)
+        message = f"[{exc.code}]: {one_line(mask_secrets(exc.message))}"
+        print(f"mes_tasks: cannot start the worker {message}", file=sys.stderr, flush=True)
         raise SystemExit(EXIT_CONFIG) from None
     log.info("mes_tasks ready: %s", settings.masked())

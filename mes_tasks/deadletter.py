@@ -217,9 +217,19 @@ def retry_failed(record: FailedUpdate, send: Callable[..., str]) -> str:
     return task_id
 
 
-def discard_failed(record: FailedUpdate) -> None:
-    """Mark a dead letter as discarded; it stays, with its history, for the record."""
-    _set_status(record, "discarded")
+def discard_failed(record: FailedUpdate) -> bool:
+    """Mark a dead letter as discarded; it stays, with its history, for the record.
+
+    Returns:
+        False when it was discarded already (then nothing changes).
+    """
+    entry = {"at": utcnow(), "event": "discarded"}
+    with mongo_errors():
+        changed = FailedUpdate.objects(id=record.id, status__ne="discarded").update_one(
+            set__status="discarded", push__history=entry
+        )
+    record.reload()
+    return bool(changed)
 
 
 def _set_status(record: FailedUpdate, status: str, event: str | None = None, **extra: Any) -> None:

@@ -2,26 +2,28 @@
 
 from __future__ import annotations
 
-import os
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
-from urllib.parse import urlsplit
 
 import redis
 from celery import Celery
+from celery.schedules import BaseSchedule, crontab, maybe_schedule
 
 from mes_tasks import db
-from mes_tasks.errors import ConfigurationError, MesError
-from mes_tasks.flowerauth import check_basic_auth
+from mes_tasks.errors import MesError
+from mes_tasks.keys import first_start_key
 from mes_tasks.models import AuditReport, FailedUpdate, QuantityLog, utcnow
-from mes_tasks.names import WORKORDER_QUEUE
-from mes_tasks.settings import Settings, mask_secrets
+from mes_tasks.names import AUDIT_WORK_ORDERS, WORKORDER_QUEUE
+from mes_tasks.settings import Settings, mask_secrets, mask_url
 from mes_tasks.status import consumers, pause_state
 
-OK, WARN, FAIL = "OK", "WARN", "FAIL"
+OK, INFO, WARN, FAIL = "OK", "INFO", "WARN", "FAIL"  # INFO: nothing wrong, but worth knowing
 AUDIT_MAX_AGE = timedelta(hours=26)  # a nightly audit plus slack
+FLOWER_PROBE_PATH = "/api/workers"  # guarded by --basic-auth; /healthcheck and /metrics are not
 SOLO_POOL = "celery.concurrency.solo:TaskPool"
 
 
@@ -96,8 +98,8 @@ def check_redis(ctx: Context) -> list[Check]:
 
 
 def check_redis_isolation(ctx: Context) -> list[Check]:
-    db_number = (urlsplit(ctx.settings.redis_url).path.lstrip("/") or "0").split("?")[0]
-    if db_number != "0":
+    db_number = ctx.settings.redis_db
+    if db_number != 0:
         return [Check(OK, "redis database", f"mes_tasks uses its own database {db_number}")]
     return [
         Check(
@@ -179,59 +181,119 @@ def check_consumers(ctx: Context) -> list[Check]:
 
 
 def check_audit(ctx: Context) -> list[Check]:
-    scheduled = any(
-        e.get("task") == "mes_tasks.tasks.audit_work_orders" for e in ctx.app.conf.beat_schedule.values()
-    )
+    entry = next((e for e in ctx.app.conf.beat_schedule.values() if e.get("task") == AUDIT_WORK_ORDERS), None)
+    schedule = None if entry is None else maybe_schedule(entry["schedule"], app=ctx.app)
     out = [
-        Check(
-            OK if scheduled else FAIL,
-            "audit schedule",
-            f"at {ctx.settings.audit_at} {ctx.settings.audit_timezone}"
-            if scheduled
-            else "not in beat_schedule",
-        )
+        Check(OK, "audit schedule", _describe(schedule, ctx.app))
+        if isinstance(schedule, BaseSchedule)
+        else Check(FAIL, "audit schedule", "not in beat_schedule", "remove the override of beat_schedule")
     ]
-    if ctx.mongo is not None:
-        last = AuditReport.objects.order_by("-started_at").first()
-        if last is None or utcnow() - last.started_at > AUDIT_MAX_AGE:
-            out.append(Check(WARN, "last audit", "none in the last 26 hours", "is celery beat running?"))
-        else:
-            out.append(
-                Check(
-                    OK if not last.finding_count else WARN,
-                    "last audit",
-                    f"{last.started_at:%Y-%m-%d %H:%M} UTC, {last.finding_count} findings",
-                )
-            )
-        open_failed = FailedUpdate.objects(status="open").count()
-        out.append(
-            Check(
-                OK if not open_failed else WARN,
-                "failed updates",
-                f"{open_failed} open",
-                "" if not open_failed else "celery -A mes_tasks failed list",
-            )
+    if ctx.mongo is None:
+        return out
+    out.append(_last_audit(ctx, schedule))
+    open_failed = FailedUpdate.objects(status="open").count()
+    out.append(
+        Check(
+            OK if not open_failed else WARN,
+            "failed updates",
+            f"{open_failed} open",
+            "" if not open_failed else "celery -A mes_tasks failed list",
         )
+    )
     return out
 
 
-def check_flower_auth(ctx: Context) -> list[Check]:
-    basic = os.environ.get("FLOWER_BASIC_AUTH")
-    if basic:
-        try:
-            check_basic_auth(basic)
-        except ConfigurationError as exc:
-            return [Check(FAIL, "flower auth", exc.message, "see the message")]
-    if basic or os.environ.get("FLOWER_AUTH"):
-        return [Check(OK, "flower auth", "configured")]
-    return [
-        Check(
-            WARN,
-            "flower auth",
-            "FLOWER_BASIC_AUTH is not set here",
-            "run Flower with --basic-auth (make run and docker-compose do)",
+def _last_audit(ctx: Context, schedule: BaseSchedule | None) -> Check:
+    """The last audit's age and findings; a deployment younger than the audit period has none yet."""
+    last = AuditReport.objects.order_by("-started_at").first()
+    now = utcnow()
+    if last is not None and now - last.started_at <= AUDIT_MAX_AGE:
+        return Check(
+            OK if not last.finding_count else WARN,
+            "last audit",
+            f"{last.started_at:%Y-%m-%d %H:%M} UTC, {last.finding_count} findings",
+            "" if not last.finding_count else f"celery -A mes_tasks audit show {last.id}",
         )
-    ]
+    started = deployment_started(ctx)
+    if last is None and started is not None and now - started <= AUDIT_MAX_AGE:
+        minutes = (now - started).total_seconds() / 60
+        age = f"{minutes:.0f} min" if minutes < 60 else f"{minutes / 60:.1f} h"
+        first = f"; {_next_run(schedule, ctx.app)}" if schedule is not None else ""
+        return Check(INFO, "last audit", f"none yet: the deployment is {age} old{first}")
+    if last is None and started is None:
+        return Check(INFO, "last audit", "none yet: no worker has started here yet")
+    when = "none ever" if last is None else f"the last one was at {last.started_at:%Y-%m-%d %H:%M} UTC"
+    return Check(WARN, "last audit", f"none in the last 26 hours ({when})", "is celery beat running?")
+
+
+def deployment_started(ctx: Context) -> datetime | None:
+    """When the first worker started (``first_start_key``), or the first update was logged."""
+    times = []
+    if ctx.redis is not None:
+        raw = ctx.redis.get(first_start_key(ctx.settings.key_prefix))
+        if raw is not None:
+            times.append(datetime.fromtimestamp(float(raw), UTC))
+    first_log = QuantityLog.objects.order_by("id").only("created_at").first()  # _id: in time order
+    if first_log is not None and first_log.created_at is not None:
+        times.append(first_log.created_at)
+    return min(times, default=None)
+
+
+def _describe(schedule: BaseSchedule, app: Celery) -> str:
+    if isinstance(schedule, crontab) and len(schedule.hour) == len(schedule.minute) == 1:
+        return f"at {min(schedule.hour):02d}:{min(schedule.minute):02d} {app.timezone}"
+    return str(schedule)
+
+
+def _next_run(schedule: BaseSchedule, app: Celery) -> str:
+    if not isinstance(schedule, crontab):
+        return f"beat runs it {schedule}"
+    now = app.now()
+    at = (now + schedule.remaining_estimate(now) + timedelta(seconds=1)).astimezone(app.timezone)
+    return f"the first runs at {at:%Y-%m-%d %H:%M} {app.timezone}"
+
+
+def check_flower_auth(ctx: Context) -> list[Check]:
+    """Flower's own environment is not doctor's: probe it over HTTP where its address is known.
+
+    Every process that loads mes_tasks's configuration, Flower included, already refuses a
+    ``FLOWER_BASIC_AUTH`` that Flower would misread, so a malformed value never gets here.
+    """
+    url = ctx.settings.flower_url
+    if not url:
+        return [
+            Check(
+                INFO,
+                "flower auth",
+                "not checked: Flower runs in its own process with its own environment",
+                "set MES_FLOWER_URL (e.g. http://127.0.0.1:5555) and doctor checks it refuses strangers",
+            )
+        ]
+    shown = mask_url(url)
+    status = _http_status(url.rstrip("/") + FLOWER_PROBE_PATH, ctx.settings.connect_timeout_s)
+    if status == 401:
+        return [Check(OK, "flower auth", f"{shown} refuses {FLOWER_PROBE_PATH} without credentials")]
+    if isinstance(status, int) and 200 <= status < 300:
+        return [
+            Check(
+                FAIL,
+                "flower auth",
+                f"{shown} answers {FLOWER_PROBE_PATH} without credentials",
+                "start Flower with FLOWER_BASIC_AUTH=user:password (make run and docker-compose do)",
+            )
+        ]
+    return [Check(WARN, "flower auth", f"{shown}{FLOWER_PROBE_PATH}: {status}", "is Flower running there?")]
+
+
+def _http_status(url: str, timeout_s: float) -> int | str:
+    """The HTTP status of an unauthenticated GET, or why there is none."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as reply:  # http(s): checked in settings
+            return int(reply.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except (urllib.error.URLError, OSError) as exc:
+        return f"unreachable ({getattr(exc, 'reason', exc)})"
 
 
 def check_serializer(ctx: Context) -> list[Check]:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+MAX_LINE_CHARS = 500  # of an error shown as one line
+DRIVER_DUMPS = (", Topology Description:",)  # pymongo appends its whole view of the servers
+
 
 class MesError(Exception):
     """Base of every mes_tasks error."""
@@ -111,3 +114,11 @@ class QueueError(MesError):
     """The broker refused an update and the outbox could not record it: nothing was recorded."""
 
     code = "QUEUE_ERROR"
+
+
+def one_line(text: str, limit: int = MAX_LINE_CHARS) -> str:
+    """An error's text as one bounded line, without a driver's diagnostic dump."""
+    for dump in DRIVER_DUMPS:
+        text = text.split(dump)[0]
+    text = " ".join(text.split())
+    return text if len(text) <= limit else f"{text[:limit]}…"

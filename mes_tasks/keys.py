@@ -28,6 +28,9 @@ Key patterns:
                                    field per histogram bucket (its upper bound in ms, or
                                    ``+Inf``) -> updates in that bucket, and ``sum`` -> total ms;
                                    read by ``metrics``; no TTL
+    {prefix}deployment:started     string, epoch seconds of the first worker start (SET NX at
+                                   every start, so the first stays): the deployment's age, for
+                                   ``doctor``'s "no audit yet" on a new stack; no TTL
 
 The Celery broker's own keys (queue lists such as ``workorder``, ``unacked``,
 ``unacked_index``, ``_kombu.binding.*``) live in the same Redis database, which
@@ -79,3 +82,7 @@ def update_counts_key(prefix: str) -> str:
 
 def apply_histogram_key(prefix: str) -> str:
     return f"{prefix}stats:apply_ms_hist"
+
+
+def first_start_key(prefix: str) -> str:
+    return f"{prefix}deployment:started"

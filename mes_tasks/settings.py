@@ -11,8 +11,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from datetime import datetime
 from functools import lru_cache
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pymongo import uri_parser
+from redis.connection import parse_url as _redis_url_parts
 
 from mes_tasks.errors import ConfigurationError
 
@@ -29,6 +33,8 @@ RETRY_BACKOFF_MAX_S = 60.0
 VISIBILITY_TIMEOUT_S = 600.0
 VISIBILITY_SAFETY_FACTOR = 2.0  # "comfortably longer": twice the longest task + countdown
 CONNECT_TIMEOUT_S = 5.0
+REDIS_WAIT_POLL_S = 1.0  # a starting worker whose Redis is unreachable tries again this often
+REDIS_WAIT_REPORT_S = 30.0  # and says so this often (the first time at once)
 UNACKED_RESTORE_INTERVAL_S = 10.0  # how often a worker sweeps for expired unacked messages
 AUDIT_AT = "04:15"  # local time of the nightly audit, after the 01:00-03:00 DST transitions
 AUDIT_TIMEZONE = "UTC"
@@ -75,7 +81,11 @@ ENV_NAMES = {
     "journal": "MES_JOURNAL",
     "lease_ttl_s": "MES_LEASE_TTL_S",
     "negative_wait_s": "MES_NEGATIVE_WAIT_S",
+    "flower_url": "MES_FLOWER_URL",
 }
+REDIS_SCHEMES = ("redis", "rediss")  # what both kombu's transport and redis-py's from_url read
+MONGODB_SCHEMES = ("mongodb", "mongodb+srv")
+FLOWER_SCHEMES = ("http", "https")
 
 
 @dataclass(frozen=True)
@@ -109,6 +119,7 @@ class Settings:
     journal: bool = True  # record every submission in the outbox before publishing it
     lease_ttl_s: float = LEASE_TTL_S
     negative_wait_s: float = NEGATIVE_WAIT_S
+    flower_url: str = ""  # Flower's address as doctor reaches it, to check it refuses strangers
 
     def __post_init__(self) -> None:
         if self.lock_extend_interval_s == 0:
@@ -144,6 +155,11 @@ class Settings:
         """``MES_AUDIT_AT`` as (hour, minute)."""
         hour, minute = self.audit_at.split(":")
         return int(hour), int(minute)
+
+    @property
+    def redis_db(self) -> int:
+        """Database number in ``REDIS_URL`` (its path, or ``?db=``), 0 when none is given."""
+        return int(_parse_redis_url(self.redis_url).get("db", 0))
 
     @property
     def mongodb_db(self) -> str:
@@ -206,14 +222,65 @@ def _parse(name: str, kind: object, raw: str) -> object:
 
 
 def _check_urls(s: Settings) -> None:
-    if urlsplit(s.redis_url).scheme not in ("redis", "rediss"):
-        raise ConfigurationError(f"REDIS_URL={mask_url(s.redis_url)} must start with redis:// or rediss://")
-    if urlsplit(s.mongodb_uri).scheme not in ("mongodb", "mongodb+srv"):
+    _check_redis_url(s.redis_url)
+    _check_mongodb_uri(s.mongodb_uri)
+    flower = urlsplit(s.flower_url)
+    if s.flower_url and (flower.scheme not in FLOWER_SCHEMES or not flower.hostname):
         raise ConfigurationError(
-            f"MONGODB_URI={mask_url(s.mongodb_uri)} must start with mongodb:// or mongodb+srv://"
+            f"MES_FLOWER_URL={mask_url(s.flower_url)} must be http://host:port or https://host:port "
+            "(Flower's address as seen from where doctor runs), or unset"
         )
     if not s.key_prefix:
         raise ConfigurationError("MES_KEY_PREFIX must not be empty; the default is 'mes:'")
+
+
+def _parse_redis_url(url: str) -> dict[str, Any]:
+    """redis-py's reading of a URL: the keyword arguments of its connection."""
+    parts: dict[str, Any] = _redis_url_parts(url)  # type: ignore[no-untyped-call]
+    return parts
+
+
+def _check_redis_url(url: str) -> None:
+    """A URL both kombu and redis-py read as meant: redis-py ignores a database it cannot parse."""
+    shown = f"REDIS_URL={mask_url(url)}"
+    fix = f"write it as redis://[:password@]host:port/db, e.g. {DEFAULT_REDIS_URL}"
+    parts = urlsplit(url)
+    if parts.scheme not in REDIS_SCHEMES:
+        raise ConfigurationError(f"{shown} must start with redis:// or rediss://; {fix}")
+    try:
+        _parse_redis_url(url)
+        port = parts.port
+    except ValueError as exc:
+        raise ConfigurationError(f"{shown}: {mask_secrets(str(exc))}; {fix}") from None
+    if not parts.hostname:
+        raise ConfigurationError(f"{shown} names no host; {fix}")
+    if port == 0:
+        raise ConfigurationError(f"{shown}: port 0 is not a port; {fix}")
+    database = parts.path.strip("/")
+    if database and not database.isdigit():
+        raise ConfigurationError(f"{shown}: database {database!r} is not a number 0, 1, 2, ...; {fix}")
+
+
+def _check_mongodb_uri(uri: str) -> None:
+    shown = f"MONGODB_URI={mask_url(uri)}"
+    fix = "write it as mongodb://[user:password@]host:port/database?replicaSet=name"
+    parts = urlsplit(uri)
+    if parts.scheme not in MONGODB_SCHEMES:
+        raise ConfigurationError(f"{shown} must start with mongodb:// or mongodb+srv://; {fix}")
+    if parts.scheme == "mongodb+srv":  # parsing it in full would query DNS: that is the client's job
+        if not parts.hostname or parts.port is not None:
+            raise ConfigurationError(f"{shown}: mongodb+srv:// takes one host name and no port")
+        return
+    try:  # an option the client would only warn about and then ignore is refused too
+        uri_parser.parse_uri(uri)
+    except Exception as exc:  # pymongo's InvalidURI, ConfigurationError and ValueError
+        raise ConfigurationError(f"{shown}: {_reason(exc)}; {fix}") from None
+
+
+def _reason(exc: Exception) -> str:
+    """pymongo's reason without its hints to read the docstring."""
+    text = mask_secrets(str(exc)).split(". Hint")[0].replace(" Refer to docstring.", "")
+    return text.rstrip(". ")
 
 
 def _check_positive(s: Settings) -> None:

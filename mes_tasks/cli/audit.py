@@ -8,7 +8,7 @@ import click
 
 from mes_tasks.alerts import summary
 from mes_tasks.audit import total_work_orders
-from mes_tasks.cli.common import echo_json, echo_table, handle_errors, json_option, ledger
+from mes_tasks.cli.common import ConsoleGroup, echo_json, echo_table, json_option, ledger
 from mes_tasks.models import AuditReport
 from mes_tasks.reports import audit_and_report, get_report, report_dict
 from mes_tasks.validation import check_work_order_id
@@ -16,7 +16,7 @@ from mes_tasks.validation import check_work_order_id
 FINDING_HEADERS = ("work order", "check", "field", "counter", "log sum", "delta", "logs")
 
 
-@click.group()
+@click.group(cls=ConsoleGroup)
 def audit() -> None:
     """Compare work-order counters with the sum of their logs; report and repair."""
 
@@ -26,7 +26,6 @@ def audit() -> None:
 @click.option("--repair", is_flag=True, envvar="MES_AUDIT_REPAIR", help="Set counters to the log sums.")
 @click.option("--html", "html_file", is_flag=True, help="Also write an HTML report.")
 @json_option
-@handle_errors
 def run(work_orders: tuple[str, ...], repair: bool, html_file: bool, as_json: bool) -> None:
     """Audit now. Exits 1 when it found mismatches (even if it repaired them)."""
     ids = [check_work_order_id(i) for i in work_orders] or None
@@ -45,7 +44,6 @@ def run(work_orders: tuple[str, ...], repair: bool, html_file: bool, as_json: bo
 @audit.command("list")
 @click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 1000))
 @json_option
-@handle_errors
 def list_reports(limit: int, as_json: bool) -> None:
     """The most recent audit reports."""
     ledger()
@@ -66,7 +64,6 @@ def list_reports(limit: int, as_json: bool) -> None:
 @audit.command("show")
 @click.argument("report_id")
 @json_option
-@handle_errors
 def show(report_id: str, as_json: bool) -> None:
     """One report in full."""
     ledger()

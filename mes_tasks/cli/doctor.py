@@ -6,14 +6,14 @@ import sys
 
 import click
 
-from mes_tasks.cli.common import echo_json, json_option
+from mes_tasks.cli.common import ConsoleCommand, echo_json, json_option
 from mes_tasks.doctor import FAIL, Context, run_checks, summary
 from mes_tasks.settings import get_settings
 
-COLOURS = {"OK": "green", "WARN": "yellow", "FAIL": "red"}
+COLOURS = {"OK": "green", "INFO": "cyan", "WARN": "yellow", "FAIL": "red"}
 
 
-@click.command()
+@click.command(cls=ConsoleCommand)
 @json_option
 @click.pass_context
 def doctor(ctx: click.Context, as_json: bool) -> None:

@@ -7,7 +7,15 @@ from typing import Any, TypeVar
 
 import click
 
-from mes_tasks.cli.common import echo_json, echo_table, handle_errors, json_option, ledger
+from mes_tasks.cli.common import (
+    ConsoleGroup,
+    confirm,
+    echo_json,
+    echo_table,
+    json_option,
+    ledger,
+    yes_option,
+)
 from mes_tasks.deadletter import discard_failed, find_failed, get_failed, retry_failed
 from mes_tasks.errors import ValidationError
 from mes_tasks.models import FAILED_STATUSES, FailedUpdate, QuantityLog
@@ -25,7 +33,7 @@ def selection(func: F) -> F:
     return click.argument("record_ids", nargs=-1)(func)
 
 
-@click.group()
+@click.group(cls=ConsoleGroup)
 def failed() -> None:
     """Updates that could not be applied: list, inspect, retry, discard."""
 
@@ -35,7 +43,6 @@ def failed() -> None:
 @click.option("--work-order", envvar="MES_FAILED_WORK_ORDER", metavar="ID", help="Only this work order.")
 @click.option("--status", type=click.Choice([*FAILED_STATUSES, "all"]), default="open", show_default=True)
 @json_option
-@handle_errors
 def list_failed(code: str | None, work_order: str | None, status: str, as_json: bool) -> None:
     """Dead letters, newest failure first."""
     ledger()
@@ -51,7 +58,6 @@ def list_failed(code: str | None, work_order: str | None, status: str, as_json: 
 @failed.command("show")
 @click.argument("record_id")
 @json_option
-@handle_errors
 def show(record_id: str, as_json: bool) -> None:
     """One dead letter with its payload and history."""
     ledger()
@@ -71,9 +77,11 @@ def show(record_id: str, as_json: bool) -> None:
 @failed.command("retry")
 @selection
 @json_option
-@handle_errors
 def retry(record_ids: tuple[str, ...], every: bool, code: str | None, as_json: bool) -> None:
-    """Re-send with the original request id: a retried update can never count twice."""
+    """Re-send with the original request id: a retried update can never count twice.
+
+    Not destructive, so it does not ask, with --all neither.
+    """
 
     def send(args: list[Any], kwargs: dict[str, Any]) -> str:
         try:
@@ -87,20 +95,41 @@ def retry(record_ids: tuple[str, ...], every: bool, code: str | None, as_json: b
         for r in unsendable:
             click.echo(f"skipped {r.id} (request {r.request_id}): no full payload kept", err=True)
         records = [r for r in records if r not in unsendable]
-    done = [{"id": str(r.id), "request_id": r.request_id, "task_id": retry_failed(r, send)} for r in records]
-    _report(done, "re-sent", as_json)
+    done: list[dict[str, Any]] = []
+    for r in records:
+        was, applied = r.status, _applied(r)
+        done.append({**_brief(r), "was": was, "applied_before": applied, "task_id": retry_failed(r, send)})
+    if as_json:
+        echo_json({"re_sent": done})
+        return
+    for item in done:
+        task = f"as task {item['task_id']}{_note(item)}"
+        click.echo(f"re-sent {item['id']} (request {item['request_id']}) {task}")
+    click.echo(f"{len(done)} re-sent")
 
 
 @failed.command("discard")
 @selection
+@yes_option
 @json_option
-@handle_errors
-def discard(record_ids: tuple[str, ...], every: bool, code: str | None, as_json: bool) -> None:
-    """Give up on dead letters; they stay listed with status discarded."""
+def discard(record_ids: tuple[str, ...], every: bool, code: str | None, yes: bool, as_json: bool) -> None:
+    """Give up on dead letters; they stay listed with status discarded. Asks unless --yes."""
     records = _select(record_ids, every, code)
+    if records:
+        which = f"every open dead letter{f' of code {code}' if code else ''}" if every else "these"
+        confirm(f"Discard {len(records)} dead letter(s), {which}? Their updates will not be applied", yes)
+    done: list[dict[str, Any]] = []
+    already: list[dict[str, Any]] = []
     for record in records:
-        discard_failed(record)
-    _report([{"id": str(r.id), "request_id": r.request_id} for r in records], "discarded", as_json)
+        (done if discard_failed(record) else already).append(_brief(record))
+    if as_json:
+        echo_json({"discarded": done, "already_discarded": already})
+        return
+    for item in done:
+        click.echo(f"discarded {item['id']} (request {item['request_id']})")
+    for item in already:
+        click.echo(f"already discarded {item['id']} (request {item['request_id']}); unchanged")
+    click.echo(f"{len(done)} discarded" + (f", {len(already)} already discarded" if already else ""))
 
 
 def _select(record_ids: tuple[str, ...], every: bool, code: str | None) -> list[FailedUpdate]:
@@ -114,14 +143,20 @@ def _select(record_ids: tuple[str, ...], every: bool, code: str | None) -> list[
     return [get_failed(i) for i in record_ids]
 
 
-def _report(done: list[dict[str, Any]], verb: str, as_json: bool) -> None:
-    if as_json:
-        echo_json(done)
-        return
-    for item in done:
-        task = f" as task {item['task_id']}" if "task_id" in item else ""
-        click.echo(f"{verb} {item['id']} (request {item['request_id']}){task}")
-    click.echo(f"{len(done)} {verb}")
+def _brief(record: FailedUpdate) -> dict[str, Any]:
+    return {"id": str(record.id), "request_id": record.request_id}
+
+
+def _applied(record: FailedUpdate) -> bool:
+    return bool(QuantityLog.objects(request_id=record.request_id).count() > 0)
+
+
+def _note(item: dict[str, Any]) -> str:
+    """What the operator should know about a re-send of a record that was not simply open."""
+    notes = [] if item["was"] == "open" else [f"it was {item['was']}"]
+    if item["applied_before"]:
+        notes.append("its update is applied already, so this re-send counts nothing")
+    return f" ({'; '.join(notes)})" if notes else ""
 
 
 def record_dict(record: FailedUpdate, full: bool = False) -> dict[str, Any]:
@@ -140,6 +175,6 @@ def record_dict(record: FailedUpdate, full: bool = False) -> dict[str, Any]:
         data["task_name"] = record.task_name
         data["task_id"] = record.task_id
         data["payload"] = record.payload
-        data["applied_since"] = QuantityLog.objects(request_id=record.request_id).count() > 0
+        data["applied_since"] = _applied(record)
         data["history"] = [{**e, "at": e["at"].isoformat()} for e in record.history]
     return data

@@ -10,13 +10,13 @@ import redis
 from celery import Celery
 
 from mes_tasks import broker, outbox
-from mes_tasks.cli.common import echo_json, handle_errors, json_option, ledger
+from mes_tasks.cli.common import ConsoleGroup, confirm, echo_json, json_option, ledger, yes_option
 from mes_tasks.names import WORKORDER_QUEUE
 from mes_tasks.settings import Settings
 from mes_tasks.status import pause, queue_status, resume
 
 
-@click.group()
+@click.group(cls=ConsoleGroup)
 def queue() -> None:
     """The workorder queue: how long, who consumes it, pause, resume and purge."""
 
@@ -24,7 +24,6 @@ def queue() -> None:
 @queue.command("status")
 @json_option
 @click.pass_context
-@handle_errors
 def status(ctx: click.Context, as_json: bool) -> None:
     """Waiting and in-flight messages, consumers, failed updates, locks, last audit."""
     the_ledger = ledger()
@@ -50,35 +49,39 @@ def status(ctx: click.Context, as_json: bool) -> None:
 
 
 @queue.command("pause")
+@json_option
 @click.pass_context
-@handle_errors
-def pause_cmd(ctx: click.Context) -> None:
+def pause_cmd(ctx: click.Context, as_json: bool) -> None:
     """Stop consuming workorder until resumed; messages wait in the queue, nothing is lost.
 
     The pause holds across worker restarts and take-overs.
     """
     workers = _on_workers(ctx, pause)
+    if as_json:
+        echo_json({"paused": True, "stopped_on": workers})
+        return
     where = f"stopped the consumer on {', '.join(workers)}" if workers else "no worker was consuming it"
     click.echo(f"paused workorder ({where}); the in-flight update, if any, completes")
 
 
 @queue.command("resume")
+@json_option
 @click.pass_context
-@handle_errors
-def resume_cmd(ctx: click.Context) -> None:
+def resume_cmd(ctx: click.Context, as_json: bool) -> None:
     """End the pause: the active workorder worker consumes again."""
     workers = _on_workers(ctx, resume)
-    if workers:
+    if as_json:
+        echo_json({"paused": False, "consumed_by": workers})
+    elif workers:
         click.echo(f"resumed workorder; consumed by {', '.join(workers)}")
     else:
         click.echo("resumed workorder; no worker consumes it yet (is a workorder worker running?)")
 
 
 @queue.command("purge")
-@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@yes_option
 @json_option
 @click.pass_context
-@handle_errors
 def purge_cmd(ctx: click.Context, yes: bool, as_json: bool) -> None:
     """Drop every waiting workorder update for good, with its outbox record so it is not re-sent.
 
@@ -86,8 +89,7 @@ def purge_cmd(ctx: click.Context, yes: bool, as_json: bool) -> None:
     again. Delivered and in-flight messages are not touched; pause the queue first to
     keep the worker from taking more.
     """
-    if not yes:
-        click.confirm("Drop every waiting workorder update? They will never be applied", abort=True)
+    confirm("Drop every waiting workorder update? They will never be applied", yes)
     ledger()  # connects MongoDB for the outbox
     with ctx.obj.app.connection_for_write() as conn:
         job_ids = broker.take_waiting(conn.default_channel, WORKORDER_QUEUE)

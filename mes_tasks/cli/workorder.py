@@ -6,14 +6,14 @@ from typing import Any
 
 import click
 
-from mes_tasks.cli.common import echo_json, echo_table, handle_errors, json_option, ledger
+from mes_tasks.cli.common import ConsoleGroup, echo_json, echo_table, json_option, ledger
 from mes_tasks.db import mongo_errors
 from mes_tasks.errors import UnknownWorkOrder
 from mes_tasks.models import CONTEXT_FIELDS, QuantityLog, WorkOrder
 from mes_tasks.validation import check_work_order_id
 
 
-@click.group()
+@click.group(cls=ConsoleGroup)
 def workorder() -> None:
     """Work-order counters and logs."""
 
@@ -22,7 +22,6 @@ def workorder() -> None:
 @click.argument("work_order_id")
 @click.option("--logs", "n_logs", default=10, show_default=True, type=click.IntRange(0, 10_000))
 @json_option
-@handle_errors
 def show(work_order_id: str, n_logs: int, as_json: bool) -> None:
     """Counters, fencing epoch, version and the most recent logs."""
     wo = check_work_order_id(work_order_id)
