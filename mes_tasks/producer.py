@@ -427,8 +427,11 @@ def _shown_as(job: Job) -> dict[str, str]:
 
     Celery's ``saferepr``, made for arbitrary arguments, costs a third of a batched publish.
     """
-    limit = app.amqp.argsrepr_maxsize
-    return {"argsrepr": repr(job.args)[:limit], "kwargsrepr": repr(job.kwargs)[: app.amqp.kwargsrepr_maxsize]}
+    amqp = app.amqp
+    return {
+        "argsrepr": repr(job.args)[: amqp.argsrepr_maxsize],
+        "kwargsrepr": repr(job.kwargs)[: amqp.kwargsrepr_maxsize],
+    }
 
 
 def _send_task(job: Job, options: dict[str, Any]) -> AsyncResult:
