@@ -95,7 +95,7 @@ def test_failed_discard_all_of_a_code(services: redis.Redis) -> None:
     from mes_tasks.errors import NegativeCounter
 
     dead_letter("b", code_exc=NegativeCounter("below zero"))
-    result = cli("failed", "discard", "--all", "--code", "NEGATIVE_COUNTER")
+    result = cli("failed", "discard", "--all", "--code", "NEGATIVE_COUNTER", "--yes")
     assert result.exit_code == 0 and "1 discarded" in result.stdout
     assert FailedUpdate.objects.get(request_id="b").status == "discarded"
     assert FailedUpdate.objects.get(request_id="a").status == "open"
@@ -152,7 +152,8 @@ def test_queue_purge_drops_waiting_updates_for_good_and_asks_first(services: red
     make_work_orders(["WO-1"])
     sent = [submit_quantity_update("WO-1", "input", 1, request_id=f"pg{i}")["job_id"] for i in range(3)]
     declined = CliRunner().invoke(celery, ["-A", "mes_tasks", "queue", "purge"], input="n\n")
-    assert declined.exit_code == 1 and services.llen("workorder") == 3
+    assert declined.exit_code == 2 and services.llen("workorder") == 3
+    assert declined.stderr.splitlines()[-1].startswith("error [ABORTED]: ")
     purged = cli_json("queue", "purge", "--yes")
     assert (purged["purged"], purged["outbox_removed"]) == (3, 3)  # type: ignore[index]
     assert sorted(purged["job_ids"]) == sorted(sent)  # type: ignore[index]
@@ -192,10 +193,10 @@ def test_locks_list_and_forced_release(services: redis.Redis) -> None:
     held.acquire()
     listed = cli_json("locks", "list")
     assert listed[0]["work_order_id"] == "WO-7" and listed[0]["token"] == held.token  # type: ignore[index]
-    refused = cli("locks", "release", "WO-7")
-    assert refused.exit_code == 2 and "FORCE_REQUIRED" in refused.stderr
+    refused = cli("locks", "release", "WO-7")  # no answer to the question is a no
+    assert refused.exit_code == 2 and "error [ABORTED]" in refused.stderr
     assert services.get(held.key) == held.token
-    released = cli("locks", "release", "WO-7", "--force")
+    released = cli("locks", "release", "WO-7", "--force")  # the old spelling of --yes
     assert released.exit_code == 0 and "released the lock of WO-7" in released.stdout
     assert services.get(held.key) is None
     again = cli("locks", "release", "WO-7", "--force")

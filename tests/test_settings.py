@@ -67,3 +67,41 @@ def test_credentials_never_appear_in_printable_settings() -> None:
 def test_credentials_are_masked_inside_free_text() -> None:
     text = "Error connecting to redis://user:pw@host:6379/3 and mongodb://a:b@h/x"
     assert mask_secrets(text) == "Error connecting to redis://***@host:6379/3 and mongodb://***@h/x"
+
+
+@pytest.mark.parametrize(
+    ("env", "needle"),
+    [
+        ({"REDIS_URL": "redis://127.0.0.1:99999/3"}, "Port out of range"),
+        ({"REDIS_URL": "redis://127.0.0.1:abc/3"}, "REDIS_URL=redis://127.0.0.1:abc/3"),
+        ({"REDIS_URL": "redis://127.0.0.1:0/3"}, "port 0"),
+        ({"REDIS_URL": "redis://127.0.0.1:6379/x"}, "database 'x' is not a number"),
+        ({"REDIS_URL": "redis:///3"}, "names no host"),
+        ({"MONGODB_URI": "mongodb://127.0.0.1:99999/mes"}, "Port must be an integer"),
+        ({"MONGODB_URI": "mongodb://"}, "at least one hostname"),
+        ({"MONGODB_URI": "mongodb://h/mes?retryWrites=maybe"}, "retrywrites"),
+        ({"MONGODB_URI": "mongodb+srv://h:27017/mes"}, "no port"),
+        ({"MES_FLOWER_URL": "ftp://flower"}, "MES_FLOWER_URL"),
+    ],
+)
+def test_malformed_urls_are_refused_with_the_variable_and_a_fix(env: dict[str, str], needle: str) -> None:
+    with pytest.raises(ConfigurationError, match=needle) as err:
+        Settings.from_env(env)
+    assert "\n" not in str(err.value)
+
+
+def test_a_url_password_never_appears_in_its_error() -> None:
+    with pytest.raises(ConfigurationError) as err:
+        Settings.from_env({"REDIS_URL": "redis://:hunter2@h:99999/3"})
+    assert "hunter2" not in str(err.value) and "redis://:***@h:99999/3" in str(err.value)
+
+
+def test_well_formed_urls_are_accepted() -> None:
+    s = Settings.from_env(
+        {
+            "REDIS_URL": "rediss://:pw@redis.example:6380/2?db=5",
+            "MONGODB_URI": "mongodb+srv://u:p@c.example/mes",
+        }
+    )
+    assert s.redis_db == 5 and s.mongodb_db == "mes"
+    assert Settings.from_env({"REDIS_URL": "redis://h:6379"}).redis_db == 0
