@@ -183,9 +183,20 @@ def metrics_argv(port: int, host: str = "127.0.0.1") -> list[str]:
     return [*CELERY, "metrics", "--host", host, "--port", str(port)]
 
 
+# Flower's task list: the update (work order, kind, quantity: argsrepr) and its request id
+# (kwargsrepr) first, then what became of it.
+FLOWER_TASKS_COLUMNS = "args,kwargs,state,exception,received,runtime,worker,name,uuid"
+
+
 def flower_argv(port: int, address: str = "127.0.0.1") -> list[str]:
     """Flower; its ``--basic-auth`` comes from ``FLOWER_BASIC_AUTH`` so it never shows in ``ps``."""
-    return [*CELERY, "flower", f"--port={port}", f"--address={address}"]
+    return [
+        *CELERY,
+        "flower",
+        f"--port={port}",
+        f"--address={address}",
+        f"--tasks_columns={FLOWER_TASKS_COLUMNS}",
+    ]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -32,7 +32,7 @@ class Child:
     name: str
     argv: list[str]
     log_path: Path | None = None
-    env: dict[str, str] | None = None
+    env: dict[str, str] | None = field(default=None, repr=False)  # may hold credentials
     cwd: Path | None = None
     echo: bool = False
     new_session: bool = False

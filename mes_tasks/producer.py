@@ -28,6 +28,7 @@ from mes_tasks.validation import (
     UPDATE_FIELDS,
     UpdateRequest,
     check_update_size,
+    readable,
     shown,
     unknown_keys,
     validate_item,
@@ -418,24 +419,16 @@ def _publish_batch(jobs: Sequence[Job], before_flush: Callable[[], object]) -> N
             before_flush()
         with producer.batch(max_size=BATCH_OPS_PER_UPDATE * len(jobs)) if batched else nullcontext():
             for job in jobs:
-                _send_task(job, {**BATCH_OPTIONS, "producer": producer, **_shown_as(job)})
+                _send_task(job, {**BATCH_OPTIONS, "producer": producer})
             before_flush()
 
 
-def _shown_as(job: Job) -> dict[str, str]:
-    """What Flower shows of a validated update: its plain repr, cut where Celery cuts its own.
-
-    Celery's ``saferepr``, made for arbitrary arguments, costs a third of a batched publish.
-    """
-    amqp = app.amqp
-    return {
-        "argsrepr": repr(job.args)[: amqp.argsrepr_maxsize],
-        "kwargsrepr": repr(job.kwargs)[: amqp.kwargsrepr_maxsize],
-    }
-
-
 def _send_task(job: Job, options: dict[str, Any]) -> AsyncResult:
-    result: AsyncResult = app.send_task(UPDATE_QUANTITY, job.args, job.kwargs, task_id=job.job_id, **options)
+    """Every publish of an update; Flower and the logs show it as ``readable`` puts it."""
+    reprs = readable(job.args, job.kwargs)
+    result: AsyncResult = app.send_task(
+        UPDATE_QUANTITY, job.args, job.kwargs, task_id=job.job_id, **{**reprs, **options}
+    )
     return result
 
 

@@ -32,7 +32,7 @@ from mes_tasks.names import AUDIT_WORK_ORDERS, RELAY_OUTBOX, UPDATE_QUANTITY, WO
 from mes_tasks.producer import default_producer, publish
 from mes_tasks.reports import audit_and_report
 from mes_tasks.settings import Settings, get_settings
-from mes_tasks.validation import check_work_order_id, validate_update
+from mes_tasks.validation import check_work_order_id, readable, validate_update
 from mes_tasks.worker import STATE
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ class UpdateTask(LedgerTask):
         self, args: Any = None, kwargs: Any = None, task_id: str | None = None, **options: Any
     ) -> AsyncResult:
         if "retries" in options:
-            return super().apply_async(args, kwargs, task_id=task_id, **options)
+            return super().apply_async(args, kwargs, task_id=task_id, **{**readable(args, kwargs), **options})
         job_id = task_id or str(uuid.uuid4())
         # TypeError at the call site for arguments that do not fit; QueueError: nothing recorded
         sent = default_producer().send(job_id, list(args or ()), dict(kwargs or {}), options)
@@ -80,7 +80,16 @@ def backoff_s(retries: int, settings: Settings) -> float:
 
 
 # max_retries=None: the retry budget is ours (MES_RETRY_MAX), not Celery's default of 3.
-@app.task(bind=True, base=UpdateTask, name=UPDATE_QUANTITY, acks_late=True, max_retries=None)
+# throws: our own coded errors are dead-lettered and logged by us in one line; Celery logs
+# them without a traceback ("raised expected"). An unexpected error keeps its traceback.
+@app.task(
+    bind=True,
+    base=UpdateTask,
+    name=UPDATE_QUANTITY,
+    acks_late=True,
+    max_retries=None,
+    throws=(MesError,),
+)
 def update_quantity(
     self: LedgerTask,
     work_order_id: str,
@@ -187,7 +196,10 @@ def _dead_letter(task: LedgerTask, exc: MesError) -> NoReturn:
         # Nothing recorded it: keep the message alive rather than drop the update.
         log.error("dead-letter store unreachable (%s); retrying %s", store_exc, req.id)
         raise task.retry(exc=store_exc, countdown=task.ledger.settings.retry_backoff_max_s) from store_exc
-    log.error("update %s failed for good: %s %s", failure.request_id, exc.code, exc.message)
+    # A refusal (unknown work order, negative counter, conflicting request id) is routine on a
+    # plant floor: one WARNING line. A transient cause that outlasted every retry is an ERROR.
+    level = logging.WARNING if isinstance(exc, PermanentError) else logging.ERROR
+    log.log(level, "update %s dead-lettered [%s]: %s", failure.request_id, exc.code, exc.message)
     _count(task, metrics.DEAD_LETTERED, exc.code)
     raise exc
 

@@ -158,6 +158,23 @@ def shown(value: Any) -> str:
         return f"<{type(value).__name__}>"
 
 
+def readable(args: Any, kwargs: Any) -> dict[str, str]:
+    """An update as Flower's task list and the worker's logs show it (``argsrepr``/``kwargsrepr``).
+
+    ``'WO-1' 'output' +5`` and ``request_id='scan:BC1:PACK'``: short prefixes of each value
+    (``shown``), never the context. Also cheaper than Celery's own ``saferepr``.
+    """
+    positional = list(args) if isinstance(args, (list, tuple)) else []
+    named = dict(zip(UPDATE_FIELDS, positional, strict=False)) | (kwargs if isinstance(kwargs, dict) else {})
+    quantity = named.get("quantity")
+    plain = isinstance(quantity, int) and not isinstance(quantity, bool) and abs(quantity) < 10**12
+    amount = f"{quantity:+d}" if plain else shown(quantity)
+    return {
+        "argsrepr": f"{shown(named.get('work_order_id'))} {shown(named.get('kind'))} {amount}",
+        "kwargsrepr": f"request_id={shown(named.get('request_id'))}",
+    }
+
+
 def check_work_order_id(value: Any) -> str:
     """A valid work order id, or ValidationError."""
     if value is None or value == "":

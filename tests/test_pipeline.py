@@ -127,6 +127,13 @@ def test_unknown_work_orders_and_negative_counters_past_their_wait_are_dead_lett
     assert "retry" not in worker.log().lower()
     assert QuantityLog.objects.count() == 0
     assert WorkOrder.objects.get(id="WO-1").output_qty == 1
+    # A routine refusal is one WARNING line with its code, not an ERROR with a traceback.
+    wait_until(lambda: "dead-lettered [NEGATIVE_COUNTER]" in worker.log(), 10, "the refusal's log line")
+    lines = worker.log().splitlines()
+    for rid, code in (("u1", "UNKNOWN_WORK_ORDER"), ("n1", "NEGATIVE_COUNTER")):
+        line = next(line for line in lines if f"update {rid} dead-lettered [{code}]" in line)
+        assert "WARNING" in line, line
+    assert "Traceback" not in worker.log() and "raised unexpected" not in worker.log()
 
 
 BAD_TASK_CALLS: list[tuple[tuple[Any, ...], dict[str, Any], str]] = [
