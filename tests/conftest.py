@@ -1,7 +1,8 @@
 """Test servers: a real redis-server and SecantusDB on free ports, plus worker subprocesses.
 
-The environment is set here, at import time, before anything reads mes_tasks's
-settings, so the producer in this process and every worker subprocess agree.
+The test environment is set in ``pytest_configure``, before any test module (and so
+mes_tasks, whose app reads its settings at import) is imported, so the producer in this
+process and every worker subprocess agree. Nothing here imports mes_tasks at module level.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -32,7 +34,6 @@ TEST_ENV = {
     "MES_CONNECT_TIMEOUT_S": "2",
     "MES_LEASE_TTL_S": "3",
 }
-os.environ.update(TEST_ENV)
 # The shipped defaults of every timing TEST_ENV shortens: recovery is proved on these.
 DEFAULT_TIMINGS = {
     "MES_LOCK_TTL_S": "30",
@@ -46,12 +47,17 @@ DEFAULT_TIMINGS = {
     "MES_LEASE_TTL_S": "3",
 }
 
-from mes_tasks import db  # noqa: E402
-from mes_tasks.models import ALL_MODELS, WorkOrder  # noqa: E402
-from mes_tasks.settings import Settings, get_settings  # noqa: E402
+if TYPE_CHECKING:
+    from devtools.devserver import Service
+    from mes_tasks import db
+    from mes_tasks.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent
 WORKER_READY_TIMEOUT_S = 60.0
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    os.environ.update(TEST_ENV)
 
 
 @pytest.fixture(scope="session")
@@ -66,11 +72,16 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, obje
 
 @pytest.fixture(scope="session")
 def settings(servers: dict[str, object]) -> Settings:
+    from mes_tasks.settings import get_settings
+
     return get_settings()
 
 
 @pytest.fixture()
 def mongo(settings: Settings) -> Iterator[db.Mongo]:
+    from mes_tasks import db
+    from mes_tasks.models import ALL_MODELS
+
     client = db.prepare(settings)
     for model in ALL_MODELS:
         model._get_collection().delete_many({})
@@ -79,6 +90,8 @@ def mongo(settings: Settings) -> Iterator[db.Mongo]:
 
 @pytest.fixture()
 def redis_client(settings: Settings, mongo: db.Mongo) -> Iterator[object]:
+    from mes_tasks import db
+
     client = db.redis_client(settings)
     client.flushdb()
     yield client
@@ -86,8 +99,19 @@ def redis_client(settings: Settings, mongo: db.Mongo) -> Iterator[object]:
 
 
 def make_work_orders(ids: list[str], **counters: int) -> None:
+    from mes_tasks.models import WorkOrder
+
     for wo in ids:
         WorkOrder(id=wo, **counters).save()
+
+
+def with_redis_down(servers: dict[str, Service], call: Callable[[], Any]) -> Any:
+    """``call()`` while the test Redis is stopped; it is started again afterwards."""
+    servers["redis"].stop()
+    try:
+        return call()
+    finally:
+        servers["redis"].start()
 
 
 class Worker(Child):

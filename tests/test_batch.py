@@ -11,9 +11,8 @@ from typing import Any
 import pytest
 import redis
 from pymongo import MongoClient, monitoring
-from test_outbox import with_redis_down
 
-from conftest import Worker, make_work_orders, wait_until
+from conftest import Worker, make_work_orders, wait_until, with_redis_down
 from devtools.devserver import Service
 from mes_tasks.db import Mongo
 from mes_tasks.keys import apply_ms_key, unrecorded_key

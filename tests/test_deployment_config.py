@@ -28,6 +28,7 @@ def test_the_checkout_config_is_the_top_level_file() -> None:
     assert CHECKOUT_CONFIG == REPO / "celeryconfig.py"
 
 
+@pytest.mark.slow  # a subprocess
 def test_a_host_applications_own_celeryconfig_is_neither_read_nor_shadowed(tmp_path: Path) -> None:
     (tmp_path / "celeryconfig.py").write_text("task_routes = {}\nresult_expires = 5\nHOST = True\n")
     code = f"import celeryconfig; assert celeryconfig.HOST; {SHOW}"
@@ -36,6 +37,7 @@ def test_a_host_applications_own_celeryconfig_is_neither_read_nor_shadowed(tmp_p
     assert done.stdout.split() == ["{'queue':", "'workorder'}", "86400"]
 
 
+@pytest.mark.slow  # a subprocess
 def test_the_deployment_file_overrides_what_it_assigns(tmp_path: Path) -> None:
     path = tmp_path / "site.py"
     path.write_text("import os\nresult_expires = 60\n_private = 1\n")
@@ -60,6 +62,7 @@ def test_a_bad_deployment_file_is_refused(tmp_path: Path, text: str, needle: str
         overrides(path)
 
 
+@pytest.mark.slow  # a subprocess
 def test_a_bad_setting_raises_in_a_host_and_is_one_line_exit_78_under_celery(tmp_path: Path) -> None:
     host = python("import mes_tasks", tmp_path, MES_LEASE_TTL_S="-1")
     assert host.returncode == 1 and "ConfigurationError: MES_LEASE_TTL_S" in host.stderr  # no exit
@@ -81,6 +84,7 @@ def test_a_bad_setting_raises_in_a_host_and_is_one_line_exit_78_under_celery(tmp
     ]
 
 
+@pytest.mark.slow  # a subprocess
 def test_the_wheel_carries_the_runtime_package_only(tmp_path: Path) -> None:
     subprocess.run(
         [

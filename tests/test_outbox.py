@@ -6,12 +6,11 @@ from __future__ import annotations
 import gc
 import json
 from collections.abc import Callable
-from typing import Any
 
 import pytest
 import redis
 
-from conftest import Worker, make_work_orders, wait_until
+from conftest import Worker, make_work_orders, wait_until, with_redis_down
 from devtools.devserver import Service
 from mes_tasks.db import Mongo
 from mes_tasks.errors import QueueError
@@ -19,14 +18,6 @@ from mes_tasks.models import OutboxMessage, QuantityLog, WorkOrder
 from mes_tasks.producer import WORKORDER_QUEUE, Producer
 from mes_tasks.settings import Settings
 from mes_tasks.tasks import relay_outbox, update_quantity
-
-
-def with_redis_down(servers: dict[str, Service], call: Callable[[], Any]) -> Any:
-    servers["redis"].stop()
-    try:
-        return call()
-    finally:
-        servers["redis"].start()
 
 
 def relay(grace_s: float = 0.0) -> dict[str, int]:

@@ -7,11 +7,11 @@ from typing import Any
 import pytest
 import redis
 
+from cases import BAD_INPUTS, GOOD
 from devtools.devserver import Service
 from mes_tasks.keys import apply_ms_key
 from mes_tasks.models import QuantityLog
 from mes_tasks.producer import WORKORDER_QUEUE, Producer, submit_quantity_update
-from test_validation import BAD_INPUTS, GOOD
 
 
 def test_a_queued_update_reports_its_job_queue_length_and_estimated_delay(redis_client: redis.Redis) -> None:

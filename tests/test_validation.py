@@ -6,37 +6,9 @@ from typing import Any
 
 import pytest
 
+from cases import BAD_INPUTS, GOOD
 from mes_tasks.errors import ValidationError
-from mes_tasks.validation import MAX_ABS_QUANTITY, validate_update
-
-GOOD: dict[str, Any] = {"work_order_id": "WO-1", "kind": "output", "quantity": 1}
-
-BAD_INPUTS: list[tuple[dict[str, Any], str]] = [
-    ({"work_order_id": None}, "MISSING_WORK_ORDER_ID"),
-    ({"work_order_id": ""}, "MISSING_WORK_ORDER_ID"),
-    ({"work_order_id": "   "}, "INVALID_WORK_ORDER_ID"),
-    ({"work_order_id": {"$ne": None}}, "INVALID_WORK_ORDER_ID"),
-    ({"work_order_id": "WO$1"}, "INVALID_WORK_ORDER_ID"),
-    ({"work_order_id": "WO\x001"}, "INVALID_WORK_ORDER_ID"),
-    ({"work_order_id": "W" * 129}, "INVALID_WORK_ORDER_ID"),
-    ({"work_order_id": 1001}, "INVALID_WORK_ORDER_ID"),
-    ({"kind": "scrap"}, "INVALID_KIND"),
-    ({"kind": None}, "INVALID_KIND"),
-    ({"quantity": 0}, "INVALID_QUANTITY"),
-    ({"quantity": 1.0}, "INVALID_QUANTITY"),
-    ({"quantity": True}, "INVALID_QUANTITY"),
-    ({"quantity": "3"}, "INVALID_QUANTITY"),
-    ({"quantity": MAX_ABS_QUANTITY + 1}, "INVALID_QUANTITY"),
-    ({"quantity": -MAX_ABS_QUANTITY - 1}, "INVALID_QUANTITY"),
-    ({"request_id": ""}, "INVALID_REQUEST_ID"),
-    ({"request_id": 7}, "INVALID_REQUEST_ID"),
-    ({"request_id": "r\x00"}, "INVALID_REQUEST_ID"),
-    ({"context": ["barcode"]}, "INVALID_CONTEXT"),
-    ({"context": {"colour": "red"}}, "INVALID_CONTEXT"),
-    ({"context": {"$where": "1"}}, "INVALID_CONTEXT"),
-    ({"context": {"barcode": 12}}, "INVALID_CONTEXT"),
-    ({"context": {"reason": "x" * 513}}, "INVALID_CONTEXT"),
-]
+from mes_tasks.validation import validate_update
 
 
 @pytest.mark.parametrize(("override", "code"), BAD_INPUTS)
