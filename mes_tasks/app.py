@@ -15,10 +15,24 @@ from mes_tasks.config import EXIT_CONFIG, configure
 from mes_tasks.errors import MesError, one_line
 from mes_tasks.keys import first_start_key
 from mes_tasks.lease import SingleActiveConsumer
+from mes_tasks.names import RELAY_OUTBOX
 from mes_tasks.settings import REDIS_WAIT_POLL_S, REDIS_WAIT_REPORT_S, get_settings, mask_secrets, mask_url
 from mes_tasks.worker import ReleaseKeptLocks
 
 log = logging.getLogger(__name__)
+
+class _QuietRelay(logging.Filter):
+    """Drop the INFO lines beat and the worker write for every outbox relay run (one a second).
+
+    The relay logs what it did itself when it did something; its failures stay (WARNING and up).
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno > logging.INFO or RELAY_OUTBOX not in record.getMessage()
+
+
+for _name in ("celery.beat", "celery.worker.strategy", "celery.app.trace"):
+    logging.getLogger(_name).addFilter(_QuietRelay())
 
 app = Celery("mes_tasks", include=["mes_tasks.tasks"])
 configure(app)  # from the environment and the deployment's celeryconfig.py (see mes_tasks.config)

@@ -163,7 +163,7 @@ def configure(app: Celery) -> None:
     except ConfigurationError as exc:
         if not _is_celery_command():
             raise
-        print(f"mes_tasks: invalid configuration [{exc.code}]: {exc.message}", file=sys.stderr)
+        print(f"error [{exc.code}]: mes_tasks configuration: {exc.message}", file=sys.stderr)
         raise SystemExit(EXIT_CONFIG) from None
     app.config_from_object(conf)
 

@@ -24,6 +24,7 @@ Key patterns:
     {prefix}stats:updates          hash, the worker's outcome counters: ``applied``,
                                    ``duplicate``, ``retried:<CODE>``, ``dead_lettered:<CODE>``;
                                    read by ``metrics``; no TTL
+    {prefix}stats:lease_takeovers  string, how many times a worker took the workorder lease
     {prefix}stats:apply_ms_hist    hash, the duration of each applied or duplicate update: one
                                    field per histogram bucket (its upper bound in ms, or
                                    ``+Inf``) -> updates in that bucket, and ``sum`` -> total ms;
@@ -82,6 +83,10 @@ def update_counts_key(prefix: str) -> str:
 
 def apply_histogram_key(prefix: str) -> str:
     return f"{prefix}stats:apply_ms_hist"
+
+
+def takeovers_key(prefix: str) -> str:
+    return f"{prefix}stats:lease_takeovers"
 
 
 def first_start_key(prefix: str) -> str:

@@ -29,6 +29,7 @@ tick, and when it takes the lease: while it is set, nobody consumes ``workorder`
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -42,7 +43,7 @@ from celery import bootsteps
 from mes_tasks import db, sessions
 from mes_tasks.broker import unacked_of
 from mes_tasks.errors import LockBusy, MesError, RedisUnavailable
-from mes_tasks.keys import lease_key, lease_owner_key, lock_key, pause_key
+from mes_tasks.keys import lease_key, lease_owner_key, lock_key, pause_key, takeovers_key
 from mes_tasks.locks import _RELEASE, TOKEN_SEP, RedisLock, owner_id
 from mes_tasks.names import WORKORDER_QUEUE
 from mes_tasks.settings import get_settings
@@ -227,6 +228,8 @@ class SingleActiveConsumer(bootsteps.StartStopStep):  # type: ignore[misc]
         cleared = clear_predecessor_locks(self.lease.client, self.prefix)
         restored = restore_unacked(c.connection.default_channel)
         self.active = True
+        with contextlib.suppress(redis.RedisError):  # a count for `metrics`, not a guarantee
+            self.lease.client.incr(takeovers_key(self.prefix))
         log.warning("took the %s lease on %s; restored %d in-flight message(s), cleared %d lock(s), "
                     "ended %d session(s)", QUEUE, socket.gethostname(), restored, cleared, ended)  # fmt: skip
 

@@ -34,6 +34,7 @@ from mes_tasks.keys import (
     lease_key,
     lease_owner_key,
     pause_key,
+    takeovers_key,
     unrecorded_key,
     update_counts_key,
 )
@@ -95,6 +96,7 @@ class RedisState:
     histogram: dict[str, float]
     lease_token: str | None
     lease_owner: str | None
+    takeovers: int  # lease take-overs, counted by the workers
 
 
 @dataclass
@@ -122,10 +124,11 @@ def read_redis(client: redis.Redis, prefix: str) -> RedisState:
         pipe.hgetall(apply_histogram_key(prefix))
         pipe.get(lease_key(prefix))
         pipe.get(lease_owner_key(prefix))
+        pipe.get(takeovers_key(prefix))
         replies = pipe.execute()
     n = 2 * len(PRIORITY_STEPS)
     per_queue = {q: replies[i * n : (i + 1) * n] for i, q in enumerate(QUEUES)}
-    unacked, paused, unrecorded, counts, hist, token, owner = replies[len(QUEUES) * n :]
+    unacked, paused, unrecorded, counts, hist, token, owner, takeovers = replies[len(QUEUES) * n :]
     return RedisState(
         waiting={q: sum(r[0::2]) for q, r in per_queue.items()},
         heads={q: [_task_id(raw) for raw in r[1::2] if raw] for q, r in per_queue.items()},
@@ -136,6 +139,7 @@ def read_redis(client: redis.Redis, prefix: str) -> RedisState:
         histogram={k: float(v) for k, v in hist.items()},
         lease_token=token,
         lease_owner=owner,
+        takeovers=int(takeovers or 0),
     )
 
 
@@ -184,8 +188,6 @@ class MesCollector(Collector):
         self.prefix = prefix
         self._lock = threading.Lock()
         self._first_seen: dict[str, float] = {}  # head task id without an outbox entry -> when seen
-        self._owner: str | None = None
-        self._takeovers = 0
 
     def collect(self) -> Iterator[Metric]:
         started = time.monotonic()
@@ -220,10 +222,7 @@ class MesCollector(Collector):
     def _redis_metrics(self, state: RedisState, mongo: MongoState | None, now: float) -> Iterator[Metric]:
         yield from counter_metrics(state)
         yield from queue_metrics(state, self._head_ages(state, mongo, now))
-        if state.lease_owner is not None and self._owner not in (None, state.lease_owner):
-            self._takeovers += 1
-        self._owner = state.lease_owner
-        yield from lease_metrics(state, self._takeovers)
+        yield from lease_metrics(state)
 
     def _head_ages(self, state: RedisState, mongo: MongoState | None, now: float) -> dict[str, float]:
         """Age of each queue's oldest message: from its outbox entry, else since this process saw it."""
@@ -306,7 +305,7 @@ def queue_metrics(state: RedisState, ages: dict[str, float]) -> Iterator[Metric]
     yield GaugeMetricFamily("mes_workorder_paused", "1 while `queue pause` is in force.", state.paused)
 
 
-def lease_metrics(state: RedisState, takeovers: int) -> Iterator[Metric]:
+def lease_metrics(state: RedisState) -> Iterator[Metric]:
     yield GaugeMetricFamily(
         "mes_workorder_active_consumer",
         "1 while a worker holds the workorder lease.",
@@ -318,7 +317,7 @@ def lease_metrics(state: RedisState, takeovers: int) -> Iterator[Metric]:
     if state.lease_token is not None:
         info.add_metric([state.lease_token.split("/", 1)[0]], 1)
     yield info
-    yield _counter("mes_lease_takeovers", "Changes of the lease holder this metrics process saw.", takeovers)
+    yield _counter("mes_lease_takeovers", "Times a worker took the workorder lease.", state.takeovers)
 
 
 def mongo_metrics(state: MongoState, now: float) -> Iterator[Metric]:

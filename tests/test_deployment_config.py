@@ -79,9 +79,7 @@ def test_a_bad_setting_raises_in_a_host_and_is_one_line_exit_78_under_celery(tmp
     )
     assert cli.returncode == EXIT_CONFIG
     missing = f"MES_CELERY_CONFIG={tmp_path / 'none.py'}: no such file"
-    assert cli.stderr.strip().splitlines() == [
-        f"mes_tasks: invalid configuration [CONFIG_INVALID]: {missing}"
-    ]
+    assert cli.stderr.strip().splitlines() == [f"error [CONFIG_INVALID]: mes_tasks configuration: {missing}"]
 
 
 @pytest.mark.slow  # a subprocess

@@ -9,7 +9,7 @@ import redis
 
 from conftest import Worker, make_work_orders, wait_until
 from load import plan
-from mes_tasks.keys import lease_key
+from mes_tasks.keys import lease_key, takeovers_key
 from mes_tasks.models import QuantityLog, WorkOrder
 from mes_tasks.producer import submit_quantity_update
 from mes_tasks.status import consumers
@@ -73,6 +73,7 @@ def test_a_restarted_worker_recovers_the_in_flight_message_at_once(
     assert redis_client.hlen("unacked") == 1
     restarted = start_worker(MES_RETRY_MAX="1000", **FAST)
     restarted.wait_for_log("restored 1 in-flight message(s)", 20)
+    assert redis_client.get(takeovers_key("mes:")) == "2"  # each worker's lease, for `metrics`
     assert redis_client.hlen("unacked") <= 1  # back in the queue, or being processed again
     wait_until(lambda: QuantityLog.objects(request_id="inflight-1").count() == 1, 120, "the recovered update")
     assert WorkOrder.objects.get(id="WO-1").input_qty == 4

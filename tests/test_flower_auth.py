@@ -9,16 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import click
 import pytest
-import redis
-from celery.bin.celery import celery
-from click.testing import CliRunner
 
 from conftest import REPO
 from devtools.devserver import CELERY, free_port
 from devtools.stack import flower_credentials
-from mes_tasks.db import Mongo
 from mes_tasks.errors import ConfigurationError
 from mes_tasks.flowerauth import basic_auth, check_basic_auth
 
@@ -105,7 +100,7 @@ def test_flower_refuses_to_start_with_a_password_it_would_split() -> None:
     done = run([*CELERY, "flower", f"--port={free_port()}", "--address=127.0.0.1"], FLOWER_BASIC_AUTH=CUT)
     assert done.returncode == EXIT_CONFIG, done.stderr[-2000:]
     (line,) = done.stderr.strip().splitlines()
-    assert line.startswith("mes_tasks: invalid configuration [CONFIG_INVALID]: FLOWER_BASIC_AUTH: ")
+    assert line.startswith("error [CONFIG_INVALID]: mes_tasks configuration: FLOWER_BASIC_AUTH: ")
     assert SECRET not in done.stderr + done.stdout and REST not in done.stderr + done.stdout
 
 
@@ -124,17 +119,3 @@ def test_make_run_refuses_a_flower_password_with_a_comma_before_starting_anythin
     assert done.stderr.strip().startswith("[stack] cannot start Flower: MES_FLOWER_PASSWORD: ")
     assert SECRET not in done.stderr + done.stdout and "starting" not in done.stdout
     assert not (var / "log").exists()
-
-
-def test_doctor_fails_flower_auth_it_would_split(
-    mongo: Mongo, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("FLOWER_BASIC_AUTH", CUT)
-    result = CliRunner().invoke(celery, ["-A", "mes_tasks", "doctor"], catch_exceptions=False)
-    assert result.exit_code == 1
-    out = click.unstyle(result.stdout)
-    assert "FAIL flower auth: FLOWER_BASIC_AUTH: entry 2 of 2" in out
-    assert SECRET not in result.output and REST not in result.output
-    monkeypatch.setenv("FLOWER_BASIC_AUTH", "admin:long-enough")
-    out = click.unstyle(CliRunner().invoke(celery, ["-A", "mes_tasks", "doctor"]).stdout)
-    assert "OK   flower auth: configured" in out

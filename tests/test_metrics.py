@@ -26,7 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from conftest import REPO, TEST_ENV, make_work_orders, wait_until
 from devtools.devserver import free_port
 from mes_tasks.db import Mongo
-from mes_tasks.keys import lease_key, lease_owner_key, pause_key
+from mes_tasks.keys import lease_key, pause_key, takeovers_key
 from mes_tasks.ledger import Ledger
 from mes_tasks.metrics import DEAD_LETTERED, RETRIED, bucket_of, count_outcome, registry_for
 from mes_tasks.models import FailedUpdate, OutboxMessage, WorkOrder, utcnow
@@ -156,15 +156,13 @@ def test_queue_outbox_pause_and_lease_are_read_at_scrape_time(
     assert value(got, "mes_audit_last_run_timestamp_seconds") == 0  # never: the age alert fires
 
 
-def test_a_change_of_lease_holder_is_a_take_over_and_no_lease_is_no_active_consumer(
+def test_take_overs_are_the_workers_count_and_no_lease_is_no_active_consumer(
     registry: CollectorRegistry, redis_client: redis.Redis, settings: Settings
 ) -> None:
-    owner = lease_owner_key(settings.key_prefix)
-    redis_client.set(owner, "host-a:41:w")
     assert value(scrape(registry), "mes_lease_takeovers_total") == 0
-    redis_client.set(owner, "host-b:42:w")
+    redis_client.set(takeovers_key(settings.key_prefix), 2)  # as two workers' _take_over leave it
     got = scrape(registry)
-    assert value(got, "mes_lease_takeovers_total") == 1
+    assert value(got, "mes_lease_takeovers_total") == 2
     assert value(got, "mes_workorder_active_consumer") == 0
 
 

@@ -10,7 +10,6 @@ celery hands each plugin group its arguments through ``make_context`` and ``invo
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
 from collections.abc import Callable, Sequence
@@ -101,19 +100,6 @@ class ConsoleGroup(_OneLineErrors, click.Group):
     """A mes_tasks group whose subcommands are ``ConsoleCommand``s."""
 
     command_class = ConsoleCommand
-
-
-def handle_errors(func: F) -> F:
-    """Print mes_tasks errors as one line with their code, exit 2; never a traceback."""
-
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return func(*args, **kwargs)
-        except MesError as exc:
-            fail(exc.code, exc.message, bool(kwargs.get("as_json")))
-
-    return wrapper  # type: ignore[return-value]
 
 
 def json_option(func: F) -> F:

@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.exposition import ThreadingWSGIServer
 
 from mes_tasks import db
-from mes_tasks.cli.common import handle_errors
+from mes_tasks.cli.common import ConsoleCommand
 from mes_tasks.errors import MesError
 from mes_tasks.metrics import DEFAULT_HOST, DEFAULT_PORT, registry_for
 from mes_tasks.settings import get_settings
@@ -34,7 +34,7 @@ def make_metrics_server(registry: CollectorRegistry, host: str, port: int) -> Th
     return server
 
 
-@click.command()
+@click.command(cls=ConsoleCommand)
 @click.option("--host", default=DEFAULT_HOST, show_default=True, envvar="MES_METRICS_HOST", help="Address.")
 @click.option(
     "--port",
@@ -43,7 +43,6 @@ def make_metrics_server(registry: CollectorRegistry, host: str, port: int) -> Th
     envvar="MES_METRICS_PORT",
     type=click.IntRange(0, 65535),
 )
-@handle_errors
 def metrics(host: str, port: int) -> None:
     """Serve Prometheus metrics on /metrics; each scrape reads Redis and MongoDB (docs/metrics.md)."""
     settings = get_settings()
