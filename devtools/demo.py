@@ -64,12 +64,14 @@ def send_all(scans: list[dict[str, Any]], producers: int, rate: float) -> list[d
 
 def wait_for_drain(client: Any) -> None:
     """Until nothing waits in ``workorder`` and nothing is in flight, for two looks in a row."""
+    from mes_tasks.status import backlog
+
     deadline = time.monotonic() + DRAIN_TIMEOUT_S
     quiet = 0
     while quiet < 2:
         if time.monotonic() > deadline:
             raise SystemExit("the worker did not drain the queue in time: is it running?")
-        busy = client.llen("workorder") + client.hlen("unacked")
+        busy = backlog(client)
         quiet = quiet + 1 if busy == 0 else 0
         time.sleep(0.5)
 

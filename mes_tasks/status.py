@@ -53,6 +53,16 @@ def consumers(app: Celery, timeout_s: float = INSPECT_TIMEOUT_S) -> dict[str, li
     return by_queue
 
 
+def backlog(client: redis.Redis, queue: str = WORKORDER_QUEUE) -> int:
+    """Messages waiting in ``queue`` plus every delivered, unacknowledged one (all queues)."""
+    with redis_errors():
+        pipe = client.pipeline(transaction=False)
+        pipe.llen(queue)
+        pipe.hlen(UNACKED_KEY)
+        waiting, unacked = pipe.execute()
+    return int(waiting) + int(unacked)
+
+
 def queue_status(app: Celery, client: redis.Redis, settings: Settings) -> dict[str, Any]:
     """One snapshot of the whole pipeline's health."""
     with redis_errors():
