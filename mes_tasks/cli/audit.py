@@ -8,7 +8,8 @@ import click
 
 from mes_tasks.alerts import summary
 from mes_tasks.audit import total_work_orders
-from mes_tasks.cli.common import ConsoleGroup, echo_json, echo_table, json_option, ledger
+from mes_tasks.cli.common import ConsoleGroup, echo_json, echo_table, json_option, stores
+from mes_tasks.ledger import Ledger
 from mes_tasks.models import AuditReport
 from mes_tasks.reports import audit_and_report, get_report, report_dict
 from mes_tasks.validation import check_work_order_id
@@ -29,11 +30,12 @@ def audit() -> None:
 def run(work_orders: tuple[str, ...], repair: bool, html_file: bool, as_json: bool) -> None:
     """Audit now. Exits 1 when it found mismatches (even if it repaired them)."""
     ids = [check_work_order_id(i) for i in work_orders] or None
-    the_ledger = ledger()
+    conn = stores()
+    fencer = Ledger(conn.mongo, conn.redis, conn.settings)  # a repair writes under the ledger's fence
     with click.progressbar(
         length=total_work_orders(ids), label="auditing work orders", file=sys.stderr
     ) as bar:
-        report = audit_and_report(the_ledger, ids, do_repair=repair, html_file=html_file, progress=bar.update)
+        report = audit_and_report(fencer, ids, do_repair=repair, html_file=html_file, progress=bar.update)
     if as_json:
         echo_json(report_dict(report))
     else:
@@ -46,7 +48,7 @@ def run(work_orders: tuple[str, ...], repair: bool, html_file: bool, as_json: bo
 @json_option
 def list_reports(limit: int, as_json: bool) -> None:
     """The most recent audit reports."""
-    ledger()
+    stores()
     reports = list(AuditReport.objects.order_by("-started_at").limit(limit))
     if as_json:
         echo_json([report_dict(r) for r in reports])
@@ -66,7 +68,7 @@ def list_reports(limit: int, as_json: bool) -> None:
 @json_option
 def show(report_id: str, as_json: bool) -> None:
     """One report in full."""
-    ledger()
+    stores()
     report = get_report(report_id)
     if as_json:
         echo_json(report_dict(report))

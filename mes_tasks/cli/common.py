@@ -1,4 +1,4 @@
-"""Shared pieces of the CLI: connections from the app, one-line errors, confirmation, output.
+"""Shared pieces of the CLI: the stores a command works on, one-line errors, confirmation, output.
 
 Every error a command can meet ends as one line on stderr, ``error [CODE]: message``, and
 exit code 2 (1 is kept for "the command worked and found a problem"); with ``--json`` the
@@ -13,15 +13,16 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, NoReturn, TypeVar
 
 import click
+import redis
 from kombu.exceptions import OperationalError
 
 from mes_tasks import db
 from mes_tasks.errors import MesError
-from mes_tasks.ledger import Ledger
-from mes_tasks.settings import get_settings, mask_secrets
+from mes_tasks.settings import Settings, get_settings, mask_secrets
 
 EXIT_ERROR = 2  # 1 is kept for "the command worked and found a problem"
 MAX_MESSAGE_CHARS = 500  # of an unexpected error's text
@@ -29,10 +30,19 @@ JSON_META = "mes_tasks.json"  # ctx.meta (shared by the whole context tree): --j
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def ledger() -> Ledger:
-    """Connect to both stores with the environment's settings."""
+@dataclass(frozen=True)
+class Stores:
+    """The environment's settings and a connection to each store: what a command works on."""
+
+    settings: Settings
+    mongo: db.Mongo
+    redis: redis.Redis
+
+
+def stores() -> Stores:
+    """Connect to both stores with the environment's settings (MongoDB checked and indexed)."""
     settings = get_settings()
-    return Ledger(db.prepare(settings), db.redis_client(settings), settings)
+    return Stores(settings, db.prepare(settings), db.redis_client(settings))
 
 
 def fail(code: str, message: str, as_json: bool = False) -> NoReturn:

@@ -13,7 +13,7 @@ from mes_tasks.cli.common import (
     echo_json,
     echo_table,
     json_option,
-    ledger,
+    stores,
     yes_option,
 )
 from mes_tasks.deadletter import discard_failed, find_failed, get_failed, retry_failed
@@ -45,7 +45,7 @@ def failed() -> None:
 @json_option
 def list_failed(code: str | None, work_order: str | None, status: str, as_json: bool) -> None:
     """Dead letters, newest failure first."""
-    ledger()
+    stores()
     records = find_failed(code=code, work_order_id=work_order, status=None if status == "all" else status)
     if as_json:
         echo_json([record_dict(r) for r in records])
@@ -60,7 +60,7 @@ def list_failed(code: str | None, work_order: str | None, status: str, as_json: 
 @json_option
 def show(record_id: str, as_json: bool) -> None:
     """One dead letter with its payload and history."""
-    ledger()
+    stores()
     data = record_dict(get_failed(record_id), full=True)
     if as_json:
         echo_json(data)
@@ -137,7 +137,7 @@ def _select(record_ids: tuple[str, ...], every: bool, code: str | None) -> list[
         raise ValidationError("give record ids or --all, not both and not neither", code="USAGE")
     if code and not every:
         raise ValidationError("--code only goes with --all", code="USAGE")
-    ledger()
+    stores()
     if every:
         return find_failed(code=code)
     return [get_failed(i) for i in record_ids]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from mes_tasks.cli.common import ConsoleGroup, confirm, echo_json, echo_table, json_option, ledger
+from mes_tasks.cli.common import ConsoleGroup, confirm, echo_json, echo_table, json_option, stores
 from mes_tasks.db import redis_errors
 from mes_tasks.errors import MesError
 from mes_tasks.keys import lock_key
@@ -21,8 +21,8 @@ def locks() -> None:
 @json_option
 def list_locks(as_json: bool) -> None:
     """Locks held now, with owner token and remaining TTL."""
-    the_ledger = ledger()
-    held = held_locks(the_ledger.redis, the_ledger.settings.key_prefix)
+    conn = stores()
+    held = held_locks(conn.redis, conn.settings.key_prefix)
     if as_json:
         echo_json(held)
         return
@@ -40,15 +40,15 @@ def list_locks(as_json: bool) -> None:
 def release(work_order_id: str, yes: bool, as_json: bool) -> None:
     """Delete a work order's lock (a stuck holder's). Safe: the fence stops the old holder."""
     wo = check_work_order_id(work_order_id)
-    the_ledger = ledger()
-    key = lock_key(the_ledger.settings.key_prefix, wo)
+    conn = stores()
+    key = lock_key(conn.settings.key_prefix, wo)
     with redis_errors():
-        token = the_ledger.redis.get(key)  # decoded: the client uses decode_responses
+        token = conn.redis.get(key)  # decoded: the client uses decode_responses
     if token is None:
         raise MesError(f"no lock is held on {wo}", code="NOT_LOCKED")
     confirm(f"Take the lock of {wo} from {token!s}? A live holder will notice and retry", yes)
     with redis_errors():  # only the token asked about: a new holder's lock is not taken
-        deleted = the_ledger.redis.eval(_DELETE_IF_OWNED, 1, key, token)
+        deleted = conn.redis.eval(_DELETE_IF_OWNED, 1, key, token)
     if not deleted:
         raise MesError(f"the lock of {wo} changed hands meanwhile; nothing released", code="NOT_LOCKED")
     if as_json:

@@ -10,7 +10,7 @@ import redis
 from celery import Celery
 
 from mes_tasks import broker, outbox
-from mes_tasks.cli.common import ConsoleGroup, confirm, echo_json, json_option, ledger, yes_option
+from mes_tasks.cli.common import ConsoleGroup, confirm, echo_json, json_option, stores, yes_option
 from mes_tasks.names import WORKORDER_QUEUE
 from mes_tasks.settings import Settings
 from mes_tasks.status import pause, queue_status, resume
@@ -26,8 +26,8 @@ def queue() -> None:
 @click.pass_context
 def status(ctx: click.Context, as_json: bool) -> None:
     """Waiting and in-flight messages, consumers, failed updates, locks, last audit."""
-    the_ledger = ledger()
-    data = queue_status(ctx.obj.app, the_ledger.redis, the_ledger.settings)
+    conn = stores()
+    data = queue_status(ctx.obj.app, conn.redis, conn.settings)
     if as_json:
         echo_json(data)
         return
@@ -90,7 +90,7 @@ def purge_cmd(ctx: click.Context, yes: bool, as_json: bool) -> None:
     keep the worker from taking more.
     """
     confirm("Drop every waiting workorder update? They will never be applied", yes)
-    ledger()  # connects MongoDB for the outbox
+    stores()  # connects MongoDB for the outbox
     with ctx.obj.app.connection_for_write() as conn:
         job_ids = broker.take_waiting(conn.default_channel, WORKORDER_QUEUE)
     forgotten = outbox.forget(job_ids)
@@ -105,8 +105,8 @@ def purge_cmd(ctx: click.Context, yes: bool, as_json: bool) -> None:
 def _on_workers(
     ctx: click.Context, action: Callable[[Celery, redis.Redis, Settings], list[str]]
 ) -> list[str]:
-    the_ledger = ledger()
-    return action(ctx.obj.app, the_ledger.redis, the_ledger.settings)
+    conn = stores()
+    return action(ctx.obj.app, conn.redis, conn.settings)
 
 
 def _audit_line(audit: dict[str, Any] | None) -> str:

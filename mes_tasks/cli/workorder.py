@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from mes_tasks.cli.common import ConsoleGroup, echo_json, echo_table, json_option, ledger
+from mes_tasks.cli.common import ConsoleGroup, echo_json, echo_table, json_option, stores
 from mes_tasks.db import mongo_errors
 from mes_tasks.errors import UnknownWorkOrder
 from mes_tasks.models import CONTEXT_FIELDS, QuantityLog, WorkOrder
@@ -25,7 +25,7 @@ def workorder() -> None:
 def show(work_order_id: str, n_logs: int, as_json: bool) -> None:
     """Counters, fencing epoch, version and the most recent logs."""
     wo = check_work_order_id(work_order_id)
-    ledger()
+    stores()
     with mongo_errors():
         doc = WorkOrder._get_collection().find_one({"_id": wo})
         logs = (
