@@ -38,7 +38,7 @@ SIGINT_GRACE_S = 5.0  # time for children to react to the terminal's own Ctrl-C
 FLOWER_USER = "admin"
 PASSWORD_FILE = "flower-password"
 ENV_FILE = "stack.env"
-STACK_SETTINGS = ("REDIS_URL", "MONGODB_URI", "MES_REPORTS_DIR")
+STACK_SETTINGS = ("REDIS_URL", "MONGODB_URI", "MES_REPORTS_DIR", "MES_FLOWER_URL")
 
 
 def flower_credentials(var: Path) -> tuple[str, str, bool]:
@@ -73,6 +73,7 @@ def run_stack(var: Path, redis_port: int, mongo_port: int, flower_port: int, met
     (var / "log").mkdir(parents=True, exist_ok=True)
     env, services = _services(var, redis_port, mongo_port)
     env["FLOWER_BASIC_AUTH"] = f"{user}:{password}"
+    env.setdefault("MES_FLOWER_URL", f"http://127.0.0.1:{flower_port}")  # doctor probes it
     children: list[Child] = []
     try:
         for svc in services:
