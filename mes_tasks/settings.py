@@ -82,7 +82,9 @@ ENV_NAMES = {
     "lease_ttl_s": "MES_LEASE_TTL_S",
     "negative_wait_s": "MES_NEGATIVE_WAIT_S",
     "flower_url": "MES_FLOWER_URL",
+    "partitions": "MES_PARTITIONS",
 }
+MAX_PARTITIONS = 64  # each one a queue, a lease and a consumer to watch
 REDIS_SCHEMES = ("redis", "rediss")  # what both kombu's transport and redis-py's from_url read
 MONGODB_SCHEMES = ("mongodb", "mongodb+srv")
 FLOWER_SCHEMES = ("http", "https")
@@ -120,6 +122,7 @@ class Settings:
     lease_ttl_s: float = LEASE_TTL_S
     negative_wait_s: float = NEGATIVE_WAIT_S
     flower_url: str = ""  # Flower's address as doctor reaches it, to check it refuses strangers
+    partitions: int = 1  # workorder queues: 1 is the one ``workorder``; N > 1 ``workorder.0``..``.N-1``
 
     def __post_init__(self) -> None:
         if self.lock_extend_interval_s == 0:
@@ -129,6 +132,8 @@ class Settings:
         _check_lock_timing(self)
         _check_visibility_timeout(self)
         _check_audit_schedule(self)
+        if self.partitions > MAX_PARTITIONS:
+            raise ConfigurationError(f"MES_PARTITIONS must be at most {MAX_PARTITIONS}, got {self.partitions}")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -293,6 +298,7 @@ def _check_positive(s: Settings) -> None:
         "outbox_relay_interval_s",
         "outbox_grace_s",
         "lease_ttl_s",
+        "partitions",
     ):
         if getattr(s, name) <= 0:
             raise ConfigurationError(f"{ENV_NAMES[name]} must be greater than zero")
