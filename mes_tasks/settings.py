@@ -133,7 +133,9 @@ class Settings:
         _check_visibility_timeout(self)
         _check_audit_schedule(self)
         if self.partitions > MAX_PARTITIONS:
-            raise ConfigurationError(f"MES_PARTITIONS must be at most {MAX_PARTITIONS}, got {self.partitions}")
+            raise ConfigurationError(
+                f"MES_PARTITIONS must be at most {MAX_PARTITIONS}, not {self.partitions}"
+            )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -220,9 +222,8 @@ def _parse(name: str, kind: object, raw: str) -> object:
         if kind in (float, "float"):
             return float(raw)
     except ValueError:
-        raise ConfigurationError(
-            f"{env_name}={raw!r} is not a number; set it to a {kind} or unset it"
-        ) from None
+        what = "a whole number" if kind in (int, "int") else "a number"
+        raise ConfigurationError(f"{env_name}={raw!r} is not {what}; set it to {what} or unset it") from None
     return raw
 
 
