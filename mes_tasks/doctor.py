@@ -12,11 +12,13 @@ from typing import Any
 import redis
 from celery import Celery
 from celery.schedules import BaseSchedule, crontab, maybe_schedule
+from mongoengine.connection import ConnectionFailure, get_connection
+from pymongo.errors import OperationFailure
 
 from mes_tasks import db
 from mes_tasks.errors import MesError
 from mes_tasks.keys import first_start_key
-from mes_tasks.models import AuditReport, FailedUpdate, QuantityLog, utcnow
+from mes_tasks.models import ALL_MODELS, AuditReport, FailedUpdate, QuantityLog, utcnow
 from mes_tasks.names import AUDIT_WORK_ORDERS, WORKORDER_QUEUE
 from mes_tasks.settings import Settings, mask_secrets, mask_url
 from mes_tasks.status import consumers, pause_state
@@ -25,6 +27,8 @@ OK, INFO, WARN, FAIL = "OK", "INFO", "WARN", "FAIL"  # INFO: nothing wrong, but 
 AUDIT_MAX_AGE = timedelta(hours=26)  # a nightly audit plus slack
 FLOWER_PROBE_PATH = "/api/workers"  # guarded by --basic-auth; /healthcheck and /metrics are not
 SOLO_POOL = "celery.concurrency.solo:TaskPool"
+MONGOS = "isdbgrid"  # the ``msg`` of a mongos's ``hello`` reply
+TRANSACTION_COLLECTIONS = ("work_orders", "quantity_logs")  # one update's transaction writes both
 
 
 @dataclass(frozen=True)
@@ -129,6 +133,143 @@ def check_indexes(ctx: Context) -> list[Check]:
             Check(FAIL, "indexes", "no unique index on quantity_logs.request_id", "start the worker once")
         ]
     return [Check(OK, "indexes", f"{len(info)} on quantity_logs, request_id unique")]
+
+
+def check_sharding(ctx: Context) -> list[Check]:
+    """On a sharded cluster, each collection's shard key against the indexes and the transaction.
+
+    A replica set costs one ``hello``; a cluster two reads of its ``config`` database more.
+    """
+    client = ctx.mongo if ctx.mongo is not None else _answering_client()
+    if client is None:
+        return [Check(FAIL, "sharding", "not checked: MongoDB unreachable")]
+    hello = client.admin.command("hello")
+    if not is_sharded_cluster(hello):
+        return sharding_checks(hello, {}, set(), {})
+    names = [m._get_collection_name() for m in ALL_MODELS]
+    spaces = {f"{ctx.settings.mongodb_db}.{name}": name for name in names}
+    try:
+        found = client.config.collections.find({"_id": {"$in": list(spaces)}, "dropped": {"$ne": True}})
+        layout = {spaces[doc["_id"]]: doc for doc in found}
+        zoned = {spaces[ns] for ns in client.config.tags.distinct("ns", {"ns": {"$in": list(spaces)}})}
+    except OperationFailure as exc:
+        return [
+            Check(
+                WARN,
+                "sharding",
+                f"a sharded cluster, but its config database is unreadable: {mask_secrets(str(exc))}",
+                "give doctor's user the clusterMonitor role (it reads config.collections and config.tags)",
+            )
+        ]
+    return sharding_checks(hello, layout, zoned, unique_indexes())
+
+
+def _answering_client() -> db.Mongo | None:
+    """mongoengine's connection if a server answered it (``prepare`` failed after connecting)."""
+    try:
+        client: db.Mongo = get_connection()
+    except ConnectionFailure:
+        return None
+    return client if client.topology_description.has_known_servers else None
+
+
+def unique_indexes() -> dict[str, list[tuple[str, ...]]]:
+    """Per collection, the fields of each unique index the models create."""
+    return {
+        m._get_collection_name(): [
+            tuple(field for field, _ in spec["fields"])
+            for spec in m._meta["index_specs"]
+            if spec.get("unique")
+        ]
+        for m in ALL_MODELS
+    }
+
+
+def is_sharded_cluster(hello: dict[str, Any]) -> bool:
+    return hello.get("msg") == MONGOS
+
+
+def sharding_checks(
+    hello: dict[str, Any],
+    layout: dict[str, dict[str, Any]],
+    zoned: set[str],
+    unique: dict[str, list[tuple[str, ...]]],
+) -> list[Check]:
+    """The sharding checks, from ``hello`` and the cluster's ``config`` documents (docs/sharding.md).
+
+    Args:
+        hello: the server's ``hello`` reply.
+        layout: collection name -> its ``config.collections`` document, for those tracked there.
+        zoned: the collections with zone ranges (``config.tags``).
+        unique: collection name -> the fields of each unique index mes_tasks creates on it.
+    """
+    if not is_sharded_cluster(hello):
+        return [Check(OK, "sharding", f"not sharded: replica set {hello.get('setName')}")]
+    shown = ", ".join(f"{name} {_placement(layout.get(name))}" for name in unique)
+    out = [Check(INFO, "sharding", f"a sharded cluster: {shown}")]
+    for name, doc in layout.items():
+        problem = None if _unsplit(doc) else _key_problem(name, tuple(doc["key"]), unique.get(name, []))
+        if problem is not None:
+            out.append(
+                Check(FAIL, f"shard key {name}", f"{_shown(doc['key'])}: {problem}", _key_fix(name, unique))
+            )
+    return [*out, _transaction_check(layout, zoned)]
+
+
+def _key_problem(name: str, key: tuple[str, ...], unique: list[tuple[str, ...]]) -> str | None:
+    if name == "work_orders" and key != ("_id",):
+        return "mes_tasks finds and fences a work order by _id alone, and _id is unique only per shard"
+    for fields in unique:
+        if key != fields[: len(key)]:
+            return f"the unique index on {', '.join(fields)} is impossible (it must start with the shard key)"
+    return None
+
+
+def _key_fix(name: str, unique: dict[str, list[tuple[str, ...]]]) -> str:
+    first = "_id" if name == "work_orders" else next((f[0] for f in unique.get(name, []) if f), "_id")
+    return f"keep {name} unsharded, or reshard it on {{{first}: 1}} (docs/sharding.md)"
+
+
+def _transaction_check(layout: dict[str, dict[str, Any]], zoned: set[str]) -> Check:
+    """Whether a work order and its log, written in one transaction, share a shard."""
+    orders, logs = (layout.get(name) for name in TRANSACTION_COLLECTIONS)
+    if orders is None and logs is None:
+        return Check(OK, "sharded transactions", "work orders and logs unsharded, on one shard: single-shard")
+    if _unsplit(orders) or _unsplit(logs):
+        return Check(
+            INFO,
+            "sharded transactions",
+            "work_orders or quantity_logs moved by moveCollection: single-shard while both share a shard",
+            "compare their shards in sh.status()",
+        )
+    by_order = orders is not None and logs is not None and tuple(logs["key"])[:1] == ("work_order_id",)
+    if by_order and zoned >= set(TRANSACTION_COLLECTIONS):
+        return Check(OK, "sharded transactions", "both keyed by work order and zoned: single-shard per zone")
+    why = "keyed alike but not zoned" if by_order else "keyed apart"
+    return Check(
+        WARN,
+        "sharded transactions",
+        f"work orders and logs {why}: most updates commit across two shards (two-phase commit: "
+        "about three more majority writes per update, and killSessions cannot end a prepared one)",
+        "keep both unsharded, or key both by work order and zone them alike (docs/sharding.md)",
+    )
+
+
+def _unsplit(doc: dict[str, Any] | None) -> bool:
+    """A collection ``config.collections`` tracks without sharding it (moved by ``moveCollection``)."""
+    return doc is not None and bool(doc.get("unsplittable"))
+
+
+def _placement(doc: dict[str, Any] | None) -> str:
+    if doc is None:
+        return "unsharded"
+    if _unsplit(doc):
+        return "unsharded (moved)"
+    return _shown(doc["key"]) + (" unique" if doc.get("unique") else "")
+
+
+def _shown(key: dict[str, Any]) -> str:
+    return "{" + ", ".join(f"{field}: {kind!r}" for field, kind in key.items()) + "}"
 
 
 def check_timing(ctx: Context) -> list[Check]:
@@ -307,6 +448,7 @@ CHECKS: list[Callable[[Context], list[Check]]] = [
     check_redis,
     check_redis_isolation,
     check_mongo,
+    check_sharding,
     check_indexes,
     check_timing,
     check_consumers,
