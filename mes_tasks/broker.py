@@ -7,7 +7,7 @@ the ``unacked`` hash of delivered, unacknowledged messages (with their ETA retri
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import kombu.exceptions
@@ -39,24 +39,39 @@ def is_outage(exc: BaseException) -> bool:
     return isinstance(exc, WRAPPED_ERRORS) and isinstance(exc.__cause__, BROKER_ERRORS)
 
 
-def held_task_ids(channel: Any, queue: str) -> set[str]:
-    """Task ids of every message of ``queue`` that is waiting or delivered but unacknowledged."""
+def held_task_ids(channel: Any, queues: str | Sequence[str]) -> set[str]:
+    """Task ids of every message of ``queues`` that is waiting or delivered but unacknowledged."""
+    names = [queues] if isinstance(queues, str) else list(queues)
     ids: set[str] = set()
     with channel.conn_or_acquire() as client:  # the channel's own connection may be in BRPOP
-        for pri in channel.priority_steps:
-            ids.update(_task_id(raw) for raw in _list_items(client, channel._q_for_pri(queue, pri)))
+        for queue in names:
+            for pri in channel.priority_steps:
+                ids.update(_task_id(raw) for raw in _list_items(client, channel._q_for_pri(queue, pri)))
         ids.update(
-            message.get("headers", {}).get("id", "") for _, message in unacked_of(client, channel, queue)
+            message.get("headers", {}).get("id", "") for _, message in unacked_of(client, channel, *names)
         )
     ids.discard("")
     return ids
 
 
-def unacked_of(client: Any, channel: Any, queue: str) -> Iterator[tuple[Any, dict[str, Any]]]:
-    """(delivery tag, message) of each delivered, unacknowledged message of ``queue``."""
+def in_flight_by_queue(client: Any, unacked_key: str = "unacked") -> dict[str, int]:
+    """Delivered, unacknowledged messages per queue (their routing key)."""
+    counts: dict[str, int] = {}
+    for raw in client.hvals(unacked_key):
+        try:
+            _, _, routing_key = json.loads(raw)
+        except ValueError:
+            continue
+        counts[str(routing_key)] = counts.get(str(routing_key), 0) + 1
+    return counts
+
+
+def unacked_of(client: Any, channel: Any, *queues: str) -> Iterator[tuple[Any, dict[str, Any]]]:
+    """(delivery tag, message) of each delivered, unacknowledged message of ``queues``."""
+    wanted = set(queues)
     for tag, raw in client.hgetall(channel.unacked_key).items():  # kombu's hash, all queues
         message, exchange, routing_key = json.loads(raw)
-        if queue in (exchange, routing_key):
+        if wanted & {exchange, routing_key}:
             yield tag, message
 
 
@@ -80,6 +95,11 @@ def _list_items(client: Any, key: str) -> Iterator[bytes]:
         if len(chunk) < SCAN_CHUNK:
             return
         start += SCAN_CHUNK
+
+
+def task_id_of(raw: bytes | str) -> str:
+    """The task id of a raw queued message (empty if it is not one)."""
+    return _task_id(raw)
 
 
 def _task_id(raw: bytes | str) -> str:

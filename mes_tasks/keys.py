@@ -12,6 +12,11 @@ Key patterns:
     {prefix}pause:workorder        string, JSON ``{"at": ...}`` while ``queue pause`` is in force;
                                    every ``workorder`` worker honours it at start, take-over
                                    and every tick; ``queue resume`` deletes it; no TTL
+    {prefix}lease:workorder.{i}    with MES_PARTITIONS > 1: the lease of partition i (and of a
+    {prefix}lease:workorder.{i}:owner  leftover queue), its last holder's process id, and
+    {prefix}pause:workorder.{i}    its own pause (``pause:workorder`` pauses them all)
+    {prefix}members:workorder      hash, owner id -> epoch ms its membership expires: the live
+                                   workers sharing the partitions, for each one's fair share
     {prefix}sessions               hash, ``<owner_id>|<lsid hex>`` -> epoch seconds: the MongoDB
                                    sessions a ``workorder`` worker runs transactions in; its
                                    successor ends them (``killSessions``, see ``sessions``)
@@ -40,6 +45,8 @@ is mes_tasks's own (``REDIS_URL``'s database number, 3 by default).
 
 from __future__ import annotations
 
+from mes_tasks.names import WORKORDER_QUEUE
+
 
 def lock_key(prefix: str, work_order_id: str) -> str:
     return f"{prefix}lock:{work_order_id}"
@@ -49,16 +56,18 @@ def wanted_key(prefix: str, work_order_id: str) -> str:
     return f"{prefix}wanted:{work_order_id}"
 
 
-def lease_owner_key(prefix: str) -> str:
-    return f"{prefix}lease:owner"
+def lease_owner_key(prefix: str, queue: str = WORKORDER_QUEUE) -> str:
+    """``lease:owner`` for ``workorder``; ``lease:workorder.{i}:owner`` for a partition."""
+    return f"{prefix}lease:owner" if queue == WORKORDER_QUEUE else f"{prefix}lease:{queue}:owner"
 
 
 def apply_ms_key(prefix: str) -> str:
     return f"{prefix}stats:apply_ms"
 
 
-def pause_key(prefix: str) -> str:
-    return f"{prefix}pause:workorder"
+def pause_key(prefix: str, queue: str = WORKORDER_QUEUE) -> str:
+    """``pause:workorder`` pauses every workorder queue; ``pause:workorder.{i}`` one partition."""
+    return f"{prefix}pause:{queue}"
 
 
 def sessions_key(prefix: str) -> str:
@@ -73,8 +82,12 @@ def unrecorded_key(prefix: str) -> str:
     return f"{prefix}stats:unrecorded"
 
 
-def lease_key(prefix: str) -> str:
-    return f"{prefix}lease:workorder"
+def lease_key(prefix: str, queue: str = WORKORDER_QUEUE) -> str:
+    return f"{prefix}lease:{queue}"
+
+
+def members_key(prefix: str) -> str:
+    return f"{prefix}members:workorder"
 
 
 def update_counts_key(prefix: str) -> str:

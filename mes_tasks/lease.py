@@ -31,9 +31,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import socket
+import time
 from contextlib import suppress
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,26 +46,29 @@ from celery import bootsteps
 from mes_tasks import db, sessions
 from mes_tasks.broker import unacked_of
 from mes_tasks.errors import LockBusy, MesError, RedisUnavailable
-from mes_tasks.keys import lease_key, lease_owner_key, lock_key, pause_key, takeovers_key
+from mes_tasks.keys import lease_key, lease_owner_key, lock_key, members_key, pause_key, takeovers_key
 from mes_tasks.locks import _RELEASE, TOKEN_SEP, RedisLock, owner_id
 from mes_tasks.names import WORKORDER_QUEUE
+from mes_tasks.partitions import every_queue, index_of, is_workorder_queue, queue_names
 from mes_tasks.settings import get_settings
 
 log = logging.getLogger(__name__)
 
 QUEUE = WORKORDER_QUEUE
 LEASE_POLL_S = 0.5  # how often a standby tries to take the lease (and the active checks it)
+LEFTOVER_EVERY = 10  # ticks between looks for leftover queues (MES_PARTITIONS changed)
 _STEP: list[SingleActiveConsumer] = []  # this worker's step, once it started on workorder
 
 
-def may_apply() -> bool:
-    """False in a ``workorder`` worker that does not hold the lease right now.
+def may_apply(queue: str | None = None) -> bool:
+    """False in a ``workorder`` worker that does not hold ``queue``'s lease right now.
 
     A worker resumed after SIGSTOP may take a message before its tick sees that the lease
-    is gone; it must hand the message back rather than take work-order locks the new
-    active worker needs. Other processes (no lease step) may always apply.
+    is gone (or run a retry whose partition it has since handed over); it must hand the
+    message back rather than take work-order locks the queue's active worker needs. Other
+    processes (no lease step) may always apply.
     """
-    return not _STEP or (_STEP[0].active and _STEP[0].lease is not None and _STEP[0].lease.held)
+    return not _STEP or _STEP[0].holds(queue or QUEUE)
 
 
 class Lease(RedisLock):
@@ -149,119 +155,276 @@ return 0
 """
 
 
-def clear_predecessor_locks(client: redis.Redis, prefix: str) -> int:
-    """Record this process as the active consumer; delete the locks the previous one kept.
+def clear_predecessor_locks(client: redis.Redis, prefix: str, queue: str = QUEUE) -> int:
+    """Record this process as ``queue``'s active consumer; delete the locks the previous one kept.
 
     The previous holder is dead or paused past its lease: the epochs we bump fence it
     out, so its locks (kept between updates, see ``keptlocks``) only delay us.
     """
+    previous = record_owner(client, prefix, queue)
+    return 0 if previous is None else clear_locks_of(client, prefix, previous)
+
+
+def record_owner(client: redis.Redis, prefix: str, queue: str) -> str | None:
+    """Name this process ``queue``'s holder; the previous holder, if another process."""
     me = owner_id()
-    answer = client.set(lease_owner_key(prefix), me, get=True)
+    answer = client.set(lease_owner_key(prefix, queue), me, get=True)
     previous = answer.decode() if isinstance(answer, bytes) else answer
-    if not previous or previous == me:
-        return 0
-    mine = f"{previous}{TOKEN_SEP}"
+    return None if not previous or previous == me else str(previous)
+
+
+def clear_locks_of(client: redis.Redis, prefix: str, owner: str) -> int:
+    """Delete every work-order lock whose token names ``owner``."""
+    mine = f"{owner}{TOKEN_SEP}"
     keys = list(client.scan_iter(match=lock_key(prefix, "*"), count=500))
     return sum(int(client.eval(_DEL_IF_OWNED_BY, 1, key, mine)) for key in keys)
 
 
-def _consuming(c: Any) -> bool:
-    return QUEUE in {q.name for q in c.task_consumer.queues}
+def _consumed(c: Any) -> set[str]:
+    return {q.name for q in c.task_consumer.queues}
+
+
+def _consuming(c: Any, queue: str = QUEUE) -> bool:
+    return queue in _consumed(c)
+
+
+def fair_share(queues: int, members: int) -> int:
+    """How many of ``queues`` each of ``members`` live workers holds at most."""
+    return max(1, math.ceil(queues / max(1, members)))
+
+
+@dataclass
+class Slot:
+    """A workorder queue this worker may consume, and its lease."""
+
+    queue: str
+    lease: Lease
+    active: bool = False  # consuming it (or paused on it) under its lease
+    paused: bool | None = None  # as last seen, for the log
 
 
 class SingleActiveConsumer(bootsteps.StartStopStep):  # type: ignore[misc]
-    """Consumer step: consume ``workorder`` only while holding the lease and not paused."""
+    """Consumer step: consume each workorder queue only while holding its lease and not paused.
+
+    ``MES_PARTITIONS`` = 1: one slot, ``workorder``. N > 1: a worker started on
+    ``workorder`` takes its fair share of the partitions (and of any leftover queue) it can
+    get, hands one back each tick while it holds more than its share (a worker joined),
+    and takes a dead holder's over; one started on ``workorder.{i}`` queues holds only those.
+    """
 
     requires = {"celery.worker.consumer.tasks:Tasks"}
 
     def __init__(self, parent: Any, **kwargs: Any) -> None:
         super().__init__(parent, **kwargs)
-        self.lease: Lease | None = None
-        self.eligible = False  # started on workorder: may hold the lease
+        self.eligible: set[str] = set()  # the workorder queues it was started on
+        self.slots: dict[str, Slot] = {}
+        self.client: redis.Redis | None = None
         self.prefix = ""
-        self.active = False
-        self.paused: bool | None = None  # as last seen, for the log
+        self.ttl_s = 0.0
+        self.partitions = 1
         self.timer_entry: Any = None
         self.mongo: db.Mongo | None = None
+        self.ticks = 0
+        self.leftovers: list[str] = []  # workorder queues outside N that still hold messages
+
+    # -- compatibility: the one slot of MES_PARTITIONS=1 ------------------------------------
+
+    @property
+    def lease(self) -> Lease | None:
+        slot = self.slots.get(QUEUE)
+        return None if slot is None else slot.lease
+
+    @property
+    def active(self) -> bool:
+        return any(slot.active for slot in self.slots.values())
+
+    def holds(self, queue: str) -> bool:
+        slot = self.slots.get(queue)
+        return slot is not None and slot.active and slot.lease.held
+
+    # -- the step ----------------------------------------------------------------------------
 
     def start(self, c: Any) -> None:
-        self.eligible = self.eligible or _consuming(c)  # a restarted consumer keeps its role
-        if self.eligible:
+        self.eligible = self.eligible or {q for q in _consumed(c) if is_workorder_queue(q)}
+        if self.eligible:  # a restarted consumer keeps its role
             settings = get_settings()
-            client: redis.Redis = db.redis_client(settings)
-            self.lease = self.lease or Lease(client, lease_key(settings.key_prefix), settings.lease_ttl_s)
-            self.prefix = settings.key_prefix
+            self.client = self.client or db.redis_client(settings)
+            self.prefix, self.ttl_s, self.partitions = (
+                settings.key_prefix,
+                settings.lease_ttl_s,
+                settings.partitions,
+            )
             self.mongo = self.mongo or db.mongo_client(settings)
             _STEP[:] = [self]
-            if _consuming(c):
-                c.cancel_task_queue(QUEUE)  # until the lease is ours and no pause is in force
+            for queue in _consumed(c) & self.eligible:
+                c.cancel_task_queue(queue)  # until its lease is ours and no pause is in force
         self.tick(c)
         self.timer_entry = c.timer.call_repeatedly(LEASE_POLL_S, self.tick, (c,), priority=10)
 
     def tick(self, c: Any) -> None:
         """Run in the worker's event loop, between tasks."""
-        if self.lease is None:
-            if _consuming(c):
-                log.warning("not started on %s: not consuming it", QUEUE)
-                c.cancel_task_queue(QUEUE)
+        self.ticks += 1
+        if not self.eligible:
+            for queue in _consumed(c):
+                if is_workorder_queue(queue):
+                    log.warning("not started on %s: not consuming it", queue)
+                    c.cancel_task_queue(queue)
             return
-        if self.active and not self.lease.held:
-            log.error("lost the %s lease (%s): standby now", QUEUE, self.lease.lost_reason)
-            c.cancel_task_queue(QUEUE)
-            self.active = False
-        if not self.active and _consuming(c):  # someone ran add_consumer on a standby
-            log.warning("standby: not consuming %s without the lease", QUEUE)
-            c.cancel_task_queue(QUEUE)
-        if not self.active and self.lease.try_acquire():
-            self._take_over(c)
-        if self.active:
-            self._honour_pause(c)
+        for slot in self.slots.values():
+            if slot.active and not slot.lease.held:
+                log.error("lost the %s lease (%s): standby now", slot.queue, slot.lease.lost_reason)
+                c.cancel_task_queue(slot.queue)
+                slot.active = False
+        for queue in _consumed(c):
+            if is_workorder_queue(queue) and not self.holds(queue):  # add_consumer on a standby
+                log.warning("standby: not consuming %s without the lease", queue)
+                c.cancel_task_queue(queue)
+        wanted = self._wanted()
+        share = len(wanted) if self._pinned() else fair_share(len(wanted), self._members())
+        held = [s for s in self.slots.values() if s.active]
+        if len(held) > share:
+            self._hand_over(c, held[-1])  # one a tick: the others take it as they look
+        for queue in wanted:
+            if sum(s.active for s in self.slots.values()) >= share:
+                break
+            slot = self._slot(queue)
+            if not slot.active and slot.lease.try_acquire():
+                self._take_over(c, slot)
+        for slot in self.slots.values():
+            if slot.active:
+                self._honour_pause(c, slot)
 
-    def _take_over(self, c: Any) -> None:
-        assert self.lease is not None and self.mongo is not None
-        ended = 0
+    def _pinned(self) -> bool:
+        return QUEUE not in self.eligible
+
+    def _slot(self, queue: str) -> Slot:
+        if queue not in self.slots:
+            assert self.client is not None
+            self.slots[queue] = Slot(queue, Lease(self.client, lease_key(self.prefix, queue), self.ttl_s))
+        return self.slots[queue]
+
+    def _wanted(self) -> list[str]:
+        """The queues this worker may hold, in the order it tries them."""
+        if self._pinned():
+            return sorted(self.eligible, key=lambda q: index_of(q) or 0)
+        queues = queue_names(self.partitions)
+        if self.partitions == 1:
+            return queues
+        if self.ticks % LEFTOVER_EVERY == 1:
+            self.leftovers = self._find_leftovers(queues)
+        held = [q for q in queues if q in self.slots and self.slots[q].active]
+        start = sum(map(ord, owner_id())) % len(queues)  # workers try the partitions in different orders
+        ring = queues[start:] + queues[:start]
+        return held + [q for q in ring if q not in held] + [q for q in self.leftovers if q not in queues]
+
+    leftovers: list[str] = []
+
+    def _find_leftovers(self, current: list[str]) -> list[str]:
+        """Workorder queues outside the current N that still hold messages (N changed)."""
+        assert self.client is not None
+        others = [q for q in every_queue() if q not in current]
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            for queue in others:
+                pipe.llen(queue)
+            return [q for q, n in zip(others, pipe.execute(), strict=True) if n]
+        except redis.RedisError:
+            return self.leftovers
+
+    def _members(self) -> int:
+        """Live workers sharing the partitions (this one included); 1 with one partition."""
+        if self.partitions == 1 or self.client is None:
+            return 1
+        key, now_ms = members_key(self.prefix), int(time.time() * 1000)
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            pipe.hset(key, owner_id(), now_ms + int(self.ttl_s * 1000))
+            pipe.hgetall(key)
+            _, members = pipe.execute()
+            expired = [m for m, until in members.items() if int(until) < now_ms]
+            if expired:
+                self.client.hdel(key, *expired)
+        except redis.RedisError:
+            return 1 + sum(s.active for s in self.slots.values())  # keep what we hold
+        return max(1, len(members) - len(expired))
+
+    def _take_over(self, c: Any, slot: Slot) -> None:
+        assert self.client is not None and self.mongo is not None
+        ended, cleared, restored = 0, 0, 0
         sessions.forget_recorded()  # a successor may have ended ours while we were standby
-        try:
-            ended = sessions.end_others(self.mongo, self.lease.client, self.prefix)
-        except MesError as exc:  # their transactions then time out on the server
-            log.warning("could not end the previous holder's MongoDB sessions: %s", exc.message)
-        cleared = clear_predecessor_locks(self.lease.client, self.prefix)
-        restored = restore_unacked(c.connection.default_channel)
-        self.active = True
+        previous = None
+        if slot.queue == QUEUE and self.partitions == 1:  # the one active consumer: as ever
+            try:
+                ended = sessions.end_others(self.mongo, self.client, self.prefix)
+            except MesError as exc:  # their transactions then time out on the server
+                log.warning("could not end the previous holder's MongoDB sessions: %s", exc.message)
+            cleared = clear_predecessor_locks(self.client, self.prefix)
+            restored = restore_unacked(c.connection.default_channel)
+        else:
+            previous = record_owner(self.client, self.prefix, slot.queue)
+            if previous is not None:  # died or was fenced out holding it; a hand-over clears it
+                try:
+                    ended = sessions.end_others(self.mongo, self.client, self.prefix, owner=previous)
+                except MesError as exc:
+                    log.warning("could not end the previous holder's MongoDB sessions: %s", exc.message)
+                cleared = clear_locks_of(self.client, self.prefix, previous)
+                restored = restore_unacked(c.connection.default_channel, slot.queue)
+        slot.active = True
         with contextlib.suppress(redis.RedisError):  # a count for `metrics`, not a guarantee
-            self.lease.client.incr(takeovers_key(self.prefix))
+            self.client.incr(takeovers_key(self.prefix))
         log.warning("took the %s lease on %s; restored %d in-flight message(s), cleared %d lock(s), "
-                    "ended %d session(s)", QUEUE, socket.gethostname(), restored, cleared, ended)  # fmt: skip
+                    "ended %d session(s)",
+                    slot.queue, socket.gethostname(), restored, cleared, ended)  # fmt: skip
 
-    def _honour_pause(self, c: Any) -> None:
-        assert self.lease is not None
+    def _hand_over(self, c: Any, slot: Slot) -> None:
+        """Give a partition back to the others: stop consuming it, then let go of its lease.
+
+        Its owner record goes first, while the lease is still ours, so the next holder
+        knows this was a hand-over (nothing to end, clear or restore), not a death.
+        """
+        assert self.client is not None
+        if _consuming(c, slot.queue):
+            c.cancel_task_queue(slot.queue)
+        with contextlib.suppress(redis.RedisError):
+            self.client.delete(lease_owner_key(self.prefix, slot.queue))
+        with suppress(RedisUnavailable):
+            slot.lease.release()
+        slot.active, slot.paused = False, None
+        log.warning("handed %s over: more workers share the partitions now", slot.queue)
+
+    def _honour_pause(self, c: Any, slot: Slot) -> None:
+        assert self.client is not None
         try:
-            paused = self.lease.client.exists(pause_key(self.prefix)) > 0
+            paused = self.client.exists(pause_key(self.prefix), pause_key(self.prefix, slot.queue)) > 0
         except redis.RedisError:
             return  # unknown: keep things as they are until Redis answers
-        if paused != self.paused:
+        if paused != slot.paused:
             log.warning(
-                "%s is paused: not consuming it until `queue resume`" if paused else "consuming %s", QUEUE
+                "%s is paused: not consuming it until `queue resume`" if paused else "consuming %s",
+                slot.queue,
             )
-            self.paused = paused
-        if paused and _consuming(c):
-            c.cancel_task_queue(QUEUE)
-        elif not paused and not _consuming(c):
-            c.add_task_queue(QUEUE)
+            slot.paused = paused
+        if paused and _consuming(c, slot.queue):
+            c.cancel_task_queue(slot.queue)
+        elif not paused and not _consuming(c, slot.queue):
+            c.add_task_queue(slot.queue)
 
     def stop(self, c: Any) -> None:
-        """Worker shutdown, or a consumer restart (broker connection lost): let go of the lease.
+        """Worker shutdown, or a consumer restart (broker connection lost): let go of the leases.
 
-        A restarted consumer takes it again through ``tick`` like any standby, restoring
+        A restarted consumer takes them again through ``tick`` like any standby, restoring
         the messages its previous connection left unacknowledged.
         """
         if self.timer_entry is not None:
             self.timer_entry.cancel()
             self.timer_entry = None
-        if self.lease is not None and self.active:
-            with suppress(RedisUnavailable):
-                self.lease.release()  # a standby can take over at once
-        self.active = False
-        self.paused = None
+        for slot in self.slots.values():
+            if slot.active:
+                with suppress(RedisUnavailable):
+                    slot.lease.release()  # a standby can take over at once
+            slot.active, slot.paused = False, None
+        if self.client is not None and self.partitions > 1:
+            with contextlib.suppress(redis.RedisError):
+                self.client.hdel(members_key(self.prefix), owner_id())
 
     shutdown = stop

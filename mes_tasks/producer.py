@@ -21,8 +21,9 @@ from mes_tasks.broker import is_outage
 from mes_tasks.errors import MesError, QueueError, RequestIdConflict, ValidationError
 from mes_tasks.keys import apply_ms_key, unrecorded_key
 from mes_tasks.models import OutboxMessage
-from mes_tasks.names import UPDATE_QUANTITY, WORKORDER_QUEUE
+from mes_tasks.names import UPDATE_QUANTITY
 from mes_tasks.outbox import Job
+from mes_tasks.partitions import queue_for, queue_names
 from mes_tasks.settings import Settings, get_settings, mask_secrets
 from mes_tasks.validation import (
     UPDATE_FIELDS,
@@ -275,15 +276,18 @@ class Producer:
         return length, estimated_delay_ms(length, per_update_ms)
 
     def queue_state(self) -> tuple[int | None, float | None]:
-        """Messages waiting in ``workorder`` and the worker's average time per update (ms)."""
+        """Messages waiting per workorder queue (the mean, over partitions) and the worker's
+        average time per update (ms)."""
+        queues = queue_names(self.settings.partitions)
         try:
             pipe = self.redis.pipeline(transaction=False)
-            pipe.llen(WORKORDER_QUEUE)
+            for queue in queues:
+                pipe.llen(queue)
             pipe.get(apply_ms_key(self.settings.key_prefix))
-            length, apply_ms = pipe.execute()
+            *lengths, apply_ms = pipe.execute()
         except redis.RedisError:
             return None, None
-        return int(length), float(apply_ms) if apply_ms else DEFAULT_APPLY_MS
+        return round(sum(lengths) / len(queues)), float(apply_ms) if apply_ms else DEFAULT_APPLY_MS
 
 
 def estimated_delay_ms(length: int | None, per_update_ms: float | None, behind: int = 0) -> int | None:
@@ -424,12 +428,23 @@ def _publish_batch(jobs: Sequence[Job], before_flush: Callable[[], object]) -> N
 
 
 def _send_task(job: Job, options: dict[str, Any]) -> AsyncResult:
-    """Every publish of an update; Flower and the logs show it as ``readable`` puts it."""
+    """Every publish of an update; Flower and the logs show it as ``readable`` puts it.
+
+    With ``MES_PARTITIONS`` > 1 the update goes to its work order's partition, whatever
+    queue the caller named: one work order's updates must share one queue.
+    """
     reprs = readable(job.args, job.kwargs)
     result: AsyncResult = app.send_task(
-        UPDATE_QUANTITY, job.args, job.kwargs, task_id=job.job_id, **{**reprs, **options}
+        UPDATE_QUANTITY, job.args, job.kwargs, task_id=job.job_id, **{**reprs, **options, **_route(job)}
     )
     return result
+
+
+def _route(job: Job) -> dict[str, str]:
+    partitions = get_settings().partitions
+    if partitions == 1:
+        return {}  # task_routes: workorder
+    return {"queue": queue_for(str(job.args[0]), partitions)}
 
 
 _default: Producer | None = None

@@ -58,16 +58,19 @@ class SessionLog:
         _RECORDED.add(lsid)
 
 
-def end_others(mongo: Mongo, client: redis.Redis, prefix: str) -> int:
+def end_others(mongo: Mongo, client: redis.Redis, prefix: str, owner: str | None = None) -> int:
     """End (``killSessions``) every recorded session of another process; how many were ended.
 
     Only the new active ``workorder`` consumer calls this: any other owner's transactions
-    are a dead or fenced-out predecessor's.
+    are a dead or fenced-out predecessor's. With partitions other workers are alive and
+    active: then only ``owner``'s sessions (the partition's dead holder) are ended.
     """
     key = sessions_key(prefix)
     mine = f"{owner_id()}{FIELD_SEP}"
     with redis_errors():
         fields = [f for f in client.hkeys(key) if not str(f).startswith(mine)]
+    if owner is not None:
+        fields = [f for f in fields if str(f).startswith(f"{owner}{FIELD_SEP}")]
     if not fields:
         return 0
     ids = [{"id": Binary(bytes.fromhex(str(f).rpartition(FIELD_SEP)[2]), 4)} for f in fields]

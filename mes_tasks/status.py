@@ -10,11 +10,13 @@ import redis
 from celery import Celery
 
 from mes_tasks import outbox
+from mes_tasks.broker import in_flight_by_queue, task_id_of
 from mes_tasks.db import mongo_errors, redis_errors
 from mes_tasks.errors import MesError, RedisUnavailable
-from mes_tasks.keys import lock_key, pause_key, unrecorded_key
-from mes_tasks.models import AuditReport, FailedUpdate, utcnow
-from mes_tasks.names import QUEUES, WORKORDER_QUEUE
+from mes_tasks.keys import lease_key, lock_key, pause_key, unrecorded_key
+from mes_tasks.models import AuditReport, FailedUpdate, OutboxMessage, utcnow
+from mes_tasks.names import AUDIT_QUEUE, WORKORDER_QUEUE
+from mes_tasks.partitions import relayed_queues
 from mes_tasks.settings import Settings
 
 UNACKED_KEY = "unacked"  # kombu's hash of delivered, unacknowledged messages (all queues)
@@ -63,11 +65,57 @@ def backlog(client: redis.Redis, queue: str = WORKORDER_QUEUE) -> int:
     return int(waiting) + int(unacked)
 
 
-def queue_status(app: Celery, client: redis.Redis, settings: Settings) -> dict[str, Any]:
-    """One snapshot of the whole pipeline's health."""
+def watched_queues(settings: Settings) -> list[str]:
+    """The queues ``queue status`` shows: every workorder queue in use, then ``audit``."""
+    return [*relayed_queues(settings.partitions), AUDIT_QUEUE]
+
+
+def partition_status(client: redis.Redis, settings: Settings) -> list[dict[str, Any]]:
+    """Per workorder queue: waiting, in flight, holder (host:pid:tag), paused, oldest age (s)."""
+    prefix, queues = settings.key_prefix, relayed_queues(settings.partitions)
     with redis_errors():
         pipe = client.pipeline(transaction=False)
-        for queue in QUEUES:
+        for queue in queues:
+            pipe.llen(queue)
+            pipe.lindex(queue, -1)  # kombu pushes on the left, pops on the right
+            pipe.get(lease_key(prefix, queue))
+            pipe.exists(pause_key(prefix), pause_key(prefix, queue))
+        replies = pipe.execute()
+        in_flight = in_flight_by_queue(client, UNACKED_KEY)
+    fields = ("waiting", "head", "lease", "paused")
+    rows = [dict(zip(fields, replies[i * 4 : i * 4 + 4], strict=True)) for i in range(len(queues))]
+    heads = {task_id_of(r["head"]): q for q, r in zip(queues, rows, strict=True) if r["head"]}
+    with mongo_errors():
+        created = {d["job_id"]: d["created_at"] for d in OutboxMessage._get_collection().find(
+            {"job_id": {"$in": sorted(heads)}}, {"job_id": 1, "created_at": 1})}  # fmt: skip
+    now = utcnow()
+    return [
+        {
+            "queue": queue,
+            "waiting": int(row["waiting"]),
+            "in_flight": in_flight.get(queue, 0),
+            "holder": str(row["lease"]).split("/", 1)[0] if row["lease"] else None,
+            "paused": bool(row["paused"]),
+            "oldest_age_s": _age_s(created.get(task_id_of(row["head"])) if row["head"] else None, now),
+        }
+        for queue, row in zip(queues, rows, strict=True)
+    ]
+
+
+def _age_s(created_at: Any, now: Any) -> float | None:
+    if created_at is None:
+        return None
+    if created_at.tzinfo is None:
+        created_at = created_at.replace(tzinfo=now.tzinfo)
+    return float(round((now - created_at).total_seconds(), 1))
+
+
+def queue_status(app: Celery, client: redis.Redis, settings: Settings) -> dict[str, Any]:
+    """One snapshot of the whole pipeline's health."""
+    queues = watched_queues(settings)
+    with redis_errors():
+        pipe = client.pipeline(transaction=False)
+        for queue in queues:
             pipe.llen(queue)
         pipe.hlen(UNACKED_KEY)
         pipe.get(pause_key(settings.key_prefix))
@@ -79,8 +127,9 @@ def queue_status(app: Celery, client: redis.Redis, settings: Settings) -> dict[s
         last: AuditReport | None = AuditReport.objects.order_by("-started_at").first()
     return {
         "queues": {
-            q: {"waiting": n, "consumers": by_queue.get(q, [])} for q, n in zip(QUEUES, lengths, strict=True)
+            q: {"waiting": n, "consumers": by_queue.get(q, [])} for q, n in zip(queues, lengths, strict=True)
         },
+        "partitions": partition_status(client, settings),
         "unacked": unacked,
         "paused": None if paused is None else _pause_record(paused),
         "unrecorded": int(unrecorded or 0),
@@ -106,13 +155,17 @@ def pause(app: Celery, client: redis.Redis, settings: Settings, queue: str = WOR
     undoes it. The consumers that answer are also told at once; returns their names.
     """
     with redis_errors():
-        client.set(pause_key(settings.key_prefix), json.dumps({"at": utcnow().isoformat()}))
+        client.set(pause_key(settings.key_prefix, queue), json.dumps({"at": utcnow().isoformat()}))
+    replies: list[dict[str, Any]] = []
     try:
-        consuming = consumers(app).get(queue, [])
-        replies = _control(app, "cancel_consumer", queue, destination=consuming) if consuming else []
+        by_queue = consumers(app)
+        for target in _targets(queue, settings):
+            consuming = by_queue.get(target, [])
+            if consuming:
+                replies += _control(app, "cancel_consumer", target, destination=consuming)
     except MesError:  # recorded all the same: the workers honour it at their next tick
         return []
-    return sorted(name for reply in replies for name in reply)
+    return sorted({name for reply in replies for name in reply})
 
 
 def resume(app: Celery, client: redis.Redis, settings: Settings, queue: str = WORKORDER_QUEUE) -> list[str]:
@@ -122,14 +175,20 @@ def resume(app: Celery, client: redis.Redis, settings: Settings, queue: str = WO
     active worker is running). Only the lease holder ever consumes, never another worker.
     """
     with redis_errors():
-        if not client.delete(pause_key(settings.key_prefix)):
+        if not client.delete(pause_key(settings.key_prefix, queue)):
             raise MesError(f"{queue!r} is not paused", code="NOT_PAUSED")
     deadline = time.monotonic() + RESUME_WAIT_S
     while True:
-        consuming = consumers(app).get(queue, [])
+        by_queue = consumers(app)
+        consuming = sorted({w for target in _targets(queue, settings) for w in by_queue.get(target, [])})
         if consuming or time.monotonic() > deadline:
             return consuming
         time.sleep(0.2)
+
+
+def _targets(queue: str, settings: Settings) -> list[str]:
+    """The queues a pause of ``queue`` stops: all workorder queues for ``workorder`` itself."""
+    return relayed_queues(settings.partitions) if queue == WORKORDER_QUEUE else [queue]
 
 
 def _pause_record(raw: Any) -> dict[str, Any]:

@@ -28,7 +28,8 @@ from mes_tasks.errors import (
 )
 from mes_tasks.keys import negative_wait_key
 from mes_tasks.ledger import Ledger
-from mes_tasks.names import AUDIT_WORK_ORDERS, RELAY_OUTBOX, UPDATE_QUANTITY, WORKORDER_QUEUE
+from mes_tasks.names import AUDIT_WORK_ORDERS, RELAY_OUTBOX, UPDATE_QUANTITY
+from mes_tasks.partitions import relayed_queues
 from mes_tasks.producer import default_producer, publish
 from mes_tasks.reports import audit_and_report
 from mes_tasks.settings import Settings, get_settings
@@ -104,7 +105,7 @@ def update_quantity(
         ``{"status": "applied" | "duplicate", "value": counter after, "request_id": ..., ...}``
     """
     started = time.monotonic()
-    if not lease.may_apply():  # resumed after a stop, before the tick saw the lease go
+    if not lease.may_apply(_queue_of(self.request)):  # resumed after a stop, or handed over
         log.warning("not the active workorder consumer any more: handing %s back", self.request.id)
         raise Reject("not the active workorder consumer", requeue=True)
     try:
@@ -204,6 +205,13 @@ def _dead_letter(task: LedgerTask, exc: MesError) -> NoReturn:
     raise exc
 
 
+def _queue_of(request: Any) -> str | None:
+    """The queue a message came from (kombu routes by the queue's name)."""
+    info = request.delivery_info or {}
+    key = info.get("routing_key")
+    return key if isinstance(key, str) and key else None
+
+
 def _work_order_of(args: Any, kwargs: Any) -> str | None:
     value = (args[0] if args else None) or (kwargs or {}).get("work_order_id")
     return value if isinstance(value, str) else None
@@ -234,7 +242,7 @@ def relay_outbox(grace_s: float | None = None) -> dict[str, int]:
 
         def held() -> set[str]:
             conn.ensure_connection(max_retries=1)  # Redis down: fail now, the next run tries again
-            return broker.held_task_ids(conn.default_channel, WORKORDER_QUEUE)
+            return broker.held_task_ids(conn.default_channel, relayed_queues(get_settings().partitions))
 
         result = outbox.relay(
             publish, held, get_settings().outbox_grace_s if grace_s is None else grace_s

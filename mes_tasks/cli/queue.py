@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import click
-import redis
-from celery import Celery
 
 from mes_tasks import broker, outbox
 from mes_tasks.cli.common import ConsoleGroup, confirm, echo_json, json_option, stores, yes_option
 from mes_tasks.names import WORKORDER_QUEUE
+from mes_tasks.partitions import queue_of, relayed_queues
 from mes_tasks.settings import Settings
 from mes_tasks.status import pause, queue_status, resume
 
@@ -34,6 +32,12 @@ def status(ctx: click.Context, as_json: bool) -> None:
     for name, q in data["queues"].items():
         who = ", ".join(q["consumers"]) or "NO CONSUMER"
         click.echo(f"queue {name}: {q['waiting']} waiting; consumed by {who}")
+    if len(data["partitions"]) > 1:
+        for p in data["partitions"]:
+            age = "" if p["oldest_age_s"] is None else f", oldest {p['oldest_age_s']:g}s"
+            paused = ", PAUSED" if p["paused"] else ""
+            click.echo(f"  {p['queue']}: {p['waiting']} waiting, {p['in_flight']} in flight{age}; "
+                       f"holder {p['holder'] or 'NONE'}{paused}")  # fmt: skip
     click.echo(f"in flight (unacknowledged): {data['unacked']}")
     if data["paused"]:
         click.echo(f"PAUSED since {data['paused']['at']} (queue resume ends it)")
@@ -48,65 +52,87 @@ def status(ctx: click.Context, as_json: bool) -> None:
     click.echo(f"last audit: {_audit_line(data['last_audit'])}")
 
 
+partition_option = click.option(
+    "--partition", "partition", type=int, default=None, metavar="I",
+    help="Only partition I (workorder.I) when MES_PARTITIONS > 1; default: every workorder queue.",
+)  # fmt: skip
+
+
 @queue.command("pause")
+@partition_option
 @json_option
 @click.pass_context
-def pause_cmd(ctx: click.Context, as_json: bool) -> None:
+def pause_cmd(ctx: click.Context, partition: int | None, as_json: bool) -> None:
     """Stop consuming workorder until resumed; messages wait in the queue, nothing is lost.
 
     The pause holds across worker restarts and take-overs.
     """
-    workers = _on_workers(ctx, pause)
+    conn = stores()
+    target = _target(partition, conn.settings)
+    workers = pause(ctx.obj.app, conn.redis, conn.settings, target)
     if as_json:
-        echo_json({"paused": True, "stopped_on": workers})
+        echo_json({"paused": True, "queue": target, "stopped_on": workers})
         return
     where = f"stopped the consumer on {', '.join(workers)}" if workers else "no worker was consuming it"
-    click.echo(f"paused workorder ({where}); the in-flight update, if any, completes")
+    click.echo(f"paused {target} ({where}); the in-flight update, if any, completes")
 
 
 @queue.command("resume")
+@partition_option
 @json_option
 @click.pass_context
-def resume_cmd(ctx: click.Context, as_json: bool) -> None:
+def resume_cmd(ctx: click.Context, partition: int | None, as_json: bool) -> None:
     """End the pause: the active workorder worker consumes again."""
-    workers = _on_workers(ctx, resume)
+    conn = stores()
+    target = _target(partition, conn.settings)
+    workers = resume(ctx.obj.app, conn.redis, conn.settings, target)
     if as_json:
-        echo_json({"paused": False, "consumed_by": workers})
+        echo_json({"paused": False, "queue": target, "consumed_by": workers})
     elif workers:
-        click.echo(f"resumed workorder; consumed by {', '.join(workers)}")
+        click.echo(f"resumed {target}; consumed by {', '.join(workers)}")
     else:
-        click.echo("resumed workorder; no worker consumes it yet (is a workorder worker running?)")
+        click.echo(f"resumed {target}; no worker consumes it yet (is a workorder worker running?)")
 
 
 @queue.command("purge")
+@partition_option
 @yes_option
 @json_option
 @click.pass_context
-def purge_cmd(ctx: click.Context, yes: bool, as_json: bool) -> None:
+def purge_cmd(ctx: click.Context, partition: int | None, yes: bool, as_json: bool) -> None:
     """Drop every waiting workorder update for good, with its outbox record so it is not re-sent.
 
     Unlike `celery purge -Q workorder`, whose purged updates the outbox relay would send
     again. Delivered and in-flight messages are not touched; pause the queue first to
     keep the worker from taking more.
     """
-    confirm("Drop every waiting workorder update? They will never be applied", yes)
-    stores()  # connects MongoDB for the outbox
+    settings = stores().settings  # connects MongoDB for the outbox
+    target = _target(partition, settings)
+    queues = relayed_queues(settings.partitions) if target == WORKORDER_QUEUE else [target]
+    confirm(f"Drop every waiting update of {target}? They will never be applied", yes)
     with ctx.obj.app.connection_for_write() as conn:
-        job_ids = broker.take_waiting(conn.default_channel, WORKORDER_QUEUE)
+        job_ids = [i for q in queues for i in broker.take_waiting(conn.default_channel, q)]
     forgotten = outbox.forget(job_ids)
     if as_json:
         echo_json({"purged": len(job_ids), "outbox_removed": forgotten, "job_ids": job_ids})
         return
-    click.echo(
-        f"purged {len(job_ids)} waiting update(s) from workorder; {forgotten} outbox record(s) removed"
-    )
+    click.echo(f"purged {len(job_ids)} waiting update(s) from {target}; {forgotten} outbox record(s) removed")
 
 
-def _on_workers(
-    ctx: click.Context, action: Callable[[Celery, redis.Redis, Settings], list[str]]
-) -> list[str]:
-    conn = stores()
-    return action(ctx.obj.app, conn.redis, conn.settings)
+def _target(partition: int | None, settings: Settings) -> str:
+    """``workorder`` (every workorder queue), or one partition's queue."""
+    if partition is None:
+        return WORKORDER_QUEUE
+    if settings.partitions == 1 or not 0 <= partition < settings.partitions:
+        raise click.UsageError(
+            f"--partition {partition}: MES_PARTITIONS is {settings.partitions}, so the partitions are "
+            + (
+                "none (there is one queue, workorder)"
+                if settings.partitions == 1
+                else f"0 to {settings.partitions - 1}"
+            )
+        )
+    return queue_of(partition)
 
 
 def _audit_line(audit: dict[str, Any] | None) -> str:

@@ -1,0 +1,181 @@
+"""Partitioned workorder queues: one active consumer per partition, exact counts across them.
+
+The producer here submits in-process, so each test sets ``MES_PARTITIONS`` for this
+process (``partitioned``) as well as for the workers it starts.
+"""
+
+from __future__ import annotations
+
+import random
+import socket
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import redis
+
+from conftest import Worker, make_work_orders, wait_until
+from devtools.load import plan
+from mes_tasks.keys import lease_key
+from mes_tasks.lease import fair_share
+from mes_tasks.models import FailedUpdate, QuantityLog, WorkOrder
+from mes_tasks.partitions import index_of, is_workorder_queue, partition_of, queue_for, queue_names
+from mes_tasks.producer import submit_quantity_update
+from mes_tasks.settings import get_settings
+
+WOS = [f"P-{i:02d}" for i in range(16)]
+FAST = {"MES_LEASE_TTL_S": "2"}
+
+
+# -- the hash and the names (fast tier) ------------------------------------------------------
+
+
+def test_the_partition_is_crc32_of_the_utf8_id_and_stable() -> None:
+    # Pinned values: a main app in any language computes the same (zlib CRC-32, IEEE).
+    assert [partition_of("WO-1", n) for n in (2, 4, 8)] == [1, 3, 7]
+    assert [partition_of("WO-1001", n) for n in (2, 4, 8)] == [0, 2, 6]
+    assert partition_of("包装-7", 4) == 3
+    assert queue_for("WO-1", 1) == "workorder" and queue_for("WO-1", 4) == "workorder.3"
+    assert queue_names(1) == ["workorder"] and queue_names(3) == ["workorder.0", "workorder.1", "workorder.2"]
+
+
+def test_queue_names_are_recognised_and_numbered() -> None:
+    assert is_workorder_queue("workorder") and is_workorder_queue("workorder.12")
+    assert not any(
+        map(is_workorder_queue, ["audit", "workorder.", "workorder.x", "workorder.64", "workorders"])
+    )
+    assert (index_of("workorder.5"), index_of("workorder")) == (5, None)
+
+
+def test_a_fair_share_rounds_up_so_every_partition_has_a_holder() -> None:
+    assert [fair_share(4, m) for m in (1, 2, 3, 4, 5)] == [4, 2, 2, 1, 1]
+    assert fair_share(3, 0) == 3
+
+
+# -- with workers ------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def partitioned(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[int], None]]:
+    """Set this process's MES_PARTITIONS (the producer's routing reads it)."""
+
+    def use(n: int) -> None:
+        monkeypatch.setenv("MES_PARTITIONS", str(n))
+        get_settings.cache_clear()
+
+    yield use
+    monkeypatch.delenv("MES_PARTITIONS", raising=False)
+    get_settings.cache_clear()
+
+
+def send(updates: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    results = [submit_quantity_update(**u) for u in updates]
+    assert all(r["success"] for r in results), [r for r in results if not r["success"]][:3]
+    return results
+
+
+def expect_exact(updates: list[dict[str, Any]], timeout_s: float = 120) -> None:
+    """Every distinct request counted once: counters equal the sum of their distinct updates."""
+    distinct = {u["request_id"]: u for u in updates}
+    wait_until(lambda: QuantityLog.objects.count() >= len(distinct), timeout_s, f"{len(distinct)} logs")
+    time.sleep(0.5)  # anything counted twice would show now
+    assert QuantityLog.objects.count() == len(distinct)
+    assert FailedUpdate.objects.count() == 0
+    want: Counter[tuple[str, str]] = Counter()
+    for u in distinct.values():
+        want[(u["work_order_id"], u["kind"])] += u["quantity"]
+    for wo in WorkOrder.objects:
+        assert (wo.input_qty, wo.output_qty) == (want[(wo.id, "input")], want[(wo.id, "output")]), wo.id
+
+
+def holders(client: redis.Redis, n: int) -> dict[str, str | None]:
+    tokens = {q: client.get(lease_key("mes:", q)) for q in queue_names(n)}
+    return {q: None if t is None else str(t).split("/", 1)[0] for q, t in tokens.items()}
+
+
+def test_two_workers_share_two_partitions_and_count_exactly_under_duplicates(
+    redis_client: redis.Redis, start_worker: Callable[..., Worker], partitioned: Callable[[int], None]
+) -> None:
+    partitioned(2)
+    make_work_orders(WOS)
+    first, second = start_worker(MES_PARTITIONS="2", **FAST), start_worker(MES_PARTITIONS="2", **FAST)
+    wait_until(lambda: len(set(holders(redis_client, 2).values()) - {None}) == 2, 20, "one partition each")
+    updates = plan(400, WOS, "p2", seed=3, dup_share=0.1)
+    send(updates)
+    expect_exact(updates)
+    for worker in (first, second):  # both applied: the updates were spread over the partitions
+        assert worker.log().count("succeeded in") > 50 and "Traceback" not in worker.log()
+
+
+def test_a_killed_partition_holder_is_replaced_within_seconds_and_nothing_is_lost(
+    redis_client: redis.Redis, start_worker: Callable[..., Worker], partitioned: Callable[[int], None]
+) -> None:
+    partitioned(4)
+    make_work_orders(WOS)
+    doomed = start_worker(MES_PARTITIONS="4", **FAST)
+    wait_until(lambda: None not in holders(redis_client, 4).values(), 20, "every partition held")
+    survivor = start_worker(MES_PARTITIONS="4", **FAST)
+    wait_until(lambda: "took the workorder." in survivor.log(), 20, "the second worker's share")
+    updates = plan(300, WOS, "kill", seed=5, dup_share=0.1)
+    sender = threading.Thread(target=lambda: send(updates))
+    sender.start()
+    time.sleep(0.5)
+    doomed_owner = f"{socket.gethostname()}:{doomed.pid}:"
+    doomed.kill()  # SIGKILL, with its partitions and their in-flight messages
+    killed = time.monotonic()
+
+    def all_survivors() -> bool:
+        held = holders(redis_client, 4).values()
+        return None not in held and not any(h.startswith(doomed_owner) for h in held if h)
+
+    wait_until(all_survivors, 15, "its partitions taken over")
+    took_over_s = time.monotonic() - killed
+    sender.join()
+    expect_exact(updates)
+    print(f"\npartitions of a SIGKILLed holder taken over in {took_over_s:.1f}s")
+    assert took_over_s < 5, took_over_s  # the lease TTL (2 s here) and a poll
+    assert "restored" in survivor.log()
+
+
+def test_a_joining_worker_gets_partitions_handed_over_and_a_leaving_one_gives_them_back(
+    redis_client: redis.Redis, start_worker: Callable[..., Worker], partitioned: Callable[[int], None]
+) -> None:
+    partitioned(4)
+    make_work_orders(WOS)
+    first = start_worker(MES_PARTITIONS="4", **FAST)
+    wait_until(lambda: None not in holders(redis_client, 4).values(), 20, "every partition held by the first")
+    updates = plan(400, WOS, "join", seed=7, dup_share=0.1)
+    sender = threading.Thread(target=lambda: send(updates))
+    sender.start()
+    second = start_worker(MES_PARTITIONS="4", **FAST)  # joins under load
+    wait_until(lambda: first.log().count("handed workorder.") >= 2, 30, "two partitions handed over")
+    wait_until(lambda: len(set(holders(redis_client, 4).values())) == 2, 20, "two holders")
+    sender.join()
+    expect_exact(updates)
+    second.stop()  # leaves: its partitions go back to the first
+    wait_until(lambda: len(set(holders(redis_client, 4).values()) - {None}) == 1, 20, "one holder again")
+    more = plan(100, WOS, "after", seed=8)
+    send(more)
+    expect_exact(updates + more)
+
+
+def test_changing_the_number_of_partitions_under_load_keeps_counts_exact(
+    redis_client: redis.Redis, start_worker: Callable[..., Worker], partitioned: Callable[[int], None]
+) -> None:
+    """From 4 to 2: updates still in workorder.2 and .3 are leftovers the workers drain."""
+    make_work_orders(WOS)
+    partitioned(4)
+    old = plan(200, WOS, "old", seed=11, dup_share=0.1)
+    send(old)  # queued before any worker runs: they wait in workorder.0 to .3
+    assert redis_client.llen("workorder.3") > 0
+    start_worker(MES_PARTITIONS="2", **FAST)
+    start_worker(MES_PARTITIONS="2", **FAST)
+    partitioned(2)
+    new = plan(200, WOS, "new", seed=12, dup_share=0.1)
+    mixed = [dict(u, request_id=u["request_id"]) for u in new] + random.Random(1).sample(old, 20)
+    send(mixed)  # new updates, and some old ones again: the same request ids, other queues
+    expect_exact(old + mixed)
+    assert redis_client.llen("workorder.2") == redis_client.llen("workorder.3") == 0
