@@ -21,6 +21,7 @@ from mes_tasks.worker import ReleaseKeptLocks
 
 log = logging.getLogger(__name__)
 
+
 class _QuietRelay(logging.Filter):
     """Drop the INFO lines beat and the worker write for every outbox relay run (one a second).
 
