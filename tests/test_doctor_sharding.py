@@ -23,7 +23,10 @@ from mes_tasks.settings import Settings
 
 MONGOS_HELLO = {"isWritablePrimary": True, "msg": "isdbgrid", "maxWireVersion": 25}
 TODAY = unique_indexes()  # the unique indexes the models create now
-BY_ORDER = {**TODAY, "quantity_logs": [("work_order_id", "request_id")]}  # a unique index per work order
+BY_ORDER: dict[str, list[tuple[str, ...]]] = {
+    **TODAY,
+    "quantity_logs": [("work_order_id", "request_id")],  # a unique index per work order
+}
 
 
 def tracked(name: str, key: dict[str, Any], unique: bool = False, **extra: Any) -> dict[str, Any]:
