@@ -41,7 +41,7 @@ JSON_ONLY = ("task_serializer", "result_serializer", "accept_content", "result_a
 def celery_settings(s: Settings) -> dict[str, Any]:
     """Every Celery setting mes_tasks relies on, for these settings."""
     return {
-        "broker_url": s.redis_url,
+        "broker_url": s.redis_transport_url,
         "broker_connection_retry_on_startup": True,
         "broker_connection_max_retries": None,  # a lost broker is retried every second, forever
         "broker_transport_options": {
@@ -50,8 +50,9 @@ def celery_settings(s: Settings) -> dict[str, Any]:
             "unacked_restore_throttle": 1,
             "socket_connect_timeout": s.connect_timeout_s,
             "health_check_interval": 30,
+            **sentinel_options(s),
         },
-        "result_backend": s.redis_url,
+        "result_backend": s.redis_transport_url,
         # Bounded: with Redis down, a .delay() that subscribes to its result (and a worker
         # storing one) gives up within about a second instead of Celery's 20 retries of one
         # second; the update's outcome is its QuantityLog or FailedUpdate, not its result.
@@ -63,6 +64,7 @@ def celery_settings(s: Settings) -> dict[str, Any]:
                 "interval_step": 0.2,
                 "interval_max": 0.3,
             },
+            **sentinel_options(s),
         },
         "result_expires": 24 * 3600,
         "task_serializer": "json",
@@ -103,6 +105,15 @@ def celery_settings(s: Settings) -> dict[str, Any]:
             },
         },
     }
+
+
+def sentinel_options(s: Settings) -> dict[str, Any]:
+    """The transport options kombu's and Celery's Sentinel support need: the master's name, and
+    how to talk to the Sentinels (bounded timeouts, their own password); none for a plain Redis."""
+    sentinel = s.sentinel
+    if sentinel is None:
+        return {}
+    return {"master_name": sentinel.master, "sentinel_kwargs": s.sentinel_kwargs}
 
 
 def deployment_file() -> Path | None:

@@ -8,6 +8,7 @@ from typing import Any
 
 import mongoengine
 import redis
+import redis.sentinel
 from mongoengine.connection import get_connection
 from pymongo import MongoClient
 from pymongo.errors import ConnectionFailure, DuplicateKeyError, OperationFailure, PyMongoError
@@ -22,15 +23,44 @@ RETRYABLE_CODES = frozenset({112, 50})
 REDIS_HEALTH_CHECK_INTERVAL_S = 30
 
 
+class MasterConnection(redis.sentinel.SentinelManagedConnection):
+    """A connection to the Sentinels' current master, also when a dropped one is used again.
+
+    redis-py reconnects a connection that a command finds closed to the address it had,
+    bypassing the Sentinels: one kept out of the pool (the lock checks' line) would keep
+    calling a dead or demoted master after a failover.
+    """
+
+    def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        if not self._sock:
+            self.connect()  # type: ignore[no-untyped-call]
+        super().send_packed_command(command, check_health)  # type: ignore[no-untyped-call]
+
+
 def redis_client(settings: Settings) -> redis.Redis:
-    """A client for mes_tasks's Redis database (locks, stats), with bounded timeouts."""
-    return redis.Redis.from_url(
-        settings.redis_url,
-        socket_connect_timeout=settings.connect_timeout_s,
-        socket_timeout=settings.connect_timeout_s,
-        health_check_interval=REDIS_HEALTH_CHECK_INTERVAL_S,
-        decode_responses=True,
+    """A client for mes_tasks's Redis database (locks, stats), with bounded timeouts.
+
+    With Sentinels in ``REDIS_URL``, a client of their current master: each new connection
+    asks them where it is, and one to a master that failed or was demoted is dropped, so
+    every user of this client follows a failover.
+    """
+    options: dict[str, Any] = {
+        "socket_connect_timeout": settings.connect_timeout_s,
+        "socket_timeout": settings.connect_timeout_s,
+        "health_check_interval": REDIS_HEALTH_CHECK_INTERVAL_S,
+        "decode_responses": True,
+    }
+    sentinel = settings.sentinel
+    if sentinel is None:
+        return redis.Redis.from_url(settings.redis_url, **options)
+    sentinels = redis.sentinel.Sentinel(  # type: ignore[no-untyped-call]
+        list(sentinel.hosts), sentinel_kwargs=settings.sentinel_kwargs
     )
+    credentials = {"username": sentinel.username or None, "password": sentinel.password}
+    master: redis.Redis = sentinels.master_for(  # type: ignore[no-untyped-call]
+        sentinel.master, db=sentinel.db, connection_class=MasterConnection, **credentials, **options
+    )
+    return master
 
 
 def mongo_client(settings: Settings) -> Mongo:

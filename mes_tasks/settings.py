@@ -11,8 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from datetime import datetime
 from functools import lru_cache
-from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from typing import Any, NamedTuple
+from urllib.parse import parse_qs, quote, unquote, urlsplit, urlunsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pymongo import uri_parser
@@ -83,9 +83,15 @@ ENV_NAMES = {
     "negative_wait_s": "MES_NEGATIVE_WAIT_S",
     "flower_url": "MES_FLOWER_URL",
     "partitions": "MES_PARTITIONS",
+    "redis_sentinel_master": "MES_REDIS_SENTINEL_MASTER",
+    "redis_sentinel_password": "MES_REDIS_SENTINEL_PASSWORD",
 }
 MAX_PARTITIONS = 64  # each one a queue, a lease and a consumer to watch
 REDIS_SCHEMES = ("redis", "rediss")  # what both kombu's transport and redis-py's from_url read
+SENTINEL_SCHEME = "sentinel"  # kombu's Sentinel transport and Celery's Sentinel result backend
+SENTINEL_SEPARATOR = ";"  # between the Sentinels of one REDIS_URL, as kombu and Celery split it
+SENTINEL_PORT = 26379  # a Sentinel's port when its URL names none
+SENTINEL_MASTER_OPTION = "master_name"  # the one query option a Sentinel REDIS_URL may carry
 MONGODB_SCHEMES = ("mongodb", "mongodb+srv")
 FLOWER_SCHEMES = ("http", "https")
 
@@ -123,6 +129,8 @@ class Settings:
     negative_wait_s: float = NEGATIVE_WAIT_S
     flower_url: str = ""  # Flower's address as doctor reaches it, to check it refuses strangers
     partitions: int = 1  # workorder queues: 1 is the one ``workorder``; N > 1 ``workorder.0``..``.N-1``
+    redis_sentinel_master: str = ""  # the master's name, for a sentinel:// REDIS_URL without ?master_name=
+    redis_sentinel_password: str = ""  # the Sentinels' own password (``requirepass`` in sentinel.conf)
 
     def __post_init__(self) -> None:
         if self.lock_extend_interval_s == 0:
@@ -166,7 +174,33 @@ class Settings:
     @property
     def redis_db(self) -> int:
         """Database number in ``REDIS_URL`` (its path, or ``?db=``), 0 when none is given."""
+        sentinel = self.sentinel
+        if sentinel is not None:
+            return sentinel.db
         return int(_parse_redis_url(self.redis_url).get("db", 0))
+
+    @property
+    def sentinel(self) -> Sentinel | None:
+        """The Sentinels ``REDIS_URL`` names, with the master's name; None for a plain Redis."""
+        if urlsplit(self.redis_url).scheme != SENTINEL_SCHEME:
+            return None
+        return parse_sentinel_url(self.redis_url, self.redis_sentinel_master)
+
+    @property
+    def redis_transport_url(self) -> str:
+        """``REDIS_URL`` as kombu and Celery read it: a Sentinel URL without its query, every
+        Sentinel with the credentials and database (kombu's failover reads them from the next)."""
+        sentinel = self.sentinel
+        return self.redis_url if sentinel is None else sentinel.transport_url()
+
+    @property
+    def sentinel_kwargs(self) -> dict[str, Any]:
+        """How to talk to the Sentinels themselves: bounded timeouts, their own password if any."""
+        timeouts = {
+            "socket_connect_timeout": self.connect_timeout_s,
+            "socket_timeout": self.connect_timeout_s,
+        }
+        return timeouts | ({"password": self.redis_sentinel_password} if self.redis_sentinel_password else {})
 
     @property
     def mongodb_db(self) -> str:
@@ -179,11 +213,40 @@ class Settings:
         out["redis_url"] = mask_url(self.redis_url)
         out["mongodb_uri"] = mask_url(self.mongodb_uri)
         out["audit_webhook_url"] = mask_webhook(self.audit_webhook_url)
+        out["redis_sentinel_password"] = "***" if self.redis_sentinel_password else ""
         return out
 
 
+class Sentinel(NamedTuple):
+    """A ``sentinel://`` ``REDIS_URL``, read: the Sentinels, the master's name, how to reach the master."""
+
+    hosts: tuple[tuple[str, int], ...]
+    master: str
+    db: int
+    username: str | None
+    password: str | None
+
+    def transport_url(self) -> str:
+        """One ``sentinel://[user:password@]host:port/db`` per Sentinel, ``;``-separated."""
+        creds = ""
+        if self.password is not None or self.username is not None:
+            creds = f"{quote(self.username or '', safe='')}:{quote(self.password or '', safe='')}@"
+        return SENTINEL_SEPARATOR.join(
+            f"{SENTINEL_SCHEME}://{creds}{f'[{h}]' if ':' in h else h}:{p}/{self.db}" for h, p in self.hosts
+        )
+
+
 def mask_url(url: str) -> str:
-    """Replace the password (or a lone username-as-token) in a URL with ``***``."""
+    """Replace the password (or a lone username-as-token) in a URL with ``***``.
+
+    A Sentinel URL has one per Sentinel.
+    """
+    if url.startswith(f"{SENTINEL_SCHEME}://"):
+        return SENTINEL_SEPARATOR.join(_mask_one(part) for part in url.split(SENTINEL_SEPARATOR))
+    return _mask_one(url)
+
+
+def _mask_one(url: str) -> str:
     parts = urlsplit(url)
     if "@" not in parts.netloc:
         return url
@@ -228,7 +291,7 @@ def _parse(name: str, kind: object, raw: str) -> object:
 
 
 def _check_urls(s: Settings) -> None:
-    _check_redis_url(s.redis_url)
+    _check_redis_url(s)
     _check_mongodb_uri(s.mongodb_uri)
     flower = urlsplit(s.flower_url)
     if s.flower_url and (flower.scheme not in FLOWER_SCHEMES or not flower.hostname):
@@ -246,13 +309,25 @@ def _parse_redis_url(url: str) -> dict[str, Any]:
     return parts
 
 
-def _check_redis_url(url: str) -> None:
+def _check_redis_url(s: Settings) -> None:
     """A URL both kombu and redis-py read as meant: redis-py ignores a database it cannot parse."""
+    url = s.redis_url
     shown = f"REDIS_URL={mask_url(url)}"
     fix = f"write it as redis://[:password@]host:port/db, e.g. {DEFAULT_REDIS_URL}"
     parts = urlsplit(url)
+    if parts.scheme == SENTINEL_SCHEME:
+        parse_sentinel_url(url, s.redis_sentinel_master)
+        return
     if parts.scheme not in REDIS_SCHEMES:
-        raise ConfigurationError(f"{shown} must start with redis:// or rediss://; {fix}")
+        raise ConfigurationError(
+            f"{shown} must start with redis://, rediss:// or sentinel:// (Sentinels); {fix}"
+        )
+    for name in ("redis_sentinel_master", "redis_sentinel_password"):
+        if getattr(s, name):
+            raise ConfigurationError(
+                f"{ENV_NAMES[name]} is set but REDIS_URL={mask_url(url)} names no Sentinels; "
+                "write REDIS_URL as sentinel://host:26379;sentinel://host2:26379/db or unset it"
+            )
     try:
         _parse_redis_url(url)
         port = parts.port
@@ -265,6 +340,71 @@ def _check_redis_url(url: str) -> None:
     database = parts.path.strip("/")
     if database and not database.isdigit():
         raise ConfigurationError(f"{shown}: database {database!r} is not a number 0, 1, 2, ...; {fix}")
+
+
+SENTINEL_FIX = (
+    "write it as sentinel://[:password@]host:26379;sentinel://host2:26379;.../db?master_name=NAME "
+    "(or set MES_REDIS_SENTINEL_MASTER=NAME instead of ?master_name=)"
+)
+
+
+def parse_sentinel_url(url: str, master_setting: str = "") -> Sentinel:
+    """Read a ``sentinel://`` URL; the database, credentials and master name may be on any Sentinel.
+
+    Raises:
+        ConfigurationError: a Sentinel is malformed, two disagree, or no master is named.
+    """
+    shown = f"REDIS_URL={mask_url(url)}"
+    hosts: list[tuple[str, int]] = []
+    said: dict[str, set[Any]] = {"db": set(), "creds": set(), "master": set()}
+    for part in url.split(SENTINEL_SEPARATOR):
+        hosts.append(_sentinel_host(part.strip(), shown, said))
+    for what, values in said.items():
+        if len(values) > 1:
+            raise ConfigurationError(f"{shown}: its Sentinels name different {_WHAT[what]}; {SENTINEL_FIX}")
+    master = next(iter(said["master"]), "")
+    if master and master_setting and master != master_setting:
+        raise ConfigurationError(
+            f"{shown} names master {master!r} but MES_REDIS_SENTINEL_MASTER={master_setting!r}; "
+            "name it once, in the URL or in the setting"
+        )
+    if not (master or master_setting):
+        raise ConfigurationError(f"{shown} names no master; {SENTINEL_FIX}")
+    username, password = next(iter(said["creds"]), (None, None))
+    return Sentinel(
+        tuple(hosts), master or master_setting, int(next(iter(said["db"]), 0)), username, password
+    )
+
+
+_WHAT = {"db": "databases", "creds": "credentials", "master": "masters"}
+
+
+def _sentinel_host(part: str, shown: str, said: dict[str, set[Any]]) -> tuple[str, int]:
+    parts = urlsplit(part)
+    if parts.scheme != SENTINEL_SCHEME:
+        raise ConfigurationError(f"{shown}: {mask_url(part)!r} is not sentinel://host:port; {SENTINEL_FIX}")
+    try:
+        port = SENTINEL_PORT if parts.port is None else parts.port
+    except ValueError as exc:
+        raise ConfigurationError(f"{shown}: {mask_secrets(str(exc))}; {SENTINEL_FIX}") from None
+    if port == 0:
+        raise ConfigurationError(f"{shown}: port 0 is not a port; {SENTINEL_FIX}")
+    if not parts.hostname:
+        raise ConfigurationError(f"{shown}: a Sentinel names no host; {SENTINEL_FIX}")
+    database = parts.path.strip("/")
+    if database and not database.isdigit():
+        raise ConfigurationError(
+            f"{shown}: database {database!r} is not a number 0, 1, 2, ...; {SENTINEL_FIX}"
+        )
+    query = parse_qs(parts.query, keep_blank_values=True)
+    unknown = sorted(set(query) - {SENTINEL_MASTER_OPTION})
+    if unknown:
+        raise ConfigurationError(f"{shown}: option {unknown[0]!r} is not read here; {SENTINEL_FIX}")
+    said["db"].update([database] if database else [])
+    creds = tuple(None if c is None else unquote(c) for c in (parts.username, parts.password))
+    said["creds"].update([creds] if "@" in parts.netloc else [])
+    said["master"].update(name for name in query.get(SENTINEL_MASTER_OPTION, []) if name)
+    return parts.hostname, port
 
 
 def _check_mongodb_uri(uri: str) -> None:

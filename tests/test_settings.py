@@ -105,3 +105,90 @@ def test_well_formed_urls_are_accepted() -> None:
     )
     assert s.redis_db == 5 and s.mongodb_db == "mes"
     assert Settings.from_env({"REDIS_URL": "redis://h:6379"}).redis_db == 0
+
+
+SENTINELS = "sentinel://:s3cret@h1:26379;sentinel://:s3cret@h2:26380;sentinel://:s3cret@h3"
+
+
+def test_a_sentinel_url_names_the_sentinels_the_database_and_the_master() -> None:
+    s = Settings.from_env({"REDIS_URL": f"{SENTINELS}/3?master_name=mymaster"})
+    assert s.sentinel is not None
+    assert s.sentinel.hosts == (("h1", 26379), ("h2", 26380), ("h3", 26379))
+    assert (s.sentinel.master, s.sentinel.password, s.redis_db) == ("mymaster", "s3cret", 3)
+    # kombu and Celery read each Sentinel with its credentials and database, and no query
+    assert s.redis_transport_url == (
+        "sentinel://:s3cret@h1:26379/3;sentinel://:s3cret@h2:26380/3;sentinel://:s3cret@h3:26379/3"
+    )
+
+
+def test_the_master_may_be_named_by_a_setting_instead_of_the_url() -> None:
+    s = Settings.from_env({"REDIS_URL": "sentinel://h1;sentinel://h2/2", "MES_REDIS_SENTINEL_MASTER": "m1"})
+    assert s.sentinel is not None and (s.sentinel.master, s.redis_db) == ("m1", 2)
+    same = {"REDIS_URL": "sentinel://h1/2?master_name=m1", "MES_REDIS_SENTINEL_MASTER": "m1"}
+    assert Settings.from_env(same).sentinel is not None
+
+
+@pytest.mark.parametrize(
+    ("env", "needle"),
+    [
+        ({"REDIS_URL": "sentinel://h1:26379;sentinel://h2:26379/3"}, "names no master"),
+        ({"REDIS_URL": "sentinel://h1?master_name=a", "MES_REDIS_SENTINEL_MASTER": "b"}, "name it once"),
+        ({"REDIS_URL": "sentinel://h1/1;sentinel://h2/2?master_name=a"}, "different databases"),
+        ({"REDIS_URL": "sentinel://:a@h1;sentinel://:b@h2?master_name=m"}, "different credentials"),
+        ({"REDIS_URL": "sentinel://h1;redis://h2?master_name=m"}, "is not sentinel://host:port"),
+        ({"REDIS_URL": "sentinel://h1:0?master_name=m"}, "port 0"),
+        ({"REDIS_URL": "sentinel://h1:abc?master_name=m"}, "could not be cast"),
+        ({"REDIS_URL": "sentinel://h1/x?master_name=m"}, "database 'x' is not a number"),
+        ({"REDIS_URL": "sentinel://h1?master_name=m&ssl=1"}, "option 'ssl'"),
+        ({"REDIS_URL": "sentinel:///3?master_name=m"}, "names no host"),
+        ({"REDIS_URL": "redis://h/3", "MES_REDIS_SENTINEL_MASTER": "m"}, "names no Sentinels"),
+        ({"REDIS_URL": "redis://h/3", "MES_REDIS_SENTINEL_PASSWORD": "pw"}, "names no Sentinels"),
+    ],
+)
+def test_a_malformed_or_contradictory_sentinel_url_is_refused_in_one_line(
+    env: dict[str, str], needle: str
+) -> None:
+    with pytest.raises(ConfigurationError, match=needle) as err:
+        Settings.from_env(env)
+    assert "\n" not in str(err.value)
+
+
+def test_sentinel_passwords_never_appear_in_printable_settings_or_errors() -> None:
+    s = Settings.from_env(
+        {
+            "REDIS_URL": f"{SENTINELS}/3",
+            "MES_REDIS_SENTINEL_MASTER": "m",
+            "MES_REDIS_SENTINEL_PASSWORD": "hunter2",
+        }
+    )
+    shown = str(s.masked())
+    assert "s3cret" not in shown and "hunter2" not in shown
+    assert mask_url(f"{SENTINELS}/3").count(":***@") == 3
+    assert "s3cret" not in mask_secrets(f"connecting to {s.redis_transport_url} failed")
+    with pytest.raises(ConfigurationError) as err:
+        Settings.from_env({"REDIS_URL": f"{SENTINELS}:99999/3?master_name=m"})
+    assert "s3cret" not in str(err.value)
+
+
+def test_the_celery_config_gives_broker_and_results_the_master_and_the_sentinels_password() -> None:
+    from mes_tasks.config import celery_settings
+
+    s = Settings.from_env(
+        {
+            "REDIS_URL": f"{SENTINELS}/3?master_name=m",
+            "MES_REDIS_SENTINEL_PASSWORD": "pw",
+            "MES_CONNECT_TIMEOUT_S": "2",
+        }
+    )
+    conf = celery_settings(s)
+    assert conf["broker_url"] == conf["result_backend"] == s.redis_transport_url
+    for options in (conf["broker_transport_options"], conf["result_backend_transport_options"]):
+        assert options["master_name"] == "m"
+        assert options["sentinel_kwargs"] == {
+            "socket_connect_timeout": 2,
+            "socket_timeout": 2,
+            "password": "pw",
+        }
+    plain = celery_settings(Settings())
+    assert "master_name" not in plain["broker_transport_options"]
+    assert plain["broker_url"] == Settings().redis_url
