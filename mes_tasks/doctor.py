@@ -20,6 +20,7 @@ from mes_tasks.errors import MesError
 from mes_tasks.keys import first_start_key
 from mes_tasks.models import ALL_MODELS, AuditReport, FailedUpdate, QuantityLog, utcnow
 from mes_tasks.names import AUDIT_WORK_ORDERS, WORKORDER_QUEUE
+from mes_tasks.partitions import queue_names
 from mes_tasks.settings import Settings, mask_secrets, mask_url
 from mes_tasks.status import consumers, pause_state
 
@@ -286,39 +287,42 @@ def check_timing(ctx: Context) -> list[Check]:
 
 
 def check_consumers(ctx: Context) -> list[Check]:
+    """Exactly one solo consumer of each workorder queue (of each partition), unless paused."""
     if ctx.redis is None:
         return [Check(FAIL, "workorder consumer", "not checked: Redis unreachable")]
-    workers = consumers(ctx.app).get(WORKORDER_QUEUE, [])
-    paused = pause_state(ctx.redis, ctx.settings)
+    by_queue = consumers(ctx.app)
+    queues = queue_names(ctx.settings.partitions)
+    paused_all = pause_state(ctx.redis, ctx.settings)
+    checks = [
+        _one_consumer(ctx, q, by_queue.get(q, []), paused_all or pause_state(ctx.redis, ctx.settings, q))
+        for q in queues
+    ]
+    if len(queues) == 1:
+        return checks
+    bad = [c for c in checks if c.status != OK]
+    if bad:
+        return bad
+    holders = ", ".join(f"{q} {by_queue[q][0]}" for q in queues)
+    return [Check(OK, "workorder consumer", f"each of {len(queues)} partitions has exactly one: {holders}")]
+
+
+def _one_consumer(ctx: Context, queue: str, workers: list[str], paused: dict[str, Any] | None) -> Check:
+    name = "workorder consumer" if queue == WORKORDER_QUEUE else f"{queue} consumer"
     if paused is not None:
-        return [
-            Check(
-                WARN,
-                "workorder consumer",
-                f"paused since {paused.get('at')}",
-                "celery -A mes_tasks queue resume",
-            )
-        ] + (
-            [] if not workers else [Check(FAIL, "workorder consumer", f"consumed while paused by {workers}")]
-        )
+        if workers:
+            return Check(FAIL, name, f"consumed while paused by {workers}")
+        return Check(WARN, name, f"paused since {paused.get('at')}", "celery -A mes_tasks queue resume")
     if not workers:
-        return [
-            Check(WARN, "workorder consumer", "no worker answered", "start one solo worker on -Q workorder")
-        ]
+        return Check(WARN, name, "no worker answered", "start one solo worker on -Q workorder")
     if len(workers) > 1:
-        return [
-            Check(
-                FAIL,
-                "workorder consumer",
-                f"{len(workers)} workers: {', '.join(workers)}",
-                "run exactly one worker on workorder",
-            )
-        ]
+        return Check(
+            FAIL, name, f"{len(workers)} workers: {', '.join(workers)}", f"run exactly one worker on {queue}"
+        )
     stats = ctx.app.control.inspect(destination=workers, timeout=1.0).stats() or {}
     pool = (stats.get(workers[0]) or {}).get("pool", {}).get("implementation", "?")
     if pool != SOLO_POOL:
-        return [Check(FAIL, "workorder consumer", f"{workers[0]} runs pool {pool}", "start it with -P solo")]
-    return [Check(OK, "workorder consumer", f"exactly one, {workers[0]}, solo pool")]
+        return Check(FAIL, name, f"{workers[0]} runs pool {pool}", "start it with -P solo")
+    return Check(OK, name, f"exactly one, {workers[0]}, solo pool")
 
 
 def check_audit(ctx: Context) -> list[Check]:

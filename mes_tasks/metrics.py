@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
@@ -39,8 +39,9 @@ from mes_tasks.keys import (
     update_counts_key,
 )
 from mes_tasks.models import AuditReport, FailedUpdate, OutboxMessage
-from mes_tasks.names import QUEUES, UPDATE_QUANTITY
+from mes_tasks.names import AUDIT_QUEUE, QUEUES, UPDATE_QUANTITY, WORKORDER_QUEUE
 from mes_tasks.outbox import SENT, SPOOLED
+from mes_tasks.partitions import queue_names, relayed_queues
 from mes_tasks.status import UNACKED_KEY
 
 log = logging.getLogger(__name__)
@@ -94,7 +95,8 @@ class RedisState:
     unrecorded: int
     counts: dict[str, int]
     histogram: dict[str, float]
-    lease_token: str | None
+    lease_token: str | None  # with one workorder queue
+    lease_tokens: dict[str, str | None]  # per workorder queue (partition)
     lease_owner: str | None
     takeovers: int  # lease take-overs, counted by the workers
 
@@ -109,11 +111,20 @@ class MongoState:
     last_audit: dict[str, Any] | None
 
 
-def read_redis(client: redis.Redis, prefix: str) -> RedisState:
-    """Everything the scrape needs from Redis, in one pipelined round trip."""
+def read_redis(
+    client: redis.Redis,
+    prefix: str,
+    queues: Sequence[str] = QUEUES,
+    leased: Sequence[str] = (WORKORDER_QUEUE,),
+) -> RedisState:
+    """Everything the scrape needs from Redis, in one pipelined round trip.
+
+    ``queues``: the queues to measure; ``leased``: the workorder queues (partitions) whose
+    lease says who consumes them.
+    """
     with redis_errors():
         pipe = client.pipeline(transaction=False)
-        for queue in QUEUES:
+        for queue in queues:
             for key in queue_keys(queue):
                 pipe.llen(key)
                 pipe.lindex(key, -1)  # kombu pushes on the left and pops on the right
@@ -122,13 +133,15 @@ def read_redis(client: redis.Redis, prefix: str) -> RedisState:
         pipe.get(unrecorded_key(prefix))
         pipe.hgetall(update_counts_key(prefix))
         pipe.hgetall(apply_histogram_key(prefix))
-        pipe.get(lease_key(prefix))
         pipe.get(lease_owner_key(prefix))
         pipe.get(takeovers_key(prefix))
+        for queue in leased:
+            pipe.get(lease_key(prefix, queue))
         replies = pipe.execute()
     n = 2 * len(PRIORITY_STEPS)
-    per_queue = {q: replies[i * n : (i + 1) * n] for i, q in enumerate(QUEUES)}
-    unacked, paused, unrecorded, counts, hist, token, owner, takeovers = replies[len(QUEUES) * n :]
+    per_queue = {q: replies[i * n : (i + 1) * n] for i, q in enumerate(queues)}
+    unacked, paused, unrecorded, counts, hist, owner, takeovers, *tokens = replies[len(queues) * n :]
+    token = tokens[0] if len(leased) == 1 else None
     return RedisState(
         waiting={q: sum(r[0::2]) for q, r in per_queue.items()},
         heads={q: [_task_id(raw) for raw in r[1::2] if raw] for q, r in per_queue.items()},
@@ -138,6 +151,7 @@ def read_redis(client: redis.Redis, prefix: str) -> RedisState:
         counts={k: int(v) for k, v in counts.items()},
         histogram={k: float(v) for k, v in hist.items()},
         lease_token=token,
+        lease_tokens=dict(zip(leased, tokens, strict=True)),
         lease_owner=owner,
         takeovers=int(takeovers or 0),
     )
@@ -183,9 +197,11 @@ def _earliest(a: datetime | None, b: datetime | None) -> datetime | None:
 class MesCollector(Collector):
     """Reads mes_tasks's state from Redis and MongoDB at each scrape; a store that is down says so."""
 
-    def __init__(self, client: redis.Redis, prefix: str) -> None:
+    def __init__(self, client: redis.Redis, prefix: str, partitions: int = 1) -> None:
         self.redis = client
         self.prefix = prefix
+        self.leased = queue_names(partitions)
+        self.queues = [*relayed_queues(partitions), AUDIT_QUEUE]
         self._lock = threading.Lock()
         self._first_seen: dict[str, float] = {}  # head task id without an outbox entry -> when seen
 
@@ -193,7 +209,7 @@ class MesCollector(Collector):
         started = time.monotonic()
         now = time.time()
         up = GaugeMetricFamily("mes_store_up", "1 when the scrape could read the store.", labels=["store"])
-        rstate = self._try(read_redis, self.redis, self.prefix)
+        rstate = self._try(read_redis, self.redis, self.prefix, self.queues, self.leased)
         up.add_metric(["redis"], rstate is not None)
         heads = [] if rstate is None else [i for ids in rstate.heads.values() for i in ids]
         mstate = self._try(read_mongo, heads)
@@ -306,16 +322,25 @@ def queue_metrics(state: RedisState, ages: dict[str, float]) -> Iterator[Metric]
 
 
 def lease_metrics(state: RedisState) -> Iterator[Metric]:
+    tokens = state.lease_tokens
     yield GaugeMetricFamily(
         "mes_workorder_active_consumer",
-        "1 while a worker holds the workorder lease.",
-        state.lease_token is not None,
+        "1 while a worker holds the workorder lease (with partitions: every partition's).",
+        bool(tokens) and all(t is not None for t in tokens.values()),
     )
+    per = GaugeMetricFamily(
+        "mes_partition_active_consumer",
+        "1 while a worker holds this workorder queue's lease.",
+        labels=["queue"],
+    )
+    for queue, token in tokens.items():
+        per.add_metric([queue], token is not None)
+    yield per
     info = GaugeMetricFamily(
-        "mes_workorder_active_consumer_info", "The lease holder's process (host:pid:tag).", labels=["owner"]
+        "mes_workorder_active_consumer_info", "The lease holders' processes (host:pid:tag).", labels=["owner"]
     )
-    if state.lease_token is not None:
-        info.add_metric([state.lease_token.split("/", 1)[0]], 1)
+    for owner in sorted({t.split("/", 1)[0] for t in tokens.values() if t is not None}):
+        info.add_metric([owner], 1)
     yield info
     yield _counter("mes_lease_takeovers", "Times a worker took the workorder lease.", state.takeovers)
 
@@ -376,7 +401,7 @@ def _bound(ms: float) -> str:
     return f"{ms:g}"
 
 
-def registry_for(client: redis.Redis, prefix: str) -> CollectorRegistry:
+def registry_for(client: redis.Redis, prefix: str, partitions: int = 1) -> CollectorRegistry:
     """A registry with only mes_tasks's collector (no process or platform series).
 
     The client does not retry: a scrape with Redis down must answer (``mes_store_up`` 0)
@@ -384,5 +409,5 @@ def registry_for(client: redis.Redis, prefix: str) -> CollectorRegistry:
     """
     client.set_retry(Retry(NoBackoff(), SCRAPE_REDIS_RETRIES))
     registry = CollectorRegistry()
-    registry.register(MesCollector(client, prefix))
+    registry.register(MesCollector(client, prefix, partitions))
     return registry

@@ -140,10 +140,12 @@ def queue_status(app: Celery, client: redis.Redis, settings: Settings) -> dict[s
     }
 
 
-def pause_state(client: redis.Redis, settings: Settings) -> dict[str, Any] | None:
-    """The pause in force (``{"at": ...}``), or None."""
+def pause_state(
+    client: redis.Redis, settings: Settings, queue: str = WORKORDER_QUEUE
+) -> dict[str, Any] | None:
+    """The pause in force on ``queue`` (``{"at": ...}``), or None; ``workorder``: on all."""
     with redis_errors():
-        raw = client.get(pause_key(settings.key_prefix))
+        raw = client.get(pause_key(settings.key_prefix, queue))
     return None if raw is None else _pause_record(raw)
 
 

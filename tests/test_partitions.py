@@ -16,11 +16,13 @@ from typing import Any
 
 import pytest
 import redis
+from prometheus_client import generate_latest
 
 from conftest import Worker, make_work_orders, wait_until
 from devtools.load import plan
 from mes_tasks.keys import lease_key
 from mes_tasks.lease import fair_share
+from mes_tasks.metrics import registry_for
 from mes_tasks.models import FailedUpdate, QuantityLog, WorkOrder
 from mes_tasks.partitions import index_of, is_workorder_queue, partition_of, queue_for, queue_names
 from mes_tasks.producer import submit_quantity_update
@@ -179,3 +181,43 @@ def test_changing_the_number_of_partitions_under_load_keeps_counts_exact(
     send(mixed)  # new updates, and some old ones again: the same request ids, other queues
     expect_exact(old + mixed)
     assert redis_client.llen("workorder.2") == redis_client.llen("workorder.3") == 0
+
+
+def cli(*args: str) -> Any:
+    from celery.bin.celery import celery
+    from click.testing import CliRunner
+
+    return CliRunner().invoke(celery, ["-A", "mes_tasks", *args], catch_exceptions=False)
+
+
+def test_the_operator_sees_and_pauses_each_partition_and_a_pinned_worker_holds_only_its_own(
+    redis_client: redis.Redis, start_worker: Callable[..., Worker], partitioned: Callable[[int], None]
+) -> None:
+    partitioned(2)
+    make_work_orders(WOS)
+    pinned = start_worker(queue="workorder.1", MES_PARTITIONS="2", **FAST)
+    wait_until(lambda: holders(redis_client, 2)["workorder.1"] is not None, 20, "the pinned partition")
+    assert holders(redis_client, 2)["workorder.0"] is None  # pinned: never another partition
+    start_worker(MES_PARTITIONS="2", **FAST)
+    wait_until(lambda: None not in holders(redis_client, 2).values(), 20, "both partitions held")
+    assert f":{pinned.pid}:" in str(holders(redis_client, 2)["workorder.1"])
+
+    scraped = generate_latest(registry_for(redis_client, "mes:", 2)).decode()
+    assert "mes_workorder_active_consumer 1.0" in scraped
+    assert 'mes_partition_active_consumer{queue="workorder.1"} 1.0' in scraped
+    doctor = cli("doctor")
+    assert "OK   workorder consumer: each of 2 partitions has exactly one" in doctor.output, doctor.output
+    paused = cli("queue", "pause", "--partition", "0", "--json")
+    assert paused.exit_code == 0 and '"queue": "workorder.0"' in paused.output
+    on_zero = [u for u in plan(200, WOS, "pz", seed=4) if queue_for(u["work_order_id"], 2) == "workorder.0"]
+    on_one = [u for u in plan(200, WOS, "po", seed=5) if queue_for(u["work_order_id"], 2) == "workorder.1"]
+    send(on_zero[:20] + on_one[:20])
+    wait_until(lambda: QuantityLog.objects.count() == 20, 30, "partition 1's updates")
+    status = cli("queue", "status", "--json")
+    rows = {p["queue"]: p for p in __import__("json").loads(status.output)["partitions"]}
+    assert rows["workorder.0"]["paused"] and rows["workorder.0"]["waiting"] == 20
+    assert not rows["workorder.1"]["paused"] and rows["workorder.1"]["waiting"] == 0
+    assert rows["workorder.0"]["oldest_age_s"] is not None and rows["workorder.1"]["holder"]
+    assert cli("queue", "pause", "--partition", "2").exit_code == 2  # only 0 and 1 exist
+    assert cli("queue", "resume", "--partition", "0").exit_code == 0
+    expect_exact(on_zero[:20] + on_one[:20])
