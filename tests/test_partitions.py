@@ -205,6 +205,10 @@ def test_the_operator_sees_and_pauses_each_partition_and_a_pinned_worker_holds_o
     scraped = generate_latest(registry_for(redis_client, "mes:", 2)).decode()
     assert "mes_workorder_active_consumer 1.0" in scraped
     assert 'mes_partition_active_consumer{queue="workorder.1"} 1.0' in scraped
+    shown = cli("workorder", "show", "WO-1")
+    assert shown.exit_code == 2  # not created here; the queue is shown for those that are
+    make_work_orders(["WO-1"])
+    assert "queue: workorder.1" in cli("workorder", "show", "WO-1").output  # crc32("WO-1") % 2 == 1
     doctor = cli("doctor")
     assert "OK   workorder consumer: each of 2 partitions has exactly one" in doctor.output, doctor.output
     paused = cli("queue", "pause", "--partition", "0", "--json")

@@ -10,6 +10,7 @@ from mes_tasks.cli.common import ConsoleGroup, echo_json, echo_table, json_optio
 from mes_tasks.db import mongo_errors
 from mes_tasks.errors import UnknownWorkOrder
 from mes_tasks.models import CONTEXT_FIELDS, QuantityLog, WorkOrder
+from mes_tasks.partitions import queue_for
 from mes_tasks.validation import check_work_order_id
 
 
@@ -25,7 +26,7 @@ def workorder() -> None:
 def show(work_order_id: str, n_logs: int, as_json: bool) -> None:
     """Counters, fencing epoch, version and the most recent logs."""
     wo = check_work_order_id(work_order_id)
-    stores()
+    settings = stores().settings
     with mongo_errors():
         doc = WorkOrder._get_collection().find_one({"_id": wo})
         logs = (
@@ -39,12 +40,13 @@ def show(work_order_id: str, n_logs: int, as_json: bool) -> None:
         "id": wo,
         **{k: doc.get(k, 0) for k in ("input_qty", "output_qty", "epoch", "version")},
         "updated_at": doc.get("updated_at"),
+        "queue": queue_for(wo, settings.partitions),  # where its updates go (MES_PARTITIONS)
         "logs": [_log_dict(log) for log in logs],
     }
     if as_json:
         echo_json(data)
         return
-    for key in ("id", "input_qty", "output_qty", "epoch", "version", "updated_at"):
+    for key in ("id", "input_qty", "output_qty", "epoch", "version", "updated_at", "queue"):
         click.echo(f"{key}: {data[key]}")
     rows = [(x["created_at"], x["kind"], x["quantity"], x["value_after"], x["request_id"], x.get("barcode"))
             for x in data["logs"]]  # fmt: skip
