@@ -2,7 +2,7 @@
 
     python -m devtools.chaos [--repeat 3] [--seed 1] [--faults kill-standby,pause,...]
                               [--rate 20] [--work-orders 20] [--dup-share 0.1] [--updates N]
-                              [--recovery-wait 30] [--no-recovery-goal]
+                              [--recovery-wait 30] [--no-recovery-goal] [--sentinel]
 
 Starts its own Redis (AOF) and SecantusDB, two workers on ``workorder`` (active and
 standby) with the project's default settings, reaching both stores through fault proxies,
@@ -18,6 +18,10 @@ earlier injection left without an outcome is charged to that one). Exits 0 only
 when lost = 0, double-counted = 0, the audit is clean, no accepted update was
 dead-lettered, every fault's own checks held and, unless ``--no-recovery-goal``, every
 fault's worst recovery was at most 5 s.
+
+``--sentinel``: Redis is a Sentinel-managed primary and replica (``devtools.sentinel``)
+that everyone reaches through the Sentinels, with no Redis proxy: the faults of the
+proxied Redis give way to ``redis-failover`` (``chaosfaults.faults_for``).
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ import redis
 from pymongo import MongoClient
 from pymongo.errors import PyMongoError
 
-from devtools.chaosfaults import FAULTS, Run, proxied_mongo_uri
+from devtools.chaosfaults import Run, faults_for, proxied_mongo_uri
 from devtools.chaosreport import (
     Injection,
     Outcome,
@@ -54,6 +58,7 @@ from devtools.chaosreport import (
 from devtools.devserver import free_port, mongo_service, redis_service, secantus_uri
 from devtools.faultproxy import FaultProxy
 from devtools.load import scans
+from devtools.sentinel import SentinelUnsupported, Topology
 
 GAP_S = 2.0  # updates flow undisturbed this long before each injection
 RECOVERY_WAIT_S = 30.0
@@ -124,7 +129,7 @@ def inject_all(run: Run, schedule: list[str], recovery_wait_s: float, applied: s
         run.injections.append(inj)
         print(f"chaos: {time.strftime('%H:%M:%S')} [{n}/{len(schedule)}] {key}", file=sys.stderr, flush=True)
         try:
-            FAULTS[key].inject(run, inj)
+            faults_for(run.sentinel is not None)[key].inject(run, inj)
         except Exception as exc:
             inj.problems.append(f"the injection failed: {type(exc).__name__}: {exc}")
         inj.ended = inj.ended or time.time()
@@ -145,7 +150,7 @@ def verify(run: Run) -> tuple[list[Row], dict[str, int]]:
     done: dict[str, Outcome] = outcomes(run.db)
     for inj, check in run.final_checks:
         inj.problems.extend(check())
-    rows = {key: Row(key, fault.name) for key, fault in FAULTS.items()}
+    rows = {key: Row(key, fault.name) for key, fault in faults_for(run.sentinel is not None).items()}
     events = worker_events(w.log for w in run.workers)
     for inj in run.injections:
         add_injection(rows[inj.key], inj, run.db, run.sent, events, done)
@@ -174,26 +179,39 @@ def verify(run: Run) -> tuple[list[Row], dict[str, int]]:
 
 
 @contextlib.contextmanager
-def stack(tmp: Path, work_orders: int) -> Iterator[Run]:
+def stack(tmp: Path, work_orders: int, sentinel: bool = False) -> Iterator[Run]:
     """Redis and SecantusDB, each behind two proxies: the workers' (where the network faults
     strike) and this process's (producer and relay: the main app and beat, whose connections
-    only the outage of ``spooled-corrections`` cuts)."""
-    redis_port, mongo_port = free_port(), free_port()
-    services = {"redis": redis_service(tmp / "redis", redis_port, tmp / "redis.log"),
-                "mongo": mongo_service(tmp / "mongo", mongo_port, tmp / "mongo.log")}  # fmt: skip
+    only the outage of ``spooled-corrections`` cuts). With ``sentinel``, Redis is a primary,
+    a replica and three Sentinels instead, reached without a proxy."""
+    mongo_port = free_port()
+    services = {"mongo": mongo_service(tmp / "mongo", mongo_port, tmp / "mongo.log")}
+    stores = [("mongo", mongo_port)]
+    topology = Topology(tmp / "sentinel") if sentinel else None
+    if topology is None:
+        stores.append(("redis", free_port()))
+        services["redis"] = redis_service(tmp / "redis", stores[-1][1], tmp / "redis.log")
     mongo: MongoClient[dict[str, Any]] = MongoClient(
         secantus_uri(mongo_port, "mes"), serverSelectionTimeoutMS=2000
     )
-    proxies = {f"{side}{name}": FaultProxy(port).start() for side in ("", "app-")
-               for name, port in (("redis", redis_port), ("mongo", mongo_port))}  # fmt: skip
-    run = Run(tmp, mongo["mes"], redis.Redis(port=redis_port, db=3, decode_responses=True, socket_timeout=2),
-              services, proxies)  # fmt: skip
+    proxies = {f"{side}{name}": FaultProxy(port).start() for side in ("", "app-") for name, port in stores}
+    run: Run | None = None
     try:
         for service in services.values():
             service.start()
+        if topology is not None:
+            start_topology(topology)
+        harness = (
+            topology.client(decode_responses=True, socket_timeout=2)
+            if topology
+            else redis.Redis(port=stores[-1][1], db=3, decode_responses=True, socket_timeout=2)
+        )
+        run = Run(tmp, mongo["mes"], harness, services, proxies, sentinel=topology)
         for name in [k for k in os.environ if k.startswith("MES_")]:
             del os.environ[name]  # the project's defaults, here as in the workers
-        os.environ["REDIS_URL"] = f"redis://127.0.0.1:{proxies['app-redis'].port}/3"
+        os.environ["REDIS_URL"] = (
+            topology.url() if topology else f"redis://127.0.0.1:{proxies['app-redis'].port}/3"
+        )
         os.environ["MONGODB_URI"] = proxied_mongo_uri(proxies["app-mongo"].port)
         from mes_tasks import db
         from mes_tasks.settings import get_settings
@@ -203,18 +221,27 @@ def stack(tmp: Path, work_orders: int) -> Iterator[Run]:
                                         for i in range(work_orders)])  # fmt: skip
         yield run
     finally:
-        for worker in run.workers:
+        for worker in run.workers if run is not None else []:
             worker.stop()
         for proxy in proxies.values():
             proxy.close()
         for service in services.values():
             service.stop()
+        if topology is not None:
+            topology.stop()
         mongo.close()
+
+
+def start_topology(topology: Topology) -> None:
+    try:
+        topology.start()
+    except SentinelUnsupported as exc:
+        raise SystemExit(f"chaos: --sentinel: {exc}") from None
 
 
 def run_chaos(args: argparse.Namespace, tmp: Path) -> int:
     stop = threading.Event()
-    with stack(tmp, args.work_orders) as run:
+    with stack(tmp, args.work_orders, args.sentinel) as run:
         problems = run.ensure_workers()
         if problems:
             raise SystemExit(f"chaos: the workers did not come up: {problems}")
@@ -246,8 +273,9 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("--repeat", type=positive, default=3, help="injections of each fault (default 3)")
     parser.add_argument("--seed", type=int, default=1, help="orders the injections and the updates")
-    parser.add_argument("--faults", type=fault_list, default=list(FAULTS),
-                        help=f"comma-separated; default all: {','.join(FAULTS)}")  # fmt: skip
+    parser.add_argument("--faults", default=None,
+                        help=f"comma-separated; default all: {','.join(faults_for(False))} "
+                             f"(with --sentinel: {','.join(faults_for(True))})")  # fmt: skip
     parser.add_argument("--rate", type=float, default=20.0, help="updates per second offered")
     parser.add_argument("--work-orders", type=int, default=20)
     parser.add_argument("--dup-share", type=float, default=0.1, help="share re-sent with the same request id")
@@ -256,7 +284,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds to wait for an injection's updates before going on")  # fmt: skip
     parser.add_argument("--no-recovery-goal", dest="recovery_goal", action="store_false",
                         help="report recoveries over 5 s without failing the run")  # fmt: skip
+    parser.add_argument("--sentinel", action="store_true",
+                        help="Redis managed by Sentinels, with the redis-failover fault")  # fmt: skip
     args = parser.parse_args(argv)
+    args.faults = fault_list(parser, args.faults, faults_for(args.sentinel))
     tmp = Path(tempfile.mkdtemp(prefix="mes-chaos-"))
     print(f"chaos: logs in {tmp}", file=sys.stderr, flush=True)
     logging.basicConfig(filename=tmp / "harness.log", level=logging.INFO,
@@ -270,11 +301,13 @@ def positive(text: str) -> int:
     return int(text)
 
 
-def fault_list(text: str) -> list[str]:
+def fault_list(parser: argparse.ArgumentParser, text: str | None, known: dict[str, Any]) -> list[str]:
+    if text is None:
+        return list(known)
     keys = [k.strip() for k in text.split(",") if k.strip()]
-    unknown = [k for k in keys if k not in FAULTS]
+    unknown = [k for k in keys if k not in known]
     if unknown or not keys:
-        raise argparse.ArgumentTypeError(f"unknown fault {unknown}; choose from {', '.join(FAULTS)}")
+        parser.error(f"--faults: unknown fault {unknown} in this run; choose from {', '.join(known)}")
     return keys
 
 

@@ -26,6 +26,7 @@ from devtools.chaosreport import Accepted, Db, Injection, utc
 from devtools.devserver import Service, secantus_uri, worker_argv
 from devtools.faultproxy import FaultProxy
 from devtools.process import Child
+from devtools.sentinel import Topology
 
 WORKERS = 2  # an active consumer and a standby
 BOOT_TIMEOUT_S = 90.0
@@ -48,6 +49,7 @@ POISON_FOLLOWERS = 5  # valid spooled entries behind the poisoned one
 BAD_BURST = 20
 BURST = 20  # updates sent at once right before a fault strikes or ends
 BURST_WORK_ORDERS = 5  # spread over the first few work orders
+REPLICATION_LAG_S = 0.5  # the primary's last writes that never reach the replica
 
 
 def proxied_mongo_uri(port: int) -> str:
@@ -77,6 +79,7 @@ class Run:
     redis: redis.Redis  # likewise
     services: dict[str, Service] = field(default_factory=dict)
     proxies: dict[str, FaultProxy] = field(default_factory=dict)
+    sentinel: Topology | None = None  # instead of the one Redis behind proxies (--sentinel)
     workers: list[Worker] = field(default_factory=list)
     sent: Accepted = field(default_factory=Accepted)
     injections: list[Injection] = field(default_factory=list)
@@ -92,9 +95,12 @@ class Run:
     def worker_env(self, **extra: str) -> dict[str, str]:
         """Default settings: only the stores' addresses (the proxies), and ``extra``."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("MES_")}
+        redis_url = (
+            self.sentinel.url() if self.sentinel else f"redis://127.0.0.1:{self.proxies['redis'].port}/3"
+        )
         return {
             **env,
-            "REDIS_URL": f"redis://127.0.0.1:{self.proxies['redis'].port}/3",
+            "REDIS_URL": redis_url,
             "MONGODB_URI": proxied_mongo_uri(self.proxies["mongo"].port),
             **extra,
         }
@@ -449,6 +455,23 @@ def bad_input(run: Run, inj: Injection) -> None:
     inj.ended = time.time()
 
 
+def primary_killed(run: Run, inj: Injection) -> None:
+    """SIGKILL the Redis primary with a backlog its replica never got; the Sentinels promote the replica."""
+    assert run.sentinel is not None
+    worker = run.active_worker()
+    worker.signal(signal.SIGSTOP)  # a backlog: the burst and the flow in the lag stay queued
+    try:
+        run.sentinel.kill_primary(lag_s=REPLICATION_LAG_S, during_lag=run.burst)
+    finally:
+        worker.signal(signal.SIGCONT)
+    inj.ended = time.time()
+    try:
+        run.sentinel.wait_failover()
+        print(f"chaos:   failed over in {time.time() - inj.ended:.1f} s", file=sys.stderr, flush=True)
+    finally:
+        run.sentinel.rejoin()  # the old primary back as a replica, ready for the next injection
+
+
 # Recovery counts from: the kill for kills; the SIGCONT, the restart, the fault switched
 # off, the resume, the reopened broker (and corrections sent), the spooled entries
 # written, the end of the burst for the others.
@@ -470,3 +493,18 @@ FAULTS: dict[str, Fault] = {
     "malformed-call": Fault("malformed .delay(), poisoned outbox", malformed_call),
     "bad-input": Fault("bad input burst", bad_input),
 }
+# Faults that need the one Redis behind the fault proxies: not in a Sentinel run.
+PROXIED_REDIS = frozenset(
+    {"redis-restart", "redis-latency", "redis-drop", "redis-loss", "spooled-corrections"}
+)
+# Faults only a Sentinel run (``--sentinel``) has.
+SENTINEL_FAULTS: dict[str, Fault] = {
+    "redis-failover": Fault("Redis primary killed (failover)", primary_killed),
+}
+
+
+def faults_for(sentinel: bool) -> dict[str, Fault]:
+    """The faults a run can inject: with Sentinels, all but the proxied Redis's, and the failover."""
+    if not sentinel:
+        return FAULTS
+    return {k: f for k, f in FAULTS.items() if k not in PROXIED_REDIS} | SENTINEL_FAULTS
