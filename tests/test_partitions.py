@@ -112,15 +112,26 @@ def test_two_workers_share_two_partitions_and_count_exactly_under_duplicates(
         assert worker.log().count("succeeded in") > 50 and "Traceback" not in worker.log()
 
 
+@pytest.mark.parametrize("standby", [False, True], ids=["no-standby", "standby"])
 def test_a_killed_partition_holder_is_replaced_within_seconds_and_nothing_is_lost(
-    redis_client: redis.Redis, start_worker: Callable[..., Worker], partitioned: Callable[[int], None]
+    redis_client: redis.Redis,
+    start_worker: Callable[..., Worker],
+    partitioned: Callable[[int], None],
+    standby: bool,
 ) -> None:
+    """Four partitions over two workers; with ``standby`` a third that holds nothing (4 over 3:
+    a share of 2) takes the dead one's over, else the other active worker does."""
     partitioned(4)
     make_work_orders(WOS)
     doomed = start_worker(MES_PARTITIONS="4", **FAST)
     wait_until(lambda: None not in holders(redis_client, 4).values(), 20, "every partition held")
     survivor = start_worker(MES_PARTITIONS="4", **FAST)
     wait_until(lambda: "took the workorder." in survivor.log(), 20, "the second worker's share")
+    if standby:
+        spare = start_worker(MES_PARTITIONS="4", **FAST)
+        time.sleep(2)  # two shares of 2 are full: it stays standby
+        assert "took the workorder." not in spare.log()
+        survivor = spare
     updates = plan(300, WOS, "kill", seed=5, dup_share=0.1)
     sender = threading.Thread(target=lambda: send(updates))
     sender.start()
