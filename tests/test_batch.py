@@ -17,7 +17,8 @@ from devtools.devserver import Service
 from mes_tasks.db import Mongo
 from mes_tasks.keys import apply_ms_key, unrecorded_key
 from mes_tasks.models import OutboxMessage, QuantityLog, WorkOrder
-from mes_tasks.producer import WORKORDER_QUEUE, Producer, submit_quantity_update, submit_quantity_updates
+from mes_tasks.names import WORKORDER_QUEUE
+from mes_tasks.producer import Producer, submit_quantity_update, submit_quantity_updates
 from mes_tasks.settings import Settings
 from mes_tasks.tasks import relay_outbox
 from mes_tasks.validation import MAX_UPDATE_BYTES

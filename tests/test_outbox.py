@@ -15,7 +15,8 @@ from devtools.devserver import Service
 from mes_tasks.db import Mongo
 from mes_tasks.errors import QueueError
 from mes_tasks.models import OutboxMessage, QuantityLog, WorkOrder
-from mes_tasks.producer import WORKORDER_QUEUE, Producer
+from mes_tasks.names import WORKORDER_QUEUE
+from mes_tasks.producer import Producer
 from mes_tasks.settings import Settings
 from mes_tasks.tasks import relay_outbox, update_quantity
 

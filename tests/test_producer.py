@@ -11,7 +11,8 @@ from cases import BAD_INPUTS, GOOD
 from devtools.devserver import Service
 from mes_tasks.keys import apply_ms_key
 from mes_tasks.models import QuantityLog
-from mes_tasks.producer import WORKORDER_QUEUE, Producer, submit_quantity_update
+from mes_tasks.names import WORKORDER_QUEUE
+from mes_tasks.producer import Producer, submit_quantity_update
 
 
 def test_a_queued_update_reports_its_job_queue_length_and_estimated_delay(redis_client: redis.Redis) -> None:
