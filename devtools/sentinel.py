@@ -114,11 +114,15 @@ class Topology:
         victim, replica = self.nodes[self.primary], self.nodes[self.replica()]
         if lag_s:
             replica.signal(signal.SIGSTOP)
-            _client(victim.port).set(LAG_KEY, b"x" * LAG_FILL_BYTES)
-            lag_ends = time.monotonic() + lag_s
-            if during_lag is not None:
-                during_lag()
-            time.sleep(max(0.0, lag_ends - time.monotonic()))
+            try:
+                _client(victim.port).set(LAG_KEY, b"x" * LAG_FILL_BYTES)
+                lag_ends = time.monotonic() + lag_s
+                if during_lag is not None:
+                    during_lag()
+                time.sleep(max(0.0, lag_ends - time.monotonic()))
+            except Exception:  # never leave a node stopped: the stack would hang on it
+                replica.signal(signal.SIGCONT)
+                raise
         victim.signal(signal.SIGKILL)
         victim.wait(5.0)
         replica.signal(signal.SIGCONT)
