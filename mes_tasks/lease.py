@@ -280,6 +280,8 @@ class SingleActiveConsumer(bootsteps.StartStopStep):  # type: ignore[misc]
                 log.warning("standby: not consuming %s without the lease", queue)
                 c.cancel_task_queue(queue)
         wanted = self._wanted()
+        for slot in [s for s in self.slots.values() if s.active and s.queue not in wanted]:
+            self._hand_over(c, slot)  # a leftover that has drained: it must not fill the share
         share = len(wanted) if self._pinned() else fair_share(len(wanted), self._members())
         held = [s for s in self.slots.values() if s.active]
         if len(held) > share:
@@ -390,7 +392,7 @@ class SingleActiveConsumer(bootsteps.StartStopStep):  # type: ignore[misc]
         with suppress(RedisUnavailable):
             slot.lease.release()
         slot.active, slot.paused = False, None
-        log.warning("handed %s over: more workers share the partitions now", slot.queue)
+        log.warning("handed %s over (more workers share the partitions, or a leftover drained)", slot.queue)
 
     def _honour_pause(self, c: Any, slot: Slot) -> None:
         assert self.client is not None

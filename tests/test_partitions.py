@@ -27,6 +27,7 @@ from mes_tasks.models import FailedUpdate, QuantityLog, WorkOrder
 from mes_tasks.partitions import index_of, is_workorder_queue, partition_of, queue_for, queue_names
 from mes_tasks.producer import submit_quantity_update
 from mes_tasks.settings import get_settings
+from mes_tasks.tasks import relay_outbox
 
 WOS = [f"P-{i:02d}" for i in range(16)]
 FAST = {"MES_LEASE_TTL_S": "2"}
@@ -82,7 +83,19 @@ def send(updates: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def expect_exact(updates: list[dict[str, Any]], timeout_s: float = 120) -> None:
     """Every distinct request counted once: counters equal the sum of their distinct updates."""
     distinct = {u["request_id"]: u for u in updates}
-    wait_until(lambda: QuantityLog.objects.count() >= len(distinct), timeout_s, f"{len(distinct)} logs")
+
+    relayed = [time.monotonic()]
+
+    def all_logged() -> bool:
+        if time.monotonic() - relayed[0] > 1:  # beat's job in a deployment, every second:
+            relay_outbox()  # re-send what the broker lost
+            relayed[0] = time.monotonic()
+        return bool(QuantityLog.objects.count() >= len(distinct))
+
+    try:
+        wait_until(all_logged, timeout_s, f"{len(distinct)} logs")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; {where_they_are()}") from None
     time.sleep(0.5)  # anything counted twice would show now
     assert QuantityLog.objects.count() == len(distinct)
     assert FailedUpdate.objects.count() == 0
@@ -91,6 +104,21 @@ def expect_exact(updates: list[dict[str, Any]], timeout_s: float = 120) -> None:
         want[(u["work_order_id"], u["kind"])] += u["quantity"]
     for wo in WorkOrder.objects:
         assert (wo.input_qty, wo.output_qty) == (want[(wo.id, "input")], want[(wo.id, "output")]), wo.id
+
+
+def where_they_are() -> str:
+    """What the suite sees when updates are missing: logs, dead letters, queues, leases."""
+    from mes_tasks.db import redis_client as client_of
+    from mes_tasks.partitions import every_queue
+
+    client = client_of(get_settings())
+    queues = {q: client.llen(q) for q in every_queue() if client.llen(q)}
+    leases = {k: client.get(k) for k in client.scan_iter("mes:lease:*")}
+    failed = Counter(f.error_code for f in FailedUpdate.objects)
+    return (
+        f"logs {QuantityLog.objects.count()}, failed {dict(failed)}, waiting {queues}, "
+        f"unacked {client.hlen('unacked')}, leases {leases}"
+    )
 
 
 def holders(client: redis.Redis, n: int) -> dict[str, str | None]:
