@@ -98,6 +98,27 @@ def redis_client(settings: Settings, mongo: db.Mongo) -> Iterator[object]:
     client.close()
 
 
+@pytest.fixture()
+def services(mongo: db.Mongo, redis_client: object) -> object:
+    """Both stores, clean; the Redis client."""
+    return redis_client
+
+
+@pytest.fixture()
+def env_override(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., None]]:
+    """Set environment variables for this process's settings, for one test."""
+    from mes_tasks.settings import get_settings
+
+    def override(**env: str) -> None:
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        get_settings.cache_clear()
+
+    yield override
+    monkeypatch.undo()
+    get_settings.cache_clear()
+
+
 def make_work_orders(ids: list[str], **counters: int) -> None:
     from mes_tasks.models import WorkOrder
 

@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -22,7 +22,7 @@ from mes_tasks.errors import UnknownWorkOrder
 from mes_tasks.keys import first_start_key, lock_key
 from mes_tasks.locks import RedisLock
 from mes_tasks.models import FailedUpdate
-from mes_tasks.settings import Settings, get_settings
+from mes_tasks.settings import Settings
 
 EXIT_ERROR = 2
 EXIT_CONFIG = 78
@@ -38,23 +38,6 @@ def assert_one_error_line(result: Result, code: str) -> None:
     assert lines[-1].startswith(f"error [{code}]: "), result.stderr
     assert [line for line in lines if line.startswith("error [")] == [lines[-1]]
     assert "Traceback" not in result.output and "Usage:" not in result.output
-
-
-@pytest.fixture()
-def services(mongo: object, redis_client: redis.Redis) -> redis.Redis:
-    return redis_client
-
-
-@pytest.fixture()
-def env_override(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., None]]:
-    def override(**env: str) -> None:
-        for key, value in env.items():
-            monkeypatch.setenv(key, value)
-        get_settings.cache_clear()
-
-    yield override
-    monkeypatch.undo()
-    get_settings.cache_clear()
 
 
 def dead_letter(request_id: str) -> FailedUpdate:

@@ -3,24 +3,21 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
-import pytest
 import redis
 from celery.bin.celery import celery
 from click.testing import CliRunner, Result
 
 from conftest import Worker, make_work_orders, spawn, wait_until
 from devtools.devserver import worker_argv
-from mes_tasks.db import Mongo
 from mes_tasks.deadletter import Failure, record_failure
 from mes_tasks.errors import UnknownWorkOrder
 from mes_tasks.keys import lock_key
 from mes_tasks.locks import RedisLock
 from mes_tasks.models import FailedUpdate, OutboxMessage, QuantityLog, WorkOrder
 from mes_tasks.producer import submit_quantity_update
-from mes_tasks.settings import get_settings
 from mes_tasks.tasks import relay_outbox
 
 
@@ -32,23 +29,6 @@ def cli_json(*args: str) -> object:
     result = cli(*args, "--json")
     assert result.exit_code in (0, 1), result.output
     return json.loads(result.stdout)
-
-
-@pytest.fixture()
-def services(mongo: Mongo, redis_client: redis.Redis) -> redis.Redis:
-    return redis_client
-
-
-@pytest.fixture()
-def env_override(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., None]]:
-    def override(**env: str) -> None:
-        for key, value in env.items():
-            monkeypatch.setenv(key, value)
-        get_settings.cache_clear()
-
-    yield override
-    monkeypatch.undo()
-    get_settings.cache_clear()
 
 
 def dead_letter(request_id: str, wo: str = "WO-NEW", code_exc: Exception | None = None) -> FailedUpdate:

@@ -11,7 +11,7 @@ import socket
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -62,16 +62,9 @@ def test_a_fair_share_rounds_up_so_every_partition_has_a_holder() -> None:
 
 
 @pytest.fixture()
-def partitioned(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[int], None]]:
+def partitioned(env_override: Callable[..., None]) -> Callable[[int], None]:
     """Set this process's MES_PARTITIONS (the producer's routing reads it)."""
-
-    def use(n: int) -> None:
-        monkeypatch.setenv("MES_PARTITIONS", str(n))
-        get_settings.cache_clear()
-
-    yield use
-    monkeypatch.delenv("MES_PARTITIONS", raising=False)
-    get_settings.cache_clear()
+    return lambda n: env_override(MES_PARTITIONS=str(n))
 
 
 def send(updates: list[dict[str, Any]]) -> list[dict[str, Any]]:
