@@ -1,7 +1,8 @@
 """Prometheus metrics: the counters the worker keeps in Redis, and a collector that reads state per scrape.
 
-The worker adds each update's outcome (and the duration of an applied or duplicate one)
-to two Redis hashes in one pipelined round trip (``count_outcome``). A scrape reads
+The worker counts each update's outcome (and the duration of an applied or duplicate one)
+in memory (``Tally``) and adds its counts to two Redis hashes between tasks, twice a
+second, in one pipelined round trip. A scrape reads
 those, the broker's queue lists, the lease and the pause in one Redis round trip, then
 the outbox, the heads of the queues, the open dead letters and the last audit in at most
 four MongoDB round trips. Nothing runs between scrapes. docs/metrics.md lists every
@@ -51,6 +52,7 @@ DEFAULT_PORT = 9808
 APPLY_MS_BUCKETS = (1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)  # upper bounds, ms
 INF = "+Inf"
 APPLIED, DUPLICATE, RETRIED, DEAD_LETTERED = "applied", "duplicate", "retried", "dead_lettered"
+FLUSH_BACKOFF_S = 5.0  # after a failed flush of the worker's counts, the next is tried this much later
 SCRAPE_REDIS_RETRIES = 0  # a failed scrape read is not retried: the next scrape tries again
 MAX_ERROR_CHARS = 300  # of a store error's text in the log
 T = TypeVar("T")
@@ -61,22 +63,60 @@ def bucket_of(ms: float) -> str:
     return next((_bound(b) for b in APPLY_MS_BUCKETS if ms <= b), INF)
 
 
-def count_outcome(
-    client: redis.Redis, prefix: str, outcome: str, code: str | None = None, apply_ms: float | None = None
-) -> None:
-    """Add one update's outcome (and its duration) to the worker's counters; never raises.
+class Tally:
+    """The outcomes this worker counted since its last flush, kept in memory between flushes.
 
-    One pipelined round trip. A statistic must never fail, or delay into a retry, an update.
+    Counting costs no round trip on the update's path: the worker flushes the tally between
+    tasks every ``RELEASE_CHECK_S`` and when it stops, in one pipelined round trip. A flush
+    that fails keeps its counts for the next one, tried no sooner than ``FLUSH_BACKOFF_S``
+    later, and never raises: a statistic must never fail, or delay, an update. What a
+    SIGKILLed worker had not flushed (under a second of outcomes) is not counted.
     """
-    try:
-        pipe = client.pipeline(transaction=False)
-        pipe.hincrby(update_counts_key(prefix), outcome if code is None else f"{outcome}:{code}", 1)
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+        self.histogram: dict[str, float] = {}
+        self._retry_at = 0.0
+
+    def add(self, outcome: str, code: str | None = None, apply_ms: float | None = None) -> None:
+        """Count one update's outcome (and its duration)."""
+        field = outcome if code is None else f"{outcome}:{code}"
+        self.counts[field] = self.counts.get(field, 0) + 1
         if apply_ms is not None:
-            pipe.hincrby(apply_histogram_key(prefix), bucket_of(apply_ms), 1)
-            pipe.hincrbyfloat(apply_histogram_key(prefix), "sum", apply_ms)
-        pipe.execute()
-    except Exception:
-        log.debug("could not count a %s update", outcome, exc_info=True)
+            bucket = bucket_of(apply_ms)
+            self.histogram[bucket] = self.histogram.get(bucket, 0) + 1
+            self.histogram["sum"] = self.histogram.get("sum", 0.0) + apply_ms
+
+    def __len__(self) -> int:
+        return len(self.counts)
+
+    def flush(self, client: redis.Redis, prefix: str) -> bool:
+        """Add the tally to the Redis hashes a scrape reads; False if it is kept for later."""
+        if not self.counts or time.monotonic() < self._retry_at:
+            return not self.counts
+        counts, histogram = self.counts, self.histogram
+        self.counts, self.histogram = {}, {}
+        try:
+            pipe = client.pipeline(transaction=False)
+            for field, n in counts.items():
+                pipe.hincrby(update_counts_key(prefix), field, n)
+            for field, x in histogram.items():
+                if field == "sum":
+                    pipe.hincrbyfloat(apply_histogram_key(prefix), field, x)
+                else:
+                    pipe.hincrby(apply_histogram_key(prefix), field, int(x))
+            pipe.execute()
+            return True
+        except Exception:
+            # Usually Redis down, nothing applied: kept for the next flush. (A flush applied
+            # with its answer lost counts twice, which a statistic can bear better than loss.)
+            log.debug("could not flush %d outcome counts", sum(counts.values()), exc_info=True)
+            for field, n in counts.items():
+                self.counts[field] = self.counts.get(field, 0) + n
+            for field, x in histogram.items():
+                self.histogram[field] = self.histogram.get(field, 0) + x
+            self._retry_at = time.monotonic() + FLUSH_BACKOFF_S
+            return False
 
 
 def queue_keys(queue: str) -> list[str]:

@@ -121,19 +121,13 @@ def update_quantity(
         log.exception("unexpected error in %s", self.request.id)
         _retry_or_dead_letter(self, InternalError(f"{type(exc).__name__}: {str(exc)[:MAX_ERROR_CHARS]}"))
     STATE.record_duration(started)
-    _count(self, result.status, apply_ms=(time.monotonic() - started) * 1000)
+    _count(result.status, apply_ms=(time.monotonic() - started) * 1000)
     return result.to_dict()
 
 
-def _count(task: LedgerTask, outcome: str, code: str | None = None, apply_ms: float | None = None) -> None:
-    """Count the outcome for ``celery -A mes_tasks metrics``: one Redis round trip, never an error.
-
-    Not while Redis is known to be down: the count would only wait out the client's
-    reconnect attempts before the retry is scheduled.
-    """
-    if code == RedisUnavailable.code:
-        return
-    metrics.count_outcome(task.ledger.redis, task.ledger.settings.key_prefix, outcome, code, apply_ms)
+def _count(outcome: str, code: str | None = None, apply_ms: float | None = None) -> None:
+    """Count the outcome for ``celery -A mes_tasks metrics``: in memory, flushed between tasks."""
+    STATE.tally.add(outcome, code, apply_ms)
 
 
 def _retry_or_dead_letter(task: LedgerTask, exc: MesError) -> NoReturn:
@@ -141,7 +135,7 @@ def _retry_or_dead_letter(task: LedgerTask, exc: MesError) -> NoReturn:
     if task.request.retries < settings.retry_max:
         countdown = backoff_s(task.request.retries, settings)
         log.warning("%s: %s; retry %d in %.2fs", exc.code, exc.message, task.request.retries + 1, countdown)
-        _count(task, metrics.RETRIED, exc.code)
+        _count(metrics.RETRIED, exc.code)
         raise task.retry(exc=exc, countdown=countdown)
     _dead_letter(task, exc)
 
@@ -163,7 +157,7 @@ def _wait_for_count_or_dead_letter(task: LedgerTask, exc: NegativeCounter, reque
     countdown = min(backoff_s(task.request.retries, settings), left)
     log.warning("%s: %s; its count may be late: retry in %.2fs (%.0fs of %gs waited)",
                 exc.code, exc.message, countdown, waited, settings.negative_wait_s)  # fmt: skip
-    _count(task, metrics.RETRIED, exc.code)
+    _count(metrics.RETRIED, exc.code)
     raise task.retry(exc=exc, countdown=countdown)
 
 
@@ -201,7 +195,7 @@ def _dead_letter(task: LedgerTask, exc: MesError) -> NoReturn:
     # plant floor: one WARNING line. A transient cause that outlasted every retry is an ERROR.
     level = logging.WARNING if isinstance(exc, PermanentError) else logging.ERROR
     log.log(level, "update %s dead-lettered [%s]: %s", failure.request_id, exc.code, exc.message)
-    _count(task, metrics.DEAD_LETTERED, exc.code)
+    _count(metrics.DEAD_LETTERED, exc.code)
     raise exc
 
 

@@ -16,12 +16,13 @@ from mes_tasks import db
 from mes_tasks.keptlocks import KeptLocks
 from mes_tasks.keys import apply_ms_key
 from mes_tasks.ledger import Ledger
+from mes_tasks.metrics import Tally
 from mes_tasks.sessions import SessionLog
 from mes_tasks.settings import get_settings
 
 log = logging.getLogger(__name__)
 
-RELEASE_CHECK_S = 0.5  # how often the worker looks for kept locks to let go
+RELEASE_CHECK_S = 0.5  # how often the worker looks for kept locks to let go, and flushes its counts
 APPLY_MS_EWMA_WEIGHT = 0.1  # weight of the newest duration in the moving average
 APPLY_MS_TTL_S = 3600
 APPLY_MS_PUBLISH_INTERVAL_S = 1.0  # the estimate is written to Redis at most this often
@@ -34,6 +35,7 @@ class WorkerState:
         self._ledger: Ledger | None = None
         self.apply_ms: float | None = None
         self._published_at = 0.0
+        self.tally = Tally()  # outcomes for the metrics endpoint, flushed between tasks
 
     @property
     def ledger(self) -> Ledger:
@@ -48,6 +50,11 @@ class WorkerState:
     def kept_locks(self) -> KeptLocks | None:
         """The locks the ledger keeps, once it exists."""
         return None if self._ledger is None else self._ledger.kept
+
+    def flush_counts(self) -> None:
+        """Add the outcomes counted since the last flush to Redis (one round trip); never raises."""
+        if self._ledger is not None and len(self.tally):
+            self.tally.flush(self._ledger.redis, self._ledger.settings.key_prefix)
 
     def record_duration(self, started: float) -> None:
         """Fold one update's duration into the estimate; publish it for the producer now and then."""
@@ -68,7 +75,8 @@ STATE = WorkerState()
 
 
 class ReleaseKeptLocks(bootsteps.StartStopStep):  # type: ignore[misc]
-    """Consumer step: let go of idle kept locks between tasks, and of all of them at shutdown."""
+    """Consumer step: between tasks, let go of idle kept locks and flush the outcome counts;
+    at shutdown, let go of every kept lock and flush."""
 
     requires = {"celery.worker.consumer.tasks:Tasks"}
 
@@ -84,6 +92,7 @@ class ReleaseKeptLocks(bootsteps.StartStopStep):  # type: ignore[misc]
         kept = STATE.kept_locks
         if kept is not None:
             kept.release_idle()
+        STATE.flush_counts()
 
     def stop(self, c: Any) -> None:
         if self.timer_entry is not None:
@@ -91,5 +100,6 @@ class ReleaseKeptLocks(bootsteps.StartStopStep):  # type: ignore[misc]
         kept = STATE.kept_locks
         if kept is not None and len(kept):
             log.info("released %d kept work-order lock(s)", kept.release_all())
+        STATE.flush_counts()
 
     shutdown = stop

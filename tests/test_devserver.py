@@ -102,8 +102,12 @@ def test_the_stack_runs_stops_on_ctrl_c_and_keeps_its_data(tmp_path: Path) -> No
 
     wait_until(workers_listed, 60, "Flower to list the workers")
     wait_until(lambda: port_open(metrics_port), 60, "the metrics endpoint")
-    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=20) as reply:
-        assert "mes_updates_applied_total 1.0" in reply.read().decode()
+
+    def counted() -> bool:  # the worker flushes its counts between tasks, twice a second
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=20) as reply:
+            return "mes_updates_applied_total 1.0" in reply.read().decode()
+
+    wait_until(counted, 10, "the applied update to be counted")
 
     env_file = (var / "stack.env").read_text()  # what `make shell` sources
     assert f"export REDIS_URL=redis://127.0.0.1:{redis_port}/3" in env_file

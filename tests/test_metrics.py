@@ -26,9 +26,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from conftest import REPO, TEST_ENV, make_work_orders, wait_until
 from devtools.devserver import free_port
 from mes_tasks.db import Mongo
-from mes_tasks.keys import lease_key, pause_key, takeovers_key
+from mes_tasks.keys import apply_histogram_key, lease_key, pause_key, takeovers_key, update_counts_key
 from mes_tasks.ledger import Ledger
-from mes_tasks.metrics import DEAD_LETTERED, RETRIED, bucket_of, count_outcome, registry_for
+from mes_tasks.metrics import DEAD_LETTERED, RETRIED, Tally, bucket_of, registry_for
 from mes_tasks.models import FailedUpdate, OutboxMessage, WorkOrder, utcnow
 from mes_tasks.names import UPDATE_QUANTITY
 from mes_tasks.producer import submit_quantity_update
@@ -45,6 +45,7 @@ PROMETHEUS_OWN = {"up", "scrape_duration_seconds"}  # series Prometheus itself r
 
 @pytest.fixture()
 def registry(mongo: Mongo, redis_client: redis.Redis, settings: Settings) -> Iterator[CollectorRegistry]:
+    STATE.tally = Tally()  # not what earlier tests' in-process updates counted
     yield registry_for(redis_client, settings.key_prefix)
     kept = STATE.kept_locks  # the in-process updates' kept locks: let go, like a stopping worker
     if kept is not None:
@@ -53,6 +54,7 @@ def registry(mongo: Mongo, redis_client: redis.Redis, settings: Settings) -> Ite
 
 
 def scrape(registry: CollectorRegistry) -> Samples:
+    STATE.flush_counts()  # what the worker does between tasks, for the updates run in this process
     text = generate_latest(registry).decode()
     return {
         (s.name, frozenset(s.labels.items())): s.value
@@ -187,6 +189,23 @@ def test_a_redis_that_is_down_is_a_store_down_not_a_failed_scrape(mongo: Mongo) 
     assert value(got, "mes_outbox_entries", state="sent") == 0
 
 
+def test_counts_a_flush_could_not_write_are_kept_for_the_next_one(
+    redis_client: redis.Redis, settings: Settings
+) -> None:
+    tally, prefix = Tally(), settings.key_prefix
+    tally.add("applied", apply_ms=3)
+    tally.add(RETRIED, "LOCK_BUSY")
+    down = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2)  # nothing listens there
+    assert not tally.flush(down, prefix)
+    assert not tally.flush(redis_client, prefix)  # backing off: not yet
+    tally._retry_at = 0
+    tally.add("applied", apply_ms=30)
+    assert tally.flush(redis_client, prefix) and not len(tally)
+    assert redis_client.hgetall(update_counts_key(prefix)) == {"applied": "2", "retried:LOCK_BUSY": "1"}
+    histogram = redis_client.hgetall(apply_histogram_key(prefix))
+    assert histogram["5"] == histogram["50"] == "1" and float(histogram["sum"]) == 33
+
+
 def test_an_update_lands_in_the_bucket_of_its_duration() -> None:
     assert [bucket_of(ms) for ms in (0.2, 1, 1.01, 7, 10_000, 10_001)] == [
         "1",
@@ -265,8 +284,10 @@ def test_every_series_the_alert_rules_and_the_dashboard_use_is_exported(
     registry: CollectorRegistry, redis_client: redis.Redis, settings: Settings
 ) -> None:
     prefix = settings.key_prefix  # one of each labelled series, so that each has a sample
-    count_outcome(redis_client, prefix, RETRIED, "LOCK_BUSY")
-    count_outcome(redis_client, prefix, DEAD_LETTERED, "UNKNOWN_WORK_ORDER")
+    tally = Tally()
+    tally.add(RETRIED, "LOCK_BUSY")
+    tally.add(DEAD_LETTERED, "UNKNOWN_WORK_ORDER")
+    assert tally.flush(redis_client, prefix)
     FailedUpdate(request_id="r", task_name=UPDATE_QUANTITY, error_code="UNKNOWN_WORK_ORDER").save()
     redis_client.set(lease_key(prefix), "host-a:41:w/abc", px=3000)
     exported = {name for name, _ in scrape(registry)}
