@@ -428,7 +428,9 @@ def summary(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
 
     return {
         "per_s": {config: round(statistics.median(values), 1) for config, values in rates.items()},
-        "ratios": {name: paired(*spec) for name, spec in RATIOS.items()},
+        "ratios": {
+            name: paired(*spec) for name, spec in RATIOS.items() if {spec[0], spec[1]} <= rates.keys()
+        },
         "cpu_ms_per_update": {config: median_of(config, "cpu_ms_per_update") for config in runs},
         "cores_busy": {config: median_of(config, "cores_busy") for config in runs},
         "per_round": {config: [round(v, 1) for v in values] for config, values in rates.items()},
@@ -454,6 +456,8 @@ def table(res: dict[str, Any], n: int, count: int) -> str:
         f"  {'':36} {'per s':>7}   CPU ms per update ({'/'.join(GROUPS)})   cores busy (same)",
     ]
     for config, label in LABELS.items():
+        if config not in res["per_s"]:
+            continue
         cpu = "/".join(f"{res['cpu_ms_per_update'][config].get(g, 0):.2f}" for g in GROUPS)
         busy = "/".join(f"{res['cores_busy'][config].get(g, 0):.2f}" for g in GROUPS)
         lines.append(f"  {label:36} {res['per_s'][config]:>7}   {cpu:<38} {busy}")
@@ -483,10 +487,16 @@ def main() -> int:
     parser.add_argument("--updates", type=int, default=1200, help="backlog per configuration per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", help="also write the results, as JSON, here")
+    parser.add_argument(
+        "--configs", default=",".join(CONFIGS), help=f"a subset of {','.join(CONFIGS)} (default: all)"
+    )
     parser.add_argument("--prepare", choices=("mes_tasks", "classic", "floor"), help=argparse.SUPPRESS)
     parser.add_argument("--tag", default="bench", help=argparse.SUPPRESS)
     parser.add_argument("--half", type=int, choices=(0, 1), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    configs = [c for c in args.configs.split(",") if c]
+    if not configs or set(configs) - set(CONFIGS):
+        parser.error(f"--configs: choose from {','.join(CONFIGS)}")
     if args.prepare:
         prepare_here(args.prepare, args.updates, args.tag, args.half)
         return 0
@@ -497,7 +507,7 @@ def main() -> int:
             first = Deployment(os.environ["REDIS_URL"], os.environ["MONGODB_URI"])
             bench = Bench(first, server_pids(servers), args.updates, tmp)
             results = {"machine": machine(), "updates": args.updates, "rounds": args.rounds}
-            results["drain"] = summary(rounds(bench, args.rounds, list(CONFIGS)))
+            results["drain"] = summary(rounds(bench, args.rounds, configs))
         finally:
             for server in reversed(servers):
                 server.stop()
