@@ -5,6 +5,7 @@ proxy.latency_s = 0.2                       # every chunk waits 200 ms each way
 proxy.loss = 0.2                            # a fifth of the chunks are "lost" and retransmitted
 proxy.stall(1.5)                            # nothing is forwarded for 1.5 s (held, not dropped)
 proxy.drop_all()                            # cut every open connection now
+proxy.silence_open()                        # open connections forward nothing, ever; new ones work
 proxy.refuse = True                         # cut them and close every new one at once
 
 TCP cannot lose bytes, so loss is emulated the way an application sees it: a lost
@@ -39,6 +40,7 @@ class FaultProxy:
         self._server = socket.create_server(("127.0.0.1", port))
         self.port = int(self._server.getsockname()[1])
         self._conns: set[socket.socket] = set()
+        self._silenced: set[socket.socket] = set()
         self._lock = threading.Lock()
         self._closed = False
 
@@ -60,6 +62,14 @@ class FaultProxy:
     def stall(self, seconds: float) -> None:
         """Forward nothing, on any connection, for ``seconds`` from now (data waits, nothing is lost)."""
         self._stalled_until = max(self._stalled_until, time.monotonic() + seconds)
+
+    def silence_open(self) -> int:
+        """Let every open connection go silent: nothing forwarded, nothing closed, as across a
+        network partition that the peers have not noticed; new connections work. Returns how
+        many pairs went silent."""
+        with self._lock:
+            self._silenced |= self._conns
+            return len(self._conns) // 2
 
     def clear(self) -> None:
         """Every fault off (connections stay as they are)."""
@@ -106,6 +116,8 @@ class FaultProxy:
         try:
             while data := src.recv(CHUNK):
                 self._hold()
+                while src in self._silenced and not self._closed:
+                    time.sleep(STALL_POLL_S)  # held for good, until either side closes
                 dst.sendall(data)
         except OSError:
             pass
@@ -116,6 +128,8 @@ class FaultProxy:
             with self._lock:
                 self._conns.discard(src)
                 self._conns.discard(dst)
+                self._silenced.discard(src)
+                self._silenced.discard(dst)
 
     def _hold(self) -> None:
         """Delay one chunk as the faults say."""

@@ -12,6 +12,7 @@ from bson.binary import Binary
 
 from conftest import DEFAULT_TIMINGS, Worker, make_work_orders, wait_until
 from devtools.devserver import Service
+from devtools.faultproxy import FaultProxy
 from mes_tasks.db import Mongo
 from mes_tasks.errors import LockBusy
 from mes_tasks.keys import lease_key, lock_key, sessions_key
@@ -20,10 +21,14 @@ from mes_tasks.locks import RedisLock, owner_id
 from mes_tasks.models import QuantityLog, WorkOrder
 from mes_tasks.producer import submit_quantity_update
 from mes_tasks.sessions import end_others
+from mes_tasks.tasks import relay_outbox
 
 # Far below the 60 s that MongoDB keeps an abandoned transaction; the chaos run reports
 # the figure itself (goal: 5 s). A bound, not a benchmark: it catches waiting it out.
 RECOVERED_WITHIN_S = 15.0
+# A silent connection is given up after a socket timeout (MES_CONNECT_TIMEOUT_S, 5 s); the
+# worker meets a few of them one after another (its BRPOP, the lease's, a pooled one).
+SILENCE_RECOVERED_WITHIN_S = 40.0
 
 
 def _pending(wos: list[str], per_wo: int, tag: str) -> list[str]:
@@ -170,6 +175,36 @@ def test_after_a_redis_restart_with_kept_locks_the_worker_applies_again_in_secon
     assert took < RECOVERED_WITHIN_S  # was about 28 s: the worker waited on its own orphaned locks
     assert [WorkOrder.objects.get(id=wo).input_qty for wo in ["WO-1", "WO-2"]] == [4, 4]
     assert "LOCK_BUSY" not in worker.log()
+
+
+def test_a_broker_gone_silent_without_closing_is_left_and_the_worker_applies_again_in_seconds(
+    servers: dict[str, Service], start_worker: Callable[..., Worker]
+) -> None:
+    """Every connection the worker has open stops answering and stays open (a partition, a
+    frozen master); new ones work. kombu's consume would wait for TCP, for hours."""
+    make_work_orders(["WO-1", "WO-2"])
+    proxy = FaultProxy(servers["redis"].port).start()
+    try:
+        worker = start_worker(REDIS_URL=f"redis://127.0.0.1:{proxy.port}/3", **DEFAULT_TIMINGS)
+        first = _pending(["WO-1", "WO-2"], 2, "before")
+        wait_until(lambda: _all_applied(first), 30, "the first updates")
+        time.sleep(1.5)  # idle: the consumer is waiting on its BRPOP
+        assert proxy.silence_open() > 0
+        silenced = time.monotonic()
+        after = _pending(["WO-1", "WO-2"], 2, "after")  # this process reaches Redis directly
+
+        def relayed_and_applied() -> bool:  # beat's relay, every second: the message that the
+            relay_outbox()  # silent connection's BRPOP popped never arrives, and is sent again
+            return _all_applied(after)
+
+        wait_until(relayed_and_applied, 60, "the updates after the silence")
+        took = time.monotonic() - silenced
+    finally:
+        proxy.close()
+    print(f"\nbroker gone silent: every update applied {took:.1f}s after")
+    assert took < SILENCE_RECOVERED_WITHIN_S
+    assert "Connection to broker lost" in worker.log()
+    assert [WorkOrder.objects.get(id=wo).input_qty for wo in ["WO-1", "WO-2"]] == [4, 4]
 
 
 def test_a_lease_held_by_a_worker_on_another_host_is_taken_once_its_ttl_runs_out(
