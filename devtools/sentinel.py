@@ -38,7 +38,7 @@ from devtools.devserver import Service, free_port, redis_answers, redis_server_b
 MASTER_NAME = "mymaster"
 SENTINELS = 3
 QUORUM = 2
-DOWN_AFTER_MS = 1000
+DOWN_AFTER_MS = 2000  # 1000 failed over spuriously once under load, while a rejoined node resynced
 FAILOVER_TIMEOUT_MS = 5000
 # A Sentinel does not start a second failover of the same master sooner than this.
 FAILOVER_SPACING_S = 2 * FAILOVER_TIMEOUT_MS / 1000
@@ -68,6 +68,7 @@ class Topology:
     def __init__(self, base: Path, db: int = 3) -> None:
         self.base, self.db = base, db
         self.nodes: dict[int, Service] = {}  # port -> redis-server
+        self.frozen: list[int] = []  # nodes left stopped by freeze_primary
         self.sentinels: list[Service] = []
         self.primary = 0  # port of the node the Sentinels were last seen to agree on
         self.killed: int | None = None  # port of a killed node not yet rejoined
@@ -91,6 +92,8 @@ class Topology:
         return self
 
     def stop(self) -> None:
+        for port in self.frozen:  # a stopped process acts on SIGTERM only once resumed
+            self.nodes[port].signal(signal.SIGCONT)
         for service in [*self.sentinels, *self.nodes.values()]:
             service.stop()
 
@@ -129,6 +132,16 @@ class Topology:
         self.killed = victim.port
         return victim.port
 
+    def freeze_primary(self) -> int:
+        """SIGSTOP the primary and leave it stopped: it keeps its connections open and answers
+        nothing, like a master cut off by a network partition. Returns its port."""
+        time.sleep(max(0.0, self.failed_over_at + FAILOVER_SPACING_S - time.monotonic()))
+        port = self.primary
+        self.nodes[port].signal(signal.SIGSTOP)
+        self.frozen.append(port)
+        self.killed = port
+        return port
+
     def wait_failover(self, timeout_s: float = AGREE_TIMEOUT_S) -> int:
         """Until every Sentinel names the replica as the new primary and it acts as one; its port."""
         old = self.killed if self.killed is not None else self.primary
@@ -146,11 +159,16 @@ class Topology:
             time.sleep(POLL_S)
 
     def rejoin(self) -> None:
-        """Start the killed node again as a replica of the current primary; wait for agreement."""
+        """Start the killed node again (resume a frozen one) as a replica of the current primary;
+        wait for agreement."""
         if self.killed is None:
             return
         port, self.killed = self.killed, None
-        self._start_node(port, self.primary)
+        if port in self.frozen:  # the partition heals: the Sentinels turn it into a replica
+            self.frozen.remove(port)
+            self.nodes[port].signal(signal.SIGCONT)
+        else:
+            self._start_node(port, self.primary)
         self.wait_agreed(self.primary)
 
     def wait_agreed(self, primary: int, timeout_s: float = AGREE_TIMEOUT_S) -> None:
