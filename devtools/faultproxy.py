@@ -6,6 +6,7 @@ proxy.loss = 0.2                            # a fifth of the chunks are "lost" a
 proxy.stall(1.5)                            # nothing is forwarded for 1.5 s (held, not dropped)
 proxy.drop_all()                            # cut every open connection now
 proxy.silence_open()                        # open connections forward nothing, ever; new ones work
+proxy.silence_open(b"BRPOP")                # only those whose last request was a BRPOP
 proxy.refuse = True                         # cut them and close every new one at once
 
 TCP cannot lose bytes, so loss is emulated the way an application sees it: a lost
@@ -41,6 +42,8 @@ class FaultProxy:
         self.port = int(self._server.getsockname()[1])
         self._conns: set[socket.socket] = set()
         self._silenced: set[socket.socket] = set()
+        self._last_request: dict[socket.socket, bytes] = {}  # client socket -> its last chunk
+        self._peer: dict[socket.socket, socket.socket] = {}
         self._lock = threading.Lock()
         self._closed = False
 
@@ -63,13 +66,20 @@ class FaultProxy:
         """Forward nothing, on any connection, for ``seconds`` from now (data waits, nothing is lost)."""
         self._stalled_until = max(self._stalled_until, time.monotonic() + seconds)
 
-    def silence_open(self) -> int:
-        """Let every open connection go silent: nothing forwarded, nothing closed, as across a
-        network partition that the peers have not noticed; new connections work. Returns how
+    def silence_open(self, last_request_has: bytes | None = None) -> int:
+        """Let open connections go silent: nothing forwarded, nothing closed, as across a
+        network partition that the peers have not noticed; new connections work. All of them,
+        or those whose client last sent a chunk containing ``last_request_has``. Returns how
         many pairs went silent."""
         with self._lock:
-            self._silenced |= self._conns
-            return len(self._conns) // 2
+            clients = [c for c in self._last_request if c in self._conns]
+            if last_request_has is not None:
+                clients = [c for c in clients if last_request_has in self._last_request[c]]
+                pairs = {s for c in clients for s in (c, self._peer[c])}
+            else:
+                pairs = set(self._conns)
+            self._silenced |= pairs
+            return len(pairs) // 2
 
     def clear(self) -> None:
         """Every fault off (connections stay as they are)."""
@@ -109,12 +119,16 @@ class FaultProxy:
             upstream.settimeout(None)
             with self._lock:
                 self._conns.update((client, upstream))
+                self._last_request[client] = b""
+                self._peer[client] = upstream
             for src, dst in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pipe, args=(src, dst), daemon=True).start()
 
     def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
         try:
             while data := src.recv(CHUNK):
+                if src in self._last_request:
+                    self._last_request[src] = data
                 self._hold()
                 while src in self._silenced and not self._closed:
                     time.sleep(STALL_POLL_S)  # held for good, until either side closes
@@ -130,6 +144,8 @@ class FaultProxy:
                 self._conns.discard(dst)
                 self._silenced.discard(src)
                 self._silenced.discard(dst)
+                self._last_request.pop(src, None)
+                self._peer.pop(src, None)
 
     def _hold(self) -> None:
         """Delay one chunk as the faults say."""

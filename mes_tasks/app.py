@@ -12,6 +12,7 @@ from celery import Celery, signals
 
 from mes_tasks import db
 from mes_tasks.config import EXIT_CONFIG, configure
+from mes_tasks.consumer import BrokerWatchdog
 from mes_tasks.errors import MesError, one_line
 from mes_tasks.keys import first_start_key
 from mes_tasks.lease import SingleActiveConsumer
@@ -39,6 +40,7 @@ app = Celery("mes_tasks", include=["mes_tasks.tasks"])
 configure(app)  # from the environment and the deployment's celeryconfig.py (see mes_tasks.config)
 app.steps["consumer"].add(SingleActiveConsumer)
 app.steps["consumer"].add(ReleaseKeptLocks)
+app.steps["consumer"].add(BrokerWatchdog)
 
 
 @signals.worker_init.connect

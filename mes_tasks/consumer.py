@@ -1,4 +1,5 @@
-"""The worker's consumer: back on the broker within about a second after Redis comes back.
+"""The worker's consumer: back on the broker within about a second after Redis comes back,
+and off a broker that stopped answering its consume (``BrokerWatchdog``).
 
 Celery's consumer retries a lost broker connection after 2, 4, 6 ... seconds, then
 spends a second on mingle (asking other workers for revoked tasks, which mes_tasks
@@ -10,13 +11,20 @@ broker), and runs without mingle and gossip.
 from __future__ import annotations
 
 import functools
+import logging
+import time
 from typing import Any
 
+from celery import bootsteps
 from celery.worker.consumer import Consumer as CeleryConsumer
+
+log = logging.getLogger(__name__)
 
 RECONNECT_FIRST_S = 0.2
 RECONNECT_STEP_S = 0.3
 RECONNECT_MAX_S = 1.0
+BROKER_SILENCE_S = 2.0  # past the BRPOP's own timeout: a broker this silent is taken for gone
+WATCHDOG_CHECK_S = 0.5
 
 
 class Consumer(CeleryConsumer):  # type: ignore[misc]
@@ -34,3 +42,69 @@ class Consumer(CeleryConsumer):  # type: ignore[misc]
             interval_max=RECONNECT_MAX_S,
         )
         return super().ensure_connected(conn)
+
+
+class BrokerWatchdog(bootsteps.StartStopStep):  # type: ignore[misc]
+    """Consumer step: reconnect a consume whose ``BRPOP`` has gone unanswered.
+
+    kombu reads the reply to its ``BRPOP`` (a 1 s timeout) only once the socket is
+    readable, and sends the next one only after that reply: if the master stops answering
+    without closing the connection (frozen, or cut off by a partition), the consume waits
+    for good, although the Sentinels have promoted a replica and every other connection
+    has moved on (seen in the chaos run: a worker that lost and retook its lease went on
+    waiting for the frozen master). This step notes when each ``BRPOP`` goes out; one still
+    unanswered ``BROKER_SILENCE_S`` after its own timeout gets its connection closed. kombu
+    then sends the next ``BRPOP`` on a new connection, through the Sentinels when
+    ``REDIS_URL`` names them. A message the silent master had popped for it never arrives;
+    its update is still in the outbox, which sends it again.
+    """
+
+    requires = {"celery.worker.consumer.tasks:Tasks"}
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        self.timer_entry: Any = None
+        self.channel: Any = None
+        self.sent_at = 0.0
+
+    def start(self, c: Any) -> None:
+        channel: Any = getattr(c.task_consumer, "channel", None)
+        brpop_start = getattr(channel, "_brpop_start", None)
+        if brpop_start is None:  # not kombu's Redis transport
+            return
+
+        def timed_brpop_start(*args: Any, **kwargs: Any) -> Any:
+            self.sent_at = time.monotonic()
+            return brpop_start(*args, **kwargs)
+
+        channel._brpop_start = timed_brpop_start
+        self.channel, self.sent_at = channel, time.monotonic()
+        self.timer_entry = c.timer.call_repeatedly(WATCHDOG_CHECK_S, self.check, priority=10)
+
+    def check(self) -> None:
+        """Run in the worker's event loop, between tasks."""
+        channel = self.channel
+        waiting_on = getattr(channel, "_in_poll", None)
+        if channel is None or not waiting_on:
+            return
+        silent_s = time.monotonic() - self.sent_at
+        if silent_s <= channel.brpop_timeout + BROKER_SILENCE_S or _has_reply(waiting_on):
+            return  # on time, or answered while the loop was busy: kombu reads it next
+        log.warning("the broker has not answered the consume for %.1f s: reconnecting it", silent_s)
+        waiting_on.disconnect()  # kombu forgets it, and sends the next BRPOP on a new connection
+
+    def stop(self, c: Any) -> None:
+        if self.timer_entry is not None:
+            self.timer_entry.cancel()
+            self.timer_entry = None
+        self.channel = None
+
+    shutdown = stop
+
+
+def _has_reply(connection: Any) -> bool:
+    """Whether a reply waits to be read on ``connection`` (a closed one counts as none)."""
+    try:
+        return connection._sock is not None and bool(connection.can_read(timeout=0))
+    except Exception:
+        return False

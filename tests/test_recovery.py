@@ -207,6 +207,36 @@ def test_a_broker_gone_silent_without_closing_is_left_and_the_worker_applies_aga
     assert [WorkOrder.objects.get(id=wo).input_qty for wo in ["WO-1", "WO-2"]] == [4, 4]
 
 
+def test_a_consume_whose_brpop_goes_unanswered_is_reconnected_and_applies_again_in_seconds(
+    servers: dict[str, Service], start_worker: Callable[..., Worker]
+) -> None:
+    """Only the consume's connection goes silent (what a worker that retook its lease after a
+    master froze was left with): nothing else fails, so only the broker watchdog notices."""
+    make_work_orders(["WO-1"])
+    proxy = FaultProxy(servers["redis"].port).start()
+    try:
+        worker = start_worker(REDIS_URL=f"redis://127.0.0.1:{proxy.port}/3", **DEFAULT_TIMINGS)
+        first = _pending(["WO-1"], 2, "before")
+        wait_until(lambda: _all_applied(first), 30, "the first updates")
+        time.sleep(1.5)  # idle: the consumer is waiting on its BRPOP
+        assert proxy.silence_open(last_request_has=b"BRPOP") == 1
+        silenced = time.monotonic()
+        after = _pending(["WO-1"], 2, "after")
+
+        def relayed_and_applied() -> bool:
+            relay_outbox()  # as beat would: a message the silent BRPOP popped is sent again
+            return _all_applied(after)
+
+        wait_until(relayed_and_applied, 30, "the updates after the silence")
+        took = time.monotonic() - silenced
+    finally:
+        proxy.close()
+    print(f"\nconsume gone silent: every update applied {took:.1f}s after")
+    assert took < RECOVERED_WITHIN_S
+    assert "the broker has not answered the consume for" in worker.log()
+    assert WorkOrder.objects.get(id="WO-1").input_qty == 4
+
+
 def test_a_lease_held_by_a_worker_on_another_host_is_taken_once_its_ttl_runs_out(
     redis_client: redis.Redis, start_worker: Callable[..., Worker]
 ) -> None:
