@@ -128,12 +128,13 @@ def inject_all(run: Run, schedule: list[str], recovery_wait_s: float, applied: s
                         problems=problems)  # fmt: skip
         run.injections.append(inj)
         print(f"chaos: {time.strftime('%H:%M:%S')} [{n}/{len(schedule)}] {key}", file=sys.stderr, flush=True)
+        fault = faults_for(run.sentinel is not None)[key]
         try:
-            faults_for(run.sentinel is not None)[key].inject(run, inj)
+            fault.inject(run, inj)
         except Exception as exc:
             inj.problems.append(f"the injection failed: {type(exc).__name__}: {exc}")
         inj.ended = inj.ended or time.time()
-        left = wait_settled(run, inj, recovery_wait_s, applied)
+        left = wait_settled(run, inj, max(recovery_wait_s, fault.goal_s + GAP_S), applied)
         excluded |= left
         carried |= left
         said = f"{len(left)} update(s) still without an outcome" if left else "all settled"
@@ -150,7 +151,8 @@ def verify(run: Run) -> tuple[list[Row], dict[str, int]]:
     done: dict[str, Outcome] = outcomes(run.db)
     for inj, check in run.final_checks:
         inj.problems.extend(check())
-    rows = {key: Row(key, fault.name) for key, fault in faults_for(run.sentinel is not None).items()}
+    faults = faults_for(run.sentinel is not None)
+    rows = {key: Row(key, fault.name, fault.goal_s) for key, fault in faults.items()}
     events = worker_events(w.log for w in run.workers)
     for inj in run.injections:
         add_injection(rows[inj.key], inj, run.db, run.sent, events, done)

@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 
 import redis
 
-from devtools.chaosreport import Accepted, Db, Injection, utc
+from devtools.chaosreport import RECOVERY_GOAL_S, Accepted, Db, Injection, outcomes, utc
 from devtools.devserver import Service, secantus_uri, worker_argv
 from devtools.faultproxy import FaultProxy
 from devtools.process import Child
@@ -34,6 +34,11 @@ POLL_S = 0.02
 TXN_HOLD_S = 2.0  # the killed worker holds its written transaction open this long (devtools.faultworker)
 HOOK_LINE = "holding the transaction open"
 HOOK_WAIT_S = 30.0
+# A connection gone silent is given up only after a socket timeout (MES_CONNECT_TIMEOUT_S, 5 s),
+# and a worker meets a few of them one after another: 20-26 s measured, not the 5 s of the others.
+SILENT_GOAL_S = 40.0
+FROZEN_HOLD_S = SILENT_GOAL_S + 5  # a frozen primary resumes no sooner than the burst is served, or this
+FROZEN_AFTER_S = 3.0  # and stays frozen this much longer, for the flow
 PAUSE_MARGIN_S = 2.0  # SIGSTOP lasts the lease TTL plus this
 HOLD_S = 4.0  # how long latency and packet loss last
 LATENCY_S = 0.2
@@ -184,6 +189,7 @@ class Run:
 class Fault(NamedTuple):
     name: str  # as the table shows it
     inject: Callable[[Run, Injection], None]
+    goal_s: float = RECOVERY_GOAL_S  # its worst recovery may be this long
 
 
 def kill_txn_restart(run: Run, inj: Injection) -> None:
@@ -472,6 +478,41 @@ def primary_killed(run: Run, inj: Injection) -> None:
         run.sentinel.rejoin()  # the old primary back as a replica, ready for the next injection
 
 
+def silence(run: Run, inj: Injection) -> None:
+    """Every open connection of the workers to Redis goes silent and stays open (a partition
+    nobody has noticed); new connections work."""
+    run.burst()
+    run.proxies["redis"].silence_open()
+    inj.ended = time.time()
+
+
+def primary_frozen(run: Run, inj: Injection) -> None:
+    """SIGSTOP the Redis primary and leave it stopped while the updates settle on the new one;
+    then resume it, and the Sentinels make it a replica (the partition heals).
+
+    Recovery counts from a burst accepted by the new master: from then on, a worker stuck on
+    the old one is the only thing that would keep an update waiting. (The flow's producer
+    is held up too, until its own reads of the frozen master time out.)
+    """
+    assert run.sentinel is not None
+    run.sentinel.freeze_primary()
+    frozen_at = time.time()
+    try:
+        run.sentinel.wait_failover()
+        print(f"chaos:   failed over in {time.time() - frozen_at:.1f} s", file=sys.stderr, flush=True)
+        at = len(run.injections)
+        run.burst()
+        inj.ended = time.time()
+        print(f"chaos:   a burst accepted {inj.ended - frozen_at:.1f} s after the freeze", file=sys.stderr,
+              flush=True)  # fmt: skip
+        burst = {f"chaos:burst:{at}:{i}" for i in range(BURST)}
+        while time.time() < frozen_at + FROZEN_HOLD_S and len(outcomes(run.db, burst)) < len(burst):
+            time.sleep(0.2)  # held until the new master has served the burst, or for good
+        time.sleep(FROZEN_AFTER_S)
+    finally:
+        run.sentinel.rejoin()
+
+
 # Recovery counts from: the kill for kills; the SIGCONT, the restart, the fault switched
 # off, the resume, the reopened broker (and corrections sent), the spooled entries
 # written, the end of the burst for the others.
@@ -492,14 +533,16 @@ FAULTS: dict[str, Fault] = {
     "retry-then-loss": Fault("failed retry, message lost", retry_then_loss),
     "malformed-call": Fault("malformed .delay(), poisoned outbox", malformed_call),
     "bad-input": Fault("bad input burst", bad_input),
+    "redis-silent": Fault("Redis connections gone silent", silence, SILENT_GOAL_S),
 }
 # Faults that need the one Redis behind the fault proxies: not in a Sentinel run.
 PROXIED_REDIS = frozenset(
-    {"redis-restart", "redis-latency", "redis-drop", "redis-loss", "spooled-corrections"}
+    {"redis-restart", "redis-latency", "redis-drop", "redis-loss", "redis-silent", "spooled-corrections"}
 )
 # Faults only a Sentinel run (``--sentinel``) has.
 SENTINEL_FAULTS: dict[str, Fault] = {
     "redis-failover": Fault("Redis primary killed (failover)", primary_killed),
+    "redis-frozen": Fault("Redis primary frozen (failover)", primary_frozen, SILENT_GOAL_S),
 }
 
 
