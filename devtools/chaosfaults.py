@@ -37,6 +37,7 @@ HOOK_WAIT_S = 30.0
 # A connection gone silent is given up only after a socket timeout (MES_CONNECT_TIMEOUT_S, 5 s),
 # and a worker meets a few of them one after another: 20-26 s measured, not the 5 s of the others.
 SILENT_GOAL_S = 40.0
+SILENT_HOLD_S = SILENT_GOAL_S + 5  # a silent connection forwards again no later than this
 FROZEN_HOLD_S = SILENT_GOAL_S + 5  # a frozen primary resumes no sooner than the burst is served, or this
 FROZEN_AFTER_S = 3.0  # and stays frozen this much longer, for the flow
 PAUSE_MARGIN_S = 2.0  # SIGSTOP lasts the lease TTL plus this
@@ -480,10 +481,20 @@ def primary_killed(run: Run, inj: Injection) -> None:
 
 def silence(run: Run, inj: Injection) -> None:
     """Every open connection of the workers to Redis goes silent and stays open (a partition
-    nobody has noticed); new connections work."""
+    nobody has noticed); new connections work. The partition heals once the updates accepted
+    until then have their outcomes (or after ``SILENT_HOLD_S``): a connection that was idle
+    all along would otherwise bite whoever uses it next, in a later injection."""
     run.burst()
-    run.proxies["redis"].silence_open()
+    proxy = run.proxies["redis"]
+    proxy.silence_open()
     inj.ended = time.time()
+    try:
+        waiting = run.sent.before(inj.ended) - inj.excluded
+        while waiting and time.time() < inj.ended + SILENT_HOLD_S:
+            waiting -= outcomes(run.db, waiting).keys()
+            time.sleep(0.2)
+    finally:
+        proxy.heal()
 
 
 def primary_frozen(run: Run, inj: Injection) -> None:

@@ -7,6 +7,7 @@ proxy.stall(1.5)                            # nothing is forwarded for 1.5 s (he
 proxy.drop_all()                            # cut every open connection now
 proxy.silence_open()                        # open connections forward nothing, ever; new ones work
 proxy.silence_open(b"BRPOP")                # only those whose last request was a BRPOP
+proxy.heal()                                # the silent ones forward again, what they held first
 proxy.refuse = True                         # cut them and close every new one at once
 
 TCP cannot lose bytes, so loss is emulated the way an application sees it: a lost
@@ -80,6 +81,11 @@ class FaultProxy:
                 pairs = set(self._conns)
             self._silenced |= pairs
             return len(pairs) // 2
+
+    def heal(self) -> None:
+        """The silent connections forward again, the data they held first (the partition healed)."""
+        with self._lock:
+            self._silenced.clear()
 
     def clear(self) -> None:
         """Every fault off (connections stay as they are)."""

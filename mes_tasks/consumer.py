@@ -17,6 +17,7 @@ from typing import Any
 
 from celery import bootsteps
 from celery.worker.consumer import Consumer as CeleryConsumer
+from kombu.transport.virtual import QoS as VirtualQoS
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,7 @@ class BrokerWatchdog(bootsteps.StartStopStep):  # type: ignore[misc]
             return brpop_start(*args, **kwargs)
 
         channel._brpop_start = timed_brpop_start
+        _free_slot_on_failed_ack(channel)
         self.channel, self.sent_at = channel, time.monotonic()
         self.timer_entry = c.timer.call_repeatedly(WATCHDOG_CHECK_S, self.check, priority=10)
 
@@ -100,6 +102,36 @@ class BrokerWatchdog(bootsteps.StartStopStep):  # type: ignore[misc]
         self.channel = None
 
     shutdown = stop
+
+
+def _free_slot_on_failed_ack(channel: Any) -> None:
+    """Make an ack that fails on the connection (a silent or lost Redis) free its prefetch slot.
+
+    kombu's Redis ack deletes the message's unacked record, then frees the slot; when the
+    delete fails, Celery logs "Couldn't ack" and goes on, but the slot stays taken, and with
+    a prefetch of one the worker never fetches again (seen in the chaos run). The ack is
+    tried once more, on a connection of its own from the pool; if that fails too, the slot
+    is freed anyway. The unacked record stays, and the broker delivers the message again
+    once its visibility timeout (or the next lease take-over) restores it: a duplicate,
+    answered as one.
+    """
+    qos = channel.qos
+    ack = qos.ack
+    errors = channel.connection_errors
+
+    def ack_or_free(delivery_tag: Any) -> None:
+        try:
+            ack(delivery_tag)
+            return
+        except errors:
+            pass
+        try:
+            ack(delivery_tag)
+        except errors:
+            VirtualQoS.ack(qos, delivery_tag)  # type: ignore[no-untyped-call]  # the slot only
+            raise
+
+    qos.ack = ack_or_free
 
 
 def _has_reply(connection: Any) -> bool:

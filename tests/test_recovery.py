@@ -10,7 +10,7 @@ import pytest
 import redis
 from bson.binary import Binary
 
-from conftest import DEFAULT_TIMINGS, Worker, make_work_orders, wait_until
+from conftest import DEFAULT_TIMINGS, Worker, make_work_orders, wait_until, with_redis_down
 from devtools.devserver import Service
 from devtools.faultproxy import FaultProxy
 from mes_tasks.db import Mongo
@@ -235,6 +235,26 @@ def test_a_consume_whose_brpop_goes_unanswered_is_reconnected_and_applies_again_
     assert took < RECOVERED_WITHIN_S
     assert "the broker has not answered the consume for" in worker.log()
     assert WorkOrder.objects.get(id="WO-1").input_qty == 4
+
+
+def test_an_ack_that_fails_on_the_connection_frees_its_prefetch_slot(servers: dict[str, Service]) -> None:
+    """kombu's Redis ack, failing, left the one prefetch slot taken (the chaos run saw a worker
+    that then fetched nothing more); the worker's channel frees it, and the ack still fails."""
+    from kombu import Connection
+
+    from mes_tasks.consumer import _free_slot_on_failed_ack
+
+    with Connection(f"redis://127.0.0.1:{servers['redis'].port}/3") as conn:
+        channel = conn.default_channel
+        _free_slot_on_failed_ack(channel)
+        channel.basic_qos(prefetch_count=1)
+        channel.queue_declare("ack-test")
+        channel.basic_publish(channel.prepare_message("x"), exchange="", routing_key="ack-test")
+        message = channel.basic_get("ack-test")  # delivered: it takes the one slot
+        assert message is not None and not channel.qos.can_consume()
+        with pytest.raises(channel.connection_errors):
+            with_redis_down(servers, lambda: channel.qos.ack(message.delivery_tag))
+        assert channel.qos.can_consume()
 
 
 def test_a_lease_held_by_a_worker_on_another_host_is_taken_once_its_ttl_runs_out(
