@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import select
 import time
 from typing import Any
 
@@ -57,7 +58,9 @@ class BrokerWatchdog(bootsteps.StartStopStep):  # type: ignore[misc]
     unanswered ``BROKER_SILENCE_S`` after its own timeout gets its connection closed. kombu
     then sends the next ``BRPOP`` on a new connection, through the Sentinels when
     ``REDIS_URL`` names them. A message the silent master had popped for it never arrives;
-    its update is still in the outbox, which sends it again.
+    its update is still in the outbox, which sends it again. (kombu 5.7 has a check of its
+    own, after the BRPOP timeout plus ``health_check_interval``: 31 s here; earlier
+    releases, which ``kombu>=5.5`` admits, have none.)
     """
 
     requires = {"celery.worker.consumer.tasks:Tasks"}
@@ -135,8 +138,16 @@ def _free_slot_on_failed_ack(channel: Any) -> None:
 
 
 def _has_reply(connection: Any) -> bool:
-    """Whether a reply waits to be read on ``connection`` (a closed one counts as none)."""
-    try:
-        return connection._sock is not None and bool(connection.can_read(timeout=0))
-    except Exception:
+    """Whether a reply waits on ``connection``'s socket, without reading it.
+
+    Not redis-py's ``can_read``: that moves the reply into the parser's buffer, where the
+    event loop, which waits for the socket, never sees it (a message popped and lost).
+    """
+    sock = getattr(connection, "_sock", None)
+    if sock is None:
         return False
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+    except (OSError, ValueError):  # closed meanwhile
+        return False
+    return bool(readable)
