@@ -47,7 +47,8 @@ class Consumer(CeleryConsumer):  # type: ignore[misc]
 
 
 class BrokerWatchdog(bootsteps.StartStopStep):  # type: ignore[misc]
-    """Consumer step: reconnect a consume whose ``BRPOP`` has gone unanswered.
+    """Consumer step: reconnect a consume whose ``BRPOP`` has gone unanswered, and keep an
+    ack that fails from holding the prefetch slot (``_free_slot_on_failed_ack``).
 
     kombu reads the reply to its ``BRPOP`` (a 1 s timeout) only once the socket is
     readable, and sends the next one only after that reply: if the master stops answering
