@@ -177,30 +177,45 @@ def test_after_a_redis_restart_with_kept_locks_the_worker_applies_again_in_secon
     assert "LOCK_BUSY" not in worker.log()
 
 
+def _silenced_then_applied(
+    servers: dict[str, Service],
+    start_worker: Callable[..., Worker],
+    wos: list[str],
+    silence: Callable[[FaultProxy], int],
+    timeout_s: float,
+) -> tuple[float, Worker]:
+    """A worker that reaches Redis through a proxy applies two updates per work order, goes
+    idle (its consume waiting on a BRPOP), then ``silence`` acts on the proxy and two more are
+    sent from this process, which reaches Redis directly. Seconds until all are applied."""
+    make_work_orders(wos)
+    proxy = FaultProxy(servers["redis"].port).start()
+    try:
+        worker = start_worker(REDIS_URL=f"redis://127.0.0.1:{proxy.port}/3", **DEFAULT_TIMINGS)
+        first = _pending(wos, 2, "before")
+        wait_until(lambda: _all_applied(first), 30, "the first updates")
+        time.sleep(1.5)  # idle: the consumer is waiting on its BRPOP
+        assert silence(proxy) > 0
+        silenced = time.monotonic()
+        after = _pending(wos, 2, "after")
+
+        def relayed_and_applied() -> bool:  # beat's relay, every second: the message that a
+            relay_outbox()  # silent connection's BRPOP popped never arrives, and is sent again
+            return _all_applied(after)
+
+        wait_until(relayed_and_applied, timeout_s, "the updates after the silence")
+        return time.monotonic() - silenced, worker
+    finally:
+        proxy.close()
+
+
 def test_a_broker_gone_silent_without_closing_is_left_and_the_worker_applies_again_in_seconds(
     servers: dict[str, Service], start_worker: Callable[..., Worker]
 ) -> None:
     """Every connection the worker has open stops answering and stays open (a partition, a
     frozen master); new ones work. kombu's consume would wait for TCP, for hours."""
-    make_work_orders(["WO-1", "WO-2"])
-    proxy = FaultProxy(servers["redis"].port).start()
-    try:
-        worker = start_worker(REDIS_URL=f"redis://127.0.0.1:{proxy.port}/3", **DEFAULT_TIMINGS)
-        first = _pending(["WO-1", "WO-2"], 2, "before")
-        wait_until(lambda: _all_applied(first), 30, "the first updates")
-        time.sleep(1.5)  # idle: the consumer is waiting on its BRPOP
-        assert proxy.silence_open() > 0
-        silenced = time.monotonic()
-        after = _pending(["WO-1", "WO-2"], 2, "after")  # this process reaches Redis directly
-
-        def relayed_and_applied() -> bool:  # beat's relay, every second: the message that the
-            relay_outbox()  # silent connection's BRPOP popped never arrives, and is sent again
-            return _all_applied(after)
-
-        wait_until(relayed_and_applied, 60, "the updates after the silence")
-        took = time.monotonic() - silenced
-    finally:
-        proxy.close()
+    took, worker = _silenced_then_applied(
+        servers, start_worker, ["WO-1", "WO-2"], lambda proxy: proxy.silence_open(), 60
+    )
     print(f"\nbroker gone silent: every update applied {took:.1f}s after")
     assert took < SILENCE_RECOVERED_WITHIN_S
     assert "Connection to broker lost" in worker.log()
@@ -212,25 +227,13 @@ def test_a_consume_whose_brpop_goes_unanswered_is_reconnected_and_applies_again_
 ) -> None:
     """Only the consume's connection goes silent (what a worker that retook its lease after a
     master froze was left with): nothing else fails, so only the broker watchdog notices."""
-    make_work_orders(["WO-1"])
-    proxy = FaultProxy(servers["redis"].port).start()
-    try:
-        worker = start_worker(REDIS_URL=f"redis://127.0.0.1:{proxy.port}/3", **DEFAULT_TIMINGS)
-        first = _pending(["WO-1"], 2, "before")
-        wait_until(lambda: _all_applied(first), 30, "the first updates")
-        time.sleep(1.5)  # idle: the consumer is waiting on its BRPOP
-        assert proxy.silence_open(last_request_has=b"BRPOP") == 1
-        silenced = time.monotonic()
-        after = _pending(["WO-1"], 2, "after")
 
-        def relayed_and_applied() -> bool:
-            relay_outbox()  # as beat would: a message the silent BRPOP popped is sent again
-            return _all_applied(after)
+    def consume_only(proxy: FaultProxy) -> int:
+        silenced = proxy.silence_open(last_request_has=b"BRPOP")
+        assert silenced == 1
+        return silenced
 
-        wait_until(relayed_and_applied, 30, "the updates after the silence")
-        took = time.monotonic() - silenced
-    finally:
-        proxy.close()
+    took, worker = _silenced_then_applied(servers, start_worker, ["WO-1"], consume_only, 30)
     print(f"\nconsume gone silent: every update applied {took:.1f}s after")
     assert took < RECOVERED_WITHIN_S
     assert "the broker has not answered the consume for" in worker.log()
