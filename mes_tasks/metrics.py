@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -74,18 +75,15 @@ class Tally:
     """
 
     def __init__(self) -> None:
-        self.counts: dict[str, int] = {}
-        self.histogram: dict[str, float] = {}
+        self.counts: Counter[str] = Counter()
+        self.histogram: Counter[str] = Counter()  # bucket -> updates, and "sum" -> ms (a float)
         self._retry_at = 0.0
 
     def add(self, outcome: str, code: str | None = None, apply_ms: float | None = None) -> None:
         """Count one update's outcome (and its duration)."""
-        field = outcome if code is None else f"{outcome}:{code}"
-        self.counts[field] = self.counts.get(field, 0) + 1
+        self.counts[outcome if code is None else f"{outcome}:{code}"] += 1
         if apply_ms is not None:
-            bucket = bucket_of(apply_ms)
-            self.histogram[bucket] = self.histogram.get(bucket, 0) + 1
-            self.histogram["sum"] = self.histogram.get("sum", 0.0) + apply_ms
+            self.histogram.update({bucket_of(apply_ms): 1, "sum": apply_ms})
 
     def __len__(self) -> int:
         return len(self.counts)
@@ -95,7 +93,7 @@ class Tally:
         if not self.counts or time.monotonic() < self._retry_at:
             return not self.counts
         counts, histogram = self.counts, self.histogram
-        self.counts, self.histogram = {}, {}
+        self.counts, self.histogram = Counter(), Counter()
         try:
             pipe = client.pipeline(transaction=False)
             for field, n in counts.items():
@@ -110,11 +108,9 @@ class Tally:
         except Exception:
             # Usually Redis down, nothing applied: kept for the next flush. (A flush applied
             # with its answer lost counts twice, which a statistic can bear better than loss.)
-            log.debug("could not flush %d outcome counts", sum(counts.values()), exc_info=True)
-            for field, n in counts.items():
-                self.counts[field] = self.counts.get(field, 0) + n
-            for field, x in histogram.items():
-                self.histogram[field] = self.histogram.get(field, 0) + x
+            log.debug("could not flush %d outcome counts", counts.total(), exc_info=True)
+            self.counts.update(counts)
+            self.histogram.update(histogram)
             self._retry_at = time.monotonic() + FLUSH_BACKOFF_S
             return False
 
