@@ -38,9 +38,10 @@ HOOK_WAIT_S = 30.0
 # and a worker can meet several of them one after another: 13-36 s measured, not the 5 s of the
 # others.
 SILENT_GOAL_S = 60.0
-SILENT_HOLD_S = SILENT_GOAL_S + 5  # a silent connection forwards again no later than this
-FROZEN_HOLD_S = SILENT_GOAL_S + 5  # a frozen primary resumes no sooner than the burst is served, or this
-FROZEN_AFTER_S = 3.0  # and stays frozen this much longer, for the flow
+# A silent connection forwards again, and a frozen primary resumes, once the updates the fault
+# waits for have outcomes, and no later than this after the fault struck.
+SILENT_HOLD_S = SILENT_GOAL_S + 5
+FROZEN_AFTER_S = 3.0  # a frozen primary stays frozen this much longer, for the flow
 PAUSE_MARGIN_S = 2.0  # SIGSTOP lasts the lease TTL plus this
 HOLD_S = 4.0  # how long latency and packet loss last
 LATENCY_S = 0.2
@@ -490,10 +491,7 @@ def silence(run: Run, inj: Injection) -> None:
     proxy.silence_open()
     inj.ended = time.time()
     try:
-        waiting = run.sent.before(inj.ended) - inj.excluded
-        while waiting and time.time() < inj.ended + SILENT_HOLD_S:
-            waiting -= outcomes(run.db, waiting).keys()
-            time.sleep(0.2)
+        _until_outcomes(run, run.sent.before(inj.ended) - inj.excluded, inj.ended + SILENT_HOLD_S)
     finally:
         proxy.heal()
 
@@ -517,12 +515,18 @@ def primary_frozen(run: Run, inj: Injection) -> None:
         inj.ended = time.time()
         print(f"chaos:   a burst accepted {inj.ended - frozen_at:.1f} s after the freeze", file=sys.stderr,
               flush=True)  # fmt: skip
-        burst = {f"chaos:burst:{at}:{i}" for i in range(BURST)}
-        while time.time() < frozen_at + FROZEN_HOLD_S and len(outcomes(run.db, burst)) < len(burst):
-            time.sleep(0.2)  # held until the new master has served the burst, or for good
+        _until_outcomes(run, {f"chaos:burst:{at}:{i}" for i in range(BURST)}, frozen_at + SILENT_HOLD_S)
         time.sleep(FROZEN_AFTER_S)
     finally:
         run.sentinel.rejoin()
+
+
+def _until_outcomes(run: Run, request_ids: set[str], deadline: float) -> None:
+    """Until each of ``request_ids`` has an outcome, or ``deadline`` (epoch seconds)."""
+    waiting = set(request_ids)
+    while waiting and time.time() < deadline:
+        waiting -= outcomes(run.db, waiting).keys()
+        time.sleep(0.2)
 
 
 # Recovery counts from: the kill for kills; the SIGCONT, the restart, the fault switched

@@ -231,7 +231,7 @@ def _seconds(value: float | None) -> str:
 
 
 def _goals_apart(rows: list[Row]) -> str:
-    """The faults whose goal is not the common one: ``" (redis-silent 40 s)"``, or nothing."""
+    """The faults whose goal is not the common one: ``" (redis-silent 60 s)"``, or nothing."""
     apart = [f"{r.key} {r.goal_s:g} s" for r in rows if r.goal_s != RECOVERY_GOAL_S and r.injected]
     return f" ({', '.join(apart)})" if apart else ""
 
