@@ -217,7 +217,11 @@ def test_changing_the_number_of_partitions_under_load_keeps_counts_exact(
     mixed = [dict(u, request_id=u["request_id"]) for u in new] + random.Random(1).sample(old, 20)
     send(mixed)  # new updates, and some old ones again: the same request ids, other queues
     expect_exact(old + mixed)
-    assert redis_client.llen("workorder.2") == redis_client.llen("workorder.3") == 0
+    # A retry stays in its own queue, so a retried leftover (LOCK_BUSY while the other
+    # partition held its work order) can land in workorder.2 or .3 again after they were
+    # drained and handed back; the next leftover scan (every 5 s) drains it.
+    wait_until(lambda: redis_client.llen("workorder.2") == redis_client.llen("workorder.3") == 0, 30,
+               "the leftover queues drained")  # fmt: skip
 
 
 def cli(*args: str) -> Any:
