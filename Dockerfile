@@ -5,9 +5,9 @@ ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 MES_CELERY_CONFIG=/app/celeryco
 RUN useradd --create-home --uid 10001 mes \
     && mkdir -p /var/lib/mes/reports /var/lib/mes/beat && chown -R mes /var/lib/mes
 WORKDIR /app
-COPY pyproject.toml README.md celeryconfig.py ./
+COPY pyproject.toml requirements.lock README.md celeryconfig.py ./
 COPY mes_tasks ./mes_tasks
-RUN pip install --no-cache-dir .
+RUN pip install --no-cache-dir -c requirements.lock .
 
 USER mes
 CMD ["celery", "-A", "mes_tasks", "worker", "-P", "solo", "-c", "1", "-Q", "workorder", "-n", "workorder@%h", "--prefetch-multiplier", "1", "-E", "--loglevel", "INFO"]

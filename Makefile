@@ -4,15 +4,33 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 MES_VAR_DIR ?= var
+# Every install resolves the versions in this file; `make lock` refreshes it (docs/development.md).
+LOCK := requirements.lock
+UV_VERSION := 0.13.9
+LOCK_PYTHON := 3.11
 
-.PHONY: install run shell demo test test-fast lint format bench chaos clean
+.PHONY: install lock lock-upgrade versions run shell demo test test-fast lint format bench chaos clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -c $(LOCK) -e '.[dev]'
 	touch $(STAMP)
+
+# Pins what pyproject.toml newly asks for and keeps every other pin; lock-upgrade moves them all.
+# Not after install: a pyproject.toml that the old lock cannot satisfy must still be lockable.
+lock:
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
+	$(VENV)/bin/uv pip compile pyproject.toml --extra dev --universal --python-version $(LOCK_PYTHON) \
+		--custom-compile-command "make lock" --quiet -o $(LOCK) $(LOCK_ARGS)
+
+lock-upgrade:
+	$(MAKE) lock LOCK_ARGS=--upgrade
+
+versions: install
+	@$(PY) -m devtools.versions
 
 run: install
 	$(PY) -m devtools.devserver run

@@ -56,10 +56,11 @@ def redis_client(settings: Settings) -> redis.Redis:
     sentinels = redis.sentinel.Sentinel(  # type: ignore[no-untyped-call]
         list(sentinel.hosts), sentinel_kwargs=settings.sentinel_kwargs
     )
-    credentials = {"username": sentinel.username or None, "password": sentinel.password}
-    master: redis.Redis = sentinels.master_for(  # type: ignore[no-untyped-call]
-        sentinel.master, db=sentinel.db, connection_class=MasterConnection, **credentials, **options
-    )
+    # One dict[str, Any] of keywords: a narrower value type would be matched against
+    # master_for's typed positional parameters, which redis-py's stubs change between releases.
+    options |= {"db": sentinel.db, "connection_class": MasterConnection}
+    options |= {"username": sentinel.username or None, "password": sentinel.password}
+    master: redis.Redis = sentinels.master_for(sentinel.master, **options)  # type: ignore[no-untyped-call]
     return master
 
 
