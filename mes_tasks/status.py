@@ -16,10 +16,11 @@ from mes_tasks.errors import MesError, RedisUnavailable
 from mes_tasks.keys import lease_key, lock_key, pause_key, unrecorded_key
 from mes_tasks.models import AuditReport, FailedUpdate, OutboxMessage, utcnow
 from mes_tasks.names import AUDIT_QUEUE, WORKORDER_QUEUE
-from mes_tasks.partitions import relayed_queues
+from mes_tasks.partitions import every_queue
+from mes_tasks.queues import UNACKED_KEY as UNACKED_KEY  # re-exported: the collector reads it here
+from mes_tasks.queues import in_use
 from mes_tasks.settings import Settings
 
-UNACKED_KEY = "unacked"  # kombu's hash of delivered, unacknowledged messages (all queues)
 INSPECT_TIMEOUT_S = 1.0
 RESUME_WAIT_S = 5.0  # how long ``resume`` waits to see the active worker consume again
 
@@ -65,14 +66,14 @@ def backlog(client: redis.Redis, queue: str = WORKORDER_QUEUE) -> int:
     return int(waiting) + int(unacked)
 
 
-def watched_queues(settings: Settings) -> list[str]:
-    """The queues ``queue status`` shows: every workorder queue in use, then ``audit``."""
-    return [*relayed_queues(settings.partitions), AUDIT_QUEUE]
+def watched_queues(client: redis.Redis, settings: Settings) -> list[str]:
+    """The queues ``queue status`` shows: every workorder queue in use, leftovers too, then ``audit``."""
+    return [*in_use(client, settings.partitions), AUDIT_QUEUE]
 
 
 def partition_status(client: redis.Redis, settings: Settings) -> list[dict[str, Any]]:
     """Per workorder queue: waiting, in flight, holder (host:pid:tag), paused, oldest age (s)."""
-    prefix, queues = settings.key_prefix, relayed_queues(settings.partitions)
+    prefix, queues = settings.key_prefix, in_use(client, settings.partitions)
     with redis_errors():
         pipe = client.pipeline(transaction=False)
         for queue in queues:
@@ -112,7 +113,7 @@ def _age_s(created_at: Any, now: Any) -> float | None:
 
 def queue_status(app: Celery, client: redis.Redis, settings: Settings) -> dict[str, Any]:
     """One snapshot of the whole pipeline's health."""
-    queues = watched_queues(settings)
+    queues = watched_queues(client, settings)
     with redis_errors():
         pipe = client.pipeline(transaction=False)
         for queue in queues:
@@ -132,6 +133,7 @@ def queue_status(app: Celery, client: redis.Redis, settings: Settings) -> dict[s
         "partitions": partition_status(client, settings),
         "unacked": unacked,
         "paused": None if paused is None else _pause_record(paused),
+        "pauses": pauses(client, settings),
         "unrecorded": int(unrecorded or 0),
         "failed_open": failed,
         "outbox": outbox.counts(),
@@ -161,7 +163,7 @@ def pause(app: Celery, client: redis.Redis, settings: Settings, queue: str = WOR
     replies: list[dict[str, Any]] = []
     try:
         by_queue = consumers(app)
-        for target in _targets(queue, settings):
+        for target in _targets(queue):
             consuming = by_queue.get(target, [])
             if consuming:
                 replies += _control(app, "cancel_consumer", target, destination=consuming)
@@ -170,27 +172,65 @@ def pause(app: Celery, client: redis.Redis, settings: Settings, queue: str = WOR
     return sorted({name for reply in replies for name in reply})
 
 
-def resume(app: Celery, client: redis.Redis, settings: Settings, queue: str = WORKORDER_QUEUE) -> list[str]:
-    """End the pause; the active ``workorder`` worker consumes again at its next tick.
-
-    Returns the workers seen consuming ``queue`` within ``RESUME_WAIT_S`` (none: no
-    active worker is running). Only the lease holder ever consumes, never another worker.
-    """
+def pauses(client: redis.Redis, settings: Settings) -> dict[str, dict[str, Any]]:
+    """Every pause in force: ``workorder`` (all queues) and each queue's own, with when it began."""
+    names = every_queue()
     with redis_errors():
-        if not client.delete(pause_key(settings.key_prefix, queue)):
-            raise MesError(f"{queue!r} is not paused", code="NOT_PAUSED")
+        raws = client.mget([pause_key(settings.key_prefix, q) for q in names])
+    return {q: _pause_record(raw) for q, raw in zip(names, raws, strict=True) if raw is not None}
+
+
+def resume(app: Celery, client: redis.Redis, settings: Settings, queue: str = WORKORDER_QUEUE) -> list[str]:
+    """End the pauses that cover ``queue`` (``end_pauses``); the workers consuming it again."""
+    end_pauses(client, settings, queue)
+    return wait_for_consumers(app, queue)
+
+
+def end_pauses(client: redis.Redis, settings: Settings, queue: str = WORKORDER_QUEUE) -> list[str]:
+    """End every pause ``queue`` covers; the queues whose pause ended.
+
+    ``workorder`` covers them all: the pause of every queue and each queue's own.
+    ``workorder.{i}`` covers its own only; the pause of every queue outlasts it.
+
+    Raises:
+        MesError: ``NOT_PAUSED`` (nothing to end), or ``PAUSED_AS_A_WHOLE`` (only the
+            pause of every queue holds ``queue``: ending it is ``queue resume``'s job).
+    """
+    names = every_queue() if queue == WORKORDER_QUEUE else [queue]
+    with redis_errors():
+        pipe = client.pipeline(transaction=True)
+        for name in names:
+            pipe.delete(pause_key(settings.key_prefix, name))
+        ended = [name for name, n in zip(names, pipe.execute(), strict=True) if n]
+    if ended:
+        return ended
+    whole = pause_state(client, settings)
+    if whole is not None:
+        raise MesError(
+            f"{queue!r} has no pause of its own: every workorder queue is paused (since {whole['at']}); "
+            "`celery -A mes_tasks queue resume` without --partition ends that pause",
+            code="PAUSED_AS_A_WHOLE",
+        )
+    raise MesError(f"{queue!r} is not paused", code="NOT_PAUSED")
+
+
+def wait_for_consumers(app: Celery, queue: str = WORKORDER_QUEUE) -> list[str]:
+    """The workers seen consuming ``queue`` within ``RESUME_WAIT_S`` (none: no active worker runs).
+
+    Only a lease holder ever consumes, never another worker.
+    """
     deadline = time.monotonic() + RESUME_WAIT_S
     while True:
         by_queue = consumers(app)
-        consuming = sorted({w for target in _targets(queue, settings) for w in by_queue.get(target, [])})
+        consuming = sorted({w for target in _targets(queue) for w in by_queue.get(target, [])})
         if consuming or time.monotonic() > deadline:
             return consuming
         time.sleep(0.2)
 
 
-def _targets(queue: str, settings: Settings) -> list[str]:
-    """The queues a pause of ``queue`` stops: all workorder queues for ``workorder`` itself."""
-    return relayed_queues(settings.partitions) if queue == WORKORDER_QUEUE else [queue]
+def _targets(queue: str) -> list[str]:
+    """The queues a pause of ``queue`` stops: every workorder queue, whatever N, for ``workorder``."""
+    return every_queue() if queue == WORKORDER_QUEUE else [queue]
 
 
 def _pause_record(raw: Any) -> dict[str, Any]:

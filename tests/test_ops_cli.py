@@ -151,7 +151,7 @@ def test_queue_pause_with_no_worker_is_recorded_and_says_nobody_was_consuming(se
     result = cli("queue", "pause")
     assert result.exit_code == 0 and "no worker was consuming it" in result.stdout
     assert cli_json("queue", "status")["paused"]["at"]  # type: ignore[index]
-    assert "PAUSED since" in cli("queue", "status").stdout
+    assert "PAUSED every workorder queue since" in cli("queue", "status").stdout
     assert cli("queue", "resume").exit_code == 0
     assert cli_json("queue", "status")["paused"] is None
 

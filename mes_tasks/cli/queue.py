@@ -9,9 +9,10 @@ import click
 from mes_tasks import broker, outbox
 from mes_tasks.cli.common import ConsoleGroup, confirm, echo_json, json_option, stores, yes_option
 from mes_tasks.names import WORKORDER_QUEUE
-from mes_tasks.partitions import queue_of, relayed_queues
+from mes_tasks.partitions import index_of, queue_of
+from mes_tasks.queues import in_use
 from mes_tasks.settings import Settings
-from mes_tasks.status import pause, queue_status, resume
+from mes_tasks.status import end_pauses, pause, queue_status, wait_for_consumers
 
 
 @click.group(cls=ConsoleGroup)
@@ -39,8 +40,8 @@ def status(ctx: click.Context, as_json: bool) -> None:
             click.echo(f"  {p['queue']}: {p['waiting']} waiting, {p['in_flight']} in flight{age}; "
                        f"holder {p['holder'] or 'NONE'}{paused}")  # fmt: skip
     click.echo(f"in flight (unacknowledged): {data['unacked']}")
-    if data["paused"]:
-        click.echo(f"PAUSED since {data['paused']['at']} (queue resume ends it)")
+    for name, record in data["pauses"].items():
+        click.echo(f"PAUSED {_pause_scope(name)} since {record['at']} ({_resume_command(name)} ends it)")
     if data["unrecorded"]:
         click.echo(f"submissions queued without an outbox record (MongoDB was down): {data['unrecorded']}")
     click.echo(f"failed updates open: {data['failed_open']}")
@@ -68,7 +69,7 @@ def pause_cmd(ctx: click.Context, partition: int | None, as_json: bool) -> None:
     The pause holds across worker restarts and take-overs.
     """
     conn = stores()
-    target = _target(partition, conn.settings)
+    target = _target(partition, conn.redis, conn.settings)
     workers = pause(ctx.obj.app, conn.redis, conn.settings, target)
     if as_json:
         echo_json({"paused": True, "queue": target, "stopped_on": workers})
@@ -82,16 +83,24 @@ def pause_cmd(ctx: click.Context, partition: int | None, as_json: bool) -> None:
 @json_option
 @click.pass_context
 def resume_cmd(ctx: click.Context, partition: int | None, as_json: bool) -> None:
-    """End the pause: the active workorder worker consumes again."""
+    """End the pauses: without --partition every one (of all queues and of each), else that queue's own.
+
+    Names the pauses it ended; the active workorder workers consume again.
+    """
     conn = stores()
-    target = _target(partition, conn.settings)
-    workers = resume(ctx.obj.app, conn.redis, conn.settings, target)
+    target = _target(partition, conn.redis, conn.settings)
+    ended = end_pauses(conn.redis, conn.settings, target)
+    workers = wait_for_consumers(ctx.obj.app, target)
     if as_json:
-        echo_json({"paused": False, "queue": target, "consumed_by": workers})
-    elif workers:
-        click.echo(f"resumed {target}; consumed by {', '.join(workers)}")
-    else:
-        click.echo(f"resumed {target}; no worker consumes it yet (is a workorder worker running?)")
+        echo_json({"paused": False, "queue": target, "ended": ended, "consumed_by": workers})
+        return
+    scope = "; ".join(f"the pause of {_pause_scope(name)}" for name in ended)
+    who = (
+        f"consumed by {', '.join(workers)}"
+        if workers
+        else "no worker consumes it yet (is a workorder worker running?)"
+    )
+    click.echo(f"resumed {target}: ended {scope}; {who}")
 
 
 @queue.command("purge")
@@ -106,9 +115,9 @@ def purge_cmd(ctx: click.Context, partition: int | None, yes: bool, as_json: boo
     again. Delivered and in-flight messages are not touched; pause the queue first to
     keep the worker from taking more.
     """
-    settings = stores().settings  # connects MongoDB for the outbox
-    target = _target(partition, settings)
-    queues = relayed_queues(settings.partitions) if target == WORKORDER_QUEUE else [target]
+    conn = stores()  # connects MongoDB for the outbox
+    target = _target(partition, conn.redis, conn.settings)
+    queues = in_use(conn.redis, conn.settings.partitions) if target == WORKORDER_QUEUE else [target]
     confirm(f"Drop every waiting update of {target}? They will never be applied", yes)
     with ctx.obj.app.connection_for_write() as conn:
         job_ids = [i for q in queues for i in broker.take_waiting(conn.default_channel, q)]
@@ -119,20 +128,29 @@ def purge_cmd(ctx: click.Context, partition: int | None, yes: bool, as_json: boo
     click.echo(f"purged {len(job_ids)} waiting update(s) from {target}; {forgotten} outbox record(s) removed")
 
 
-def _target(partition: int | None, settings: Settings) -> str:
-    """``workorder`` (every workorder queue), or one partition's queue."""
+def _target(partition: int | None, client: Any, settings: Settings) -> str:
+    """``workorder`` (every workorder queue), or one partition's queue: current or a leftover."""
     if partition is None:
         return WORKORDER_QUEUE
-    if settings.partitions == 1 or not 0 <= partition < settings.partitions:
-        raise click.UsageError(
-            f"--partition {partition}: MES_PARTITIONS is {settings.partitions}, so the partitions are "
-            + (
-                "none (there is one queue, workorder)"
-                if settings.partitions == 1
-                else f"0 to {settings.partitions - 1}"
-            )
-        )
-    return queue_of(partition)
+    current = [] if settings.partitions == 1 else list(range(settings.partitions))
+    leftovers = [i for q in in_use(client, settings.partitions) if (i := index_of(q)) is not None]
+    if partition in current or partition in leftovers:
+        return queue_of(partition)
+    known = ", ".join(str(i) for i in sorted(set(current) | set(leftovers))) or "none"
+    ranged = "none (there is one queue, workorder)" if not current else f"0 to {settings.partitions - 1}"
+    raise click.UsageError(
+        f"--partition {partition}: MES_PARTITIONS is {settings.partitions}, so the partitions are {ranged}, "
+        f"and no leftover workorder.{partition} of another N holds updates (partitions in use: {known})"
+    )
+
+
+def _pause_scope(queue: str) -> str:
+    return "every workorder queue" if queue == WORKORDER_QUEUE else queue
+
+
+def _resume_command(queue: str) -> str:
+    index = index_of(queue)
+    return "queue resume" if index is None else f"queue resume --partition {index}"
 
 
 def _audit_line(audit: dict[str, Any] | None) -> str:
