@@ -3,7 +3,8 @@
 Redis (AOF) and SecantusDB with their data under ``var/`` (unless ``REDIS_URL`` /
 ``MONGODB_URI`` point elsewhere), then the ``workorder`` worker, the ``audit`` worker,
 beat, Flower (basic auth) and the metrics endpoint. Each process's output goes to the terminal with a name
-prefix and to ``var/log/<name>.log``. Ctrl-C stops them all, then the servers.
+prefix and to ``var/log/<name>.log``. A process that exits is restarted, with a back-off, as
+compose's restart policy does. Ctrl-C stops them all, then the servers.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import shlex
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from devtools.devserver import (
@@ -35,6 +37,12 @@ from mes_tasks.flowerauth import basic_auth
 from mes_tasks.settings import mask_url
 
 SIGINT_GRACE_S = 5.0  # time for children to react to the terminal's own Ctrl-C
+SUPERVISE_POLL_S = 0.2
+# An exited child is restarted after 1 s, then 2, 4, ... up to 30 s while it keeps exiting;
+# one that ran for a minute starts over at 1 s.
+RESTART_DELAY_MIN_S = 1.0
+RESTART_DELAY_MAX_S = 30.0
+RESTART_RESET_S = 60.0
 FLOWER_USER = "admin"
 PASSWORD_FILE = "flower-password"
 ENV_FILE = "stack.env"
@@ -166,18 +174,48 @@ def _wait(children: list[Child]) -> int:
     signal.signal(signal.SIGINT, _raise_stop)
     signal.signal(signal.SIGTERM, _raise_stop)
     try:
-        while all(c.alive() for c in children):
-            time.sleep(0.2)
+        _supervise(children)
     except _Stop as stop:
         print("[stack] stopping (warm shutdown)", flush=True)
         # The terminal's Ctrl-C reaches every child (a second SIGINT would be a worker's cold
         # shutdown); a SIGTERM, or a SIGINT sent to us alone, must be passed on.
         if stop.signum == signal.SIGTERM:
             _signal_all(children, signal.SIGTERM)
-        return 0
-    dead = next(c for c in children if not c.alive())
-    print(f"[stack] {dead.name} exited with {dead.returncode}; stopping the rest", flush=True)
-    return 1
+    return 0
+
+
+def _supervise(children: list[Child]) -> None:
+    """Restart a child that exits, as compose's ``restart: unless-stopped`` does, until a stop."""
+    restarts = {c.name: _Restarts(started=time.monotonic()) for c in children}
+    while True:
+        now = time.monotonic()
+        for child in children:
+            state = restarts[child.name]
+            if child.alive():
+                continue
+            if state.due is None:
+                state.due = now + state.next_delay(now)
+                print(f"[stack] {child.name} exited with {child.returncode}; "
+                      f"restarting it in {state.due - now:.0f} s", flush=True)  # fmt: skip
+            elif now >= state.due:
+                child.start()
+                state.started, state.due = now, None
+        time.sleep(SUPERVISE_POLL_S)
+
+
+@dataclass
+class _Restarts:
+    """One child's restart back-off: doubling from the shortest delay, reset by a long run."""
+
+    started: float
+    delay_s: float = RESTART_DELAY_MIN_S
+    due: float | None = None
+
+    def next_delay(self, now: float) -> float:
+        if now - self.started >= RESTART_RESET_S:
+            self.delay_s = RESTART_DELAY_MIN_S
+        delay, self.delay_s = self.delay_s, min(self.delay_s * 2, RESTART_DELAY_MAX_S)
+        return delay
 
 
 def _stop_children(children: list[Child]) -> None:

@@ -1,0 +1,186 @@
+"""Partition sharing: one view of the workorder queues that every worker agrees on.
+
+Each ``workorder`` worker writes itself into the members hash every tick (``roster``):
+``owner id -> {"until": epoch ms, "n": its MES_PARTITIONS, "pinned": [queues]}``. Every
+automatic worker derives the same view from the live members and the queues that hold
+messages, whatever its own ``MES_PARTITIONS``:
+
+    queues = the current queues of every live member's N
+             + every workorder queue with messages waiting or in flight (a leftover)
+             - the queues a live pinned worker (``-Q workorder.{i}``) was started on
+    share  = ceil(len(queues) / live automatic workers)
+
+so during a rolling change of N (a mixed fleet) nobody computes its share over its own
+queues alone. A worker above its share hands one queue over only while another automatic
+worker holds fewer than its share, so a queue is never handed to nobody; a queue with
+messages that has had no holder for ``ORPHAN_GRACE_S`` is taken by anyone, above share.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from mes_tasks.keys import lease_key, members_key
+from mes_tasks.locks import TOKEN_SEP
+from mes_tasks.partitions import every_queue, index_of, queue_names
+
+# A queue with messages and no holder for this long is taken by any worker, above its share:
+# two ticks, time for a worker under its share to take it first.
+ORPHAN_GRACE_S = 1.0
+
+
+@dataclass(frozen=True)
+class Member:
+    """A live worker as its members-hash entry says."""
+
+    owner: str
+    until_ms: int
+    partitions: int | None = None  # None: an entry of an older release
+    pinned: tuple[str, ...] = ()
+
+    @property
+    def automatic(self) -> bool:
+        return not self.pinned
+
+    def encode(self) -> str:
+        return json.dumps({"until": self.until_ms, "n": self.partitions, "pinned": list(self.pinned)})
+
+
+def decode(owner: str, raw: str | bytes) -> Member | None:
+    """A members-hash entry; the bare expiry of an older release too; None if unreadable."""
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return None
+    if isinstance(value, int):
+        return Member(owner, value)
+    if not isinstance(value, dict) or not isinstance(value.get("until"), int):
+        return None
+    n = value.get("n")
+    pinned = tuple(q for q in value.get("pinned") or () if isinstance(q, str) and index_of(q) is not None)
+    return Member(owner, value["until"], n if isinstance(n, int) and n >= 1 else None, pinned)
+
+
+@dataclass(frozen=True)
+class View:
+    """The queues the automatic workers share, and how many each holds at most."""
+
+    queues: tuple[str, ...]
+    share: int
+    automatic: tuple[str, ...]  # owner ids of the live automatic workers
+
+    def __contains__(self, queue: object) -> bool:
+        return queue in self.queues
+
+
+def view_of(members: Iterable[Member], busy: Iterable[str]) -> View:
+    """The one view every automatic worker derives from the live ``members`` and ``busy`` queues."""
+    live = list(members)
+    current = {q for m in live if m.partitions is not None for q in queue_names(m.partitions)}
+    pinned = {q for m in live for q in m.pinned}
+    wanted = (current | set(busy)) - pinned
+    queues = tuple(q for q in every_queue() if q in wanted)
+    automatic = tuple(sorted(m.owner for m in live if m.automatic))
+    return View(queues, max(1, math.ceil(len(queues) / max(1, len(automatic)))), automatic)
+
+
+@dataclass
+class Plan:
+    """What one automatic worker does this tick: queues to try to take, at most one to hand over."""
+
+    take: list[str] = field(default_factory=list)
+    give: str | None = None
+
+
+def plan(
+    view: View,
+    me: str,
+    holders: dict[str, str | None],
+    orphaned: set[str],
+    order: Sequence[str],
+) -> Plan:
+    """This worker's moves, from the view and who holds each queue now.
+
+    Args:
+        view: the shared view (``view_of``).
+        me: this worker's owner id.
+        holders: queue -> owner id of its lease holder (None: free), for ``view.queues``.
+        orphaned: free queues with messages that have had no holder for ``ORPHAN_GRACE_S``.
+        order: this worker's preference among the queues (held first, then a ring of its own).
+    """
+    mine = [q for q in order if holders.get(q) == me]
+    result = Plan()
+    if len(mine) > view.share and _someone_below_share(view, holders, me):
+        result.give = mine[-1]
+    room = view.share - len(mine) + (result.give is not None)
+    for queue in order:
+        if holders.get(queue) is None and queue in view and (room > 0 or queue in orphaned):
+            result.take.append(queue)
+            room -= 1
+    return result
+
+
+def _someone_below_share(view: View, holders: dict[str, str | None], me: str) -> bool:
+    held: dict[str, int] = dict.fromkeys(view.automatic, 0)
+    for queue in view.queues:
+        owner = holders.get(queue)
+        if owner in held:
+            held[owner] += 1
+    return any(n < view.share for owner, n in held.items() if owner != me)
+
+
+def ring(queues: Sequence[str], me: str, held: Iterable[str]) -> list[str]:
+    """``queues`` in this worker's order: the ones it holds, then the rest from its own offset.
+
+    Different workers start at different queues, so they do not all race for the first.
+    """
+    kept = [q for q in queues if q in set(held)]
+    if not queues:
+        return []
+    start = sum(map(ord, me)) % len(queues)
+    rest = [q for q in [*queues[start:], *queues[:start]] if q not in kept]
+    return [*kept, *rest]
+
+
+class Roster:
+    """The members hash and the leases, as one worker writes and reads them each tick."""
+
+    def __init__(self, client: Any, prefix: str) -> None:
+        self.client, self.prefix = client, prefix
+
+    def beat(self, me: Member) -> list[Member]:
+        """Renew this worker's entry; every live member (this one included).
+
+        Raises:
+            redis.RedisError: Redis did not answer.
+        """
+        key, now_ms = members_key(self.prefix), int(time.time() * 1000)
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hset(key, me.owner, me.encode())
+        pipe.hgetall(key)
+        _, raw = pipe.execute()
+        entries = {_text(owner): decode(_text(owner), value) for owner, value in raw.items()}
+        expired = [o for o, m in entries.items() if m is None or m.until_ms < now_ms]
+        if expired:
+            self.client.hdel(key, *expired)
+        return [m for m in entries.values() if m is not None and m.until_ms >= now_ms]
+
+    def leave(self, owner: str) -> None:
+        self.client.hdel(members_key(self.prefix), owner)
+
+    def holders(self, queues: Sequence[str]) -> dict[str, str | None]:
+        """Queue -> owner id of its lease holder, None where nobody holds it."""
+        tokens = self.client.mget([lease_key(self.prefix, q) for q in queues]) if queues else []
+        return {
+            q: None if t is None else _text(t).split(TOKEN_SEP, 1)[0]
+            for q, t in zip(queues, tokens, strict=True)
+        }
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value
