@@ -13,8 +13,9 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, MutableMapping, Sequence
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from devtools.process import POLL_S, Child
 
@@ -150,6 +151,56 @@ def mongo_service(
     return Service("mongo", argv, port, log_path)
 
 
+DEFAULT_PORTS = {"redis": 6379, "rediss": 6379, "mongodb": 27017}  # of the URLs a probe understands
+
+
+def own_store_urls(redis_port: int, mongo_port: int) -> dict[str, str]:
+    """The store URLs of the servers ``make run`` starts itself (what its stack.env exports)."""
+    return {
+        "REDIS_URL": f"redis://127.0.0.1:{redis_port}/{DEV_REDIS_DB}",
+        "MONGODB_URI": secantus_uri(mongo_port, "mes"),
+    }
+
+
+def url_answers(url: str) -> bool | None:
+    """Whether the one server a URL names accepts a connection; None for a URL of several
+    servers (Sentinels, a replica set's seed list) or of another scheme."""
+    parts = urlsplit(url)
+    if parts.scheme not in DEFAULT_PORTS or "," in parts.netloc:
+        return None
+    try:
+        port = parts.port or DEFAULT_PORTS[parts.scheme]
+    except ValueError:
+        return None
+    return port_open(port, parts.hostname or "127.0.0.1")
+
+
+def settle_store_urls(environ: MutableMapping[str, str], redis_port: int, mongo_port: int) -> None:
+    """Before ``make run`` starts: look at the store URLs the environment gives.
+
+    Inside ``make shell`` they are this stack's own: while nothing answers there (the stack
+    is stopped), they are dropped so that the stack starts those servers itself. Any other
+    URL that answers nowhere would leave every process waiting for it: stop instead.
+
+    Raises:
+        SystemExit: a URL of the environment names a server that does not answer.
+    """
+    from mes_tasks.settings import mask_url
+
+    for name, own in own_store_urls(redis_port, mongo_port).items():
+        url = environ.get(name)
+        if not url or url_answers(url) is not False:
+            continue
+        if url == own:
+            print(f"[stack] {name} is this stack's own (as make shell sets it): starting it", flush=True)
+            del environ[name]
+            continue
+        raise SystemExit(
+            f"make run: {name}={mask_url(url)} from your environment does not answer: start that "
+            "server, or unset REDIS_URL MONGODB_URI (leave make shell) to let make run start its own"
+        )
+
+
 CELERY = [sys.executable, "-m", "celery", "-A", "mes_tasks"]
 
 
@@ -217,6 +268,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--metrics-port", type=int, default=int(os.environ.get("MES_METRICS_PORT", DEV_METRICS_PORT))
     )
     args = parser.parse_args(argv)
+    settle_store_urls(os.environ, args.redis_port, args.mongo_port)
     from devtools.stack import run_stack
 
     return run_stack(Path(args.var), args.redis_port, args.mongo_port, args.flower_port, args.metrics_port)

@@ -63,24 +63,58 @@ def record_failure(failure: Failure) -> None:
         raise MongoUnavailable(f"the dead-letter store refused even a record without payload: {refused}")
 
 
+def record_repeat(failure: Failure) -> bool:
+    """Note a refusal of a request id whose dead letter is still open: a duplicate of that refusal.
+
+    The record keeps its attempts, status and last failure time; its history gets a
+    ``repeated`` event. A record that is ``retried`` or ``discarded`` is not open: a failure
+    then is a new one, for ``record_failure``.
+
+    Returns:
+        Whether an open dead letter had this request id.
+
+    Raises:
+        MongoUnavailable: MongoDB could not be reached.
+    """
+    clean = _without_payload(failure)  # an event the server can always encode
+    event = {**_event(clean, utcnow()), "event": "repeated"}
+    history = {"$push": {"history": {"$each": [event], "$slice": -MAX_HISTORY}}}
+    try:
+        with mongo_errors():
+            done = FailedUpdate._get_collection().update_one(
+                {"request_id": _key(failure.request_id), "status": "open"}, history
+            )
+    except MongoUnavailable:
+        raise
+    except Exception:  # a request id BSON cannot encode: record_failure files it as it can
+        log.debug("could not look up the dead letter of %r", failure.request_id, exc_info=True)
+        return False
+    return bool(done.matched_count)
+
+
+def _event(failure: Failure, now: datetime, note: str | None = None) -> dict[str, Any]:
+    """One failure, as its history entry."""
+    event = {"at": now, "event": "failed", "code": failure.error.code,
+             "message": _clip(failure.error.message, MAX_TEXT_CHARS), "attempts": failure.attempts,
+             "task_id": _clip(failure.task_id, MAX_TEXT_CHARS)}  # fmt: skip
+    if note:
+        event["note"] = note
+    return event
+
+
 def _changes(
     failure: Failure, now: datetime, payload: str | None, truncated: bool, note: str | None = None
 ) -> dict[str, Any]:
-    message = _clip(failure.error.message, MAX_TEXT_CHARS)
-    task_id = _clip(failure.task_id, MAX_TEXT_CHARS)
-    event = {"at": now, "event": "failed", "code": failure.error.code, "message": message,
-             "attempts": failure.attempts, "task_id": task_id}  # fmt: skip
-    if note:
-        event["note"] = note
+    event = _event(failure, now, note)
     return {
         "$set": {
             "task_name": failure.task_name,
-            "task_id": task_id,
+            "task_id": event["task_id"],
             "payload": payload,
             "payload_truncated": truncated,
             "work_order_id": _clip(failure.work_order_id, MAX_TEXT_CHARS),
             "error_code": failure.error.code,
-            "error_message": message,
+            "error_message": event["message"],
             "last_failed_at": now,
             "status": "open",
         },

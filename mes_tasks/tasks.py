@@ -17,7 +17,7 @@ from celery.result import AsyncResult
 from mes_tasks import broker, lease, metrics, outbox
 from mes_tasks.alerts import summary
 from mes_tasks.app import app
-from mes_tasks.deadletter import Failure, record_failure
+from mes_tasks.deadletter import Failure, record_failure, record_repeat
 from mes_tasks.errors import (
     MesError,
     MongoUnavailable,
@@ -69,9 +69,30 @@ class UpdateTask(LedgerTask):
         if "retries" in options:
             return super().apply_async(args, kwargs, task_id=task_id, **{**readable(args, kwargs), **options})
         job_id = task_id or str(uuid.uuid4())
-        # TypeError at the call site for arguments that do not fit; QueueError: nothing recorded
-        sent = default_producer().send(job_id, list(args or ()), dict(kwargs or {}), options)
+        try:
+            # TypeError at the call site for arguments that do not fit; QueueError: nothing recorded
+            sent = default_producer().send(job_id, list(args or ()), dict(kwargs or {}), options)
+        except Exception:
+            _forget_result_channel(job_id)
+            raise
+        if sent.result is None:  # spooled: the broker refused it
+            _forget_result_channel(job_id)
         return sent.result or self.AsyncResult(job_id)
+
+
+def _forget_result_channel(task_id: str) -> None:
+    """Drop the result subscription a refused publish left behind, without a word to Redis.
+
+    Celery subscribes to a task's result before it publishes; the relay re-sends a spooled
+    update without a result, and an update not sent has none, so nothing ever arrives there.
+    Left in place, the handle's ``__del__`` would unsubscribe over the dead connection (a
+    reconnect and a "must be restarted" error in the main app); a reconnect subscribes only
+    to what is left.
+    """
+    consumer = getattr(app.backend, "result_consumer", None)
+    subscribed = getattr(consumer, "subscribed_to", None)
+    if isinstance(subscribed, set):
+        subscribed.discard(app.backend.get_key_for_task(task_id))
 
 
 def backoff_s(retries: int, settings: Settings) -> float:
@@ -186,17 +207,33 @@ def _dead_letter(task: LedgerTask, exc: MesError) -> NoReturn:
         attempts=req.retries + 1,
     )
     try:
-        record_failure(failure)
+        repeated = record_repeat(failure)
+        if not repeated:
+            record_failure(failure)
     except MongoUnavailable as store_exc:
         # Nothing recorded it: keep the message alive rather than drop the update.
         log.error("dead-letter store unreachable (%s); retrying %s", store_exc, req.id)
         raise task.retry(exc=store_exc, countdown=task.ledger.settings.retry_backoff_max_s) from store_exc
+    _report_dead_letter(failure.request_id, exc, repeated)
+    raise exc
+
+
+def _report_dead_letter(request_id: str, exc: MesError, repeated: bool) -> None:
+    """Log and count a final failure once per dead letter.
+
+    A request id sent again while its dead letter is open (a scanner's repeat) is a
+    duplicate of that refusal: the tally counts it as ``duplicate``, as the ledger counts
+    the repeat of an applied update, so one dead letter is one ``dead_lettered``.
+    """
+    if repeated:
+        log.info("update %s refused again [%s]: its dead letter is open already", request_id, exc.code)
+        _count(metrics.DUPLICATE)
+        return
     # A refusal (unknown work order, negative counter, conflicting request id) is routine on a
     # plant floor: one WARNING line. A transient cause that outlasted every retry is an ERROR.
     level = logging.WARNING if isinstance(exc, PermanentError) else logging.ERROR
-    log.log(level, "update %s dead-lettered [%s]: %s", failure.request_id, exc.code, exc.message)
+    log.log(level, "update %s dead-lettered [%s]: %s", request_id, exc.code, exc.message)
     _count(metrics.DEAD_LETTERED, exc.code)
-    raise exc
 
 
 def _queue_of(request: Any) -> str | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -17,8 +18,10 @@ import redis
 from pymongo import MongoClient
 
 from conftest import REPO, wait_until
-from devtools.devserver import free_port, port_open, secantus_uri
+from devtools.devserver import free_port, port_open, secantus_uri, settle_store_urls
+from devtools.stack import write_env_file
 
+STACK_READY_TIMEOUT_S = 90.0
 SUBMIT = """
 from mes_tasks import db
 from mes_tasks.models import WorkOrder
@@ -31,15 +34,24 @@ print(sent.get(timeout=60)["status"])
 """
 
 
-def start_stack(var: Path, *ports: int) -> tuple[subprocess.Popen[str], Path]:
-    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "MONGODB_URI")}
-    env.pop("MES_FLOWER_PASSWORD", None)
-    log = var.parent / f"devserver-{time.monotonic_ns()}.log"
+def run_argv(var: Path, *ports: int) -> list[str]:
+    """``make run``'s command line, on these ports (redis, mongo, flower, metrics)."""
     argv = [sys.executable, "-m", "devtools.devserver", "run", "--var", str(var)]
-    argv += [
+    return argv + [
         f"--{name}-port={port}"
         for name, port in zip(("redis", "mongo", "flower", "metrics"), ports, strict=True)
     ]
+
+
+def start_stack(var: Path, *ports: int) -> tuple[subprocess.Popen[str], Path]:
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "MONGODB_URI")}
+    env.pop("MES_FLOWER_PASSWORD", None)
+    return launch(run_argv(var, *ports), env, var.parent)
+
+
+def launch(argv: list[str], env: dict[str, str], logs: Path) -> tuple[subprocess.Popen[str], Path]:
+    """The stack started by ``argv``, once both workers said they are ready."""
+    log = logs / f"devserver-{time.monotonic_ns()}.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
     ready = ("workorder| ", "audit    | ")
@@ -48,7 +60,12 @@ def start_stack(var: Path, *ports: int) -> tuple[subprocess.Popen[str], Path]:
         text = log.read_text()
         return all(any(line.startswith(p) and " ready." in line for line in text.splitlines()) for p in ready)
 
-    wait_until(lambda: up() or proc.poll() is not None, 90, "the stack")
+    try:
+        wait_until(lambda: up() or proc.poll() is not None, STACK_READY_TIMEOUT_S, "the stack")
+    except AssertionError:
+        proc.send_signal(signal.SIGINT)  # the stack stops what it started
+        proc.wait(60)
+        raise AssertionError(f"the stack was not ready:\n{log.read_text()[-3000:]}") from None
     assert proc.poll() is None, log.read_text()
     return proc, log
 
@@ -138,3 +155,58 @@ def test_the_stack_runs_stops_on_ctrl_c_and_keeps_its_data(tmp_path: Path) -> No
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(60)
+
+
+def own_stack_env(var: Path, redis_port: int, mongo_port: int) -> Path:
+    """The stack.env an earlier ``make run`` on these ports wrote (what ``make shell`` sources)."""
+    own = {"REDIS_URL": f"redis://127.0.0.1:{redis_port}/3", "MONGODB_URI": secantus_uri(mongo_port, "mes")}
+    return write_env_file(var, {**own, "MES_REPORTS_DIR": str(var / "reports")})
+
+
+@pytest.mark.slow  # the whole stack, started and stopped
+def test_make_run_inside_make_shell_with_the_stack_stopped_starts_its_own_servers(tmp_path: Path) -> None:
+    var, ports = tmp_path / "var", [free_port() for _ in range(4)]
+    var.mkdir()
+    env_file = own_stack_env(var, ports[0], ports[1])
+    typed = f". {env_file} && exec {shlex.join(run_argv(var, *ports))}"  # `make run` in `make shell`
+    proc, log = launch(["bash", "-c", typed], bare_env(), tmp_path)
+    try:
+        assert f"starting redis on 127.0.0.1:{ports[0]}" in log.read_text()
+        assert f"starting mongo on 127.0.0.1:{ports[1]}" in log.read_text()
+        assert submit(ports[0], ports[1]) == "applied"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 0
+    assert not port_open(ports[0]) and not port_open(ports[1])
+
+
+def test_a_store_url_of_its_own_stopped_stack_is_dropped_so_make_run_starts_that_server() -> None:
+    redis_port, mongo_port = free_port(), free_port()
+    environ = {
+        "REDIS_URL": f"redis://127.0.0.1:{redis_port}/3",
+        "MONGODB_URI": secantus_uri(mongo_port, "mes"),
+    }
+    settle_store_urls(environ, redis_port, mongo_port)
+    assert environ == {}
+
+
+def test_a_store_url_that_answers_nowhere_stops_make_run_with_what_to_do() -> None:
+    redis_port, mongo_port, elsewhere = free_port(), free_port(), free_port()
+    environ = {"REDIS_URL": f"redis://:s3cret@127.0.0.1:{elsewhere}/0"}
+    with pytest.raises(SystemExit) as stopped:
+        settle_store_urls(environ, redis_port, mongo_port)
+    message = str(stopped.value.code)
+    assert "REDIS_URL" in message and "unset REDIS_URL MONGODB_URI" in message
+    assert "s3cret" not in message and "\n" not in message
+    assert environ["REDIS_URL"].endswith(f":{elsewhere}/0")  # left as it was
+
+
+def test_a_store_url_that_answers_or_cannot_be_probed_is_used_as_given(redis_client: redis.Redis) -> None:
+    from mes_tasks.settings import get_settings
+
+    running = get_settings().redis_url  # the test Redis: someone's server on another port
+    sentinel = "sentinel://127.0.0.1:1;sentinel://127.0.0.1:2/mymaster/3"
+    for url in (running, sentinel):
+        environ = {"REDIS_URL": url}
+        settle_store_urls(environ, free_port(), free_port())
+        assert environ == {"REDIS_URL": url}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import sys
 from typing import Any
 
 import pytest
@@ -13,6 +15,9 @@ from mes_tasks.keys import apply_ms_key
 from mes_tasks.models import QuantityLog
 from mes_tasks.names import WORKORDER_QUEUE
 from mes_tasks.producer import Producer, submit_quantity_update
+
+# An error in a result handle's __del__ (a talk to a Redis that is down) fails the test.
+pytestmark = pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
 
 
 def test_a_queued_update_reports_its_job_queue_length_and_estimated_delay(redis_client: redis.Redis) -> None:
@@ -66,6 +71,27 @@ def test_a_delay_with_redis_down_returns_in_about_a_second_and_spools(
         servers["redis"].start()
     assert took < 5  # was about 20 s: the result store's reconnect, and no publish retry policy
     assert OutboxMessage.objects.get(request_id="d-down").state == "spooled"
+
+
+def test_a_spooled_delay_handle_dropped_while_redis_is_down_raises_nothing_later(
+    redis_client: redis.Redis, servers: dict[str, Service], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mes_tasks.tasks import update_quantity
+
+    waited = update_quantity.delay("WO-1", "input", 1, request_id="d-up")  # the app's result channel
+    del waited
+    gc.collect()  # its subscription ends while Redis is up
+    unraisable: list[str] = []
+    monkeypatch.setattr(
+        sys, "unraisablehook", lambda u: unraisable.append(f"{u.exc_type.__name__}: {u.exc_value}")
+    )
+    servers["redis"].stop()
+    try:
+        update_quantity.delay("WO-1", "input", 1, request_id="d-dropped")  # its handle dropped at once
+        gc.collect()
+    finally:
+        servers["redis"].start()
+    assert unraisable == []
 
 
 def test_with_mongodb_down_an_update_is_queued_and_says_it_was_not_recorded(
