@@ -70,6 +70,19 @@ def launch(argv: list[str], env: dict[str, str], logs: Path) -> tuple[subprocess
     return proc, log
 
 
+def child_pid(parent: int, marker: str) -> int:
+    """The pid of ``parent``'s child whose command line contains ``marker``."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rpartition(")")[2].split()[1])
+            cmdline = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, ValueError):
+            continue
+        if ppid == parent and marker in cmdline:
+            return int(stat.parent.name)
+    raise AssertionError(f"no child of {parent} runs {marker!r}")
+
+
 def bare_env() -> dict[str, str]:
     """A new shell's environment: no store URL, no MES_* setting, no venv on PATH."""
     return {"PATH": "/usr/bin:/bin", "HOME": os.environ.get("HOME", "/root")}
@@ -125,6 +138,15 @@ def test_the_stack_runs_stops_on_ctrl_c_and_keeps_its_data(tmp_path: Path) -> No
             return "mes_updates_applied_total 1.0" in reply.read().decode()
 
     wait_until(counted, 10, "the applied update to be counted")
+
+    os.kill(child_pid(proc.pid, "-Q workorder"), signal.SIGKILL)  # as compose would, the stack restarts it
+    wait_until(
+        lambda: "[stack] workorder exited with -9; restarting it in 1 s" in log.read_text(), 20, "the restart"
+    )
+    wait_until(
+        lambda: log.read_text().count(" ready.") >= 3, STACK_READY_TIMEOUT_S, "the new workorder worker"
+    )
+    assert submit(redis_port, mongo_port) == "duplicate"  # consumed again, counted once
 
     env_file = (var / "stack.env").read_text()  # what `make shell` sources
     assert f"export REDIS_URL=redis://127.0.0.1:{redis_port}/3" in env_file
