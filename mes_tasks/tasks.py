@@ -28,9 +28,9 @@ from mes_tasks.errors import (
 )
 from mes_tasks.keys import negative_wait_key
 from mes_tasks.ledger import Ledger
-from mes_tasks.names import AUDIT_WORK_ORDERS, RELAY_OUTBOX, UPDATE_QUANTITY
-from mes_tasks.partitions import relayed_queues
+from mes_tasks.names import AUDIT_WORK_ORDERS, RELAY_OUTBOX, UPDATE_QUANTITY, WORKORDER_QUEUE
 from mes_tasks.producer import default_producer, publish
+from mes_tasks.queues import in_use
 from mes_tasks.reports import audit_and_report
 from mes_tasks.settings import Settings, get_settings
 from mes_tasks.validation import check_work_order_id, readable, validate_update
@@ -263,6 +263,14 @@ def audit_work_orders(
     return {"report_id": str(report.id), "finding_count": report.finding_count, "summary": summary(report)}
 
 
+def _relayed(channel: Any) -> list[str]:
+    """Every workorder queue that may hold an update: ``workorder``, the current N's, and
+    any leftover of another N (a producer or worker on another ``MES_PARTITIONS``)."""
+    with channel.conn_or_acquire() as client:  # the channel's own connection may be in BRPOP
+        queues = in_use(client, get_settings().partitions)
+    return [*dict.fromkeys([WORKORDER_QUEUE, *queues])]
+
+
 @app.task(name=RELAY_OUTBOX, acks_late=False, ignore_result=True)
 def relay_outbox(grace_s: float | None = None) -> dict[str, int]:
     """Publish spooled updates, drop settled ones, re-send what the broker lost (beat, every few s).
@@ -273,7 +281,7 @@ def relay_outbox(grace_s: float | None = None) -> dict[str, int]:
 
         def held() -> set[str]:
             conn.ensure_connection(max_retries=1)  # Redis down: fail now, the next run tries again
-            return broker.held_task_ids(conn.default_channel, relayed_queues(get_settings().partitions))
+            return broker.held_task_ids(conn.default_channel, _relayed(conn.default_channel))
 
         result = outbox.relay(
             publish, held, get_settings().outbox_grace_s if grace_s is None else grace_s

@@ -14,6 +14,7 @@ from mes_tasks.models import OutboxMessage
 from mes_tasks.partitions import partition_of, queue_of
 from mes_tasks.producer import submit_quantity_update
 from mes_tasks.queues import in_use, leftovers
+from mes_tasks.tasks import relay_outbox
 
 WORK_ORDERS = [f"WO-{i}" for i in range(16)]
 
@@ -100,3 +101,12 @@ def test_resume_of_one_partition_under_a_pause_of_every_queue_says_so_and_keeps_
     assert cli("queue", "pause", "--partition", "1").exit_code == 0
     ended = json.loads(cli("queue", "resume", "--json").stdout)["ended"]
     assert ended == ["workorder", "workorder.1"]
+
+
+def test_the_relay_on_another_n_never_resends_what_a_leftover_queue_holds(
+    services: redis.Redis, env_override: Callable[..., None]
+) -> None:
+    per_queue = send_on_four_partitions(env_override)
+    result = relay_outbox(grace_s=0)
+    assert result["republished"] == 0
+    assert sum(services.llen(q) for q in per_queue) == len(WORK_ORDERS)
