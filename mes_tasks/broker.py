@@ -1,13 +1,15 @@
 """What the Celery broker (kombu's Redis transport) still holds for a queue.
 
 Read straight from kombu's own keys: the queue's lists (one per priority step) and
-the ``unacked`` hash of delivered, unacknowledged messages (with their ETA retries).
+the ``unacked`` hash of delivered, unacknowledged messages (with their ETA retries),
+and ``unacked_index``, the time each of those was delivered. A message restored and
+delivered again keeps its delivery tag; that time tells one delivery from the next.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from typing import Any
 
 import kombu.exceptions
@@ -73,6 +75,61 @@ def unacked_of(client: Any, channel: Any, *queues: str) -> Iterator[tuple[Any, d
         message, exchange, routing_key = json.loads(raw)
         if wanted & {exchange, routing_key}:
             yield tag, message
+
+
+def delivered_tags(channel: Any, *queues: str) -> set[str]:
+    """Tags of the messages this channel was given and has not acknowledged (of ``queues``, if named).
+
+    A retry waiting on its countdown is one of them. kombu keeps them in its QoS, less
+    the tags acknowledged since it last tidied up.
+    """
+    qos, wanted = channel.qos, set(queues)
+    acked = set(qos._dirty)
+    return {
+        str(tag)
+        for tag, message in list(qos._delivered.items())
+        if tag not in acked and (not wanted or wanted & _destination(message))
+    }
+
+
+def delivery_times(client: Any, channel: Any, tags: Collection[str]) -> dict[str, float]:
+    """When each of ``tags`` was delivered, as kombu recorded it; tags not in flight are left out."""
+    if not tags:
+        return {}
+    ordered = list(tags)
+    scores = client.zmscore(channel.unacked_index_key, ordered)
+    return {tag: float(at) for tag, at in zip(ordered, scores, strict=True) if at is not None}
+
+
+def restore_delivery(client: Any, channel: Any, tag: str, delivered_at: float) -> bool:
+    """Put one unacknowledged message back in its queue if it is still the delivery of ``delivered_at``.
+
+    kombu's ``restore_by_tag`` would take whatever delivery has the tag now: a later one,
+    to another worker, of the same message. Checked and restored in one transaction
+    (``WATCH``), as kombu restores; behind what waits, as a lease take-over restores.
+    """
+    qos, restored = channel.qos, False
+
+    def restore(pipe: Any) -> None:
+        nonlocal restored
+        restored = False  # run again if a watched key changed
+        if pipe.zscore(qos.unacked_index_key, tag) != delivered_at:
+            return
+        raw = pipe.hget(qos.unacked_key, tag)
+        pipe.multi()
+        pipe.zrem(qos.unacked_index_key, tag).hdel(qos.unacked_key, tag)
+        if raw:
+            payload, exchange, routing_key = json.loads(raw)
+            channel._do_restore_message(payload, exchange, routing_key, pipe, leftmost=True)
+            restored = True
+
+    client.transaction(restore, qos.unacked_key, qos.unacked_index_key)
+    return restored
+
+
+def _destination(message: Any) -> set[str]:
+    info = getattr(message, "delivery_info", None) or {}
+    return {str(info.get("exchange", "")), str(info.get("routing_key", ""))}
 
 
 def take_waiting(channel: Any, queue: str) -> list[str]:

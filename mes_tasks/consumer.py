@@ -6,6 +6,10 @@ spends a second on mingle (asking other workers for revoked tasks, which mes_tas
 never uses); after a two-second Redis restart the worker was idle for seven. This
 consumer retries every ``RECONNECT_MAX_S`` at most, forever (a service waits for its
 broker), and runs without mingle and gossip.
+
+It also survives losing the broker while it holds a retry waiting on its countdown
+(``restore_or_leave``): kombu would restore that message only as the broken connection
+closes, after Celery has let go of the transport, and the worker exited on the error.
 """
 
 from __future__ import annotations
@@ -44,6 +48,37 @@ class Consumer(CeleryConsumer):  # type: ignore[misc]
             interval_max=RECONNECT_MAX_S,
         )
         return super().ensure_connected(conn)
+
+    def on_connection_error_after_connected(self, exc: Exception) -> None:
+        restore_or_leave(self.connection)
+        super().on_connection_error_after_connected(exc)
+
+
+def restore_or_leave(connection: Any) -> None:
+    """Put back what the lost connection's channels were given and had not acknowledged, or
+    leave it in kombu's ``unacked`` hash; never raise.
+
+    Celery's handler for a lost connection first collects it: the channel's close fails
+    on the dead socket (it reads the pending ``BRPOP`` reply first) and stays open, and the
+    transport's ``client`` is set to None. It then closes the connection again; the
+    channel's close now restores its unacknowledged messages (a retry on its countdown is
+    one) through a new client pool built from that ``client``: an ``AttributeError``, not a
+    connection error, so nothing catches it and the worker exits. Restored here first,
+    while the transport is whole (a silent broker costs a socket timeout), and kombu's own
+    attempt switched off. With Redis down they stay in ``unacked``: the worker restores
+    them as it takes its lease back (``lease``); a queue without a lease waits for the
+    visibility timeout.
+    """
+    for channel in list(getattr(connection.transport, "channels", None) or ()):
+        qos = getattr(channel, "_qos", None)  # None: never consumed, nothing delivered
+        if qos is None:
+            continue
+        try:
+            qos.restore_unacked_once()
+        except Exception as exc:  # a dead broker, or whatever else: never a reason to exit
+            log.warning("left the lost connection's unacknowledged messages in the broker: %r", exc)
+        finally:
+            qos.restore_at_shutdown = False  # its close must not try again, without a transport
 
 
 class BrokerWatchdog(bootsteps.StartStopStep):  # type: ignore[misc]

@@ -17,6 +17,11 @@ Key patterns:
     {prefix}pause:workorder.{i}    its own pause (``pause:workorder`` pauses them all)
     {prefix}members:workorder      hash, owner id -> epoch ms its membership expires: the live
                                    workers sharing the partitions, for each one's fair share
+    {prefix}handed:workorder       hash, kombu delivery tag -> JSON ``[queue, owner id, delivered
+                                   at]``: a message (a retry on its countdown) that a worker still
+                                   held of a partition it handed over; restored by that worker once
+                                   it no longer holds it, or by the partition's holder once that
+                                   worker is dead; no TTL (see ``mes_tasks.lease``)
     {prefix}sessions               hash, ``<owner_id>|<lsid hex>`` -> epoch seconds: the MongoDB
                                    sessions a ``workorder`` worker runs transactions in; its
                                    successor ends them (``killSessions``, see ``sessions``)
@@ -59,6 +64,10 @@ def wanted_key(prefix: str, work_order_id: str) -> str:
 def lease_owner_key(prefix: str, queue: str = WORKORDER_QUEUE) -> str:
     """``lease:owner`` for ``workorder``; ``lease:workorder.{i}:owner`` for a partition."""
     return f"{prefix}lease:owner" if queue == WORKORDER_QUEUE else f"{prefix}lease:{queue}:owner"
+
+
+def handed_key(prefix: str) -> str:
+    return f"{prefix}handed:{WORKORDER_QUEUE}"
 
 
 def apply_ms_key(prefix: str) -> str:

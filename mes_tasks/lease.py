@@ -16,9 +16,19 @@ lease over, before it consumes:
    transaction it left open and frees that work order at once, instead of after
    MongoDB's 60 s transaction lifetime;
 2. deletes the work-order locks the predecessor kept (``clear_predecessor_locks``);
-3. puts the predecessor's unacknowledged ``workorder`` messages back at the head of the
-   queue, at once instead of after the visibility timeout: with one consumer, nothing
-   else can be processing them.
+3. puts the predecessor's unacknowledged ``workorder`` messages back in the queue, at
+   once instead of after the visibility timeout: with one consumer, nothing else can be
+   processing them. A predecessor that is this very process (its broker connection was
+   lost, with Redis down, while it held a retry on its countdown) counts too.
+
+With partitions, a worker that hands a partition over (``_hand_over``) may still hold
+retries of it, waiting on their countdown: it notes them in the handed record
+(``keys.handed_key``) before it lets go. Its successor restores nothing of it; each
+noted message is restored later, checked against its delivery time so that a later
+delivery of it is never taken, by whoever can tell that nobody runs it any more: the
+worker itself once it no longer holds it (its connection was lost), or the partition's
+holder once that worker is dead (``handed_due``). A take-over keeps what live workers
+hold in the same way.
 
 A holder that was only paused (SIGSTOP) and comes back is fenced out by the work-order
 epochs; its heartbeat fails and it goes back to standby.
@@ -30,11 +40,13 @@ tick, and when it takes the lease: while it is set, nobody consumes ``workorder`
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
 import socket
 import time
+from collections.abc import Callable, Collection
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,12 +56,21 @@ import redis
 from celery import bootsteps
 
 from mes_tasks import db, sessions
-from mes_tasks.broker import unacked_of
+from mes_tasks.broker import delivered_tags, delivery_times, restore_delivery, unacked_of
 from mes_tasks.errors import LockBusy, MesError, RedisUnavailable
-from mes_tasks.keys import lease_key, lease_owner_key, lock_key, members_key, pause_key, takeovers_key
+from mes_tasks.keys import (
+    handed_key,
+    lease_key,
+    lease_owner_key,
+    lock_key,
+    members_key,
+    pause_key,
+    takeovers_key,
+)
 from mes_tasks.locks import _RELEASE, TOKEN_SEP, RedisLock, owner_id
 from mes_tasks.names import WORKORDER_QUEUE
-from mes_tasks.partitions import every_queue, index_of, is_workorder_queue, queue_names
+from mes_tasks.partitions import index_of, is_workorder_queue, queue_names
+from mes_tasks.queues import leftovers
 from mes_tasks.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -134,17 +155,107 @@ def _running(pid: int) -> bool:
     return stat.rpartition(")")[2].split()[0] not in ("Z", "X")  # a zombie has ended
 
 
-def restore_unacked(channel: Any, queue: str = QUEUE) -> int:
-    """Put every unacknowledged message of ``queue`` back at the head of the queue.
+def restore_unacked(channel: Any, queue: str = QUEUE, keep: Collection[str] = ()) -> int:
+    """Put every unacknowledged message of ``queue`` back in the queue, but those in ``keep``.
 
-    Only safe for a queue with a single consumer that holds none of them itself.
+    Only safe for a queue with a single consumer, about to be this one: ``keep`` names the
+    deliveries live workers still hold (this one's own, and what others noted as handed).
     """
     restored = 0
     with channel.conn_or_acquire() as client:  # the channel's own connection may be in BRPOP
         for tag, _message in list(unacked_of(client, channel, queue)):  # one consumer's worth
-            channel.qos.restore_by_tag(tag, client, leftmost=True)
-            restored += 1
+            if _text(tag) not in keep:
+                channel.qos.restore_by_tag(tag, client, leftmost=True)
+                restored += 1
     return restored
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+@dataclass(frozen=True)
+class Handed:
+    """A message its holder still held of a queue it handed over (``keys.handed_key``)."""
+
+    queue: str
+    holder: str  # owner id
+    delivered_at: float  # kombu's delivery time: this delivery, not a later one
+
+
+def note_handed(client: redis.Redis, prefix: str, queue: str, times: dict[str, float]) -> None:
+    """Record that this process still holds the deliveries ``times`` (tag -> time) of ``queue``."""
+    if times:
+        me = owner_id()
+        fields = {tag: json.dumps([queue, me, at]) for tag, at in times.items()}
+        client.hset(handed_key(prefix), mapping=fields)  # type: ignore[arg-type]
+
+
+def handed_entries(client: redis.Redis, prefix: str) -> dict[str, Handed]:
+    """The handed record, tag -> entry; unreadable entries are left out."""
+    entries: dict[str, Handed] = {}
+    for tag, raw in client.hgetall(handed_key(prefix)).items():
+        try:
+            queue, holder, at = json.loads(raw)
+            entries[_text(tag)] = Handed(str(queue), str(holder), float(at))
+        except (ValueError, TypeError):
+            continue
+    return entries
+
+
+def handed_due(
+    entries: dict[str, Handed],
+    me: str,
+    mine: Collection[str],
+    held: Collection[str],
+    alive: Callable[[str], bool],
+) -> list[str]:
+    """The handed-over deliveries nobody runs any more, to be restored now (and forgotten).
+
+    Args:
+        entries: the handed record.
+        me: this worker's owner id.
+        mine: the tags this worker holds now (delivered, unacknowledged).
+        held: the queues this worker holds the lease of.
+        alive: whether a worker (owner id) is alive.
+
+    Returns:
+        This worker's own entries that it no longer holds (acknowledged, handed back, or
+        dropped with a lost connection), and another worker's entries of a queue this one
+        holds once that worker is dead.
+    """
+    return [
+        tag
+        for tag, entry in entries.items()
+        if (entry.holder == me and tag not in mine)
+        or (entry.holder != me and entry.queue in held and not alive(entry.holder))
+    ]
+
+
+def liveness(client: redis.Redis, prefix: str) -> Callable[[str], bool]:
+    """Whether a worker (owner id) is alive: an unexpired member, and not a process of this host
+    that has ended. The members hash is read once, on first use."""
+    live: list[set[str]] = []
+
+    def alive(owner: str) -> bool:
+        if not live:
+            now_ms = time.time() * 1000
+            members = client.hgetall(members_key(prefix))
+            live.append({_text(m) for m, raw in members.items() if _member_until_ms(raw) > now_ms})
+        return owner in live[0] and not holder_is_dead(owner)
+
+    return alive
+
+
+def _member_until_ms(raw: Any) -> float:
+    """The expiry of a members-hash entry: a bare epoch ms, or JSON with ``until``."""
+    try:
+        value = json.loads(raw)
+    except (ValueError, TypeError):
+        return 0.0
+    if isinstance(value, dict):
+        value = value.get("until")
+    return float(value) if isinstance(value, int | float) else 0.0
 
 
 # Delete a lock whose token names the given owner ("<owner_id>/...").
@@ -162,15 +273,13 @@ def clear_predecessor_locks(client: redis.Redis, prefix: str, queue: str = QUEUE
     out, so its locks (kept between updates, see ``keptlocks``) only delay us.
     """
     previous = record_owner(client, prefix, queue)
-    return 0 if previous is None else clear_locks_of(client, prefix, previous)
+    return 0 if previous in (None, owner_id()) else clear_locks_of(client, prefix, previous)
 
 
 def record_owner(client: redis.Redis, prefix: str, queue: str) -> str | None:
-    """Name this process ``queue``'s holder; the previous holder, if another process."""
-    me = owner_id()
-    answer = client.set(lease_owner_key(prefix, queue), me, get=True)
-    previous = answer.decode() if isinstance(answer, bytes) else answer
-    return None if not previous or previous == me else str(previous)
+    """Name this process ``queue``'s holder; the previous holder (this process too), if any."""
+    answer = client.set(lease_owner_key(prefix, queue), owner_id(), get=True)
+    return _text(answer) if answer else None
 
 
 def clear_locks_of(client: redis.Redis, prefix: str, owner: str) -> int:
@@ -295,6 +404,8 @@ class SingleActiveConsumer(bootsteps.StartStopStep):  # type: ignore[misc]
         for slot in self.slots.values():
             if slot.active:
                 self._honour_pause(c, slot)
+        if self.partitions > 1:
+            self._restore_handed(c)
 
     def _pinned(self) -> bool:
         return QUEUE not in self.eligible
@@ -313,7 +424,7 @@ class SingleActiveConsumer(bootsteps.StartStopStep):  # type: ignore[misc]
         if self.partitions == 1:
             return queues
         if self.ticks % LEFTOVER_EVERY == 1:
-            self.leftovers = self._find_leftovers(queues)
+            self.leftovers = self._find_leftovers()
         held = [q for q in queues if q in self.slots and self.slots[q].active]
         start = sum(map(ord, owner_id())) % len(queues)  # workers try the partitions in different orders
         ring = queues[start:] + queues[:start]
@@ -321,16 +432,16 @@ class SingleActiveConsumer(bootsteps.StartStopStep):  # type: ignore[misc]
 
     leftovers: list[str] = []
 
-    def _find_leftovers(self, current: list[str]) -> list[str]:
-        """Workorder queues outside the current N that still hold messages (N changed)."""
+    def _find_leftovers(self) -> list[str]:
+        """Workorder queues outside the current N with messages waiting or in flight (N changed).
+
+        In flight counts: a leftover whose holder died with its last message unacknowledged
+        is taken over, and the message restored, instead of waiting out the visibility timeout.
+        """
         assert self.client is not None
-        others = [q for q in every_queue() if q not in current]
         try:
-            pipe = self.client.pipeline(transaction=False)
-            for queue in others:
-                pipe.llen(queue)
-            return [q for q, n in zip(others, pipe.execute(), strict=True) if n]
-        except redis.RedisError:
+            return leftovers(self.client, self.partitions)
+        except (RedisUnavailable, redis.RedisError):
             return self.leftovers
 
     def _members(self) -> int:
@@ -351,26 +462,15 @@ class SingleActiveConsumer(bootsteps.StartStopStep):  # type: ignore[misc]
         return max(1, len(members) - len(expired))
 
     def _take_over(self, c: Any, slot: Slot) -> None:
-        assert self.client is not None and self.mongo is not None
-        ended, cleared, restored = 0, 0, 0
+        assert self.client is not None
         sessions.forget_recorded()  # a successor may have ended ours while we were standby
-        previous = None
+        channel = c.connection.default_channel
         if slot.queue == QUEUE and self.partitions == 1:  # the one active consumer: as ever
-            try:
-                ended = sessions.end_others(self.mongo, self.client, self.prefix)
-            except MesError as exc:  # their transactions then time out on the server
-                log.warning("could not end the previous holder's MongoDB sessions: %s", exc.message)
+            ended = self._end_sessions()
             cleared = clear_predecessor_locks(self.client, self.prefix)
-            restored = restore_unacked(c.connection.default_channel)
+            restored = restore_unacked(channel, keep=delivered_tags(channel))
         else:
-            previous = record_owner(self.client, self.prefix, slot.queue)
-            if previous is not None:  # died or was fenced out holding it; a hand-over clears it
-                try:
-                    ended = sessions.end_others(self.mongo, self.client, self.prefix, owner=previous)
-                except MesError as exc:
-                    log.warning("could not end the previous holder's MongoDB sessions: %s", exc.message)
-                cleared = clear_locks_of(self.client, self.prefix, previous)
-                restored = restore_unacked(c.connection.default_channel, slot.queue)
+            ended, cleared, restored = self._take_from_previous(channel, slot.queue)
         slot.active = True
         with contextlib.suppress(redis.RedisError):  # a count for `metrics`, not a guarantee
             self.client.incr(takeovers_key(self.prefix))
@@ -378,21 +478,97 @@ class SingleActiveConsumer(bootsteps.StartStopStep):  # type: ignore[misc]
                     "ended %d session(s)",
                     slot.queue, socket.gethostname(), restored, cleared, ended)  # fmt: skip
 
+    def _take_from_previous(self, channel: Any, queue: str) -> tuple[int, int, int]:
+        """Sessions ended, locks cleared and messages restored of ``queue``'s previous holder.
+
+        None after a hand-over (the owner record was cleared): what that holder kept is in
+        the handed record. Another process died or was fenced out holding it; this process
+        lost its broker connection (or its lease) holding it. Either way, what it was given
+        is nobody's any more, but for what live workers hold (``_held_by_the_living``).
+        """
+        assert self.client is not None
+        previous = record_owner(self.client, self.prefix, queue)
+        if previous is None:
+            return 0, 0, 0
+        ended, cleared = 0, 0
+        if previous != owner_id():
+            ended = self._end_sessions(previous)
+            cleared = clear_locks_of(self.client, self.prefix, previous)
+        return ended, cleared, restore_unacked(channel, queue, keep=self._held_by_the_living(channel, queue))
+
+    def _end_sessions(self, owner: str | None = None) -> int:
+        assert self.client is not None and self.mongo is not None
+        try:
+            return sessions.end_others(self.mongo, self.client, self.prefix, owner=owner)
+        except MesError as exc:  # their transactions then time out on the server
+            log.warning("could not end the previous holder's MongoDB sessions: %s", exc.message)
+            return 0
+
+    def _held_by_the_living(self, channel: Any, queue: str) -> set[str]:
+        """Tags of ``queue`` live workers hold: this one's, and what a live one kept as it handed it over."""
+        assert self.client is not None
+        me, alive = owner_id(), liveness(self.client, self.prefix)
+        kept = handed_entries(self.client, self.prefix).items()
+        others = {tag for tag, e in kept if e.queue == queue and e.holder != me and alive(e.holder)}
+        return delivered_tags(channel) | others
+
+    def _restore_handed(self, c: Any) -> None:
+        """Restore the handed-over messages that nobody runs any more (``handed_due``)."""
+        assert self.client is not None
+        channel = c.connection.default_channel
+        try:
+            entries = handed_entries(self.client, self.prefix)
+            if not entries:
+                return
+            held = {slot.queue for slot in self.slots.values() if slot.active}
+            due = handed_due(
+                entries, owner_id(), delivered_tags(channel), held, liveness(self.client, self.prefix)
+            )
+            if not due:
+                return
+            with channel.conn_or_acquire() as broker:
+                restored = sum(
+                    restore_delivery(broker, channel, tag, entries[tag].delivered_at) for tag in due
+                )
+            self.client.hdel(handed_key(self.prefix), *due)
+        except (redis.RedisError, OSError) as exc:  # the next tick tries again
+            log.warning("could not look after the handed-over messages: %s", exc)
+            return
+        if restored:
+            log.warning("restored %d message(s) held of a handed-over partition by a worker that no longer "
+                        "runs them", restored)  # fmt: skip
+
     def _hand_over(self, c: Any, slot: Slot) -> None:
         """Give a partition back to the others: stop consuming it, then let go of its lease.
 
-        Its owner record goes first, while the lease is still ours, so the next holder
-        knows this was a hand-over (nothing to end, clear or restore), not a death.
+        What this worker still holds of it (retries on their countdown) is noted in the
+        handed record first; if that fails, it keeps the partition this tick. Its owner
+        record goes next, while the lease is still ours, so the next holder knows this was
+        a hand-over (nothing to end, clear or restore now), not a death.
         """
         assert self.client is not None
         if _consuming(c, slot.queue):
             c.cancel_task_queue(slot.queue)
+        try:
+            self._note_handed(c, slot.queue)
+        except (redis.RedisError, OSError) as exc:  # consumed again at the end of the tick
+            log.warning("kept %s: could not note what this worker holds of it: %s", slot.queue, exc)
+            return
         with contextlib.suppress(redis.RedisError):
             self.client.delete(lease_owner_key(self.prefix, slot.queue))
         with suppress(RedisUnavailable):
             slot.lease.release()
         slot.active, slot.paused = False, None
         log.warning("handed %s over (more workers share the partitions, or a leftover drained)", slot.queue)
+
+    def _note_handed(self, c: Any, queue: str) -> None:
+        assert self.client is not None
+        channel = c.connection.default_channel
+        tags = delivered_tags(channel, queue)
+        if tags:
+            with channel.conn_or_acquire() as broker:
+                times = delivery_times(broker, channel, tags)
+            note_handed(self.client, self.prefix, queue, times)
 
     def _honour_pause(self, c: Any, slot: Slot) -> None:
         assert self.client is not None
