@@ -6,7 +6,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 import redis
@@ -16,8 +16,8 @@ from mongoengine.connection import ConnectionFailure, get_connection
 from pymongo.errors import OperationFailure
 
 from mes_tasks import db
+from mes_tasks.deployment import deployment_started
 from mes_tasks.errors import MesError
-from mes_tasks.keys import first_start_key
 from mes_tasks.models import ALL_MODELS, AuditReport, FailedUpdate, QuantityLog, utcnow
 from mes_tasks.names import AUDIT_WORK_ORDERS, WORKORDER_QUEUE
 from mes_tasks.partitions import queue_names
@@ -359,7 +359,7 @@ def _last_audit(ctx: Context, schedule: BaseSchedule | None) -> Check:
             f"{last.started_at:%Y-%m-%d %H:%M} UTC, {last.finding_count} findings",
             "" if not last.finding_count else f"celery -A mes_tasks audit show {last.id}",
         )
-    started = deployment_started(ctx)
+    started = deployment_started(ctx.redis, ctx.settings.key_prefix)
     if last is None and started is not None and now - started <= AUDIT_MAX_AGE:
         minutes = (now - started).total_seconds() / 60
         age = f"{minutes:.0f} min" if minutes < 60 else f"{minutes / 60:.1f} h"
@@ -369,19 +369,6 @@ def _last_audit(ctx: Context, schedule: BaseSchedule | None) -> Check:
         return Check(INFO, "last audit", "none yet: no worker has started here yet")
     when = "none ever" if last is None else f"the last one was at {last.started_at:%Y-%m-%d %H:%M} UTC"
     return Check(WARN, "last audit", f"none in the last 26 hours ({when})", "is celery beat running?")
-
-
-def deployment_started(ctx: Context) -> datetime | None:
-    """When the first worker started (``first_start_key``), or the first update was logged."""
-    times = []
-    if ctx.redis is not None:
-        raw = ctx.redis.get(first_start_key(ctx.settings.key_prefix))
-        if raw is not None:
-            times.append(datetime.fromtimestamp(float(raw), UTC))
-    first_log = QuantityLog.objects.order_by("id").only("created_at").first()  # _id: in time order
-    if first_log is not None and first_log.created_at is not None:
-        times.append(first_log.created_at)
-    return min(times, default=None)
 
 
 def _describe(schedule: BaseSchedule, app: Celery) -> str:

@@ -2,11 +2,11 @@
 
 The worker counts each update's outcome (and the duration of an applied or duplicate one)
 in memory (``Tally``) and adds its counts to two Redis hashes between tasks, twice a
-second, in one pipelined round trip. A scrape reads
-those, the broker's queue lists, the lease and the pause in one Redis round trip, then
-the outbox, the heads of the queues, the open dead letters and the last audit in at most
-four MongoDB round trips. Nothing runs between scrapes. docs/metrics.md lists every
-series and where its number comes from.
+second, in one pipelined round trip. A scrape reads those, the broker's queue lists, the
+lease, the pause and the first worker's start in one Redis round trip, then the outbox,
+the heads of the queues, the open dead letters, the last audit and the first logged update
+in at most five MongoDB round trips. Nothing runs between scrapes. docs/metrics.md lists
+every series and where its number comes from.
 """
 
 from __future__ import annotations
@@ -30,9 +30,11 @@ from redis.retry import Retry
 
 from mes_tasks.broker import _task_id
 from mes_tasks.db import mongo_errors, redis_errors
+from mes_tasks.deployment import earliest_start, first_logged_at, recorded_start
 from mes_tasks.errors import FenceLost, MesError
 from mes_tasks.keys import (
     apply_histogram_key,
+    first_start_key,
     lease_key,
     lease_owner_key,
     pause_key,
@@ -135,6 +137,7 @@ class RedisState:
     lease_tokens: dict[str, str | None]  # per workorder queue (partition)
     lease_owner: str | None
     takeovers: int  # lease take-overs, counted by the workers
+    first_start: datetime | None  # when the deployment's first worker started
 
 
 @dataclass
@@ -145,6 +148,7 @@ class MongoState:
     submitted_at: dict[str, datetime]  # job id -> created_at, for the queues' heads
     dead_letters: dict[str, int]  # open dead letters per error code
     last_audit: dict[str, Any] | None
+    first_log: datetime | None  # when the first update was logged
 
 
 def read_redis(
@@ -171,12 +175,14 @@ def read_redis(
         pipe.hgetall(apply_histogram_key(prefix))
         pipe.get(lease_owner_key(prefix))
         pipe.get(takeovers_key(prefix))
+        pipe.get(first_start_key(prefix))
         for queue in leased:
             pipe.get(lease_key(prefix, queue))
         replies = pipe.execute()
     n = 2 * len(PRIORITY_STEPS)
     per_queue = {q: replies[i * n : (i + 1) * n] for i, q in enumerate(queues)}
-    unacked, paused, unrecorded, counts, hist, owner, takeovers, *tokens = replies[len(queues) * n :]
+    rest = replies[len(queues) * n :]
+    unacked, paused, unrecorded, counts, hist, owner, takeovers, first_start, *tokens = rest
     token = tokens[0] if len(leased) == 1 else None
     return RedisState(
         waiting={q: sum(r[0::2]) for q, r in per_queue.items()},
@@ -190,11 +196,15 @@ def read_redis(
         lease_tokens=dict(zip(leased, tokens, strict=True)),
         lease_owner=owner,
         takeovers=int(takeovers or 0),
+        first_start=recorded_start(first_start),
     )
 
 
 def read_mongo(head_job_ids: Iterable[str]) -> MongoState:
-    """The outbox, the queues' heads, the open dead letters and the last audit: four round trips at most."""
+    """The outbox, the queues' heads, the open dead letters, the last audit and the first log.
+
+    Five round trips at most (the heads' is skipped while the queues are empty).
+    """
     ids = sorted(set(head_job_ids) - {""})
     with mongo_errors():
         rows = OutboxMessage._get_collection().aggregate(
@@ -214,7 +224,8 @@ def read_mongo(head_job_ids: Iterable[str]) -> MongoState:
         last = AuditReport._get_collection().find_one(
             {}, {"findings": 0, "repairs": 0, "repair_errors": 0}, sort=[("started_at", -1)]
         )
-    return MongoState(outbox, submitted, dead, last)
+        first_log = first_logged_at()
+    return MongoState(outbox, submitted, dead, last, first_log)
 
 
 def _outbox_by_state(rows: list[dict[str, Any]]) -> dict[str, tuple[int, datetime | None]]:
@@ -255,6 +266,8 @@ class MesCollector(Collector):
                 yield from self._redis_metrics(rstate, mstate, now)
         if mstate is not None:
             yield from mongo_metrics(mstate, now)
+        if rstate is not None and mstate is not None:  # the start needs both stores' word
+            yield from deployment_metrics(rstate, mstate)
         yield up
         yield GaugeMetricFamily(
             "mes_scrape_duration_seconds", "How long this scrape took.", time.monotonic() - started
@@ -400,8 +413,19 @@ def mongo_metrics(state: MongoState, now: float) -> Iterator[Metric]:
     yield from audit_metrics(state.last_audit)
 
 
+def deployment_metrics(rstate: RedisState, mstate: MongoState) -> Iterator[Metric]:
+    """The deployment's start (as doctor has it); no series while no worker has started."""
+    started = earliest_start(rstate.first_start, mstate.first_log)
+    if started is not None:
+        yield GaugeMetricFamily(
+            "mes_deployment_started_timestamp_seconds",
+            "When the first worker started, or the first update was logged if earlier (Unix time).",
+            started.timestamp(),
+        )
+
+
 def audit_metrics(report: dict[str, Any] | None) -> Iterator[Metric]:
-    """The last audit; a timestamp of 0 when there was none, so an age alert fires."""
+    """The last audit; a timestamp of 0 when there was none (MesAuditStale then counts from the start)."""
     report = report or {}
     started, finished = report.get("started_at"), report.get("finished_at")
     yield GaugeMetricFamily(

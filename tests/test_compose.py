@@ -77,7 +77,7 @@ def test_every_service_has_a_restart_policy_and_data_has_volumes(compose: dict[s
 
 def test_the_image_installs_the_package_and_runs_unprivileged() -> None:
     dockerfile = (REPO / "Dockerfile").read_text()
-    assert "pip install --no-cache-dir ." in dockerfile and "USER mes" in dockerfile
+    assert "pip install --no-cache-dir -c requirements.lock ." in dockerfile and "USER mes" in dockerfile
 
 
 def test_the_metrics_service_serves_on_all_interfaces_of_its_container_only(compose: dict[str, Any]) -> None:
@@ -104,6 +104,10 @@ def test_prometheus_and_grafana_are_an_optional_profile_fed_from_deploy(compose:
         for volume in svc[name]["volumes"]:
             source = volume.split(":")[0]
             assert not source.startswith("./") or (REPO / source).exists(), volume
-    scrape = yaml.safe_load((REPO / "deploy/prometheus/prometheus.yml").read_text())["scrape_configs"][0]
-    assert scrape["static_configs"][0]["targets"] == ["metrics:9808"]
+    config = yaml.safe_load((REPO / "deploy/prometheus/prometheus.yml").read_text())
+    assert config["scrape_configs"][0]["static_configs"][0]["targets"] == ["metrics:9808"]
+    # The config names its rule file relative to itself: the directory is mounted whole.
+    assert "./deploy/prometheus:/etc/prometheus:ro" in svc["prometheus"]["volumes"]
+    assert "--config.file=/etc/prometheus/prometheus.yml" in svc["prometheus"]["command"]
+    assert all((REPO / "deploy/prometheus" / rules).is_file() for rules in config["rule_files"])
     assert {"prometheus-data", "grafana-data"} <= set(compose["volumes"])

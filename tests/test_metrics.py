@@ -11,7 +11,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +26,17 @@ from prometheus_client.parser import text_string_to_metric_families
 from conftest import REPO, TEST_ENV, make_work_orders, wait_until
 from devtools.devserver import free_port
 from mes_tasks.db import Mongo
-from mes_tasks.keys import apply_histogram_key, lease_key, pause_key, takeovers_key, update_counts_key
+from mes_tasks.keys import (
+    apply_histogram_key,
+    first_start_key,
+    lease_key,
+    pause_key,
+    takeovers_key,
+    update_counts_key,
+)
 from mes_tasks.ledger import Ledger
 from mes_tasks.metrics import DEAD_LETTERED, RETRIED, Tally, bucket_of, registry_for
-from mes_tasks.models import FailedUpdate, OutboxMessage, WorkOrder, utcnow
+from mes_tasks.models import FailedUpdate, OutboxMessage, QuantityLog, WorkOrder, utcnow
 from mes_tasks.names import UPDATE_QUANTITY
 from mes_tasks.producer import submit_quantity_update
 from mes_tasks.reports import audit_and_report
@@ -168,6 +175,19 @@ def test_take_overs_are_the_workers_count_and_no_lease_is_no_active_consumer(
     assert value(got, "mes_workorder_active_consumer") == 0
 
 
+def test_the_deployment_starts_at_the_first_workers_start_or_an_earlier_first_log(
+    registry: CollectorRegistry, redis_client: redis.Redis, settings: Settings
+) -> None:
+    started = "mes_deployment_started_timestamp_seconds"
+    assert (started, frozenset()) not in scrape(registry)  # no worker has started here yet
+    redis_client.set(first_start_key(settings.key_prefix), "1700000000")  # as the first worker writes it
+    assert value(scrape(registry), started) == 1700000000
+    earlier = datetime.fromtimestamp(1600000000, UTC)  # logs older than the key: an upgraded deployment
+    QuantityLog(request_id="r", work_order_id="WO", kind="input", quantity=1, value_after=1, epoch=1,
+                created_at=earlier).save()  # fmt: skip
+    assert value(scrape(registry), started) == 1600000000
+
+
 def test_a_message_without_an_outbox_entry_ages_from_when_the_scrape_first_saw_it(
     registry: CollectorRegistry, redis_client: redis.Redis
 ) -> None:
@@ -290,6 +310,7 @@ def test_every_series_the_alert_rules_and_the_dashboard_use_is_exported(
     assert tally.flush(redis_client, prefix)
     FailedUpdate(request_id="r", task_name=UPDATE_QUANTITY, error_code="UNKNOWN_WORK_ORDER").save()
     redis_client.set(lease_key(prefix), "host-a:41:w/abc", px=3000)
+    redis_client.set(first_start_key(prefix), f"{time.time():.0f}")  # a worker has started
     exported = {name for name, _ in scrape(registry)}
     rules, panels = rule_exprs(), dashboard_exprs()
     assert len(rules) >= 8 and len(panels) >= 10
@@ -311,7 +332,7 @@ def test_every_alert_has_a_summary_a_severity_and_a_duration() -> None:
 
 def test_prometheus_scrapes_the_metrics_service_and_loads_the_rules() -> None:
     config = yaml.safe_load((REPO / "deploy/prometheus/prometheus.yml").read_text())
-    assert config["rule_files"] == ["/etc/prometheus/rules.yml"]
+    assert config["rule_files"] == ["rules.yml"]  # beside the config, in a checkout and in compose
     job = next(j for j in config["scrape_configs"] if j["job_name"] == "mes_tasks")
     assert job["static_configs"][0]["targets"] == ["metrics:9808"]
     assert job["metrics_path"] == "/metrics"
