@@ -9,7 +9,7 @@ delivered again keeps its delivery tag; that time tells one delivery from the ne
 from __future__ import annotations
 
 import json
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from typing import Any
 
 import kombu.exceptions
@@ -59,13 +59,19 @@ def held_task_ids(channel: Any, queues: str | Sequence[str]) -> set[str]:
 def in_flight_by_queue(client: Any, unacked_key: str = "unacked") -> dict[str, int]:
     """Delivered, unacknowledged messages per queue (their routing key)."""
     counts: dict[str, int] = {}
-    for raw in client.hvals(unacked_key):
+    for routing_key in routing_keys(client.hvals(unacked_key)):
+        counts[routing_key] = counts.get(routing_key, 0) + 1
+    return counts
+
+
+def routing_keys(unacked_values: Iterable[Any]) -> Iterator[str]:
+    """The routing key (queue) of each of kombu's ``unacked`` hash values; unreadable ones left out."""
+    for raw in unacked_values:
         try:
             _, _, routing_key = json.loads(raw)
-        except ValueError:
+        except (ValueError, TypeError):
             continue
-        counts[str(routing_key)] = counts.get(str(routing_key), 0) + 1
-    return counts
+        yield str(routing_key)
 
 
 def unacked_of(client: Any, channel: Any, *queues: str) -> Iterator[tuple[Any, dict[str, Any]]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -18,9 +19,11 @@ from pymongo.errors import OperationFailure
 from mes_tasks import db
 from mes_tasks.deployment import deployment_started
 from mes_tasks.errors import MesError
+from mes_tasks.keys import lease_key, pause_key
 from mes_tasks.models import ALL_MODELS, AuditReport, FailedUpdate, QuantityLog, utcnow
 from mes_tasks.names import AUDIT_WORK_ORDERS, WORKORDER_QUEUE
 from mes_tasks.partitions import queue_names
+from mes_tasks.queues import in_use
 from mes_tasks.settings import Settings, mask_secrets, mask_url
 from mes_tasks.status import consumers, pause_state
 
@@ -30,6 +33,7 @@ FLOWER_PROBE_PATH = "/api/workers"  # guarded by --basic-auth; /healthcheck and 
 SOLO_POOL = "celery.concurrency.solo:TaskPool"
 MONGOS = "isdbgrid"  # the ``msg`` of a mongos's ``hello`` reply
 TRANSACTION_COLLECTIONS = ("work_orders", "quantity_logs")  # one update's transaction writes both
+UNCONSUMED_GRACE_S = 3.0  # a queue without a holder is looked at again this much later
 
 
 @dataclass(frozen=True)
@@ -325,6 +329,44 @@ def _one_consumer(ctx: Context, queue: str, workers: list[str], paused: dict[str
     return Check(OK, name, f"exactly one, {workers[0]}, solo pool")
 
 
+def check_unconsumed(ctx: Context) -> list[Check]:
+    """No workorder queue (current, or a leftover of another N) keeps updates waiting with no holder.
+
+    A queue seen so is looked at again ``UNCONSUMED_GRACE_S`` later: a hand-over or a take-over
+    in progress leaves it free for a moment.
+    """
+    if ctx.redis is None:
+        return []
+    first = _unconsumed(ctx.redis, ctx.settings)
+    if first:
+        time.sleep(UNCONSUMED_GRACE_S)
+    still = {q: n for q, n in _unconsumed(ctx.redis, ctx.settings).items() if q in first}
+    if not still:
+        return [Check(OK, "every queue consumed", "no workorder queue waits without a holder")]
+    waiting = ", ".join(f"{q} ({n} waiting)" for q, n in still.items())
+    fix = (
+        f"start a workorder worker (on any MES_PARTITIONS, it takes them), or pin one: -Q {next(iter(still))}"
+    )
+    return [
+        Check(FAIL, "every queue consumed", f"no worker holds {waiting} for {UNCONSUMED_GRACE_S:g}s", fix)
+    ]
+
+
+def _unconsumed(client: redis.Redis, settings: Settings) -> dict[str, int]:
+    """Workorder queues in use with messages waiting, no lease holder and no pause; their lengths."""
+    queues = in_use(client, settings.partitions)
+    pipe = client.pipeline(transaction=False)
+    for queue in queues:
+        pipe.llen(queue)
+        pipe.exists(lease_key(settings.key_prefix, queue))
+        pipe.exists(pause_key(settings.key_prefix), pause_key(settings.key_prefix, queue))
+    replies = pipe.execute()
+    rows = [replies[i : i + 3] for i in range(0, len(replies), 3)]
+    return {
+        q: int(n) for q, (n, held, paused) in zip(queues, rows, strict=True) if n and not held and not paused
+    }
+
+
 def check_audit(ctx: Context) -> list[Check]:
     entry = next((e for e in ctx.app.conf.beat_schedule.values() if e.get("task") == AUDIT_WORK_ORDERS), None)
     schedule = None if entry is None else maybe_schedule(entry["schedule"], app=ctx.app)
@@ -443,6 +485,7 @@ CHECKS: list[Callable[[Context], list[Check]]] = [
     check_indexes,
     check_timing,
     check_consumers,
+    check_unconsumed,
     check_audit,
     check_flower_auth,
     check_serializer,

@@ -15,8 +15,10 @@ Key patterns:
     {prefix}lease:workorder.{i}    with MES_PARTITIONS > 1: the lease of partition i (and of a
     {prefix}lease:workorder.{i}:owner  leftover queue), its last holder's process id, and
     {prefix}pause:workorder.{i}    its own pause (``pause:workorder`` pauses them all)
-    {prefix}members:workorder      hash, owner id -> epoch ms its membership expires: the live
-                                   workers sharing the partitions, for each one's fair share
+    {prefix}members:workorder      hash, owner id -> JSON ``{"until": epoch ms its membership
+                                   expires, "n": its MES_PARTITIONS, "pinned": [queues]}``
+                                   (a bare epoch ms from an older release): every worker's
+                                   shared view of the queues (``sharing``)
     {prefix}handed:workorder       hash, kombu delivery tag -> JSON ``[queue, owner id, delivered
                                    at]``: a message (a retry on its countdown) that a worker still
                                    held of a partition it handed over; restored by that worker once

@@ -40,16 +40,12 @@ tick, and when it takes the lease: while it is set, nobody consumes ``workorder`
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import math
-import os
 import socket
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Collection
 from contextlib import suppress
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import redis
@@ -58,26 +54,20 @@ from celery import bootsteps
 from mes_tasks import db, sessions
 from mes_tasks.broker import delivered_tags, delivery_times, restore_delivery, unacked_of
 from mes_tasks.errors import LockBusy, MesError, RedisUnavailable
-from mes_tasks.keys import (
-    handed_key,
-    lease_key,
-    lease_owner_key,
-    lock_key,
-    members_key,
-    pause_key,
-    takeovers_key,
-)
+from mes_tasks.handover import handed_due, handed_entries, liveness, note_handed
+from mes_tasks.keys import handed_key, lease_key, lease_owner_key, lock_key, pause_key, takeovers_key
 from mes_tasks.locks import _RELEASE, TOKEN_SEP, RedisLock, owner_id
 from mes_tasks.names import WORKORDER_QUEUE
-from mes_tasks.partitions import index_of, is_workorder_queue, queue_names
-from mes_tasks.queues import leftovers
+from mes_tasks.owners import holder_is_dead, owner_of
+from mes_tasks.partitions import index_of, is_workorder_queue
 from mes_tasks.settings import get_settings
+from mes_tasks.sharing import ORPHAN_GRACE_S, Member, Roster, View, plan, ring, view_of
 
 log = logging.getLogger(__name__)
 
 QUEUE = WORKORDER_QUEUE
 LEASE_POLL_S = 0.5  # how often a standby tries to take the lease (and the active checks it)
-LEFTOVER_EVERY = 10  # ticks between looks for leftover queues (MES_PARTITIONS changed)
+IN_FLIGHT_EVERY = 4  # ticks between reads of kombu's unacked hash for queues with messages in flight
 _STEP: list[SingleActiveConsumer] = []  # this worker's step, once it started on workorder
 
 
@@ -113,46 +103,12 @@ class Lease(RedisLock):
         token = self.client.get(self.key)
         if not token or not holder_is_dead(str(token)):
             return False
-        log.warning("the %s lease holder %s is not running any more: taking over", QUEUE, _owner_of(token))
+        log.warning("the %s lease holder %s is not running any more: taking over", QUEUE, owner_of(token))
         return bool(self.client.eval(_RELEASE, 1, self.key, token))
 
     @property
     def held(self) -> bool:
         return self.watchdog.watching(self) and self.lost_reason is None and self.fresh()
-
-
-def holder_is_dead(token: str) -> bool:
-    """Whether a token's owner (``host:pid:tag``) is a process of this host that has ended.
-
-    The same pid with another tag is a previous incarnation (a container restarted with
-    the same pid); a pid that was reused by an unrelated process only costs the wait for
-    the lease to expire.
-    """
-    owner = _owner_of(token)
-    host, _, pid = owner.rpartition(":")[0].rpartition(":")  # "host:pid:tag"
-    if not host or not pid.isdigit() or host != socket.gethostname() or owner == owner_id():
-        return False
-    return int(pid) == os.getpid() or not _running(int(pid))
-
-
-def _owner_of(token: Any) -> str:
-    return str(token).split(TOKEN_SEP, 1)[0]
-
-
-def _running(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    except OSError:  # no /proc here: ask the kernel
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
-    return stat.rpartition(")")[2].split()[0] not in ("Z", "X")  # a zombie has ended
 
 
 def restore_unacked(channel: Any, queue: str = QUEUE, keep: Collection[str] = ()) -> int:
@@ -172,90 +128,6 @@ def restore_unacked(channel: Any, queue: str = QUEUE, keep: Collection[str] = ()
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
-
-
-@dataclass(frozen=True)
-class Handed:
-    """A message its holder still held of a queue it handed over (``keys.handed_key``)."""
-
-    queue: str
-    holder: str  # owner id
-    delivered_at: float  # kombu's delivery time: this delivery, not a later one
-
-
-def note_handed(client: redis.Redis, prefix: str, queue: str, times: dict[str, float]) -> None:
-    """Record that this process still holds the deliveries ``times`` (tag -> time) of ``queue``."""
-    if times:
-        me = owner_id()
-        fields = {tag: json.dumps([queue, me, at]) for tag, at in times.items()}
-        client.hset(handed_key(prefix), mapping=fields)  # type: ignore[arg-type]
-
-
-def handed_entries(client: redis.Redis, prefix: str) -> dict[str, Handed]:
-    """The handed record, tag -> entry; unreadable entries are left out."""
-    entries: dict[str, Handed] = {}
-    for tag, raw in client.hgetall(handed_key(prefix)).items():
-        try:
-            queue, holder, at = json.loads(raw)
-            entries[_text(tag)] = Handed(str(queue), str(holder), float(at))
-        except (ValueError, TypeError):
-            continue
-    return entries
-
-
-def handed_due(
-    entries: dict[str, Handed],
-    me: str,
-    mine: Collection[str],
-    held: Collection[str],
-    alive: Callable[[str], bool],
-) -> list[str]:
-    """The handed-over deliveries nobody runs any more, to be restored now (and forgotten).
-
-    Args:
-        entries: the handed record.
-        me: this worker's owner id.
-        mine: the tags this worker holds now (delivered, unacknowledged).
-        held: the queues this worker holds the lease of.
-        alive: whether a worker (owner id) is alive.
-
-    Returns:
-        This worker's own entries that it no longer holds (acknowledged, handed back, or
-        dropped with a lost connection), and another worker's entries of a queue this one
-        holds once that worker is dead.
-    """
-    return [
-        tag
-        for tag, entry in entries.items()
-        if (entry.holder == me and tag not in mine)
-        or (entry.holder != me and entry.queue in held and not alive(entry.holder))
-    ]
-
-
-def liveness(client: redis.Redis, prefix: str) -> Callable[[str], bool]:
-    """Whether a worker (owner id) is alive: an unexpired member, and not a process of this host
-    that has ended. The members hash is read once, on first use."""
-    live: list[set[str]] = []
-
-    def alive(owner: str) -> bool:
-        if not live:
-            now_ms = time.time() * 1000
-            members = client.hgetall(members_key(prefix))
-            live.append({_text(m) for m, raw in members.items() if _member_until_ms(raw) > now_ms})
-        return owner in live[0] and not holder_is_dead(owner)
-
-    return alive
-
-
-def _member_until_ms(raw: Any) -> float:
-    """The expiry of a members-hash entry: a bare epoch ms, or JSON with ``until``."""
-    try:
-        value = json.loads(raw)
-    except (ValueError, TypeError):
-        return 0.0
-    if isinstance(value, dict):
-        value = value.get("until")
-    return float(value) if isinstance(value, int | float) else 0.0
 
 
 # Delete a lock whose token names the given owner ("<owner_id>/...").
@@ -297,11 +169,6 @@ def _consuming(c: Any, queue: str = QUEUE) -> bool:
     return queue in _consumed(c)
 
 
-def fair_share(queues: int, members: int) -> int:
-    """How many of ``queues`` each of ``members`` live workers holds at most."""
-    return max(1, math.ceil(queues / max(1, members)))
-
-
 @dataclass
 class Slot:
     """A workorder queue this worker may consume, and its lease."""
@@ -334,7 +201,9 @@ class SingleActiveConsumer(bootsteps.StartStopStep):  # type: ignore[misc]
         self.timer_entry: Any = None
         self.mongo: db.Mongo | None = None
         self.ticks = 0
-        self.leftovers: list[str] = []  # workorder queues outside N that still hold messages
+        self.roster: Roster | None = None
+        self.in_flight: set[str] = set()  # workorder queues with messages in flight, as last read
+        self.free_since: dict[str, float] = {}  # free queue with messages -> monotonic time first seen
 
     # -- compatibility: the one slot of MES_PARTITIONS=1 ------------------------------------
 
@@ -364,6 +233,7 @@ class SingleActiveConsumer(bootsteps.StartStopStep):  # type: ignore[misc]
                 settings.partitions,
             )
             self.mongo = self.mongo or db.mongo_client(settings)
+            self.roster = Roster(self.client, self.prefix)
             _STEP[:] = [self]
             for queue in _consumed(c) & self.eligible:
                 c.cancel_task_queue(queue)  # until its lease is ours and no pause is in force
@@ -388,24 +258,14 @@ class SingleActiveConsumer(bootsteps.StartStopStep):  # type: ignore[misc]
             if is_workorder_queue(queue) and not self.holds(queue):  # add_consumer on a standby
                 log.warning("standby: not consuming %s without the lease", queue)
                 c.cancel_task_queue(queue)
-        wanted = self._wanted()
-        for slot in [s for s in self.slots.values() if s.active and s.queue not in wanted]:
-            self._hand_over(c, slot)  # a leftover that has drained: it must not fill the share
-        share = len(wanted) if self._pinned() else fair_share(len(wanted), self._members())
-        held = [s for s in self.slots.values() if s.active]
-        if len(held) > share:
-            self._hand_over(c, held[-1])  # one a tick: the others take it as they look
-        for queue in wanted:
-            if sum(s.active for s in self.slots.values()) >= share:
-                break
-            slot = self._slot(queue)
-            if not slot.active and slot.lease.try_acquire():
-                self._take_over(c, slot)
+        if self._pinned():
+            self._hold_pinned(c)
+        else:
+            self._share(c)
         for slot in self.slots.values():
             if slot.active:
                 self._honour_pause(c, slot)
-        if self.partitions > 1:
-            self._restore_handed(c)
+        self._restore_handed(c)
 
     def _pinned(self) -> bool:
         return QUEUE not in self.eligible
@@ -416,50 +276,66 @@ class SingleActiveConsumer(bootsteps.StartStopStep):  # type: ignore[misc]
             self.slots[queue] = Slot(queue, Lease(self.client, lease_key(self.prefix, queue), self.ttl_s))
         return self.slots[queue]
 
-    def _wanted(self) -> list[str]:
-        """The queues this worker may hold, in the order it tries them."""
-        if self._pinned():
-            return sorted(self.eligible, key=lambda q: index_of(q) or 0)
-        queues = queue_names(self.partitions)
-        if self.partitions == 1:
-            return queues
-        if self.ticks % LEFTOVER_EVERY == 1:
-            self.leftovers = self._find_leftovers()
-        held = [q for q in queues if q in self.slots and self.slots[q].active]
-        start = sum(map(ord, owner_id())) % len(queues)  # workers try the partitions in different orders
-        ring = queues[start:] + queues[:start]
-        return held + [q for q in ring if q not in held] + [q for q in self.leftovers if q not in queues]
+    def _member(self) -> Member:
+        until_ms = int((time.time() + self.ttl_s) * 1000)
+        pinned = tuple(sorted(self.eligible, key=lambda q: index_of(q) or 0)) if self._pinned() else ()
+        return Member(owner_id(), until_ms, self.partitions, pinned)
 
-    leftovers: list[str] = []
+    def _hold_pinned(self, c: Any) -> None:
+        """A worker started on ``workorder.{i}`` queues holds those, and says so to the others."""
+        assert self.roster is not None
+        with suppress(redis.RedisError):
+            self.roster.renew(self._member())  # the automatic workers leave its queues to it
+        for queue in sorted(self.eligible, key=lambda q: index_of(q) or 0):
+            slot = self._slot(queue)
+            if not slot.active and slot.lease.try_acquire():
+                self._take_over(c, slot)
 
-    def _find_leftovers(self) -> list[str]:
-        """Workorder queues outside the current N with messages waiting or in flight (N changed).
-
-        In flight counts: a leftover whose holder died with its last message unacknowledged
-        is taken over, and the message restored, instead of waiting out the visibility timeout.
-        """
-        assert self.client is not None
+    def _share(self, c: Any) -> None:
+        """Take and give queues by the view every automatic worker shares (``sharing``)."""
         try:
-            return leftovers(self.client, self.partitions)
-        except (RedisUnavailable, redis.RedisError):
-            return self.leftovers
+            view, holders, waiting = self._look()
+        except (redis.RedisError, RedisUnavailable) as exc:
+            self._drop_idle_connections(exc)
+            return  # keep what we hold until Redis answers
+        for slot in [s for s in self.slots.values() if s.active and s.queue not in view]:
+            self._hand_over(c, slot)  # pinned by another worker, or a leftover that drained
+        me, held = owner_id(), [q for q, s in self.slots.items() if s.active]
+        moves = plan(view, me, holders, self._orphans(holders, waiting), ring(view.queues, me, held))
+        if moves.give is not None:
+            self._hand_over(c, self.slots[moves.give])  # one a tick: the others take it as they look
+        for queue in moves.take:
+            slot = self._slot(queue)
+            if not slot.active and slot.lease.try_acquire():
+                self._take_over(c, slot)
 
-    def _members(self) -> int:
-        """Live workers sharing the partitions (this one included); 1 with one partition."""
-        if self.partitions == 1 or self.client is None:
-            return 1
-        key, now_ms = members_key(self.prefix), int(time.time() * 1000)
-        try:
-            pipe = self.client.pipeline(transaction=False)
-            pipe.hset(key, owner_id(), now_ms + int(self.ttl_s * 1000))
-            pipe.hgetall(key)
-            _, members = pipe.execute()
-            expired = [m for m, until in members.items() if int(until) < now_ms]
-            if expired:
-                self.client.hdel(key, *expired)
-        except redis.RedisError:
-            return 1 + sum(s.active for s in self.slots.values())  # keep what we hold
-        return max(1, len(members) - len(expired))
+    def _look(self) -> tuple[View, dict[str, str | None], set[str]]:
+        """The shared view, who holds each of its queues, and which queues have messages waiting."""
+        assert self.roster is not None
+        look = self.roster.look(self._member(), in_flight=self.ticks % IN_FLIGHT_EVERY == 1)
+        if look.in_flight is not None:
+            self.in_flight = look.in_flight
+        members = [m for m in look.members if not holder_is_dead(m.owner)]
+        view = view_of(members, look.waiting | self.in_flight)
+        # A holder whose process on this host has ended holds nothing: try_acquire takes it at once.
+        holders = {
+            q: None if o is None or holder_is_dead(o) else o for q, o in look.holders.items() if q in view
+        }
+        return view, holders, look.waiting
+
+    def _drop_idle_connections(self, exc: Exception) -> None:
+        """After a read timed out, close the idle pooled connections: a Redis gone silent leaves
+        every one of them silent, and each would cost the next ticks one more socket timeout."""
+        if isinstance(exc, redis.TimeoutError | RedisUnavailable) and self.client is not None:
+            with suppress(Exception):
+                self.client.connection_pool.disconnect(inuse_connections=False)
+
+    def _orphans(self, holders: dict[str, str | None], waiting: set[str]) -> set[str]:
+        """Queues with messages waiting that have had no holder for ``ORPHAN_GRACE_S``."""
+        now = time.monotonic()
+        free = {q for q, owner in holders.items() if owner is None and q in waiting}
+        self.free_since = {q: self.free_since.get(q, now) for q in free}
+        return {q for q, since in self.free_since.items() if now - since >= ORPHAN_GRACE_S}
 
     def _take_over(self, c: Any, slot: Slot) -> None:
         assert self.client is not None
@@ -601,8 +477,8 @@ class SingleActiveConsumer(bootsteps.StartStopStep):  # type: ignore[misc]
                 with suppress(RedisUnavailable):
                     slot.lease.release()  # a standby can take over at once
             slot.active, slot.paused = False, None
-        if self.client is not None and self.partitions > 1:
+        if self.roster is not None:
             with contextlib.suppress(redis.RedisError):
-                self.client.hdel(members_key(self.prefix), owner_id())
+                self.roster.leave(owner_id())
 
     shutdown = stop

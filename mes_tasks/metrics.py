@@ -16,7 +16,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -45,7 +45,7 @@ from mes_tasks.keys import (
 from mes_tasks.models import AuditReport, FailedUpdate, OutboxMessage
 from mes_tasks.names import AUDIT_QUEUE, QUEUES, UPDATE_QUANTITY, WORKORDER_QUEUE
 from mes_tasks.outbox import SENT, SPOOLED
-from mes_tasks.partitions import queue_names, relayed_queues
+from mes_tasks.partitions import every_queue, queue_names
 from mes_tasks.status import UNACKED_KEY
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,9 @@ class Tally:
         counts, histogram = self.counts, self.histogram
         self.counts, self.histogram = Counter(), Counter()
         try:
-            pipe = client.pipeline(transaction=False)
+            # MULTI/EXEC: a connection lost part-way applies nothing, so keeping the whole
+            # tally for the next flush never counts a field twice.
+            pipe = client.pipeline(transaction=True)
             for field, n in counts.items():
                 pipe.hincrby(update_counts_key(prefix), field, n)
             for field, x in histogram.items():
@@ -107,6 +109,11 @@ class Tally:
                     pipe.hincrby(apply_histogram_key(prefix), field, int(x))
             pipe.execute()
             return True
+        except redis.ResponseError:
+            # Redis ran the transaction and refused a command (a field that is not a number):
+            # the others counted; kept, they would count twice.
+            log.warning("outcome counts refused in part by Redis; %d dropped", counts.total(), exc_info=True)
+            return False
         except Exception:
             # Usually Redis down, nothing applied: kept for the next flush. (A flush applied
             # with its answer lost counts twice, which a statistic can bear better than loss.)
@@ -130,6 +137,7 @@ class RedisState:
     heads: dict[str, list[str]]  # queue -> task id of the oldest message of each priority list
     unacked: int
     paused: bool
+    paused_queues: dict[str, bool]  # per workorder queue: its own pause, or the pause of all
     unrecorded: int
     counts: dict[str, int]
     histogram: dict[str, float]
@@ -178,17 +186,21 @@ def read_redis(
         pipe.get(first_start_key(prefix))
         for queue in leased:
             pipe.get(lease_key(prefix, queue))
+        for queue in leased:
+            pipe.exists(pause_key(prefix, queue))
         replies = pipe.execute()
     n = 2 * len(PRIORITY_STEPS)
     per_queue = {q: replies[i * n : (i + 1) * n] for i, q in enumerate(queues)}
     rest = replies[len(queues) * n :]
-    unacked, paused, unrecorded, counts, hist, owner, takeovers, first_start, *tokens = rest
+    unacked, paused, unrecorded, counts, hist, owner, takeovers, first_start, *leases = rest
+    tokens, own_pauses = leases[: len(leased)], leases[len(leased) :]
     token = tokens[0] if len(leased) == 1 else None
     return RedisState(
         waiting={q: sum(r[0::2]) for q, r in per_queue.items()},
         heads={q: [_task_id(raw) for raw in r[1::2] if raw] for q, r in per_queue.items()},
         unacked=int(unacked),
         paused=bool(paused),
+        paused_queues={q: bool(paused or own) for q, own in zip(leased, own_pauses, strict=True)},
         unrecorded=int(unrecorded or 0),
         counts={k: int(v) for k, v in counts.items()},
         histogram={k: float(v) for k, v in hist.items()},
@@ -247,16 +259,20 @@ class MesCollector(Collector):
     def __init__(self, client: redis.Redis, prefix: str, partitions: int = 1) -> None:
         self.redis = client
         self.prefix = prefix
-        self.leased = queue_names(partitions)
-        self.queues = [*relayed_queues(partitions), AUDIT_QUEUE]
+        self.current = queue_names(partitions)
+        self.leased = every_queue()  # leftovers of another N too: whoever fills them, they are counted
+        self.queues = [*self.leased, AUDIT_QUEUE]
         self._lock = threading.Lock()
         self._first_seen: dict[str, float] = {}  # head task id without an outbox entry -> when seen
+        self._unconsumed_since: dict[str, float] = {}  # queue with messages and no holder -> first seen
 
     def collect(self) -> Iterator[Metric]:
         started = time.monotonic()
         now = time.time()
         up = GaugeMetricFamily("mes_store_up", "1 when the scrape could read the store.", labels=["store"])
         rstate = self._try(read_redis, self.redis, self.prefix, self.queues, self.leased)
+        if rstate is not None:
+            rstate = in_use(rstate, self.current)
         up.add_metric(["redis"], rstate is not None)
         heads = [] if rstate is None else [i for ids in rstate.heads.values() for i in ids]
         mstate = self._try(read_mongo, heads)
@@ -288,6 +304,17 @@ class MesCollector(Collector):
         yield from counter_metrics(state)
         yield from queue_metrics(state, self._head_ages(state, mongo, now))
         yield from lease_metrics(state)
+        yield unconsumed_metric(self._unconsumed(state, now))
+
+    def _unconsumed(self, state: RedisState, now: float) -> dict[str, float]:
+        """Per workorder queue, seconds it has had messages waiting, no lease holder and no pause."""
+        idle = {
+            q
+            for q, token in state.lease_tokens.items()
+            if token is None and state.waiting.get(q) and not state.paused_queues.get(q)
+        }
+        self._unconsumed_since = {q: self._unconsumed_since.get(q, now) for q in idle}
+        return {q: now - self._unconsumed_since.get(q, now) if q in idle else 0.0 for q in state.lease_tokens}
 
     def _head_ages(self, state: RedisState, mongo: MongoState | None, now: float) -> dict[str, float]:
         """Age of each queue's oldest message: from its outbox entry, else since this process saw it."""
@@ -367,7 +394,43 @@ def queue_metrics(state: RedisState, ages: dict[str, float]) -> Iterator[Metric]
     yield GaugeMetricFamily(
         "mes_broker_unacked", "Messages delivered and not yet acknowledged (all queues).", state.unacked
     )
-    yield GaugeMetricFamily("mes_workorder_paused", "1 while `queue pause` is in force.", state.paused)
+    yield GaugeMetricFamily(
+        "mes_workorder_paused", "1 while `queue pause` (of every queue) is in force.", state.paused
+    )
+    paused = GaugeMetricFamily(
+        "mes_queue_paused",
+        "1 while this workorder queue is paused (its own pause, or of all).",
+        labels=["queue"],
+    )
+    for queue, on in state.paused_queues.items():
+        paused.add_metric([queue], on)
+    yield paused
+
+
+def unconsumed_metric(seconds: dict[str, float]) -> Metric:
+    family = GaugeMetricFamily(
+        "mes_queue_unconsumed_seconds",
+        "How long this workorder queue has had messages waiting, no lease holder and no pause (0: consumed).",
+        labels=["queue"],
+    )
+    for queue, s in seconds.items():
+        family.add_metric([queue], s)
+    return family
+
+
+def in_use(state: RedisState, current: Sequence[str]) -> RedisState:
+    """The state of the current workorder queues, ``audit``, and any other that holds or is held."""
+    keep = {q for q in state.waiting if q == AUDIT_QUEUE or q in current or state.waiting[q]}
+    keep |= {q for q, token in state.lease_tokens.items() if token is not None}
+    kept = [q for q in state.lease_tokens if q in keep]
+    return replace(
+        state,
+        waiting={q: n for q, n in state.waiting.items() if q in keep},
+        heads={q: ids for q, ids in state.heads.items() if q in keep},
+        lease_token=state.lease_tokens.get(WORKORDER_QUEUE) if kept == [WORKORDER_QUEUE] else None,
+        lease_tokens={q: state.lease_tokens[q] for q in kept},
+        paused_queues={q: state.paused_queues[q] for q in kept},
+    )
 
 
 def lease_metrics(state: RedisState) -> Iterator[Metric]:

@@ -17,17 +17,24 @@ from mes_tasks.partitions import every_queue, queue_names
 UNACKED_KEY = "unacked"  # kombu's hash of delivered, unacknowledged messages (all queues)
 
 
+def holding(client: Any, waiting: bool = True, in_flight: bool = True) -> list[str]:
+    """Every workorder queue, whatever N, with messages waiting (and/or) in flight."""
+    names = every_queue()
+    with redis_errors():
+        lengths = [0] * len(names)
+        if waiting:
+            pipe = client.pipeline(transaction=False)
+            for queue in names:
+                pipe.llen(queue)
+            lengths = pipe.execute()
+        delivered = in_flight_by_queue(client, UNACKED_KEY) if in_flight else {}
+    return [q for q, n in zip(names, lengths, strict=True) if n or delivered.get(q)]
+
+
 def leftovers(client: Any, partitions: int) -> list[str]:
     """Workorder queues outside ``partitions`` with messages waiting or in flight."""
     current = set(queue_names(partitions))
-    others = [q for q in every_queue() if q not in current]
-    with redis_errors():
-        pipe = client.pipeline(transaction=False)
-        for queue in others:
-            pipe.llen(queue)
-        lengths = pipe.execute()
-        in_flight = in_flight_by_queue(client, UNACKED_KEY)
-    return [q for q, n in zip(others, lengths, strict=True) if n or in_flight.get(q)]
+    return [q for q in holding(client) if q not in current]
 
 
 def in_use(client: Any, partitions: int) -> list[str]:

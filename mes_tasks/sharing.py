@@ -25,9 +25,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from mes_tasks.broker import routing_keys
 from mes_tasks.keys import lease_key, members_key
-from mes_tasks.locks import TOKEN_SEP
+from mes_tasks.owners import owner_of
 from mes_tasks.partitions import every_queue, index_of, queue_names
+
+UNACKED_KEY = "unacked"  # kombu's hash of delivered, unacknowledged messages (all queues)
 
 # A queue with messages and no holder for this long is taken by any worker, above its share:
 # two ticks, time for a worker under its share to take it first.
@@ -86,7 +89,12 @@ def view_of(members: Iterable[Member], busy: Iterable[str]) -> View:
     wanted = (current | set(busy)) - pinned
     queues = tuple(q for q in every_queue() if q in wanted)
     automatic = tuple(sorted(m.owner for m in live if m.automatic))
-    return View(queues, max(1, math.ceil(len(queues) / max(1, len(automatic)))), automatic)
+    return View(queues, fair_share(len(queues), len(automatic)), automatic)
+
+
+def fair_share(queues: int, members: int) -> int:
+    """How many of ``queues`` each of ``members`` live workers holds at most."""
+    return max(1, math.ceil(queues / max(1, members)))
 
 
 @dataclass
@@ -147,39 +155,62 @@ def ring(queues: Sequence[str], me: str, held: Iterable[str]) -> list[str]:
     return [*kept, *rest]
 
 
+@dataclass(frozen=True)
+class Look:
+    """What one tick read: the live members, and per workorder queue its messages and holder."""
+
+    members: list[Member]
+    waiting: set[str]  # queues with messages waiting
+    in_flight: set[str] | None  # queues with messages delivered, unacknowledged (None: not read)
+    holders: dict[str, str | None]  # every workorder queue -> owner id of its lease holder
+
+
 class Roster:
-    """The members hash and the leases, as one worker writes and reads them each tick."""
+    """The members hash, the queues and the leases, as one worker writes and reads them each tick."""
 
     def __init__(self, client: Any, prefix: str) -> None:
         self.client, self.prefix = client, prefix
 
-    def beat(self, me: Member) -> list[Member]:
-        """Renew this worker's entry; every live member (this one included).
+    def look(self, me: Member, in_flight: bool = False) -> Look:
+        """Renew this worker's entry and read everything a tick decides on, in one round trip.
+
+        One round trip, not one per question: a Redis gone silent costs a tick one socket
+        timeout, not one per read.
 
         Raises:
             redis.RedisError: Redis did not answer.
         """
-        key, now_ms = members_key(self.prefix), int(time.time() * 1000)
+        key, now_ms, queues = members_key(self.prefix), int(time.time() * 1000), every_queue()
         pipe = self.client.pipeline(transaction=False)
         pipe.hset(key, me.owner, me.encode())
         pipe.hgetall(key)
-        _, raw = pipe.execute()
+        pipe.mget([lease_key(self.prefix, q) for q in queues])
+        for queue in queues:
+            pipe.llen(queue)
+        if in_flight:
+            pipe.hvals(UNACKED_KEY)
+        _, raw, tokens, *rest = pipe.execute()
+        lengths, delivered = rest[: len(queues)], rest[len(queues) :]
+        return Look(
+            members=self._live(raw, now_ms),
+            waiting={q for q, n in zip(queues, lengths, strict=True) if n},
+            in_flight=set(routing_keys(delivered[0])) if delivered else None,
+            holders={q: None if t is None else owner_of(t) for q, t in zip(queues, tokens, strict=True)},
+        )
+
+    def _live(self, raw: dict[Any, Any], now_ms: int) -> list[Member]:
         entries = {_text(owner): decode(_text(owner), value) for owner, value in raw.items()}
         expired = [o for o, m in entries.items() if m is None or m.until_ms < now_ms]
         if expired:
-            self.client.hdel(key, *expired)
+            self.client.hdel(members_key(self.prefix), *expired)
         return [m for m in entries.values() if m is not None and m.until_ms >= now_ms]
+
+    def renew(self, me: Member) -> None:
+        """Renew this worker's entry only (a pinned worker reads nothing of the others)."""
+        self.client.hset(members_key(self.prefix), me.owner, me.encode())
 
     def leave(self, owner: str) -> None:
         self.client.hdel(members_key(self.prefix), owner)
-
-    def holders(self, queues: Sequence[str]) -> dict[str, str | None]:
-        """Queue -> owner id of its lease holder, None where nobody holds it."""
-        tokens = self.client.mget([lease_key(self.prefix, q) for q in queues]) if queues else []
-        return {
-            q: None if t is None else _text(t).split(TOKEN_SEP, 1)[0]
-            for q, t in zip(queues, tokens, strict=True)
-        }
 
 
 def _text(value: str | bytes) -> str:

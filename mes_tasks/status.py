@@ -46,7 +46,7 @@ def held_locks(client: redis.Redis, prefix: str) -> list[dict[str, Any]]:
 def consumers(app: Celery, timeout_s: float = INSPECT_TIMEOUT_S) -> dict[str, list[str]]:
     """Queue name -> workers that answered and consume it."""
     try:
-        replies = app.control.inspect(timeout=timeout_s).active_queues() or {}
+        replies = _active_queues(app, timeout_s)
     except Exception as exc:  # kombu raises its own OperationalError subclasses
         raise RedisUnavailable(f"cannot ask the workers: {exc}") from exc
     by_queue: dict[str, list[str]] = {}
@@ -54,6 +54,18 @@ def consumers(app: Celery, timeout_s: float = INSPECT_TIMEOUT_S) -> dict[str, li
         for queue in queues:
             by_queue.setdefault(queue["name"], []).append(worker)
     return by_queue
+
+
+def _active_queues(app: Celery, timeout_s: float) -> dict[str, Any]:
+    """``inspect active_queues``, asked twice when the first ask finds its connection dead.
+
+    A long-lived process keeps pooled broker connections; after a Redis restart the first
+    one it takes is closed by the server, and dropped: the second ask gets a fresh one.
+    """
+    try:
+        return app.control.inspect(timeout=timeout_s).active_queues() or {}
+    except (redis.ConnectionError, ConnectionError):
+        return app.control.inspect(timeout=timeout_s).active_queues() or {}
 
 
 def backlog(client: redis.Redis, queue: str = WORKORDER_QUEUE) -> int:

@@ -16,9 +16,9 @@ from devtools.faultproxy import FaultProxy
 from mes_tasks.db import Mongo
 from mes_tasks.errors import LockBusy
 from mes_tasks.keys import lease_key, lock_key, sessions_key
-from mes_tasks.lease import holder_is_dead
 from mes_tasks.locks import RedisLock, owner_id
 from mes_tasks.models import QuantityLog, WorkOrder
+from mes_tasks.owners import holder_is_dead
 from mes_tasks.producer import submit_quantity_update
 from mes_tasks.sessions import end_others
 from mes_tasks.tasks import relay_outbox
