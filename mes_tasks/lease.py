@@ -287,9 +287,7 @@ class SingleActiveConsumer(bootsteps.StartStopStep):  # type: ignore[misc]
         with suppress(redis.RedisError):
             self.roster.renew(self._member())  # the automatic workers leave its queues to it
         for queue in sorted(self.eligible, key=lambda q: index_of(q) or 0):
-            slot = self._slot(queue)
-            if not slot.active and slot.lease.try_acquire():
-                self._take_over(c, slot)
+            self._try_take(c, self._slot(queue))
 
     def _share(self, c: Any) -> None:
         """Take and give queues by the view every automatic worker shares (``sharing``)."""
@@ -305,9 +303,24 @@ class SingleActiveConsumer(bootsteps.StartStopStep):  # type: ignore[misc]
         if moves.give is not None:
             self._hand_over(c, self.slots[moves.give])  # one a tick: the others take it as they look
         for queue in moves.take:
-            slot = self._slot(queue)
-            if not slot.active and slot.lease.try_acquire():
-                self._take_over(c, slot)
+            self._try_take(c, self._slot(queue))
+
+    def _try_take(self, c: Any, slot: Slot) -> None:
+        """Take ``slot``'s lease and its predecessor's work; let the lease go if that fails.
+
+        A take-over that fails half-way (Redis or MongoDB gone silent) would otherwise
+        leave the lease held, and extended, by a worker that does not consume the queue.
+        """
+        if slot.active or not slot.lease.try_acquire():
+            return
+        try:
+            self._take_over(c, slot)
+        except Exception as exc:  # the next tick tries again, this worker or another
+            log.warning("could not take %s over (%s: %s): letting its lease go", slot.queue,
+                        type(exc).__name__, exc)  # fmt: skip
+            slot.active = False
+            with suppress(Exception):
+                slot.lease.release()
 
     def _look(self) -> tuple[View, dict[str, str | None], set[str]]:
         """The shared view, who holds each of its queues, and which queues have messages waiting."""

@@ -128,7 +128,18 @@ class Ledger:
             wait_s=s.lock_wait_s,
             extend_interval_s=s.lock_extend_interval_s,
             wanted_key=wanted_key(s.key_prefix, work_order_id),
+            on_wait=self._let_kept_go,
         )
+
+    def _let_kept_go(self) -> None:
+        """About to wait for a lock: let go of the ones this worker keeps.
+
+        Two workers holding one work order's updates (a change of N: its old and new
+        partition) may each keep the lock the other waits for; each would wait out
+        ``MES_LOCK_WAIT_S``. A worker that waits keeps nothing.
+        """
+        if self.kept is not None and len(self.kept):
+            log.info("waiting for a lock: letting go of %d kept lock(s)", self.kept.release_all())
 
     def apply(self, req: UpdateRequest, request_id: str, task_id: str | None = None) -> ApplyResult:
         """Apply one validated update exactly once.

@@ -11,6 +11,7 @@ import secrets
 import socket
 import threading
 import time
+from collections.abc import Callable
 from contextlib import suppress
 from types import TracebackType
 
@@ -80,8 +81,10 @@ class RedisLock:
         extend_interval_s: float | None = None,
         watchdog: Watchdog | None = None,
         wanted_key: str | None = None,
+        on_wait: Callable[[], object] | None = None,
     ) -> None:
         self.client = client
+        self.on_wait = on_wait  # called once when ``acquire`` has to wait (see ``ledger``)
         self.key = key
         self.ttl_ms = int(ttl_s * 1000)
         self.wait_s = wait_s
@@ -112,6 +115,8 @@ class RedisLock:
                     break
                 if time.monotonic() + pause > deadline:
                     raise LockBusy(f"lock {self.key} busy for {self.wait_s:g}s")
+                if not asked and self.on_wait is not None:
+                    self.on_wait()
                 asked = self._ask() or asked
                 time.sleep(pause)
                 pause = min(pause * 2, ACQUIRE_POLL_MAX_S)

@@ -287,3 +287,33 @@ def test_a_worker_that_stops_lets_go_of_its_kept_locks(
     worker.stop()
     assert released(), "a stopped worker left its lock for the TTL to expire"
     assert "released 1 kept work-order lock(s)" in worker.log()
+
+
+def test_two_keepers_each_waiting_for_a_lock_the_other_keeps_let_theirs_go_instead_of_timing_out(
+    mongo: Mongo, redis_client: redis.Redis, settings: Settings
+) -> None:
+    """A change of N puts one work order's updates in two queues, applied by two workers."""
+    make_work_orders(["WO-1", "WO-2"])
+    waiting = dataclasses.replace(settings, lock_wait_s=2.0)
+    first, second = (Ledger(mongo, redis_client, waiting, KeptLocks(60.0)) for _ in range(2))
+    apply(first, "a1", "WO-1")
+    apply(second, "b1", "WO-2")  # each keeps the lock the other is about to want
+    errors: list[Exception] = []
+
+    def cross(ledger: Ledger, request_id: str, wo: str) -> None:
+        try:
+            apply(ledger, request_id, wo)
+        except Exception as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=cross, args=(first, "a2", "WO-2")),
+               threading.Thread(target=cross, args=(second, "b2", "WO-1"))]  # fmt: skip
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert errors == []
+    assert [WorkOrder.objects.get(id=wo).input_qty for wo in ("WO-1", "WO-2")] == [2, 2]
+    for ledger in (first, second):
+        assert ledger.kept is not None
+        ledger.kept.release_all()

@@ -13,8 +13,10 @@ from test_partitions import expect_exact, holders, partitioned  # noqa: F401 - a
 
 from conftest import Worker, make_work_orders, wait_until
 from mes_tasks.keys import lease_key
+from mes_tasks.lease import SingleActiveConsumer
 from mes_tasks.partitions import every_queue
 from mes_tasks.producer import submit_quantity_update
+from mes_tasks.settings import Settings
 
 WOS = [f"M-{i:02d}" for i in range(16)]
 WATCH_S = 12.0
@@ -101,3 +103,24 @@ def test_a_pinned_worker_started_after_an_automatic_one_gets_its_partition(
     assert held["workorder.3"] == pid and pid not in (held[f"workorder.{i}"] for i in range(3)), held
     assert watch.worst_gap_s() < GOAL_S, f"unheld with updates waiting: {watch.worst}"
     expect_exact(watch.updates, timeout_s=60)
+
+
+class _ConsumerWithoutBroker:
+    """A Celery consumer whose broker connection is gone mid-take-over (only what the step reads)."""
+
+    @property
+    def connection(self) -> object:
+        raise ConnectionError("the broker connection went away")
+
+
+def test_a_take_over_that_fails_half_way_lets_the_lease_go_instead_of_holding_it_unconsumed(
+    mongo: Any, redis_client: redis.Redis, settings: Settings
+) -> None:
+    step = SingleActiveConsumer(parent=None)
+    step.client, step.mongo, step.prefix, step.ttl_s, step.partitions = (
+        redis_client, mongo, settings.key_prefix, settings.lease_ttl_s, 2)  # fmt: skip
+    step.eligible = {"workorder.0"}
+    slot = step._slot("workorder.0")
+    step._try_take(_ConsumerWithoutBroker(), slot)
+    assert not slot.active and redis_client.get(lease_key(settings.key_prefix, "workorder.0")) is None
+    assert not slot.lease.held  # its watchdog no longer extends it
