@@ -2,7 +2,7 @@
 
     python -m devtools.chaos [--repeat 3] [--seed 1] [--faults kill-standby,pause,...]
                               [--rate 20] [--work-orders 20] [--dup-share 0.1] [--updates N]
-                              [--recovery-wait 30] [--no-recovery-goal] [--sentinel]
+                              [--recovery-wait 30] [--no-recovery-goal] [--sentinel | --partitions N]
 
 Starts its own Redis (AOF) and SecantusDB, two workers on ``workorder`` (active and
 standby) with the project's default settings, reaching both stores through fault proxies,
@@ -22,6 +22,12 @@ fault's worst recovery was at most 5 s.
 ``--sentinel``: Redis is a Sentinel-managed primary and replica (``devtools.sentinel``)
 that everyone reaches through the Sentinels, with no Redis proxy: the faults of the
 proxied Redis give way to ``redis-failover`` (``chaosfaults.faults_for``).
+
+``--partitions N`` (N > 1): producers and three automatic workers on ``MES_PARTITIONS=N``,
+and the faults of ``chaospartitions.PARTITION_FAULTS`` (partition holders, changes of the
+fleet, Redis faults while retries wait on their countdown). A watch
+(``devtools.chaoswatch``) adds its own checks: every queue with waiting updates consumed
+again within 5 s, never by two workers at once.
 """
 
 from __future__ import annotations
@@ -43,7 +49,8 @@ import redis
 from pymongo import MongoClient
 from pymongo.errors import PyMongoError
 
-from devtools.chaosfaults import Run, faults_for, proxied_mongo_uri
+from devtools.chaosfaults import Fault, faults_for
+from devtools.chaospartitions import PARTITION_FAULTS
 from devtools.chaosreport import (
     Injection,
     Outcome,
@@ -55,6 +62,8 @@ from devtools.chaosreport import (
     verdict,
     worker_events,
 )
+from devtools.chaosrun import PARTITIONED_WORKERS, Run, proxied_mongo_uri
+from devtools.chaoswatch import Watch, charge
 from devtools.devserver import free_port, mongo_service, redis_service, secantus_uri
 from devtools.faultproxy import FaultProxy
 from devtools.load import scans
@@ -64,6 +73,14 @@ GAP_S = 2.0  # updates flow undisturbed this long before each injection
 RECOVERY_WAIT_S = 30.0
 FINAL_WAIT_FACTOR = 4  # after the last fault, wait this many recovery waits for the stragglers
 POLL_S = 0.2
+# mes_tasks.settings.MAX_PARTITIONS: importing mes_tasks configures its app from the environment,
+# which the run sets only once its stores are up.
+MAX_PARTITIONS = 64
+
+
+def faults_of(run: Run) -> dict[str, Fault]:
+    """The faults this run can inject: the partitioned run's, or the classic (or Sentinel) run's."""
+    return PARTITION_FAULTS if run.partitioned else faults_for(run.sentinel is not None)
 
 
 def produce(
@@ -124,17 +141,19 @@ def inject_all(run: Run, schedule: list[str], recovery_wait_s: float, applied: s
         time.sleep(GAP_S)
         with contextlib.suppress(PyMongoError):
             carried -= outcomes(run.db, carried).keys()
-        inj = Injection(key, time.time(), excluded=frozenset(excluded), pending_at_start=len(carried),
-                        problems=problems)  # fmt: skip
+        inj = Injection(key, time.time(), excluded=frozenset(excluded | run.aside),
+                        pending_at_start=len(carried), problems=problems)  # fmt: skip
         run.injections.append(inj)
         print(f"chaos: {time.strftime('%H:%M:%S')} [{n}/{len(schedule)}] {key}", file=sys.stderr, flush=True)
-        fault = faults_for(run.sentinel is not None)[key]
+        fault = faults_of(run)[key]
         try:
             fault.inject(run, inj)
         except Exception as exc:
             inj.problems.append(f"the injection failed: {type(exc).__name__}: {exc}")
         inj.ended = inj.ended or time.time()
         left = wait_settled(run, inj, max(recovery_wait_s, fault.goal_s + GAP_S), applied)
+        if run.partitioned:
+            inj.problems.extend(run.unexpected_exits())
         excluded |= left
         carried |= left
         said = f"{len(left)} update(s) still without an outcome" if left else "all settled"
@@ -143,19 +162,22 @@ def inject_all(run: Run, schedule: list[str], recovery_wait_s: float, applied: s
             print(f"chaos:   problem: {problem}", file=sys.stderr, flush=True)
 
 
-def verify(run: Run) -> tuple[list[Row], dict[str, int]]:
-    """One row per fault, and the totals."""
+def verify(run: Run, watch: Watch | None = None) -> tuple[list[Row], dict[str, int]]:
+    """One row per fault, and the totals; with a ``watch``, its consumption figures too."""
     from mes_tasks.audit import run_audit
     from mes_tasks.models import QuantityLog
 
     done: dict[str, Outcome] = outcomes(run.db)
     for inj, check in run.final_checks:
         inj.problems.extend(check())
-    faults = faults_for(run.sentinel is not None)
+    faults = faults_of(run)
     rows = {key: Row(key, fault.name, fault.goal_s) for key, fault in faults.items()}
     events = worker_events(w.log for w in run.workers)
     for inj in run.injections:
         add_injection(rows[inj.key], inj, run.db, run.sent, events, done)
+    if watch is not None:
+        whole = {key for key, fault in faults.items() if fault.whole}
+        charge(rows, run.injections, watch, whole, [w.log for w in run.workers])
     lost, dead, double = counting_errors(run.db, run.sent, done)
     failed = {d["request_id"] for d in run.db.failed_updates.find({}, {"request_id": 1})}
     totals = {
@@ -175,6 +197,9 @@ def verify(run: Run) -> tuple[list[Row], dict[str, int]]:
         "relay_errors": run.relay_errors,
         "outbox_spooled": run.db.outbox.count_documents({"state": {"$ne": "sent"}}),
     }
+    if watch is not None:
+        totals["double_consumers"] = len(watch.doubles)
+        totals["watch_samples"] = watch.samples
     if lost:
         print(f"chaos: lost {sorted(lost)[:20]}", file=sys.stderr, flush=True)
     return [r for r in rows.values() if r.injected], totals
@@ -244,9 +269,13 @@ def start_topology(topology: Topology) -> None:
 def run_chaos(args: argparse.Namespace, tmp: Path) -> int:
     stop = threading.Event()
     with stack(tmp, args.work_orders, args.sentinel) as run:
+        if args.partitions > 1:
+            run.fleet = PARTITIONED_WORKERS
+            run.set_producers(args.partitions)
         problems = run.ensure_workers()
         if problems:
             raise SystemExit(f"chaos: the workers did not come up: {problems}")
+        watch = start_watch(run) if run.partitioned else None
         schedule = [key for key in args.faults for _ in range(args.repeat)]
         random.Random(args.seed).shuffle(schedule)
         producing = threading.Event()  # production spans every fault, until the last has recovered
@@ -262,12 +291,26 @@ def run_chaos(args: argparse.Namespace, tmp: Path) -> int:
             producer.join()
         end = Injection("end", started=time.time(), ended=time.time())
         wait_settled(run, end, FINAL_WAIT_FACTOR * args.recovery_wait, applied)
-        rows, totals = verify(run)
+        if watch is not None:
+            watch.stop()
+        rows, totals = verify(run, watch)
         stop.set()
-    ok, lines = verdict(rows, totals, recovery_goal=args.recovery_goal)
-    print(table(rows, totals))
+    partitioned = args.partitions > 1
+    ok, lines = verdict(rows, totals, recovery_goal=args.recovery_goal, partitioned=partitioned)
+    print(table(rows, totals, partitioned=partitioned))
     print("\n".join(lines))
     return 0 if ok else 1
+
+
+def start_watch(run: Run) -> Watch:
+    """The watch on the queues, reading Redis directly and asking the workers as an operator would."""
+    from mes_tasks.app import app
+    from mes_tasks.status import consumers
+
+    def ask() -> dict[str, list[str]]:
+        return {q: [w.split("@")[0] for w in ws] for q, ws in consumers(app).items()}
+
+    return Watch(run.redis, run.describe_holder, ask).start()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -277,7 +320,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1, help="orders the injections and the updates")
     parser.add_argument("--faults", default=None,
                         help=f"comma-separated; default all: {','.join(faults_for(False))} "
-                             f"(with --sentinel: {','.join(faults_for(True))})")  # fmt: skip
+                             f"(with --sentinel: {','.join(faults_for(True))}; "
+                             f"with --partitions: {','.join(PARTITION_FAULTS)})")  # fmt: skip
     parser.add_argument("--rate", type=float, default=20.0, help="updates per second offered")
     parser.add_argument("--work-orders", type=int, default=20)
     parser.add_argument("--dup-share", type=float, default=0.1, help="share re-sent with the same request id")
@@ -285,11 +329,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recovery-wait", type=float, default=RECOVERY_WAIT_S,
                         help="seconds to wait for an injection's updates before going on")  # fmt: skip
     parser.add_argument("--no-recovery-goal", dest="recovery_goal", action="store_false",
-                        help="report recoveries over 5 s without failing the run")  # fmt: skip
+                        help="report recoveries (and, with --partitions, queues left unconsumed) over 5 s "
+                             "without failing the run")  # fmt: skip
     parser.add_argument("--sentinel", action="store_true",
                         help="Redis managed by Sentinels, with the redis-failover fault")  # fmt: skip
+    parser.add_argument("--partitions", type=positive, default=1,
+                        help="MES_PARTITIONS of a partitioned run: three workers, the partition faults "
+                             "(default 1: the classic run)")  # fmt: skip
     args = parser.parse_args(argv)
-    args.faults = fault_list(parser, args.faults, faults_for(args.sentinel))
+    if args.partitions > MAX_PARTITIONS:
+        parser.error(f"--partitions: at most {MAX_PARTITIONS}")
+    if args.partitions > 1 and args.sentinel:
+        parser.error("--partitions and --sentinel: one or the other")
+    known = PARTITION_FAULTS if args.partitions > 1 else faults_for(args.sentinel)
+    args.faults = fault_list(parser, args.faults, known)
     tmp = Path(tempfile.mkdtemp(prefix="mes-chaos-"))
     print(f"chaos: logs in {tmp}", file=sys.stderr, flush=True)
     logging.basicConfig(filename=tmp / "harness.log", level=logging.INFO,

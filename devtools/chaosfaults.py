@@ -1,4 +1,4 @@
-"""The chaos run's stack under test (stores, proxies, workers) and the faults it injects.
+"""The faults the chaos run injects (its stack under test is ``devtools.chaosrun``'s ``Run``).
 
 Each fault is ``inject(run, injection)``: it does its harm, sets ``injection.ended`` (the
 moment recovery is measured from, see ``FAULTS``) and adds a line to
@@ -9,28 +9,18 @@ inside the functions: the chaos run sets the environment its settings read first
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import redis
 
-from devtools.chaosreport import RECOVERY_GOAL_S, Accepted, Db, Injection, outcomes, utc
-from devtools.devserver import Service, secantus_uri, worker_argv
-from devtools.faultproxy import FaultProxy
-from devtools.process import Child
-from devtools.sentinel import Topology
+from devtools.chaosreport import RECOVERY_GOAL_S, Injection, outcomes, utc
+from devtools.chaosrun import BOOT_TIMEOUT_S, BURST, Run
 
-WORKERS = 2  # an active consumer and a standby
-BOOT_TIMEOUT_S = 90.0
-POLL_S = 0.02
 TXN_HOLD_S = 2.0  # the killed worker holds its written transaction open this long (devtools.faultworker)
 HOOK_LINE = "holding the transaction open"
 HOOK_WAIT_S = 30.0
@@ -55,144 +45,16 @@ SPOOLED_COUNTS = 3  # +q updates sent while Redis refuses, one work order each
 SPOOL_HOLD_S = 3.0  # Redis refuses at least this long
 POISON_FOLLOWERS = 5  # valid spooled entries behind the poisoned one
 BAD_BURST = 20
-BURST = 20  # updates sent at once right before a fault strikes or ends
-BURST_WORK_ORDERS = 5  # spread over the first few work orders
 REPLICATION_LAG_S = 0.5  # the primary's last writes that never reach the replica
-
-
-def proxied_mongo_uri(port: int) -> str:
-    """SecantusDB through the proxy on ``port``.
-
-    ``directConnection``: otherwise the driver discovers the replica set, connects to the
-    member the server names (its real port) and every MongoDB fault misses.
-    """
-    return f"{secantus_uri(port, 'mes')}&directConnection=true"
-
-
-class Worker(Child):
-    """A ``workorder`` worker subprocess, its output in ``log``."""
-
-    def __init__(self, name: str, log: Path, env: dict[str, str], hold: str | None = None) -> None:
-        super().__init__(name, worker_argv(name=name, hold=hold), log, env=env)
-        self.log = log
-        self.start()
-
-
-@dataclass
-class Run:
-    """The stack under test, what was sent to it, and what the faults did."""
-
-    tmp: Path
-    db: Db  # a direct client of the store, past the proxy: the harness's own view
-    redis: redis.Redis  # likewise
-    services: dict[str, Service] = field(default_factory=dict)
-    proxies: dict[str, FaultProxy] = field(default_factory=dict)
-    sentinel: Topology | None = None  # instead of the one Redis behind proxies (--sentinel)
-    workers: list[Worker] = field(default_factory=list)
-    sent: Accepted = field(default_factory=Accepted)
-    injections: list[Injection] = field(default_factory=list)
-    final_checks: list[tuple[Injection, Callable[[], list[str]]]] = field(default_factory=list)
-    duplicates_sent: int = 0
-    bad_sent: int = 0
-    refused: int = 0  # bad input refused at the call site
-    producer_refused: int = 0  # valid updates the producer did not take
-    relay_errors: int = 0
-    _producer: Any = None
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def worker_env(self, **extra: str) -> dict[str, str]:
-        """Default settings: only the stores' addresses (the proxies), and ``extra``."""
-        env = {k: v for k, v in os.environ.items() if not k.startswith("MES_")}
-        redis_url = (
-            self.sentinel.url() if self.sentinel else f"redis://127.0.0.1:{self.proxies['redis'].port}/3"
-        )
-        return {
-            **env,
-            "REDIS_URL": redis_url,
-            "MONGODB_URI": proxied_mongo_uri(self.proxies["mongo"].port),
-            **extra,
-        }
-
-    def start_worker(self, hold: str | None = None, **extra: str) -> Worker:
-        name = f"chaos{len(self.workers)}"
-        log = self.tmp / f"worker-{len(self.workers)}.log"
-        worker = Worker(name, log, self.worker_env(**extra), hold)
-        self.workers.append(worker)
-        return worker
-
-    def live_workers(self) -> list[Worker]:
-        return [w for w in self.workers if w.alive()]
-
-    def lease_holder(self) -> Worker | None:
-        """The live worker whose token holds the ``workorder`` lease, if any."""
-        from mes_tasks.keys import lease_key
-        from mes_tasks.settings import get_settings
-
-        try:
-            token = self.redis.get(lease_key(get_settings().key_prefix))
-        except redis.RedisError:
-            return None
-        owner = token.split("/")[0].split(":") if isinstance(token, str) else []  # host:pid:tag
-        pid = owner[-2] if len(owner) >= 3 else None
-        return next((w for w in self.live_workers() if str(w.pid) == pid), None)
-
-    def active_worker(self) -> Worker:
-        holder = self.lease_holder()
-        if holder is not None:
-            return holder
-        live = self.live_workers()
-        took = [w for w in live if "took the workorder lease" in w.log_text()]
-        return (took or live)[-1]
-
-    def ensure_workers(self) -> list[str]:
-        """Back to an active worker and a standby, both up; what went wrong on the way."""
-        for _ in range(WORKERS - len(self.live_workers())):
-            self.start_worker()
-        problems = [f"{w.name} did not start" for w in self.live_workers()
-                    if not w.wait_for(" ready.", BOOT_TIMEOUT_S)]  # fmt: skip
-        deadline = time.monotonic() + BOOT_TIMEOUT_S
-        while self.lease_holder() is None and time.monotonic() < deadline:
-            time.sleep(0.2)
-        return problems if self.lease_holder() is not None else [*problems, "no worker took the lease"]
-
-    def submit(self, producer: Any, wo: str, kind: str, qty: int, rid: str) -> dict[str, Any]:
-        """Submit one valid update; record it when the producer took it."""
-        try:
-            result: dict[str, Any] = producer.submit(wo, kind, qty, request_id=rid)
-        except Exception as exc:  # the contract is a result dict, never an exception
-            result = {"success": False, "code": "RAISED", "error": repr(exc)}
-        if not result["success"]:
-            self.producer_refused += 1
-            print(f"chaos: the producer refused {rid}: {result}", file=sys.stderr, flush=True)
-        elif not self.sent.accept(rid, (wo, kind, qty), time.time()):
-            self.duplicates_sent += 1
-        return result
-
-    def burst(self, n: int = BURST) -> None:
-        """``n`` updates at once, so that the fault finds work queued and in hand."""
-        at = len(self.injections)
-        for i in range(n):
-            self.submit(
-                self.producer(), f"CH-{i % BURST_WORK_ORDERS:03d}", "input", 1, f"chaos:burst:{at}:{i}"
-            )
-
-    def producer(self) -> Any:
-        """The faults' own producer (the flow has another)."""
-        from mes_tasks.producer import Producer
-
-        with self._lock:
-            if self._producer is None:
-                self._producer = Producer()
-            return self._producer
-
-    def new_work_order(self, wo: str) -> None:
-        self.db.work_orders.insert_one({"_id": wo, "input_qty": 0, "output_qty": 0})
 
 
 class Fault(NamedTuple):
     name: str  # as the table shows it
     inject: Callable[[Run, Injection], None]
     goal_s: float = RECOVERY_GOAL_S  # its worst recovery may be this long
+    # A change of the fleet: every queue must stay consumed throughout, not only from its end
+    # (the partitioned run's unconsumed gaps count from its start).
+    whole: bool = False
 
 
 def kill_txn_restart(run: Run, inj: Injection) -> None:

@@ -24,6 +24,7 @@ LOG_STAMP = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}): ")
 DUPLICATE = "'status': 'duplicate'"
 RETRY = " retry: Retry in "
 RECOVERY_GOAL_S = 5.0
+UNCONSUMED_GOAL_S = 5.0  # partitioned: a queue with waiting updates is consumed again within this
 IN_CHUNK = 2000  # request ids per $in query
 Update = tuple[str, str, int]  # work order, kind, quantity
 Db = Database[dict[str, Any]]
@@ -65,6 +66,11 @@ class Row:
     recoveries: list[float | None] = field(default_factory=list)
     overlapped: list[int] = field(default_factory=list)  # earlier updates pending at each start
     problems: list[str] = field(default_factory=list)
+    # Partitioned runs (``chaoswatch.charge``): the worst unconsumed gap of each injection,
+    # the gaps over the goal as told, and the double consumers seen.
+    unconsumed: list[float] = field(default_factory=list)
+    gaps: list[str] = field(default_factory=list)
+    doubles: list[str] = field(default_factory=list)
 
     @property
     def worst_s(self) -> float | None:
@@ -81,6 +87,10 @@ class Row:
     def meets_goal(self) -> bool:
         worst = self.worst_s
         return worst is not None and worst <= self.goal_s
+
+    @property
+    def worst_unconsumed_s(self) -> float:
+        return max(self.unconsumed, default=0.0)
 
 
 class Accepted:
@@ -205,24 +215,27 @@ def counting_errors(db: Db, sent: Accepted, done: dict[str, Outcome]) -> tuple[s
 
 COLUMNS = (("fault", 37), ("times", 6), ("sent", 7), ("applied", 9), ("dups", 6), ("retries", 9),
            ("failed", 8), ("lost", 6), ("worst s", 9), ("median s", 10))  # fmt: skip
+UNCONSUMED_COLUMN = ("unconsumed s", 14)  # partitioned runs: the worst gap of any queue
 
 
-def table(rows: list[Row], totals: dict[str, int]) -> str:
+def table(rows: list[Row], totals: dict[str, int], partitioned: bool = False) -> str:
     """The run as a text table, one line per fault, then the totals (the last line)."""
-    head = _line([name for name, _ in COLUMNS])
+    columns = (*COLUMNS, UNCONSUMED_COLUMN) if partitioned else COLUMNS
+    head = _line([name for name, _ in columns], columns)
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(_line([r.fault, r.injected, r.sent, r.applied, r.duplicates, r.retries, r.failed,
-                            r.lost, _seconds(r.worst_s), _seconds(r.median_s)]))  # fmt: skip
+        cells = [r.fault, r.injected, r.sent, r.applied, r.duplicates, r.retries, r.failed,
+                 r.lost, _seconds(r.worst_s), _seconds(r.median_s)]  # fmt: skip
+        lines.append(_line([*cells, f"{r.worst_unconsumed_s:.1f}"] if partitioned else cells, columns))
     lines.append("-" * len(head))
     lines.append("  ".join(f"{k}={v}" for k, v in totals.items()))
     return "\n".join(lines)
 
 
-def _line(cells: list[Any]) -> str:
+def _line(cells: list[Any], columns: tuple[tuple[str, int], ...]) -> str:
     return "".join(
         f"{v:<{w}}" if i == 0 else f"{v:>{w}}"
-        for i, (v, (_, w)) in enumerate(zip(cells, COLUMNS, strict=True))
+        for i, (v, (_, w)) in enumerate(zip(cells, columns, strict=True))
     )
 
 
@@ -236,7 +249,9 @@ def _goals_apart(rows: list[Row]) -> str:
     return f" ({', '.join(apart)})" if apart else ""
 
 
-def verdict(rows: list[Row], totals: dict[str, int], recovery_goal: bool) -> tuple[bool, list[str]]:
+def verdict(
+    rows: list[Row], totals: dict[str, int], recovery_goal: bool, partitioned: bool = False
+) -> tuple[bool, list[str]]:
     """Whether the run met its goal, and the lines that say so."""
     checks = {
         "lost = 0": totals["lost"] == 0,
@@ -256,7 +271,28 @@ def verdict(rows: list[Row], totals: dict[str, int], recovery_goal: bool) -> tup
     waived = "" if recovery_goal else " (not required: --no-recovery-goal)"
     lines.append(f"  {mark} worst recovery <= {RECOVERY_GOAL_S:g} s{_goals_apart(rows)}{waived}")
     lines += [f"       {r.key}: worst {_seconds(r.worst_s)} s{_overlap(r)}" for r in slow]
-    return all(checks.values()) and (not slow or not recovery_goal), lines
+    ok = all(checks.values()) and (not slow or not recovery_goal)
+    if partitioned:
+        held, more = _consumption(rows, recovery_goal)
+        return ok and held, lines + more
+    return ok, lines
+
+
+def _consumption(rows: list[Row], time_goal: bool) -> tuple[bool, list[str]]:
+    """The partitioned run's own goals: every queue consumed again in time, by one worker.
+
+    ``time_goal`` False (``--no-recovery-goal``): a late queue is reported, not failed.
+    """
+    gaps = [r for r in rows if r.worst_unconsumed_s > UNCONSUMED_GOAL_S]
+    doubled = [r for r in rows if r.doubles]
+    mark = "ok  " if not gaps else "FAIL" if time_goal else "over"
+    waived = "" if time_goal else " (not required: --no-recovery-goal)"
+    lines = [f"  {mark} every queue with waiting updates consumed again within {UNCONSUMED_GOAL_S:g} s "
+             f"of the fault's end (of its start: a change of the fleet){waived}"]  # fmt: skip
+    lines += [f"       {r.key}: {gap}" for r in gaps for gap in r.gaps]
+    lines.append(f"  {'FAIL' if doubled else 'ok  '} never two consumers on one queue")
+    lines += [f"       {r.key}: {d}" for r in doubled for d in r.doubles]
+    return (not gaps or not time_goal) and not doubled, lines
 
 
 def _overlap(row: Row) -> str:
