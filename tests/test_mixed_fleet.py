@@ -14,8 +14,9 @@ from test_partitions import expect_exact, holders, partitioned  # noqa: F401 - a
 from conftest import Worker, make_work_orders, wait_until
 from mes_tasks.keys import lease_key
 from mes_tasks.lease import SingleActiveConsumer
-from mes_tasks.partitions import every_queue
+from mes_tasks.partitions import every_queue, queue_names
 from mes_tasks.producer import submit_quantity_update
+from mes_tasks.queues import in_use
 from mes_tasks.settings import Settings
 
 WOS = [f"M-{i:02d}" for i in range(16)]
@@ -65,25 +66,32 @@ def owners(client: redis.Redis, n: int) -> dict[str, str | None]:
 
 
 @pytest.mark.parametrize(("old", "new"), [(2, 4), (4, 2)], ids=["2-to-4", "4-to-2"])
-def test_a_worker_joining_on_another_n_leaves_no_queue_with_waiting_updates_unconsumed(
+def test_the_documented_change_of_n_under_load_leaves_no_queue_with_waiting_updates_unconsumed(
     redis_client: redis.Redis,
     start_worker: Callable[..., Worker],
     partitioned: Callable[[int], None],  # noqa: F811
     old: int,
     new: int,
 ) -> None:
-    partitioned(old)  # the producers stay on the old N through the change
+    """docs/deployment.md, "Changing N on a live system", step by step with updates flowing."""
+    partitioned(old)
     make_work_orders(WOS)
     first = start_worker(MES_PARTITIONS=str(old))
     wait_until(lambda: all(owners(redis_client, old).values()), 20, f"{first.name} to hold all {old}")
     watch = Watch(redis_client, f"{old}to{new}")
     watch.run(1.0)
-    start_worker(MES_PARTITIONS=str(new))
+    start_worker(MES_PARTITIONS=str(new))  # step 1: the workers one by one; a mixed fleet now
     watch.run(WATCH_S)
-    assert watch.worst_gap_s() < GOAL_S, f"unheld with updates waiting: {watch.worst}"
     held = owners(redis_client, max(old, new))
     assert all(held.values()) and len(set(held.values())) == 2, held  # shared, every queue held
+    first.stop()
+    start_worker(MES_PARTITIONS=str(new))  # ... the last one on the new N
+    watch.run(WATCH_S / 2)
+    partitioned(new)  # step 2: the producers
+    watch.run(WATCH_S / 2)
+    assert watch.worst_gap_s() < GOAL_S, f"unheld with updates waiting: {watch.worst}"
     expect_exact(watch.updates, timeout_s=60)
+    wait_until(lambda: in_use(redis_client, new) == queue_names(new), 20, "step 3: the leftovers drained")
 
 
 def test_a_pinned_worker_started_after_an_automatic_one_gets_its_partition(
