@@ -20,6 +20,7 @@ import select
 import time
 from typing import Any
 
+import redis
 from celery import bootsteps
 from celery.worker.consumer import Consumer as CeleryConsumer
 from kombu.transport.virtual import QoS as VirtualQoS
@@ -156,7 +157,9 @@ def _free_slot_on_failed_ack(channel: Any) -> None:
     """
     qos = channel.qos
     ack = qos.ack
-    errors = channel.connection_errors
+    # A late ack on a channel its consumer restart already closed finds no client: an
+    # AttributeError that Celery, which catches connection errors only, would let end the worker.
+    errors = (*channel.connection_errors, AttributeError)
 
     def ack_or_free(delivery_tag: Any) -> None:
         try:
@@ -166,8 +169,10 @@ def _free_slot_on_failed_ack(channel: Any) -> None:
             pass
         try:
             ack(delivery_tag)
-        except errors:
+        except errors as exc:
             VirtualQoS.ack(qos, delivery_tag)  # type: ignore[no-untyped-call]  # the slot only
+            if isinstance(exc, AttributeError):
+                raise redis.ConnectionError(f"ack on a closed channel: {exc}") from exc
             raise
 
     qos.ack = ack_or_free

@@ -249,11 +249,7 @@ class SingleActiveConsumer(bootsteps.StartStopStep):  # type: ignore[misc]
                     log.warning("not started on %s: not consuming it", queue)
                     c.cancel_task_queue(queue)
             return
-        for slot in self.slots.values():
-            if slot.active and not slot.lease.held:
-                log.error("lost the %s lease (%s): standby now", slot.queue, slot.lease.lost_reason)
-                c.cancel_task_queue(slot.queue)
-                slot.active = False
+        self._drop_lost(c)
         for queue in _consumed(c):
             if is_workorder_queue(queue) and not self.holds(queue):  # add_consumer on a standby
                 log.warning("standby: not consuming %s without the lease", queue)
@@ -266,6 +262,19 @@ class SingleActiveConsumer(bootsteps.StartStopStep):  # type: ignore[misc]
             if slot.active:
                 self._honour_pause(c, slot)
         self._restore_handed(c)
+
+    def _drop_lost(self, c: Any) -> None:
+        """Stop consuming each queue whose lease is no longer surely held, and let that lease go.
+
+        Merely late (a slow Redis, a failover), the watchdog would go on extending a lease
+        this worker no longer consumes under, and nobody else could take the queue.
+        """
+        for slot in self.slots.values():
+            if slot.active and not slot.lease.held:
+                log.error("lost the %s lease (%s): standby now", slot.queue, slot.lease.lost_reason or "late")
+                c.cancel_task_queue(slot.queue)
+                slot.active = False
+                slot.lease.let_go()
 
     def _pinned(self) -> bool:
         return QUEUE not in self.eligible

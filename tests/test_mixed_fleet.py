@@ -132,3 +132,29 @@ def test_a_take_over_that_fails_half_way_lets_the_lease_go_instead_of_holding_it
     step._try_take(_ConsumerWithoutBroker(), slot)
     assert not slot.active and redis_client.get(lease_key(settings.key_prefix, "workorder.0")) is None
     assert not slot.lease.held  # its watchdog no longer extends it
+
+
+class _Consumer:
+    """What ``_drop_lost`` asks of Celery's consumer."""
+
+    def __init__(self) -> None:
+        self.cancelled: list[str] = []
+
+    def cancel_task_queue(self, queue: str) -> None:
+        self.cancelled.append(queue)
+
+
+def test_a_lease_found_late_is_let_go_so_its_watchdog_does_not_keep_it_for_a_worker_that_stopped_consuming(
+    mongo: Any, redis_client: redis.Redis, settings: Settings
+) -> None:
+    step = SingleActiveConsumer(parent=None)
+    step.client, step.prefix, step.ttl_s = redis_client, settings.key_prefix, settings.lease_ttl_s
+    slot = step._slot("workorder.1")
+    assert slot.lease.try_acquire()
+    slot.active = True
+    slot.lease.extended_at -= 2 * settings.lease_ttl_s  # last confirmed a TTL ago: a late extension
+    consumer = _Consumer()
+    step._drop_lost(consumer)
+    assert consumer.cancelled == ["workorder.1"] and not slot.active
+    assert redis_client.get(lease_key(settings.key_prefix, "workorder.1")) is None  # free for anyone
+    assert not slot.lease.watchdog.watching(slot.lease)

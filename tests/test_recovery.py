@@ -303,3 +303,30 @@ def test_a_worker_that_takes_the_lease_back_records_its_sessions_again(
         forget_recorded()  # this worker takes the lease back
         log.note(session)
         assert redis_client.hlen(sessions_key("mes:")) == 1
+
+
+def test_a_late_ack_on_a_channel_already_closed_is_a_connection_error_not_the_workers_end(
+    servers: dict[str, Service],
+) -> None:
+    """A consumer restart closes the channel; an ack that comes after (a task finishing) found no
+    client, an AttributeError Celery let end the worker with "Unrecoverable error"."""
+    from kombu import Connection
+
+    from mes_tasks.consumer import _free_slot_on_failed_ack
+
+    with Connection(f"redis://127.0.0.1:{servers['redis'].port}/3") as conn:
+        channel = conn.default_channel
+        _free_slot_on_failed_ack(channel)
+        channel.basic_qos(prefetch_count=1)
+        channel.queue_declare("ack-closed")
+        channel.basic_publish(channel.prepare_message("x"), exchange="", routing_key="ack-closed")
+        message = channel.basic_get("ack-closed")
+        assert message is not None
+        # The state kombu's collect() leaves when the channel's close failed first (a dead
+        # socket): the transport without its client, the channel without its pool.
+        channel._pool, conn.transport.client = None, None
+        channel.__dict__.pop("client", None)
+        with pytest.raises(channel.connection_errors):
+            channel.qos.ack(message.delivery_tag)
+        assert channel.qos.can_consume()
+        channel.qos.restore_at_shutdown = False  # nothing left to restore it through
