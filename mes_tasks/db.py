@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -23,18 +24,46 @@ RETRYABLE_CODES = frozenset({112, 50})
 REDIS_HEALTH_CHECK_INTERVAL_S = 30
 
 
-class MasterConnection(redis.sentinel.SentinelManagedConnection):
-    """A connection to the Sentinels' current master, also when a dropped one is used again.
+# A connection idle this long asks the Sentinels where the master is before its next command.
+# No failover completes sooner after a master's last answer (down-after-milliseconds, 1000 at
+# the least), so a connection used more often than this has not slept through one.
+MASTER_RECHECK_IDLE_S = 1.0
 
-    redis-py reconnects a connection that a command finds closed to the address it had,
-    bypassing the Sentinels: one kept out of the pool (the lock checks' line) would keep
-    calling a dead or demoted master after a failover.
+
+class MasterConnection(redis.sentinel.SentinelManagedConnection):
+    """A connection to the Sentinels' current master, also when a dropped or idle one is used again.
+
+    redis-py asks the Sentinels only when it connects, and reconnects a connection that a
+    command finds closed to the address it had: one kept out of the pool (the lock checks'
+    line) would keep calling a dead or demoted master after a failover. And a connection
+    left idle through a failover is still open to the old master: a frozen master that
+    resumes answers as a master, from the data it had, until the Sentinels demote it
+    about 10 s later (lock checks answered "not ours", writes that are then lost).
     """
 
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)  # type: ignore[no-untyped-call]
+        self.sent_at = 0.0  # monotonic time of the last command sent on this socket
+
+    def connect_to(self, address: Any) -> None:
+        self.sent_at = time.monotonic()  # just asked: its handshake need not ask again
+        super().connect_to(address)  # type: ignore[no-untyped-call]
+
     def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        if self._sock and time.monotonic() - self.sent_at > MASTER_RECHECK_IDLE_S and self._moved():
+            self.disconnect()  # type: ignore[no-untyped-call]
         if not self._sock:
             self.connect()  # type: ignore[no-untyped-call]
+        self.sent_at = time.monotonic()
         super().send_packed_command(command, check_health)  # type: ignore[no-untyped-call]
+
+    def _moved(self) -> bool:
+        """Whether the Sentinels name another master than this connection's; False if none answers."""
+        try:
+            master = self.connection_pool.get_master_address()
+        except (redis.ConnectionError, redis.TimeoutError):
+            return False  # the command itself will tell whether this master still answers
+        return tuple(master) != (self.host, self.port)
 
 
 def redis_client(settings: Settings) -> redis.Redis:

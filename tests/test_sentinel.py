@@ -110,6 +110,36 @@ def test_the_primary_frozen_under_load_fails_over_and_the_worker_follows(
     topology.rejoin()  # the partition heals; the old master becomes a replica
 
 
+def test_a_connection_idle_through_a_failover_follows_the_new_master_when_the_old_one_resumes(
+    topology: Topology,
+) -> None:
+    """A frozen master resumes as a master, with the data it had, until the Sentinels demote it
+    (about 10 s): a connection that sat idle through the failover, like a worker's lock-check
+    line or a pooled one, must not send its next command there."""
+    import redis
+
+    from mes_tasks import db
+    from mes_tasks.errors import LockLost
+    from mes_tasks.locks import CheckLine, RedisLock
+    from mes_tasks.settings import Settings
+
+    client = db.redis_client(Settings(redis_url=topology.url(), connect_timeout_s=2))
+    lock, line = RedisLock(client, "mes:lock:WO-IDLE", ttl_s=120), CheckLine(client)
+    lock.acquire()
+    with lock.check_sent(line) as check:
+        check.confirm()  # the line is connected to the primary, and stays idle from now on
+    client.set("mes:test:pooled", "before")  # so is the pool's connection
+    client.wait(1, 5000)  # both keys on the replica too
+    topology.freeze_primary()
+    new_master = redis.Redis(port=topology.wait_failover(), db=topology.db, decode_responses=True)
+    new_master.set(lock.key, "another-holder")  # the lock changed hands on the new master
+    topology.rejoin(wait=False)
+    with pytest.raises(LockLost), lock.check_sent(line) as check:
+        check.confirm()
+    client.set("mes:test:pooled", "after")
+    assert new_master.get("mes:test:pooled") == "after"
+
+
 def fail_over_under_load(
     topology: Topology,
     start_worker: Callable[..., Worker],
