@@ -1,35 +1,45 @@
 """The outbox: a MongoDB record of every submitted update until it has an outcome.
 
-The producer writes an entry (``state: "sent"``) before it publishes, and turns it into
-``"spooled"`` when the broker refuses the message. ``relay`` (beat, every
-``MES_OUTBOX_RELAY_INTERVAL_S``) then:
+The producer records an update as sent (``state: "sent"``) once the broker took it, or, for a
+batch, while it publishes it; when the broker refuses it, the producer records it as
+``"spooled"`` instead. ``sent_at`` is when the entry was written, plus the publish deadline
+(``producer.PUBLISH_DEADLINE_S``), plus the wait its answer estimates ahead of it in its queue,
+so the relay never looks at an entry before its publish has ended; for a spooled entry, when it
+was spooled; for one the relay published, when it did.
 
-1. publishes spooled entries, oldest first and all of them (page by page), with their
-   original job id and request id; an entry that can never be published (its payload
-   does not fit the task) is set aside as a dead letter (``UNPUBLISHABLE``), where
-   ``failed list/show/discard`` see it, so it never holds up the entries behind it;
-2. deletes entries whose request id has an outcome: a ``QuantityLog``, or a
-   ``FailedUpdate`` that is not ``retried`` (a retried update stays protected until it
-   is applied or fails again);
-3. re-publishes entries still without one ``MES_OUTBOX_GRACE_S`` after they were sent,
-   unless the broker still holds their message (queued, or delivered and unacknowledged).
+``relay`` (beat, every ``MES_OUTBOX_RELAY_INTERVAL_S``) works a page (``RELAY_PAGE``) at a time,
+and starts no new page once ``RELAY_BUDGET_SHARE`` of the interval has passed, so runs never
+pile up however much is waiting:
 
-Step 3 covers what the broker itself can lose: kombu's Redis transport pops a message
-(BRPOP) and records it as unacknowledged in a second step, so a worker killed or a
-connection dropped between the two loses it. The request id makes a re-publish a
-duplicate at worst, never a second count.
+1. publishes spooled entries, oldest first, with their original job id and request id, and marks
+   each page sent in one write; an entry that can never be published (its payload does not fit
+   the task) is set aside as a dead letter (``UNPUBLISHABLE``), where ``failed
+   list/show/discard`` see it, so it never holds up the entries behind it;
+2. looks at overdue entries only: sent, with ``sent_at`` more than ``grace_s`` ago (the
+   ``state_sent`` index reads them and nothing else), oldest first. It deletes those whose
+   request id has an outcome: a ``QuantityLog``, or a ``FailedUpdate`` that is not ``retried``
+   (a retried update stays protected until it is applied or fails again). It re-publishes those
+   still without one that the broker no longer holds (queued, or delivered and unacknowledged).
+   Those the broker still holds wait before they are looked at again, in proportion to how much
+   the broker holds (``RELAY_SNOOZE_PER_HELD_S`` each, at most ``RELAY_SNOOZE_MAX_S``): one
+   broker read per run at most, and none while nothing is overdue.
+
+Step 2's re-publish covers what the broker itself can lose: kombu's Redis transport pops a
+message (BRPOP) and records it as unacknowledged in a second step, so a worker killed or a
+connection dropped between the two loses it. The request id makes a re-publish a duplicate at
+worst, never a second count.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
-from pymongo import UpdateOne
 from pymongo.collection import Collection
 from pymongo.errors import BulkWriteError
 
@@ -39,13 +49,20 @@ from mes_tasks.deadletter import Failure, record_failure
 from mes_tasks.errors import PermanentError
 from mes_tasks.models import FailedUpdate, OutboxMessage, QuantityLog, utcnow
 from mes_tasks.names import UPDATE_QUANTITY
+from mes_tasks.settings import get_settings
 
 log = logging.getLogger(__name__)
 
 SENT, SPOOLED = "sent", "spooled"
-RELAY_BATCH = 500
-SETTLE_SCAN_MAX = 20_000  # entries checked for an outcome per relay run
-PUBLISH_MAX = 20_000  # spooled entries published per relay run; the next run goes on
+WAITING = [SPOOLED, None]  # an entry written without a state is spooled (mongoengine's default)
+DUPLICATE_KEY = 11000  # MongoDB's error code: an entry of this job id exists
+RELAY_PAGE = 200  # entries per MongoDB read and per write of a relay run
+RELAY_BUDGET_SHARE = 0.5  # of MES_OUTBOX_RELAY_INTERVAL_S: a run starts no new page after that
+# An overdue update the broker still holds is looked at again after this much per update the
+# broker holds (a drain of 100 updates a second: a queue this long will not reach it sooner),
+# at most RELAY_SNOOZE_MAX_S; a lost update is then re-sent that much later at most.
+RELAY_SNOOZE_PER_HELD_S = 0.01
+RELAY_SNOOZE_MAX_S = 300.0
 
 
 class Unpublishable(PermanentError):
@@ -79,11 +96,16 @@ class Job(NamedTuple):
     kwargs: dict[str, Any]  # with its request id
 
 
-def record_all(collection: Collection[Doc], jobs: Sequence[Job]) -> set[str]:
-    """Record updates about to be published, in one unordered insert into the ``outbox`` given.
+def record_all(
+    collection: Collection[Doc], jobs: Sequence[Job], waits_s: Sequence[float] | None = None
+) -> set[str]:
+    """Record updates as sent, in one unordered insert into the ``outbox`` given.
 
     A plain pymongo collection: the producer runs inside the main app, whose own
     mongoengine connections mes_tasks must not replace.
+
+    Args:
+        waits_s: per update, how long from now its ``sent_at`` is (s); none: now.
 
     Returns:
         The job ids recorded (all of them unless the server refused some).
@@ -92,12 +114,12 @@ def record_all(collection: Collection[Doc], jobs: Sequence[Job]) -> set[str]:
         MongoUnavailable: MongoDB is down; nothing is known to be recorded.
     """
     now = utcnow()
+    waits = list(waits_s) if waits_s is not None else [0.0] * len(jobs)
+    entries = [_entry(job) | {"state": SENT, "sent_at": now + timedelta(seconds=wait), "created_at": now}
+               for job, wait in zip(jobs, waits, strict=True)]  # fmt: skip
     try:
         with mongo_errors():
-            collection.insert_many(
-                [_entry(job) | {"state": SENT, "sent_at": now, "created_at": now} for job in jobs],
-                ordered=False,
-            )
+            collection.insert_many(entries, ordered=False)
     except BulkWriteError as exc:
         refused = {error["index"] for error in exc.details.get("writeErrors", [])}
         return {job.job_id for i, job in enumerate(jobs) if i not in refused}
@@ -107,24 +129,31 @@ def record_all(collection: Collection[Doc], jobs: Sequence[Job]) -> set[str]:
 def spool(
     collection: Collection[Doc], job_id: str, args: list[Any], kwargs: dict[str, Any], reason: str
 ) -> None:
-    """Mark one update the broker refused as spooled; see ``spool_all``."""
+    """Record one update the broker refused as spooled; see ``spool_all``."""
     spool_all(collection, [Job(job_id, args, kwargs)], reason)
 
 
 def spool_all(collection: Collection[Doc], jobs: Sequence[Job], reason: str) -> None:
-    """Mark updates the broker refused as spooled, in one write, recording any that is not yet.
+    """Record updates the broker refused as spooled, in one insert (an entry of the job id turns spooled).
 
     Raises:
         MongoUnavailable: MongoDB is down too; nothing was recorded.
     """
-    with mongo_errors():
-        collection.bulk_write(
-            [UpdateOne({"job_id": job.job_id},
-                       {"$set": {"state": SPOOLED, "reason": reason},
-                        "$setOnInsert": _entry(job) | {"created_at": utcnow()}},
-                       upsert=True) for job in jobs],
-            ordered=False,
-        )  # fmt: skip
+    now = utcnow()
+    spooled = {"state": SPOOLED, "reason": reason, "sent_at": now}
+    try:
+        with mongo_errors():
+            collection.insert_many(
+                [_entry(job) | spooled | {"created_at": now} for job in jobs], ordered=False
+            )
+    except BulkWriteError as exc:
+        errors = exc.details.get("writeErrors", [])
+        if any(e.get("code") != DUPLICATE_KEY for e in errors):
+            raise
+        with mongo_errors():  # a job id that has an entry already (a .delay() given its task id)
+            collection.update_many(
+                {"job_id": {"$in": [jobs[e["index"]].job_id for e in errors]}}, {"$set": spooled}
+            )
 
 
 def _entry(job: Job) -> Doc:
@@ -133,66 +162,82 @@ def _entry(job: Job) -> Doc:
 
 
 def counts() -> dict[str, int]:
-    """Entries waiting per state: ``spooled`` (not yet in the broker) and ``sent``."""
+    """Entries waiting per state: ``spooled`` (not yet in the broker) and ``sent``; counted on an index."""
     with mongo_errors():
-        rows = OutboxMessage._get_collection().aggregate([{"$group": {"_id": "$state", "n": {"$sum": 1}}}])
-        found = {str(r["_id"]): int(r["n"]) for r in rows}
-    return {SPOOLED: found.get(SPOOLED, 0) + found.get("None", 0), SENT: found.get(SENT, 0)}
+        collection = _collection()
+        return {
+            SPOOLED: collection.count_documents({"state": {"$in": WAITING}}),
+            SENT: collection.count_documents({"state": SENT}),
+        }
 
 
 def relay(
-    publish: Publish, held: Callable[[], set[str]], grace_s: float, limit: int = RELAY_BATCH
+    publish: Publish,
+    held: Callable[[], set[str]],
+    grace_s: float,
+    limit: int = RELAY_PAGE,
+    budget_s: float | None = None,
 ) -> RelayResult:
-    """Publish what was spooled, drop what has an outcome, re-send what the broker lost.
+    """Publish what was spooled, then look at what is overdue: drop it if it has an outcome,
+    re-send it if the broker lost it, look again later if the broker still holds it.
 
     Args:
         publish: sends one update to the broker under its job id.
         held: the task ids the broker still holds for ``workorder`` (see ``broker``).
-        grace_s: how long a sent update may go without an outcome before it is checked.
+        grace_s: how long past its ``sent_at`` an update may go without an outcome before it is
+            looked at.
+        limit: entries per page.
+        budget_s: no new page after this long; default ``RELAY_BUDGET_SHARE`` of the interval.
     """
     result = RelayResult()
-    _publish_spooled(publish, limit, result)
-    result.settled = _delete_settled(limit)
-    _republish_lost(publish, held, grace_s, limit, result)
+    share = get_settings().outbox_relay_interval_s * RELAY_BUDGET_SHARE
+    until = time.monotonic() + (share if budget_s is None else budget_s)
+    _publish_spooled(publish, limit, until, result)
+    _check_overdue(publish, _Broker(held), grace_s, limit, until, result)
     return result
 
 
-def _publish_spooled(publish: Publish, limit: int, result: RelayResult) -> None:
-    """Every spooled entry, oldest first, a page at a time, until the broker refuses one."""
-    after: Doc = {}
-    while result.published + result.set_aside < PUBLISH_MAX:
+def _publish_spooled(publish: Publish, limit: int, until: float, result: RelayResult) -> None:
+    """Spooled entries, oldest first, a page at a time, until the broker refuses one or time is up."""
+    while True:
         with mongo_errors():
-            batch = list(_collection().find({"state": {"$ne": SENT}, **after}).sort("_id", 1).limit(limit))
-        if not batch:
+            page = list(_collection().find({"state": {"$in": WAITING}}).sort("sent_at", 1).limit(limit))
+        if not page:
             return
-        if not _send_all(publish, batch, {"$inc": {"attempts": 1}}, result, "published"):
-            return  # the broker is down: the next run goes on
-        after = {"_id": {"$gt": batch[-1]["_id"]}}
+        sent, complete = _send_all(publish, page, result)
+        _mark_sent(sent, {"$inc": {"attempts": 1}})
+        result.published += len(sent)
+        if not complete or time.monotonic() >= until:
+            return
 
 
-def _send_all(publish: Publish, batch: list[Doc], update: Doc, result: RelayResult, count: str) -> bool:
-    """Publish each entry and mark it sent; False at the first broker failure (the rest wait).
-
-    An entry that fails for any other reason is set aside and the others go on.
-    """
-    for doc in batch:
+def _send_all(publish: Publish, page: list[Doc], result: RelayResult) -> tuple[list[Any], bool]:
+    """Publish each entry: the ``_id`` of each the broker took, and False if a broker failure
+    stopped it (the rest wait for the next run). An entry that fails for any other reason is set
+    aside and the others go on."""
+    sent: list[Any] = []
+    for doc in page:
         try:
             payload = json.loads(doc["payload"])
             publish(doc["job_id"], payload["args"], payload["kwargs"])
         except Exception as exc:
-            if is_outage(exc):  # broker still down: keep the rest for the next run
+            if is_outage(exc):
                 _mark_failed(doc, exc)
                 log.warning("outbox relay stopped: %s", type(exc).__name__)
-                return False
+                return sent, False
             set_aside(doc, exc)
             result.set_aside += 1
             continue
+        sent.append(doc["_id"])
+    return sent, True
+
+
+def _mark_sent(ids: list[Any], update: Doc) -> None:
+    if ids:
         with mongo_errors():
-            _collection().update_one(
-                {"_id": doc["_id"]}, {"$set": {"state": SENT, "sent_at": utcnow()}, **update}
+            _collection().update_many(
+                {"_id": {"$in": ids}}, {"$set": {"state": SENT, "sent_at": utcnow()}, **update}
             )
-        setattr(result, count, getattr(result, count) + 1)
-    return True
 
 
 def set_aside(doc: Doc, exc: Exception) -> None:
@@ -235,45 +280,91 @@ def _mark_failed(doc: Doc, exc: Exception) -> None:
         )  # fmt: skip
 
 
-def _delete_settled(limit: int) -> int:
-    deleted, last_id, scanned = 0, None, 0
-    while scanned < SETTLE_SCAN_MAX:
-        query: Doc = {"state": SENT} if last_id is None else {"state": SENT, "_id": {"$gt": last_id}}
-        with mongo_errors():
-            batch = list(_collection().find(query, {"request_id": 1}).sort("_id", 1).limit(limit))
-        if not batch:
-            break
-        done = settled_request_ids(d["request_id"] for d in batch)
-        ids = [d["_id"] for d in batch if d["request_id"] in done]
-        if ids:
-            with mongo_errors():
-                deleted += _collection().delete_many({"_id": {"$in": ids}}).deleted_count
-        last_id, scanned = batch[-1]["_id"], scanned + len(batch)
-    return deleted
+class _Broker:
+    """What the broker holds, read once per relay run, on first need, and when it was read."""
+
+    def __init__(self, held: Callable[[], set[str]]) -> None:
+        self._held = held
+        self.read_at: datetime | None = None
+        self.ids: set[str] | None = None
+
+    def holds(self) -> set[str] | None:
+        """The task ids the broker holds; None when it cannot be read (nothing is taken for lost)."""
+        if self.read_at is None:
+            self.read_at = utcnow()
+            try:
+                self.ids = self._held()
+            except Exception as exc:
+                log.warning(
+                    "outbox: cannot read the broker (%s); lost updates are checked next run",
+                    type(exc).__name__,
+                )
+        return self.ids
 
 
-def _republish_lost(
-    publish: Publish, held: Callable[[], set[str]], grace_s: float, limit: int, result: RelayResult
+def _check_overdue(
+    publish: Publish, broker: _Broker, grace_s: float, limit: int, until: float, result: RelayResult
 ) -> None:
-    overdue = {"state": SENT, "sent_at": {"$lt": utcnow() - timedelta(seconds=grace_s)}}
+    """Overdue entries, oldest first, a page at a time, until none is left or time is up.
+
+    Once the broker was read, only entries due before that read are looked at: a message
+    published after it would look lost.
+    """
+    while True:
+        due = utcnow() - timedelta(seconds=grace_s)
+        if broker.read_at is not None:
+            due = min(due, broker.read_at)
+        with mongo_errors():
+            page = list(
+                _collection().find({"state": SENT, "sent_at": {"$lt": due}}).sort("sent_at", 1).limit(limit)
+            )
+        if not page or not _check_page(publish, broker, page, result) or time.monotonic() >= until:
+            return
+
+
+def _check_page(publish: Publish, broker: _Broker, page: list[Doc], result: RelayResult) -> bool:
+    """Settle, re-send or postpone each overdue entry of ``page``; False if the broker cannot be read."""
+    done = settled_request_ids(d["request_id"] for d in page)
+    result.settled += _delete([d for d in page if d["request_id"] in done])
+    waiting = [d for d in page if d["request_id"] not in done]
+    if not waiting:
+        return True
+    in_broker = broker.holds()
+    if in_broker is None:
+        return False
+    absent = [d for d in waiting if d["job_id"] not in in_broker]
+    done = settled_request_ids(d["request_id"] for d in absent)  # applied and acknowledged meanwhile
+    result.settled += _delete([d for d in absent if d["request_id"] in done])
+    _postpone([d for d in waiting if d["job_id"] in in_broker], len(in_broker))
+    return _resend(publish, [d for d in absent if d["request_id"] not in done], result)
+
+
+def _delete(docs: list[Doc]) -> int:
+    if not docs:
+        return 0
     with mongo_errors():
-        batch = list(_collection().find(overdue).sort("sent_at", 1).limit(limit))
-    if not batch:
-        return
-    try:
-        in_broker = held()  # before the outcome check: a message acked in between then shows as settled
-    except Exception as exc:  # the broker is unreachable: nothing can be told lost now
-        log.warning(
-            "outbox: cannot read the broker (%s); lost updates are checked next run", type(exc).__name__
-        )
-        return
-    absent = [d for d in batch if d["job_id"] not in in_broker]
-    done = settled_request_ids(d["request_id"] for d in absent)
-    lost = [d for d in absent if d["request_id"] not in done]
+        return int(_collection().delete_many({"_id": {"$in": [d["_id"] for d in docs]}}).deleted_count)
+
+
+def _postpone(docs: list[Doc], held: int) -> None:
+    """Look at these again later: the broker holds ``held`` updates, theirs among them."""
+    if docs:
+        later = utcnow() + timedelta(seconds=min(RELAY_SNOOZE_MAX_S, held * RELAY_SNOOZE_PER_HELD_S))
+        with mongo_errors():
+            _collection().update_many(
+                {"_id": {"$in": [d["_id"] for d in docs]}}, {"$set": {"sent_at": later}}
+            )
+
+
+def _resend(publish: Publish, lost: list[Doc], result: RelayResult) -> bool:
+    """Re-publish updates the broker lost; False if the broker refused one (the rest wait)."""
     for doc in lost:
         log.warning("outbox: %s (job %s) has no outcome and is not in the broker; re-sending",
                     doc["request_id"], doc["job_id"])  # fmt: skip
-    _send_all(publish, lost, {"$inc": {"republished": 1}}, result, "republished")
+    sent, complete = _send_all(publish, lost, result)
+    _mark_sent(sent, {"$inc": {"republished": 1}})
+    result.republished += len(sent)
+    return complete
 
 
 def forget(job_ids: list[str], collection: Collection[Doc] | None = None) -> int:

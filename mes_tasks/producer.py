@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 import redis
 from celery.result import AsyncResult
+from kombu.pools import ProducerPool
 from pymongo.collection import Collection
 
 from mes_tasks import db, outbox
@@ -41,18 +42,31 @@ T = TypeVar("T")
 
 DEFAULT_APPLY_MS = 10.0  # estimate per queued update until the worker has measured one
 OUTBOX_DOWN_BACKOFF_S = 1.0  # after the outbox failed, submissions skip it this long
-PUBLISH_RETRY_POLICY = {"max_retries": 2, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.3}
-# Every publish, a .delay() from the main app included, fails over to the outbox within
-# about a second; a caller's own options win, except these two.
-PUBLISH_OPTIONS = {"retry": True, "retry_policy": PUBLISH_RETRY_POLICY}
+# Every publish (a submission, a .delay() from the main app, the relay's) gives up on a broker
+# that refuses or has gone silent within PUBLISH_DEADLINE_S, and the update is spooled: a
+# connection, and every read or write on it, waits at most PUBLISH_TIMEOUT_S, and a failed
+# attempt is tried again after PUBLISH_RETRY_WAIT_S if another one can end before the deadline
+# (a connection that went silent is replaced by a new one, which may answer).
+PUBLISH_TIMEOUT_S = 0.4
+PUBLISH_DEADLINE_S = 1.0
+PUBLISH_RETRY_WAIT_S = 0.1
+PUBLISH_ATTEMPTS = 3
+PUBLISH_POOL_LIMIT = 10  # broker connections of one producer: threads that publish at once
+PUBLISH_TRANSPORT_OPTIONS = {
+    "socket_timeout": PUBLISH_TIMEOUT_S,
+    "socket_connect_timeout": PUBLISH_TIMEOUT_S,
+    "max_retries": 0,  # kombu's own reconnect loop (seconds per attempt) is replaced by ours
+    "connect_retries_timeout": PUBLISH_TIMEOUT_S,
+}
 REQUIRED_PARAMS = 3
-# A batch publishes with retry=False and is retried as a whole (publish_all): a retry inside
-# kombu's publish batch would revive the producer onto a channel the batch is not on.
+# kombu's publish retry stays off: the retry is ours, of the whole publish, under the deadline.
 BATCH_OPTIONS = {"ignore_result": True, "retry": False}
 # Redis commands one update may buffer: its LPUSH, its task-sent event's PUBLISH, and a
 # PEXPIRE per priority step for a queue that expires. A bound, so that the pipeline runs
-# once, at the end of the batch.
+# once per chunk, when the chunk is flushed.
 BATCH_OPS_PER_UPDATE = 8
+BATCH_CHUNK = 500  # updates of a batch published in one pipeline, then recorded in one write
+MAX_BATCH_ITEMS = 10_000  # a larger batch is refused whole (BATCH_TOO_LARGE): send several
 
 
 @dataclass
@@ -109,10 +123,16 @@ class Producer:
 
     def __init__(self, settings: Settings | None = None, redis_client: redis.Redis | None = None):
         self.settings = settings or get_settings()
-        self.redis = redis_client or db.redis_client(self.settings)
+        bounded = replace(
+            self.settings, connect_timeout_s=min(self.settings.connect_timeout_s, PUBLISH_TIMEOUT_S)
+        )
+        self.redis = redis_client or db.redis_client(bounded)
         self._outbox: Collection[dict[str, Any]] | None = None
         self._outbox_down_until = 0.0
         self.unrecorded = 0  # submissions sent without an outbox record, in this process
+        self._publishers: tuple[Any, Any] | None = None  # kombu ProducerPool, EventDispatcher
+        self._seen: tuple[int | None, float | None] = (None, None)  # the queue state last read
+        self._lock = threading.Lock()
 
     def submit(
         self,
@@ -132,7 +152,10 @@ class Producer:
 
     def submit_many(self, items: Iterable[Any]) -> list[dict[str, Any]]:
         """Validate and enqueue a batch; see ``submit_quantity_updates``."""
-        slots = _slots(items)
+        listed = _listed(items)
+        if len(listed) > MAX_BATCH_ITEMS:
+            return _too_large(len(listed))
+        slots = _slots(listed)
         jobs = [slot for slot in slots if isinstance(slot, Job)]
         answers = self._answers(jobs, self.send_many(jobs))
         results: list[dict[str, Any]] = []
@@ -148,13 +171,13 @@ class Producer:
     def send(
         self, job_id: str, args: list[Any], kwargs: dict[str, Any], options: dict[str, Any] | None = None
     ) -> Sent:
-        """Record the update in the outbox (``MES_JOURNAL``), then publish it.
+        """Publish the update, then record it in the outbox (``MES_JOURNAL``) as sent.
 
         ``request_id`` defaults to ``job_id``.
 
         Returns:
             The broker's result handle, or the broker's reason when it refused the update,
-            which then waits in the outbox for the relay.
+            which then waits in the outbox, spooled, for the relay.
 
         Raises:
             QueueError: the broker refused it and the outbox could not record it.
@@ -166,55 +189,69 @@ class Producer:
         kwargs["request_id"] = kwargs.get("request_id") or job_id
         check_update_size(args, kwargs)  # ValidationError here: the worker could only dead-letter it
         job = Job(job_id, args, kwargs)
-        recorded = self._record([job])
         try:
-            return Sent(result=publish(job_id, args, kwargs, options), recorded=bool(recorded))
+            result = self.publish(job_id, args, kwargs, options)
         except Exception as exc:
-            sent = self._after_refusal([job], recorded, exc)[job_id]
-        if sent.error is not None:
-            raise sent.error
-        return sent
+            sent = self._after_refusal([job], set(), exc)[job_id]
+            if sent.error is not None:
+                raise sent.error from exc
+            return sent
+        return Sent(result=result, recorded=job_id in self._record([job], self._waits_s(1)))
 
     def send_many(self, jobs: Sequence[Job]) -> dict[str, Sent]:
-        """Record validated updates in one outbox write, then publish them in one pipeline.
+        """Publish validated updates ``BATCH_CHUNK`` at a time, each chunk in one pipeline, while
+        the chunk is recorded in one outbox write on a thread of its own.
 
-        The outbox write runs on a thread of its own while the messages are prepared; the
-        pipeline runs only once it is done, so the broker never holds what the outbox lacks.
+        An entry is due for the relay's look no sooner than ``PUBLISH_DEADLINE_S`` after it
+        was written: by then its publish has ended, and if the broker refused it the entry
+        was turned spooled.
 
         Returns:
-            What became of each, by job id: queued; spooled (the broker refused the batch);
-            or, where the outbox could not record it either, an ``error``.
+            What became of each, by job id: queued; spooled (from the chunk the broker refused
+            on); or, where the outbox could not record it either, an ``error``.
 
         Raises:
-            TypeError, kombu's EncodeError: an update does not fit the task; nothing is kept.
+            TypeError, kombu's EncodeError: an update does not fit the task; its chunk and the
+                ones after it are not kept, the ones before it were queued.
         """
+        sent: dict[str, Sent] = {}
         if not jobs:
-            return {}
-        recording = _started(lambda: self._record(jobs))
-        try:
-            publish_all(jobs, before_flush=recording)
-        except Exception as exc:
-            return self._after_refusal(jobs, recording(), exc)
-        recorded = recording()
-        return {job.job_id: Sent(recorded=job.job_id in recorded) for job in jobs}
+            return sent
+        waits_s = self._waits_s(len(jobs))
+        with ThreadPoolExecutor(max_workers=1) as recorder:
+            recording: list[tuple[Sequence[Job], Future[set[str]]]] = []
+            for start in range(0, len(jobs), BATCH_CHUNK):
+                chunk = jobs[start : start + BATCH_CHUNK]
+                written = recorder.submit(self._record, chunk, waits_s[start : start + BATCH_CHUNK])
+                try:
+                    self.publish_all(chunk)
+                except Exception as exc:
+                    sent.update(self._after_refusal(jobs[start:], written.result(), exc))
+                    break
+                recording.append((chunk, written))
+            for chunk, written in recording:
+                done = written.result()
+                sent.update({job.job_id: Sent(recorded=job.job_id in done) for job in chunk})
+        return sent
 
     def _after_refusal(self, jobs: Sequence[Job], recorded: set[str], exc: Exception) -> dict[str, Sent]:
-        """A publish failed: spool the updates if the broker is down, else forget them and re-raise."""
+        """A publish failed: spool the updates if the broker is down (a recorded one turns
+        spooled), else forget the recorded ones and re-raise."""
         if not is_outage(exc):
             if recorded:  # a mistake at the call site: never relay what can never be sent
                 outbox.forget(sorted(recorded), self.outbox_collection())
             raise exc
-        return self._spool(jobs, mask_secrets(f"{type(exc).__name__}: {exc}"), recorded)
+        return self._spool(jobs, mask_secrets(f"{type(exc).__name__}: {exc}"))
 
-    def _record(self, jobs: Sequence[Job]) -> set[str]:
-        """The job ids the outbox now holds (none with ``MES_JOURNAL=0``)."""
+    def _record(self, jobs: Sequence[Job], waits_s: Sequence[float]) -> set[str]:
+        """Record updates as sent; the job ids the outbox now holds (none with ``MES_JOURNAL=0``)."""
         if not self.settings.journal:
             return set()
         if time.monotonic() < self._outbox_down_until:
             self._unrecorded(jobs, "it was unreachable a moment ago")
             return set()
         try:
-            recorded = outbox.record_all(self.outbox_collection(), jobs)
+            recorded = outbox.record_all(self.outbox_collection(), jobs, waits_s)
         except MesError as exc:
             # Skip the outbox for a while rather than make every submission wait for a timeout.
             self._outbox_down_until = time.monotonic() + OUTBOX_DOWN_BACKOFF_S
@@ -234,26 +271,79 @@ class Producer:
         except redis.RedisError:
             log.debug("could not count an unrecorded submission", exc_info=True)
 
-    def _spool(self, jobs: Sequence[Job], reason: str, recorded: set[str]) -> dict[str, Sent]:
-        """Broker down: mark the updates spooled in the outbox, or tell which nothing recorded."""
+    def _waits_s(self, n: int) -> list[float]:
+        """The expected wait in their queue (s) of ``n`` updates about to be queued, in their order,
+        after the publish deadline: the relay looks for an update the broker lost once its turn
+        has passed. Estimated as answers are, on the queue state last read (no round trip here,
+        so a silent Redis adds no wait)."""
+        length, per_update_ms = self._seen
+        after = None if length is None else length + n
+        waits_ms = [estimated_delay_ms(after, per_update_ms, n - 1 - i) or 0 for i in range(n)]
+        return [PUBLISH_DEADLINE_S + wait_ms / 1000 for wait_ms in waits_ms]
+
+    def _spool(self, jobs: Sequence[Job], reason: str) -> dict[str, Sent]:
+        """Broker down: record the updates as spooled in the outbox, or tell that nothing was recorded."""
         try:
             outbox.spool_all(self.outbox_collection(), jobs, reason)
         except MesError as exc:
-            kept = [job for job in jobs if job.job_id in recorded]
-            lost = [job for job in jobs if job.job_id not in recorded]
             error = QueueError(
                 f"nothing was recorded: the broker refused it ({reason}) "
                 f"and the outbox is unreachable ({exc.message})"
             )
-            if kept:  # kept as "sent": the relay re-sends them after the grace period
-                log.warning("broker down, %s stays in the outbox as sent: %s", _which(kept), reason)
-            if lost:
-                log.error("could not enqueue nor spool %s: %s", _which(lost), error.message)
-            return {job.job_id: Sent(spooled=reason) for job in kept} | {
-                job.job_id: Sent(recorded=False, error=error) for job in lost
-            }
+            log.error("could not enqueue nor spool %s: %s", _which(jobs), error.message)
+            return {job.job_id: Sent(recorded=False, error=error) for job in jobs}
         log.warning("broker down, spooled %s to the outbox: %s", _which(jobs), reason)
         return {job.job_id: Sent(spooled=reason) for job in jobs}
+
+    def publish(
+        self, job_id: str, args: list[Any], kwargs: dict[str, Any], options: dict[str, Any] | None = None
+    ) -> AsyncResult:
+        """Send one update to the broker, unrecorded, within the deadline; see the module's ``publish``."""
+        args, kwargs = bind_update(args, kwargs)  # TypeError: an entry that can never be sent
+        given = {"ignore_result": True} if options is None else options
+        job = Job(job_id, args, kwargs)
+        return _within_deadline(lambda: self._publish_one(job, given))
+
+    def publish_all(self, jobs: Sequence[Job]) -> None:
+        """Send validated updates on one pooled producer, in one Redis pipeline, within the deadline.
+
+        kombu (5.7 and later) buffers each message's LPUSH in a pipeline (``Producer.batch``),
+        flushed here and checked: the pipeline's replies are read, so a return means the
+        broker took every message. Without it, or on a transport that cannot batch, the
+        messages go one by one, still on one producer and connection.
+
+        Raises:
+            The last broker error when every attempt failed: then no message was sent or, when
+            the pipeline itself failed (kombu's ``BatchPublishError``), some may have been.
+        """
+        _within_deadline(lambda: self._publish_batch(jobs))
+
+    def _publish_one(self, job: Job, options: dict[str, Any]) -> AsyncResult:
+        pool, events = self._publishing()
+        with pool.acquire(block=True) as producer:
+            return _send_task(
+                job, {**options, "retry": False, "producer": producer, "event_dispatcher": events}
+            )
+
+    def _publish_batch(self, jobs: Sequence[Job]) -> None:
+        pool, events = self._publishing()
+        with pool.acquire(block=True) as producer:
+            options = {**BATCH_OPTIONS, "producer": producer, "event_dispatcher": events}
+            if not producer.supports_batch_publish:
+                for job in jobs:
+                    _send_task(job, options)
+                return
+            with producer.batch(max_size=BATCH_OPS_PER_UPDATE * len(jobs)) as batch:
+                for job in jobs:
+                    _send_task(job, options)
+                batch.flush()  # raises where leaving the context could skip an aborted batch
+
+    def _publishing(self) -> tuple[Any, Any]:
+        """This producer's broker connections and task-sent event dispatcher (made on first use)."""
+        with self._lock:
+            if self._publishers is None:
+                self._publishers = _publishers(self.settings)
+            return self._publishers
 
     def _answers(self, jobs: Sequence[Job], sent: dict[str, Sent]) -> dict[str, dict[str, Any]]:
         """Each update's result dict, by job id; the queue is read once, if any was queued."""
@@ -287,7 +377,8 @@ class Producer:
             *lengths, apply_ms = pipe.execute()
         except redis.RedisError:
             return None, None
-        return round(sum(lengths) / len(queues)), float(apply_ms) if apply_ms else DEFAULT_APPLY_MS
+        self._seen = round(sum(lengths) / len(queues)), float(apply_ms) if apply_ms else DEFAULT_APPLY_MS
+        return self._seen
 
 
 def estimated_delay_ms(length: int | None, per_update_ms: float | None, behind: int = 0) -> int | None:
@@ -333,10 +424,22 @@ def _job(req: UpdateRequest) -> Job:
     return Job(job_id, [req.work_order_id, req.kind, req.quantity], kwargs)
 
 
-def _slots(items: Iterable[Any]) -> list[Job | int | dict[str, Any]]:
-    """Per item: its job, the index of an earlier item with the same update, or its refusal."""
+def _listed(items: Iterable[Any]) -> list[Any]:
     if isinstance(items, str | bytes | dict):
         raise TypeError(f"submit_quantity_updates takes a list of items, not a {type(items).__name__}")
+    return list(items)
+
+
+def _too_large(n: int) -> list[dict[str, Any]]:
+    """Every item's answer to a batch of ``n`` items, more than ``MAX_BATCH_ITEMS``."""
+    refusal = refused(ValidationError(
+        f"a batch takes at most {MAX_BATCH_ITEMS:,} items and this one has {n:,}: nothing was sent; "
+        "send it as several batches", code="BATCH_TOO_LARGE"))  # fmt: skip
+    return [dict(refusal) for _ in range(n)]
+
+
+def _slots(items: list[Any]) -> list[Job | int | dict[str, Any]]:
+    """Per item: its job, the index of an earlier item with the same update, or its refusal."""
     slots: list[Job | int | dict[str, Any]] = []
     first: dict[str, tuple[int, Job]] = {}  # request id -> the item that carries it first
     for i, item in enumerate(items):
@@ -361,14 +464,6 @@ def _repeated(at: int, earlier: Job, job: Job) -> int | dict[str, Any]:
     return refused(conflict)
 
 
-def _started(call: Callable[[], T]) -> Callable[[], T]:
-    """``call``, started on a thread of its own; the function returned waits for its result."""
-    pool = ThreadPoolExecutor(max_workers=1)
-    future = pool.submit(call)
-    pool.shutdown(wait=False)
-    return future.result
-
-
 def _which(jobs: Sequence[Job]) -> str:
     """Updates as a log line names them: the request id of one, the number of several."""
     return str(jobs[0].kwargs["request_id"]) if len(jobs) == 1 else f"{len(jobs)} updates"
@@ -379,8 +474,11 @@ def publish(
 ) -> AsyncResult:
     """Send one update to the broker under ``job_id``, by task name, unrecorded (the relay's way).
 
-    ``options``: ``apply_async`` options of a ``.delay()`` caller, passed on over the
-    bounded publish retry (``PUBLISH_OPTIONS``), which a caller cannot switch off.
+    On this process's producer (``default_producer``): a broker that refuses or has gone
+    silent is given up within about ``PUBLISH_DEADLINE_S``, and the error raised.
+
+    ``options``: ``apply_async`` options of a ``.delay()`` caller, passed on; a caller cannot
+    switch on kombu's own publish retry, nor choose the producer.
 
     ``ignore_result``: with a Redis result backend every ``apply_async`` otherwise
     subscribes the producer to the task's result channel, a subscription that only a
@@ -388,43 +486,39 @@ def publish(
     then blocks the call for the backend's ~20 s of reconnect retries. The outcome of an
     update is its ``QuantityLog`` or ``FailedUpdate``.
     """
-    args, kwargs = bind_update(args, kwargs)  # TypeError: an entry that can never be sent
-    given = {"ignore_result": True} if options is None else options
-    return _send_task(Job(job_id, args, kwargs), {**given, **PUBLISH_OPTIONS})
+    return default_producer().publish(job_id, args, kwargs, options)
 
 
-def publish_all(jobs: Sequence[Job], before_flush: Callable[[], object] = lambda: None) -> None:
-    """Send validated updates by task name on one pooled producer, in one Redis pipeline.
-
-    kombu (5.7 and later) buffers each message's LPUSH in a pipeline that runs when the
-    batch ends (``Producer.batch``), right after ``before_flush`` returns; without it, or
-    on a transport that cannot batch, ``before_flush`` runs first and the messages go one
-    by one, still on one producer and connection. The batch is retried as a whole, with
-    the waits of ``PUBLISH_RETRY_POLICY``.
+def _within_deadline(call: Callable[[], T]) -> T:
+    """``call``, tried again after a broker outage while ``PUBLISH_DEADLINE_S`` allows.
 
     Raises:
-        The last broker error when every attempt failed: then no message was sent or, when
-        the pipeline itself failed (kombu's ``BatchPublishError``), some may have been.
+        The last error: not an outage, the attempts spent, or the deadline passed.
     """
-    policy, retries = PUBLISH_RETRY_POLICY, int(PUBLISH_RETRY_POLICY["max_retries"])
-    for attempt in range(retries + 1):
+    deadline, attempt = time.monotonic() + PUBLISH_DEADLINE_S, 1
+    while True:
         try:
-            return _publish_batch(jobs, before_flush)
+            return call()
         except Exception as exc:
-            if attempt == retries or not is_outage(exc):
+            late = time.monotonic() + PUBLISH_RETRY_WAIT_S + PUBLISH_TIMEOUT_S > deadline
+            if late or attempt >= PUBLISH_ATTEMPTS or not is_outage(exc):
                 raise
-        time.sleep(min(policy["interval_start"] + attempt * policy["interval_step"], policy["interval_max"]))
+        attempt += 1
+        time.sleep(PUBLISH_RETRY_WAIT_S)
 
 
-def _publish_batch(jobs: Sequence[Job], before_flush: Callable[[], object]) -> None:
-    with app.producer_or_acquire() as producer:
-        batched = getattr(producer, "supports_batch_publish", False)
-        if not batched:
-            before_flush()
-        with producer.batch(max_size=BATCH_OPS_PER_UPDATE * len(jobs)) if batched else nullcontext():
-            for job in jobs:
-                _send_task(job, {**BATCH_OPTIONS, "producer": producer})
-            before_flush()
+def _publishers(settings: Settings) -> tuple[Any, Any]:
+    """Broker connections for publishing only, every wait on them bounded (``PUBLISH_TIMEOUT_S``),
+    and the dispatcher of the task-sent events that go out with the updates.
+
+    An event that cannot go out fails its update's publish, and so spools the update, instead
+    of waiting in a buffer of Celery's that nothing ever sends.
+    """
+    conn = app.connection_for_write(settings.redis_transport_url, transport_options=PUBLISH_TRANSPORT_OPTIONS)
+    pool = ProducerPool(  # type: ignore[no-untyped-call]
+        conn.Pool(limit=PUBLISH_POOL_LIMIT), limit=PUBLISH_POOL_LIMIT, Producer=app.amqp.Producer
+    )
+    return pool, app.events.Dispatcher(connection=conn, enabled=False, buffer_while_offline=False)
 
 
 def _send_task(job: Job, options: dict[str, Any]) -> AsyncResult:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -16,7 +17,7 @@ from conftest import Worker, make_work_orders, wait_until, with_redis_down
 from devtools.devserver import Service
 from mes_tasks.db import Mongo
 from mes_tasks.keys import apply_ms_key, unrecorded_key
-from mes_tasks.models import OutboxMessage, QuantityLog, WorkOrder
+from mes_tasks.models import OutboxMessage, QuantityLog, WorkOrder, utcnow
 from mes_tasks.names import WORKORDER_QUEUE
 from mes_tasks.producer import Producer, submit_quantity_update, submit_quantity_updates
 from mes_tasks.settings import Settings
@@ -142,7 +143,9 @@ def test_a_batch_sent_while_redis_is_down_is_spooled_and_applied_once_after_it_r
     start_worker()
     assert relay_outbox(grace_s=60)["published"] == 10
     wait_until(lambda: QuantityLog.objects.count() == 11, 60, "the spooled batch applied")
-    relay_outbox(grace_s=60)  # each entry settled once its update has an outcome
+    past = utcnow() - timedelta(minutes=1)  # every entry's turn passed: the relay looks at each
+    OutboxMessage._get_collection().update_many({"state": "sent"}, {"$set": {"sent_at": past}})
+    assert relay_outbox(grace_s=0)["settled"] == 11  # each entry settled: it has its outcome
     assert OutboxMessage.objects.count() == 0
     assert relay_outbox(grace_s=0) == {"published": 0, "settled": 0, "republished": 0, "set_aside": 0}
     wo = WorkOrder.objects.get(id="WO-1")
@@ -169,3 +172,42 @@ def test_with_mongodb_down_a_batch_is_queued_and_counted_as_unrecorded(
     assert {(r["code"], r["recorded"]) for r in results} == {("QUEUED", False)}
     assert producer.unrecorded == 5 and redis_client.get(unrecorded_key("mes:")) == "5"
     assert redis_client.llen(WORKORDER_QUEUE) == 5
+
+
+def test_a_batch_larger_than_the_limit_is_refused_whole_with_the_limit_and_nothing_is_sent(
+    mongo: Mongo, redis_client: redis.Redis
+) -> None:
+    from mes_tasks.producer import MAX_BATCH_ITEMS
+
+    results = submit_quantity_updates(
+        [item("WO-1", "input", 1, f"big-{i}") for i in range(MAX_BATCH_ITEMS + 1)]
+    )
+    assert len(results) == MAX_BATCH_ITEMS + 1
+    assert {(r["success"], r["code"], r["job_id"]) for r in results} == {(False, "BATCH_TOO_LARGE", None)}
+    assert f"at most {MAX_BATCH_ITEMS:,}" in results[0]["error"]
+    assert OutboxMessage.objects.count() == 0 and redis_client.llen(WORKORDER_QUEUE) == 0
+
+
+def test_the_relay_never_takes_an_update_of_a_batch_still_being_written_for_lost(
+    mongo: Mongo, redis_client: redis.Redis
+) -> None:
+    import threading
+
+    stop, resent = threading.Event(), []
+
+    def relay_all_along() -> None:  # as beat would, with no grace at all
+        while not stop.is_set():
+            resent.append(relay_outbox(grace_s=0)["republished"])
+
+    relaying = threading.Thread(target=relay_all_along)
+    relaying.start()
+    try:
+        results = submit_quantity_updates([item("WO-1", "input", 1, f"w-{i}") for i in range(3000)])
+    finally:
+        stop.set()
+        relaying.join()
+    assert {r["code"] for r in results} == {"QUEUED"}
+    assert (
+        len(resent) > 1 and sum(resent) == 0
+    )  # the relay ran while the batch was written, and re-sent nothing
+    assert redis_client.llen(WORKORDER_QUEUE) == 3000

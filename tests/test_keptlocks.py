@@ -294,7 +294,7 @@ def test_two_keepers_each_waiting_for_a_lock_the_other_keeps_let_theirs_go_inste
 ) -> None:
     """A change of N puts one work order's updates in two queues, applied by two workers."""
     make_work_orders(["WO-1", "WO-2"])
-    waiting = dataclasses.replace(settings, lock_wait_s=2.0)
+    waiting = dataclasses.replace(settings, lock_wait_s=5.0, visibility_timeout_s=600.0)
     first, second = (Ledger(mongo, redis_client, waiting, KeptLocks(60.0)) for _ in range(2))
     apply(first, "a1", "WO-1")
     apply(second, "b1", "WO-2")  # each keeps the lock the other is about to want
