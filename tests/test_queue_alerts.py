@@ -14,15 +14,13 @@ import redis
 import yaml
 from test_metrics import Samples, scrape, value
 from test_prometheus_rules import RULES, STEP_S, TARGET, TEST_NOW_S, input_series, promtool, run, series_name
+from test_queues import send_as_four_partitions
 
-from conftest import make_work_orders
 from mes_tasks.app import app
 from mes_tasks.doctor import FAIL, OK, Context, check_unconsumed
 from mes_tasks.keys import lease_key, pause_key, update_counts_key
 from mes_tasks.metrics import Tally, registry_for
 from mes_tasks.models import OutboxMessage, utcnow
-from mes_tasks.partitions import partition_of, queue_of
-from mes_tasks.producer import submit_quantity_update
 from mes_tasks.settings import Settings, get_settings
 from mes_tasks.worker import STATE
 
@@ -34,13 +32,7 @@ LAG_S = 90.0  # the age every waiting update is given: "1m 30s" in the alert's s
 
 def fill_four_partitions(env_override: Callable[..., None]) -> dict[str, int]:
     """Updates a producer on MES_PARTITIONS=4 sent, 90 s ago; per queue."""
-    env_override(MES_PARTITIONS="4")
-    make_work_orders(WOS)
-    per_queue: dict[str, int] = {}
-    for wo in WOS:
-        assert submit_quantity_update(wo, "input", 1, request_id=f"a-{wo}")["code"] == "QUEUED"
-        queue = queue_of(partition_of(wo, 4))
-        per_queue[queue] = per_queue.get(queue, 0) + 1
+    per_queue = send_as_four_partitions(env_override, WOS, "a")
     OutboxMessage.objects.update(set__created_at=utcnow() - timedelta(seconds=90))
     return per_queue
 

@@ -23,15 +23,23 @@ def cli(*args: str) -> Result:
     return CliRunner().invoke(celery, ["-A", "mes_tasks", *args])
 
 
-def send_on_four_partitions(env_override: Callable[..., None]) -> dict[str, int]:
+def send_as_four_partitions(
+    env_override: Callable[..., None], work_orders: list[str], tag: str
+) -> dict[str, int]:
     """One update per work order, routed as a producer on MES_PARTITIONS=4 does; per queue."""
     env_override(MES_PARTITIONS="4")
-    make_work_orders(WORK_ORDERS)
+    make_work_orders(work_orders)
     per_queue: dict[str, int] = {}
-    for wo in WORK_ORDERS:
-        assert submit_quantity_update(wo, "input", 1, request_id=f"left-{wo}")["code"] == "QUEUED"
+    for wo in work_orders:
+        assert submit_quantity_update(wo, "input", 1, request_id=f"{tag}-{wo}")["code"] == "QUEUED"
         queue = queue_of(partition_of(wo, 4))
         per_queue[queue] = per_queue.get(queue, 0) + 1
+    return per_queue
+
+
+def send_on_four_partitions(env_override: Callable[..., None]) -> dict[str, int]:
+    """``send_as_four_partitions``, then this process on MES_PARTITIONS=2."""
+    per_queue = send_as_four_partitions(env_override, WORK_ORDERS, "left")
     env_override(MES_PARTITIONS="2")
     return per_queue
 

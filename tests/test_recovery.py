@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import redis
 from bson.binary import Binary
+from kombu import Connection
 
 from conftest import DEFAULT_TIMINGS, Worker, make_work_orders, wait_until, with_redis_down
 from devtools.devserver import Service
@@ -240,21 +242,27 @@ def test_a_consume_whose_brpop_goes_unanswered_is_reconnected_and_applies_again_
     assert WorkOrder.objects.get(id="WO-1").input_qty == 4
 
 
+def delivered_once(conn: Connection, queue: str) -> tuple[Any, Any]:
+    """A worker's kind of channel (prefetch 1, failed acks freeing their slot) and the one
+    message it was delivered from ``queue``."""
+    from mes_tasks.consumer import _free_slot_on_failed_ack
+
+    channel = conn.default_channel
+    _free_slot_on_failed_ack(channel)
+    channel.basic_qos(prefetch_count=1)
+    channel.queue_declare(queue)
+    channel.basic_publish(channel.prepare_message("x"), exchange="", routing_key=queue)
+    message = channel.basic_get(queue)
+    assert message is not None
+    return channel, message
+
+
 def test_an_ack_that_fails_on_the_connection_frees_its_prefetch_slot(servers: dict[str, Service]) -> None:
     """kombu's Redis ack, failing, left the one prefetch slot taken (the chaos run saw a worker
     that then fetched nothing more); the worker's channel frees it, and the ack still fails."""
-    from kombu import Connection
-
-    from mes_tasks.consumer import _free_slot_on_failed_ack
-
     with Connection(f"redis://127.0.0.1:{servers['redis'].port}/3") as conn:
-        channel = conn.default_channel
-        _free_slot_on_failed_ack(channel)
-        channel.basic_qos(prefetch_count=1)
-        channel.queue_declare("ack-test")
-        channel.basic_publish(channel.prepare_message("x"), exchange="", routing_key="ack-test")
-        message = channel.basic_get("ack-test")  # delivered: it takes the one slot
-        assert message is not None and not channel.qos.can_consume()
+        channel, message = delivered_once(conn, "ack-test")
+        assert not channel.qos.can_consume()  # delivered: it takes the one slot
         with pytest.raises(channel.connection_errors):
             with_redis_down(servers, lambda: channel.qos.ack(message.delivery_tag))
         assert channel.qos.can_consume()
@@ -310,18 +318,8 @@ def test_a_late_ack_on_a_channel_already_closed_is_a_connection_error_not_the_wo
 ) -> None:
     """A consumer restart closes the channel; an ack that comes after (a task finishing) found no
     client, an AttributeError Celery let end the worker with "Unrecoverable error"."""
-    from kombu import Connection
-
-    from mes_tasks.consumer import _free_slot_on_failed_ack
-
     with Connection(f"redis://127.0.0.1:{servers['redis'].port}/3") as conn:
-        channel = conn.default_channel
-        _free_slot_on_failed_ack(channel)
-        channel.basic_qos(prefetch_count=1)
-        channel.queue_declare("ack-closed")
-        channel.basic_publish(channel.prepare_message("x"), exchange="", routing_key="ack-closed")
-        message = channel.basic_get("ack-closed")
-        assert message is not None
+        channel, message = delivered_once(conn, "ack-closed")
         # The state kombu's collect() leaves when the channel's close failed first (a dead
         # socket): the transport without its client, the channel without its pool.
         channel._pool, conn.transport.client = None, None
