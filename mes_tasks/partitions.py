@@ -62,10 +62,3 @@ def is_workorder_queue(name: str) -> bool:
 def index_of(name: str) -> int | None:
     """The partition number of ``workorder.{i}``; None for ``workorder`` itself."""
     return int(name.partition(SEP)[2]) if name != WORKORDER_QUEUE and is_workorder_queue(name) else None
-
-
-def relayed_queues(partitions: int) -> list[str]:
-    """Where the outbox relay looks for updates still held by the broker: the current
-    queues, and ``workorder`` itself while partitions are on (a change from N = 1)."""
-    queues = queue_names(partitions)
-    return queues if partitions == 1 else [WORKORDER_QUEUE, *queues]

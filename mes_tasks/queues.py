@@ -17,17 +17,15 @@ from mes_tasks.partitions import every_queue, queue_names
 UNACKED_KEY = "unacked"  # kombu's hash of delivered, unacknowledged messages (all queues)
 
 
-def holding(client: Any, waiting: bool = True, in_flight: bool = True) -> list[str]:
-    """Every workorder queue, whatever N, with messages waiting (and/or) in flight."""
+def holding(client: Any) -> list[str]:
+    """Every workorder queue, whatever N, with messages waiting or in flight."""
     names = every_queue()
     with redis_errors():
-        lengths = [0] * len(names)
-        if waiting:
-            pipe = client.pipeline(transaction=False)
-            for queue in names:
-                pipe.llen(queue)
-            lengths = pipe.execute()
-        delivered = in_flight_by_queue(client, UNACKED_KEY) if in_flight else {}
+        pipe = client.pipeline(transaction=False)
+        for queue in names:
+            pipe.llen(queue)
+        lengths = pipe.execute()
+        delivered = in_flight_by_queue(client, UNACKED_KEY)
     return [q for q, n in zip(names, lengths, strict=True) if n or delivered.get(q)]
 
 

@@ -29,8 +29,7 @@ from mes_tasks.broker import routing_keys
 from mes_tasks.keys import lease_key, members_key
 from mes_tasks.owners import owner_of
 from mes_tasks.partitions import every_queue, index_of, queue_names
-
-UNACKED_KEY = "unacked"  # kombu's hash of delivered, unacknowledged messages (all queues)
+from mes_tasks.queues import UNACKED_KEY
 
 # A queue with messages and no holder for this long is taken by any worker, above its share:
 # two ticks, time for a worker under its share to take it first.
