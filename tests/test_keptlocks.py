@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -25,6 +26,7 @@ from mes_tasks.models import QuantityLog, WorkOrder
 from mes_tasks.settings import Settings
 from mes_tasks.tasks import update_quantity
 from mes_tasks.validation import validate_update
+from mes_tasks.worker import RELEASE_CHECK_S
 
 PREFIX = "mes:"
 KEY = lock_key(PREFIX, "WO-1")
@@ -299,12 +301,19 @@ def test_two_keepers_each_waiting_for_a_lock_the_other_keeps_let_theirs_go_inste
     apply(first, "a1", "WO-1")
     apply(second, "b1", "WO-2")  # each keeps the lock the other is about to want
     errors: list[Exception] = []
+    done: list[str] = []
 
     def cross(ledger: Ledger, request_id: str, wo: str) -> None:
         try:
             apply(ledger, request_id, wo)
         except Exception as exc:
             errors.append(exc)
+        done.append(request_id)
+        deadline = time.monotonic() + 30
+        while len(done) < 2 and time.monotonic() < deadline:  # a worker between tasks:
+            assert ledger.kept is not None  # its ReleaseKeptLocks step lets a wanted lock go
+            ledger.kept.release_idle()
+            time.sleep(RELEASE_CHECK_S)
 
     threads = [threading.Thread(target=cross, args=(first, "a2", "WO-2")),
                threading.Thread(target=cross, args=(second, "b2", "WO-1"))]  # fmt: skip
