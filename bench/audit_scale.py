@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from mes_tasks import db
-from mes_tasks.audit import run_audit
+from mes_tasks.audit.checks import run_audit
 from mes_tasks.models import QuantityLog, WorkOrder
 from mes_tasks.settings import Settings
 

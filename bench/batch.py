@@ -39,7 +39,7 @@ Update = tuple[tuple[Any, ...], dict[str, Any]]
 def senders(batch: int) -> dict[str, Callable[[list[Update]], None]]:
     import classic
 
-    from mes_tasks.producer import submit_quantity_update, submit_quantity_updates
+    from mes_tasks.send.producer import submit_quantity_update, submit_quantity_updates
 
     def one_by_one(todo: list[Update]) -> None:
         for args, kwargs in todo:

@@ -129,7 +129,7 @@ def prepare_here(design: str, n: int, tag: str, half: int | None) -> None:
 
 
 def enqueue(todo: list[dict[str, Any]]) -> None:
-    from mes_tasks.producer import submit_quantity_updates
+    from mes_tasks.send.producer import submit_quantity_updates
 
     for start in range(0, len(todo), ENQUEUE_BATCH):
         refused = [
@@ -320,8 +320,8 @@ class Bench:
     def ledger(self) -> Any:
         """The floor's ledger, in this process, on the first deployment (one partition)."""
         from mes_tasks import db
-        from mes_tasks.keptlocks import KeptLocks
-        from mes_tasks.ledger import Ledger
+        from mes_tasks.apply.keptlocks import KeptLocks
+        from mes_tasks.apply.ledger import Ledger
         from mes_tasks.settings import get_settings
 
         settings = get_settings()

@@ -122,7 +122,7 @@ class Stack:
 
 
 def backlog(stack: Stack, n: int, relay: bool) -> dict[str, Any]:
-    from mes_tasks.producer import submit_quantity_updates
+    from mes_tasks.send.producer import submit_quantity_updates
 
     todo, started = items(n, "backlog"), time.monotonic()
     for at in range(0, n, ENQUEUE_BATCH):
@@ -139,7 +139,7 @@ def backlog(stack: Stack, n: int, relay: bool) -> dict[str, Any]:
 
 
 def outage(stack: Stack, n: int) -> dict[str, Any]:
-    from mes_tasks.producer import submit_quantity_updates
+    from mes_tasks.send.producer import submit_quantity_updates
 
     stack.start_worker()
     stack.start_relay()
@@ -156,7 +156,7 @@ def outage(stack: Stack, n: int) -> dict[str, Any]:
 
 
 def big_batch(stack: Stack, n: int) -> dict[str, Any]:
-    from mes_tasks.producer import submit_quantity_updates
+    from mes_tasks.send.producer import submit_quantity_updates
 
     started = time.monotonic()
     codes: dict[str, int] = {}

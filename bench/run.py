@@ -200,8 +200,8 @@ def throughput(n: int, rounds: int, tmp: Path, profile: Path | None = None) -> d
 
     from devtools.devserver import worker_argv
     from mes_tasks import db
-    from mes_tasks.keptlocks import KeptLocks
-    from mes_tasks.ledger import Ledger
+    from mes_tasks.apply.keptlocks import KeptLocks
+    from mes_tasks.apply.ledger import Ledger
     from mes_tasks.models import OutboxMessage, QuantityLog, WorkOrder
     from mes_tasks.settings import get_settings
     from mes_tasks.tasks import update_quantity

@@ -87,7 +87,7 @@ def produce(
     run: Run, rate: float, dup_share: float, limit: int | None, stop: threading.Event, seed: int
 ) -> None:
     """Valid updates at ``rate`` per second (a share re-sent with the same request id) until ``stop``."""
-    from mes_tasks.producer import Producer
+    from mes_tasks.send.producer import Producer
 
     producer = Producer()
     work_orders = [d["_id"] for d in run.db.work_orders.find({"_id": {"$regex": "^CH-[0-9]+$"}})]
@@ -164,7 +164,7 @@ def inject_all(run: Run, schedule: list[str], recovery_wait_s: float, applied: s
 
 def verify(run: Run, watch: Watch | None = None) -> tuple[list[Row], dict[str, int]]:
     """One row per fault, and the totals; with a ``watch``, its consumption figures too."""
-    from mes_tasks.audit import run_audit
+    from mes_tasks.audit.checks import run_audit
     from mes_tasks.models import QuantityLog
 
     done: dict[str, Outcome] = outcomes(run.db)
@@ -305,7 +305,7 @@ def run_chaos(args: argparse.Namespace, tmp: Path) -> int:
 def start_watch(run: Run) -> Watch:
     """The watch on the queues, reading Redis directly and asking the workers as an operator would."""
     from mes_tasks.app import app
-    from mes_tasks.status import consumers
+    from mes_tasks.ops.status import consumers
 
     def ask() -> dict[str, list[str]]:
         return {q: [w.split("@")[0] for w in ws] for q, ws in consumers(app).items()}

@@ -110,8 +110,8 @@ def restart(name: str) -> Callable[[Run, Injection], None]:
 
 
 def kept_locks(run: Run) -> int:
+    from mes_tasks.ops.status import held_locks
     from mes_tasks.settings import get_settings
-    from mes_tasks.status import held_locks
 
     return len(held_locks(run.redis, get_settings().key_prefix))
 
@@ -150,7 +150,7 @@ def loss(name: str) -> Callable[[Run, Injection], None]:
 
 def queue_pause(run: Run, inj: Injection) -> None:
     """Operator pause, restart of the active worker, resume: nothing applied while paused, one consumer."""
-    from mes_tasks.status import pause as pause_queue
+    from mes_tasks.ops.status import pause as pause_queue
 
     if not _operator(inj, pause_queue):
         return
@@ -182,7 +182,7 @@ def _operator(inj: Injection, action: Callable[..., list[str]]) -> bool:
 
 
 def _resume(inj: Injection) -> bool:
-    from mes_tasks.status import resume
+    from mes_tasks.ops.status import resume
 
     return _operator(inj, resume)
 
@@ -196,7 +196,7 @@ def _applied_while_paused(run: Run, inj: Injection, since: float) -> None:
 def _one_consumer(run: Run, inj: Injection) -> None:
     from mes_tasks.app import app
     from mes_tasks.errors import MesError
-    from mes_tasks.status import consumers
+    from mes_tasks.ops.status import consumers
 
     seen: list[list[str]] = []
     deadline = time.monotonic() + CONSUMER_WATCH_S
@@ -244,9 +244,9 @@ def _netted_out(run: Run, work_orders: list[str]) -> list[str]:
 
 def retry_then_loss(run: Run, inj: Injection) -> None:
     """A dead letter retried while paused, its message then lost from the broker: still applied."""
-    from mes_tasks.deadletter import retry_failed
+    from mes_tasks.apply.deadletter import retry_failed
     from mes_tasks.models import FailedUpdate
-    from mes_tasks.status import pause as pause_queue
+    from mes_tasks.ops.status import pause as pause_queue
     from mes_tasks.tasks import update_quantity
 
     n = len(run.injections)
@@ -287,7 +287,7 @@ def remove_waiting(client: redis.Redis, task_id: str, queue: str = "workorder") 
 
 def malformed_call(run: Run, inj: Injection) -> None:
     """A .delay() that cannot bind is refused at the call site; a poisoned outbox entry blocks nothing."""
-    from mes_tasks.outbox import spool
+    from mes_tasks.send.outbox import spool
     from mes_tasks.tasks import update_quantity
 
     n = len(run.injections)
@@ -311,7 +311,7 @@ def malformed_call(run: Run, inj: Injection) -> None:
 
 
 def bad_input(run: Run, inj: Injection) -> None:
-    from mes_tasks.producer import submit_quantity_update
+    from mes_tasks.send.producer import submit_quantity_update
     from mes_tasks.tasks import update_quantity
 
     n = len(run.injections)

@@ -256,7 +256,7 @@ class Run:
 
     def producer(self) -> Any:
         """The faults' own producer (the flow has another)."""
-        from mes_tasks.producer import Producer
+        from mes_tasks.send.producer import Producer
 
         with self._lock:
             if self._producer is None:

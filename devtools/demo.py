@@ -36,7 +36,7 @@ def plan(run: str, count: int, dup_share: float, bad_share: float, seed: int) ->
 
 def produce(args: tuple[list[dict[str, Any]], float, Any]) -> list[dict[str, Any]]:
     """One producer process: send its scans at ``rate`` per second, report progress."""
-    from mes_tasks.producer import submit_quantity_update
+    from mes_tasks.send.producer import submit_quantity_update
 
     scans, rate, progress = args
     results = []
@@ -64,7 +64,7 @@ def send_all(scans: list[dict[str, Any]], producers: int, rate: float) -> list[d
 
 def wait_for_drain(client: Any) -> None:
     """Until nothing waits in ``workorder`` and nothing is in flight, for two looks in a row."""
-    from mes_tasks.status import backlog
+    from mes_tasks.ops.status import backlog
 
     deadline = time.monotonic() + DRAIN_TIMEOUT_S
     quiet = 0
@@ -116,7 +116,7 @@ def ensure_stack() -> Child | None:
 
 
 def wait_for_worker(app: Any) -> None:
-    from mes_tasks.status import consumers
+    from mes_tasks.ops.status import consumers
 
     deadline = time.monotonic() + STACK_TIMEOUT_S
     while not consumers(app).get("workorder"):
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     from mes_tasks import app, db
-    from mes_tasks.audit import run_audit
+    from mes_tasks.audit.checks import run_audit
     from mes_tasks.models import WorkOrder
     from mes_tasks.settings import get_settings
 

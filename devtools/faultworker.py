@@ -1,4 +1,4 @@
-"""A celery process with a fault installed at one of ``mes_tasks.faults``' points.
+"""A celery process with a fault installed at one of ``mes_tasks.apply.faults``' points.
 
     python -m devtools.faultworker --hold written=60 -- -A mes_tasks worker -P solo ...
 
@@ -15,9 +15,9 @@ import sys
 import time
 from collections.abc import Sequence
 
-from mes_tasks import faults
+from mes_tasks.apply import faults
 
-log = logging.getLogger("mes_tasks.faults")
+log = logging.getLogger("mes_tasks.apply.faults")
 
 
 def hold(spec: str) -> tuple[str, float]:

@@ -12,13 +12,13 @@ from celery import Celery, signals
 
 from mes_tasks import db
 from mes_tasks.config import EXIT_CONFIG, configure
-from mes_tasks.consumer import BrokerWatchdog
 from mes_tasks.errors import MesError, one_line
 from mes_tasks.keys import first_start_key
-from mes_tasks.lease import SingleActiveConsumer
 from mes_tasks.names import RELAY_OUTBOX
 from mes_tasks.settings import REDIS_WAIT_POLL_S, REDIS_WAIT_REPORT_S, get_settings, mask_secrets, mask_url
-from mes_tasks.worker import ReleaseKeptLocks
+from mes_tasks.worker.active import SingleActiveConsumer
+from mes_tasks.worker.consumer import BrokerWatchdog
+from mes_tasks.worker.state import ReleaseKeptLocks
 
 log = logging.getLogger(__name__)
 

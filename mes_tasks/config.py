@@ -90,7 +90,7 @@ def celery_settings(s: Settings) -> dict[str, Any]:
         "worker_cancel_long_running_tasks_on_connection_loss": True,
         "worker_send_task_events": True,
         "task_send_sent_event": True,
-        "worker_consumer": "mes_tasks.consumer:Consumer",
+        "worker_consumer": "mes_tasks.worker.consumer:Consumer",
         # Beat evaluates the crontab in this zone; messages stay in UTC.
         "timezone": s.audit_timezone,
         "enable_utc": True,

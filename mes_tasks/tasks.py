@@ -14,10 +14,12 @@ from celery import Task
 from celery.exceptions import Reject
 from celery.result import AsyncResult
 
-from mes_tasks import broker, lease, metrics, outbox
-from mes_tasks.alerts import summary
+from mes_tasks import broker
 from mes_tasks.app import app
-from mes_tasks.deadletter import Failure, record_failure, record_repeat
+from mes_tasks.apply.deadletter import Failure, record_failure, record_repeat
+from mes_tasks.apply.ledger import Ledger
+from mes_tasks.audit.alerts import summary
+from mes_tasks.audit.reports import audit_and_report
 from mes_tasks.errors import (
     MesError,
     MongoUnavailable,
@@ -27,14 +29,15 @@ from mes_tasks.errors import (
     TransientError,
 )
 from mes_tasks.keys import negative_wait_key
-from mes_tasks.ledger import Ledger
 from mes_tasks.names import AUDIT_WORK_ORDERS, RELAY_OUTBOX, UPDATE_QUANTITY, WORKORDER_QUEUE
-from mes_tasks.producer import default_producer, publish
+from mes_tasks.ops import metrics
 from mes_tasks.queues import in_use
-from mes_tasks.reports import audit_and_report
+from mes_tasks.send import outbox
+from mes_tasks.send.producer import default_producer, publish
 from mes_tasks.settings import Settings, get_settings
 from mes_tasks.validation import check_work_order_id, readable, validate_update
-from mes_tasks.worker import STATE
+from mes_tasks.worker import active as lease
+from mes_tasks.worker.state import STATE
 
 log = logging.getLogger(__name__)
 

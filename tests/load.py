@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from devtools.load import plan as load_plan
-from mes_tasks.producer import submit_quantity_update
+from mes_tasks.send.producer import submit_quantity_update
 
 
 def plan(producers: int, updates: int, work_orders: int, seed: int = 7) -> list[list[dict[str, Any]]]:

@@ -16,12 +16,12 @@ import pytest
 import redis
 
 from conftest import make_work_orders
-from mes_tasks.audit import run_audit
+from mes_tasks.apply.ledger import Ledger
+from mes_tasks.audit.checks import run_audit
+from mes_tasks.audit.reports import audit_and_report, prune
 from mes_tasks.db import Mongo
 from mes_tasks.errors import LockBusy
-from mes_tasks.ledger import Ledger
 from mes_tasks.models import AuditReport, QuantityLog, WorkOrder, utcnow
-from mes_tasks.reports import audit_and_report, prune
 from mes_tasks.settings import Settings
 from mes_tasks.validation import validate_update
 

@@ -13,8 +13,8 @@ from celery.bin.celery import celery
 from click.testing import CliRunner, Result
 
 from conftest import Worker, make_work_orders, spawn, wait_until
+from mes_tasks.apply.ledger import Ledger
 from mes_tasks.db import Mongo
-from mes_tasks.ledger import Ledger
 from mes_tasks.models import AuditReport, WorkOrder
 from mes_tasks.settings import Settings
 from mes_tasks.validation import validate_update

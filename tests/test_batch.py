@@ -19,7 +19,7 @@ from mes_tasks.db import Mongo
 from mes_tasks.keys import apply_ms_key, unrecorded_key
 from mes_tasks.models import OutboxMessage, QuantityLog, WorkOrder, utcnow
 from mes_tasks.names import WORKORDER_QUEUE
-from mes_tasks.producer import Producer, submit_quantity_update, submit_quantity_updates
+from mes_tasks.send.producer import Producer, submit_quantity_update, submit_quantity_updates
 from mes_tasks.settings import Settings
 from mes_tasks.tasks import relay_outbox
 from mes_tasks.validation import MAX_UPDATE_BYTES
@@ -177,7 +177,7 @@ def test_with_mongodb_down_a_batch_is_queued_and_counted_as_unrecorded(
 def test_a_batch_larger_than_the_limit_is_refused_whole_with_the_limit_and_nothing_is_sent(
     mongo: Mongo, redis_client: redis.Redis
 ) -> None:
-    from mes_tasks.producer import MAX_BATCH_ITEMS
+    from mes_tasks.send.producer import MAX_BATCH_ITEMS
 
     results = submit_quantity_updates(
         [item("WO-1", "input", 1, f"big-{i}") for i in range(MAX_BATCH_ITEMS + 1)]

@@ -16,12 +16,12 @@ from celery.bin.celery import celery
 from click.testing import CliRunner, Result
 
 from conftest import REPO, TEST_ENV, Worker, make_work_orders, spawn_worker
-from mes_tasks.deadletter import Failure, record_failure
-from mes_tasks.doctor import INFO, Context, check_flower_auth
+from mes_tasks.apply.deadletter import Failure, record_failure
+from mes_tasks.apply.locks import RedisLock
 from mes_tasks.errors import UnknownWorkOrder
 from mes_tasks.keys import first_start_key, lock_key
-from mes_tasks.locks import RedisLock
 from mes_tasks.models import FailedUpdate
+from mes_tasks.ops.doctor import INFO, Context, check_flower_auth
 from mes_tasks.settings import Settings
 
 EXIT_ERROR = 2

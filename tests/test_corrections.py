@@ -9,7 +9,7 @@ import redis
 from conftest import Worker, make_work_orders, wait_until
 from devtools.devserver import Service
 from mes_tasks.models import FailedUpdate, QuantityLog, WorkOrder
-from mes_tasks.producer import Producer
+from mes_tasks.send.producer import Producer
 from mes_tasks.tasks import relay_outbox
 
 

@@ -11,7 +11,7 @@ from conftest import Worker, wait_until
 from devtools import demo
 from mes_tasks.db import Mongo
 from mes_tasks.keys import update_counts_key
-from mes_tasks.metrics import APPLIED, DEAD_LETTERED, DUPLICATE
+from mes_tasks.ops.metrics import APPLIED, DEAD_LETTERED, DUPLICATE
 from mes_tasks.settings import get_settings
 
 

@@ -8,7 +8,7 @@ import pytest
 from pymongo import MongoClient, monitoring
 
 from mes_tasks import db
-from mes_tasks.doctor import (
+from mes_tasks.ops.doctor import (
     FAIL,
     INFO,
     OK,

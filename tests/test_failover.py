@@ -11,8 +11,8 @@ from conftest import Worker, make_work_orders, wait_until
 from load import plan
 from mes_tasks.keys import lease_key, takeovers_key
 from mes_tasks.models import QuantityLog, WorkOrder
-from mes_tasks.producer import submit_quantity_update
-from mes_tasks.status import consumers
+from mes_tasks.ops.status import consumers
+from mes_tasks.send.producer import submit_quantity_update
 from mes_tasks.tasks import relay_outbox
 
 FAST = {"MES_LEASE_TTL_S": "2"}

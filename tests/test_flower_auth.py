@@ -114,7 +114,9 @@ def test_make_run_refuses_a_flower_password_with_a_comma_before_starting_anythin
     var = tmp_path / "var"
     argv = [sys.executable, "-m", "devtools.devserver", "run", "--var", str(var)]
     argv += [f"--{name}-port={free_port()}" for name in ("redis", "mongo", "flower")]
-    done = run(argv, MES_FLOWER_PASSWORD=f"{SECRET},{REST}")
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "MONGODB_URI")}  # its own stack
+    done = subprocess.run(argv, cwd=REPO, env={**env, "MES_FLOWER_PASSWORD": f"{SECRET},{REST}"},
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
     assert done.returncode == 1
     assert done.stderr.strip().startswith("[stack] cannot start Flower: MES_FLOWER_PASSWORD: ")
     assert SECRET not in done.stderr + done.stdout and "starting" not in done.stdout

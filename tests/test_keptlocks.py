@@ -14,19 +14,20 @@ import pytest
 import redis
 
 from conftest import Worker, make_work_orders, wait_until
-from mes_tasks import audit, db
+from mes_tasks import db
+from mes_tasks.apply.keptlocks import KeptLocks
+from mes_tasks.apply.ledger import Ledger
+from mes_tasks.apply.locks import RedisLock, owner_id
+from mes_tasks.audit import checks as audit
 from mes_tasks.db import Mongo
 from mes_tasks.errors import LockBusy, LockLost, NegativeCounter, RequestIdConflict, WriteConflict
-from mes_tasks.keptlocks import KeptLocks
 from mes_tasks.keys import lock_key, wanted_key
-from mes_tasks.lease import clear_predecessor_locks
-from mes_tasks.ledger import Ledger
-from mes_tasks.locks import RedisLock, owner_id
 from mes_tasks.models import QuantityLog, WorkOrder
 from mes_tasks.settings import Settings
 from mes_tasks.tasks import update_quantity
 from mes_tasks.validation import validate_update
-from mes_tasks.worker import RELEASE_CHECK_S
+from mes_tasks.worker.active import clear_predecessor_locks
+from mes_tasks.worker.state import RELEASE_CHECK_S
 
 PREFIX = "mes:"
 KEY = lock_key(PREFIX, "WO-1")

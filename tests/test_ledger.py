@@ -8,7 +8,8 @@ import pytest
 import redis
 
 from conftest import make_work_orders
-from mes_tasks import faults
+from mes_tasks.apply import faults
+from mes_tasks.apply.ledger import Ledger
 from mes_tasks.db import Mongo
 from mes_tasks.errors import (
     FenceLost,
@@ -18,7 +19,6 @@ from mes_tasks.errors import (
     UnknownWorkOrder,
     WriteConflict,
 )
-from mes_tasks.ledger import Ledger
 from mes_tasks.models import QuantityLog, WorkOrder
 from mes_tasks.settings import Settings
 from mes_tasks.validation import validate_update

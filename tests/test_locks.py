@@ -8,8 +8,8 @@ import time
 import pytest
 import redis
 
+from mes_tasks.apply.locks import CheckLine, RedisLock
 from mes_tasks.errors import LockBusy, LockLost, RedisUnavailable
-from mes_tasks.locks import CheckLine, RedisLock
 
 
 def lock(client: redis.Redis, ttl_s: float = 1.0, wait_s: float = 0.0, **kw: float) -> RedisLock:

@@ -25,6 +25,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import REPO, TEST_ENV, make_work_orders, wait_until
 from devtools.devserver import free_port
+from mes_tasks.apply.ledger import Ledger
+from mes_tasks.audit.reports import audit_and_report
 from mes_tasks.db import Mongo
 from mes_tasks.keys import (
     apply_histogram_key,
@@ -34,15 +36,13 @@ from mes_tasks.keys import (
     takeovers_key,
     update_counts_key,
 )
-from mes_tasks.ledger import Ledger
-from mes_tasks.metrics import DEAD_LETTERED, RETRIED, Tally, bucket_of, registry_for
 from mes_tasks.models import FailedUpdate, OutboxMessage, QuantityLog, WorkOrder, utcnow
 from mes_tasks.names import UPDATE_QUANTITY
-from mes_tasks.producer import submit_quantity_update
-from mes_tasks.reports import audit_and_report
+from mes_tasks.ops.metrics import DEAD_LETTERED, RETRIED, Tally, bucket_of, registry_for
+from mes_tasks.send.producer import submit_quantity_update
 from mes_tasks.settings import Settings
 from mes_tasks.tasks import update_quantity
-from mes_tasks.worker import STATE
+from mes_tasks.worker.state import STATE
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 PROMQL_WORDS = {"and", "or", "unless", "by", "without", "on", "ignoring", "group_left", "group_right",

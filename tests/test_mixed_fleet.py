@@ -13,11 +13,11 @@ from test_partitions import expect_exact, holders, partitioned  # noqa: F401 - a
 
 from conftest import Worker, make_work_orders, wait_until
 from mes_tasks.keys import lease_key
-from mes_tasks.lease import SingleActiveConsumer
 from mes_tasks.partitions import every_queue, queue_names
-from mes_tasks.producer import submit_quantity_update
 from mes_tasks.queues import in_use
+from mes_tasks.send.producer import submit_quantity_update
 from mes_tasks.settings import Settings
+from mes_tasks.worker.active import SingleActiveConsumer
 
 WOS = [f"M-{i:02d}" for i in range(16)]
 WATCH_S = 12.0

@@ -12,12 +12,12 @@ from click.testing import CliRunner, Result
 
 from conftest import Worker, make_work_orders, spawn, wait_until
 from devtools.devserver import worker_argv
-from mes_tasks.deadletter import Failure, record_failure
+from mes_tasks.apply.deadletter import Failure, record_failure
+from mes_tasks.apply.locks import RedisLock
 from mes_tasks.errors import UnknownWorkOrder
 from mes_tasks.keys import lock_key
-from mes_tasks.locks import RedisLock
 from mes_tasks.models import FailedUpdate, OutboxMessage, QuantityLog, WorkOrder
-from mes_tasks.producer import submit_quantity_update
+from mes_tasks.send.producer import submit_quantity_update
 from mes_tasks.tasks import relay_outbox
 
 

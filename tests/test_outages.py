@@ -19,7 +19,7 @@ from mes_tasks import broker
 from mes_tasks.app import app
 from mes_tasks.models import OutboxMessage
 from mes_tasks.names import WORKORDER_QUEUE
-from mes_tasks.producer import Producer
+from mes_tasks.send.producer import Producer
 from mes_tasks.settings import Settings
 
 ANSWER_BOUND_S = 3.0  # "about a second", with a generous margin for a loaded test machine

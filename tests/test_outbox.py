@@ -17,7 +17,7 @@ from mes_tasks.db import Mongo
 from mes_tasks.errors import QueueError
 from mes_tasks.models import OutboxMessage, QuantityLog, WorkOrder, utcnow
 from mes_tasks.names import WORKORDER_QUEUE
-from mes_tasks.producer import Producer
+from mes_tasks.send.producer import Producer
 from mes_tasks.settings import Settings
 from mes_tasks.tasks import relay_outbox, update_quantity
 
@@ -221,7 +221,7 @@ def test_a_poisoned_outbox_entry_is_set_aside_and_the_entries_behind_it_still_go
 def test_the_relay_reaches_every_spooled_entry_not_only_the_oldest_page(
     mongo: Mongo, redis_client: redis.Redis
 ) -> None:
-    from mes_tasks.outbox import RELAY_PAGE
+    from mes_tasks.send.outbox import RELAY_PAGE
 
     n = RELAY_PAGE * 2 + 10
     OutboxMessage._get_collection().insert_many([
@@ -242,7 +242,7 @@ def test_a_retried_dead_letter_stays_protected_until_it_has_an_outcome(
     from celery.bin.celery import celery
     from click.testing import CliRunner
 
-    from mes_tasks.deadletter import Failure, record_failure
+    from mes_tasks.apply.deadletter import Failure, record_failure
     from mes_tasks.errors import UnknownWorkOrder
     from mes_tasks.models import FailedUpdate
     from mes_tasks.tasks import UPDATE_QUANTITY

@@ -21,13 +21,13 @@ from prometheus_client import generate_latest
 from conftest import Worker, make_work_orders, wait_until
 from devtools.load import plan
 from mes_tasks.keys import lease_key
-from mes_tasks.metrics import registry_for
 from mes_tasks.models import FailedUpdate, QuantityLog, WorkOrder
+from mes_tasks.ops.metrics import registry_for
 from mes_tasks.partitions import index_of, is_workorder_queue, partition_of, queue_for, queue_names
-from mes_tasks.producer import submit_quantity_update
+from mes_tasks.send.producer import submit_quantity_update
 from mes_tasks.settings import get_settings
-from mes_tasks.sharing import fair_share
 from mes_tasks.tasks import relay_outbox
+from mes_tasks.worker.sharing import fair_share
 
 WOS = [f"P-{i:02d}" for i in range(16)]
 FAST = {"MES_LEASE_TTL_S": "2"}

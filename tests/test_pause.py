@@ -10,9 +10,9 @@ import redis
 
 from conftest import Worker, make_work_orders, wait_until
 from mes_tasks.models import QuantityLog
-from mes_tasks.producer import submit_quantity_update
+from mes_tasks.ops.status import consumers, pause, resume
+from mes_tasks.send.producer import submit_quantity_update
 from mes_tasks.settings import get_settings
-from mes_tasks.status import consumers, pause, resume
 
 
 def _app():  # type: ignore[no-untyped-def]

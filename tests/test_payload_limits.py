@@ -12,8 +12,8 @@ import pytest
 
 from conftest import Worker, make_work_orders, wait_until
 from mes_tasks.app import app
+from mes_tasks.apply.deadletter import MAX_HISTORY, Failure, record_failure
 from mes_tasks.db import Mongo
-from mes_tasks.deadletter import MAX_HISTORY, Failure, record_failure
 from mes_tasks.errors import MesError, ValidationError
 from mes_tasks.models import CONTEXT_FIELDS, FailedUpdate, QuantityLog, WorkOrder
 from mes_tasks.tasks import UPDATE_QUANTITY

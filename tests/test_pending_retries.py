@@ -15,11 +15,11 @@ import redis
 from conftest import DEFAULT_TIMINGS, Worker, make_work_orders, wait_until
 from devtools.devserver import Service
 from mes_tasks.broker import delivered_tags, delivery_times, restore_delivery
-from mes_tasks.handover import Handed, handed_due, liveness
 from mes_tasks.keys import handed_key, lease_owner_key, members_key, negative_wait_key
 from mes_tasks.models import QuantityLog, WorkOrder
-from mes_tasks.producer import submit_quantity_update
+from mes_tasks.send.producer import submit_quantity_update
 from mes_tasks.settings import NEGATIVE_WAIT_S
+from mes_tasks.worker.handover import Handed, handed_due, liveness
 
 # The goal: applying again, and every message a dead worker held back in a queue, within 5 s.
 BACK_WITHIN_S = 5.0

@@ -14,7 +14,7 @@ from conftest import Worker, make_work_orders, wait_until
 from load import plan, send
 from mes_tasks.keys import lock_key
 from mes_tasks.models import FailedUpdate, QuantityLog, WorkOrder
-from mes_tasks.producer import submit_quantity_update
+from mes_tasks.send.producer import submit_quantity_update
 from mes_tasks.tasks import update_quantity
 
 WORK_ORDERS = [f"WO-{i:03d}" for i in range(20)]

@@ -14,7 +14,7 @@ from devtools.devserver import Service
 from mes_tasks.keys import apply_ms_key
 from mes_tasks.models import QuantityLog
 from mes_tasks.names import WORKORDER_QUEUE
-from mes_tasks.producer import Producer, submit_quantity_update
+from mes_tasks.send.producer import Producer, submit_quantity_update
 
 # An error in a result handle's __del__ (a talk to a Redis that is down) fails the test.
 pytestmark = pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")

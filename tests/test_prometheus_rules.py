@@ -24,12 +24,12 @@ from test_metrics import Samples, scrape
 from conftest import REPO
 from devtools.devserver import DEV_METRICS_PORT
 from mes_tasks.app import app, prepare_worker
-from mes_tasks.doctor import AUDIT_MAX_AGE, INFO, OK, WARN, Context, check_audit
+from mes_tasks.apply.ledger import Ledger
+from mes_tasks.audit.reports import audit_and_report
 from mes_tasks.keys import first_start_key
-from mes_tasks.ledger import Ledger
-from mes_tasks.metrics import registry_for
 from mes_tasks.models import AuditReport
-from mes_tasks.reports import audit_and_report
+from mes_tasks.ops.doctor import AUDIT_MAX_AGE, INFO, OK, WARN, Context, check_audit
+from mes_tasks.ops.metrics import registry_for
 from mes_tasks.settings import Settings
 
 PROMTOOL_MISSING = "install Debian's prometheus package (apt-get install prometheus) for promtool"

@@ -21,14 +21,14 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from conftest import make_work_orders
-from mes_tasks import outbox
+from mes_tasks.apply.keptlocks import KeptLocks
+from mes_tasks.apply.ledger import ApplyResult, Ledger
 from mes_tasks.db import Mongo
 from mes_tasks.errors import FenceLost, LockLost, NegativeCounter
-from mes_tasks.keptlocks import KeptLocks
 from mes_tasks.keys import lock_key
-from mes_tasks.ledger import ApplyResult, Ledger
 from mes_tasks.models import ALL_MODELS, FailedUpdate, OutboxMessage, QuantityLog, WorkOrder
-from mes_tasks.producer import bind_update
+from mes_tasks.send import outbox
+from mes_tasks.send.producer import bind_update
 from mes_tasks.settings import Settings
 from mes_tasks.validation import UpdateRequest, validate_update
 

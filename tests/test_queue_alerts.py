@@ -17,12 +17,12 @@ from test_prometheus_rules import RULES, STEP_S, TARGET, TEST_NOW_S, input_serie
 from test_queues import send_as_four_partitions
 
 from mes_tasks.app import app
-from mes_tasks.doctor import FAIL, OK, Context, check_unconsumed
 from mes_tasks.keys import lease_key, pause_key, update_counts_key
-from mes_tasks.metrics import Tally, registry_for
 from mes_tasks.models import OutboxMessage, utcnow
+from mes_tasks.ops.doctor import FAIL, OK, Context, check_unconsumed
+from mes_tasks.ops.metrics import Tally, registry_for
 from mes_tasks.settings import Settings, get_settings
-from mes_tasks.worker import STATE
+from mes_tasks.worker.state import STATE
 
 __all__ = ["promtool"]  # a fixture
 WOS = [f"A-{i:02d}" for i in range(12)]

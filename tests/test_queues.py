@@ -12,8 +12,8 @@ from click.testing import CliRunner, Result
 from conftest import make_work_orders
 from mes_tasks.models import OutboxMessage
 from mes_tasks.partitions import partition_of, queue_of
-from mes_tasks.producer import submit_quantity_update
 from mes_tasks.queues import in_use, leftovers
+from mes_tasks.send.producer import submit_quantity_update
 from mes_tasks.tasks import relay_outbox
 
 WORK_ORDERS = [f"WO-{i}" for i in range(16)]

@@ -15,14 +15,14 @@ from kombu import Connection
 from conftest import DEFAULT_TIMINGS, Worker, make_work_orders, wait_until, with_redis_down
 from devtools.devserver import Service
 from devtools.faultproxy import FaultProxy
+from mes_tasks.apply.locks import RedisLock, owner_id
+from mes_tasks.apply.owners import holder_is_dead
+from mes_tasks.apply.sessions import end_others
 from mes_tasks.db import Mongo
 from mes_tasks.errors import LockBusy
 from mes_tasks.keys import lease_key, lock_key, sessions_key
-from mes_tasks.locks import RedisLock, owner_id
 from mes_tasks.models import QuantityLog, WorkOrder
-from mes_tasks.owners import holder_is_dead
-from mes_tasks.producer import submit_quantity_update
-from mes_tasks.sessions import end_others
+from mes_tasks.send.producer import submit_quantity_update
 from mes_tasks.tasks import relay_outbox
 
 # Far below the 60 s that MongoDB keeps an abandoned transaction; the chaos run reports
@@ -245,7 +245,7 @@ def test_a_consume_whose_brpop_goes_unanswered_is_reconnected_and_applies_again_
 def delivered_once(conn: Connection, queue: str) -> tuple[Any, Any]:
     """A worker's kind of channel (prefetch 1, failed acks freeing their slot) and the one
     message it was delivered from ``queue``."""
-    from mes_tasks.consumer import _free_slot_on_failed_ack
+    from mes_tasks.worker.consumer import _free_slot_on_failed_ack
 
     channel = conn.default_channel
     _free_slot_on_failed_ack(channel)
@@ -287,7 +287,7 @@ def test_a_lease_held_by_a_worker_on_another_host_is_taken_once_its_ttl_runs_out
 def test_a_lease_not_confirmed_for_a_ttl_is_not_held_even_before_its_watchdog_notices(
     redis_client: redis.Redis,
 ) -> None:
-    from mes_tasks.lease import Lease
+    from mes_tasks.worker.active import Lease
 
     lease = Lease(redis_client, lease_key("mes:"), 3.0)
     assert lease.try_acquire() and lease.held
@@ -299,7 +299,7 @@ def test_a_lease_not_confirmed_for_a_ttl_is_not_held_even_before_its_watchdog_no
 def test_a_worker_that_takes_the_lease_back_records_its_sessions_again(
     mongo: Mongo, redis_client: redis.Redis
 ) -> None:
-    from mes_tasks.sessions import SessionLog, forget_recorded
+    from mes_tasks.apply.sessions import SessionLog, forget_recorded
 
     log = SessionLog(redis_client, "mes:")
     with mongo.start_session() as session:

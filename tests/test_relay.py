@@ -10,12 +10,13 @@ from typing import Any
 
 import redis
 
-from mes_tasks import broker, outbox
+from mes_tasks import broker
 from mes_tasks.app import app
 from mes_tasks.db import Mongo
 from mes_tasks.models import OutboxMessage, QuantityLog, utcnow
 from mes_tasks.names import WORKORDER_QUEUE
-from mes_tasks.producer import Producer, publish
+from mes_tasks.send import outbox
+from mes_tasks.send.producer import Producer, publish
 from mes_tasks.tasks import relay_outbox
 
 RUN_BOUND_S = 3.0  # a run must end well before beat's next ones pile up; generous for a loaded machine

@@ -38,8 +38,8 @@ def feed(out: str) -> None:
 
     from devtools.load import plan
     from mes_tasks import db
-    from mes_tasks.outbox import settled_request_ids
-    from mes_tasks.producer import Producer
+    from mes_tasks.send.outbox import settled_request_ids
+    from mes_tasks.send.producer import Producer
     from mes_tasks.settings import get_settings
     from mes_tasks.tasks import relay_outbox
 
@@ -119,8 +119,8 @@ def test_a_connection_idle_through_a_failover_follows_the_new_master_when_the_ol
     import redis
 
     from mes_tasks import db
+    from mes_tasks.apply.locks import CheckLine, RedisLock
     from mes_tasks.errors import LockLost
-    from mes_tasks.locks import CheckLine, RedisLock
     from mes_tasks.settings import Settings
 
     client = db.redis_client(Settings(redis_url=topology.url(), connect_timeout_s=2))

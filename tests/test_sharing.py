@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mes_tasks.sharing import Member, decode, plan, ring, view_of
+from mes_tasks.worker.sharing import Member, decode, plan, ring, view_of
 
 UNTIL = 10**13
 Q = [f"workorder.{i}" for i in range(4)]

@@ -6,12 +6,12 @@ import sys
 
 import click
 
-from mes_tasks.alerts import summary
-from mes_tasks.audit import total_work_orders
+from mes_tasks.apply.ledger import Ledger
+from mes_tasks.audit.alerts import summary
+from mes_tasks.audit.checks import total_work_orders
+from mes_tasks.audit.reports import audit_and_report, get_report, report_dict
 from mes_tasks.cli.common import ConsoleGroup, echo_json, echo_table, json_option, stores
-from mes_tasks.ledger import Ledger
 from mes_tasks.models import AuditReport
-from mes_tasks.reports import audit_and_report, get_report, report_dict
 from mes_tasks.validation import check_work_order_id
 
 FINDING_HEADERS = ("work order", "check", "field", "counter", "log sum", "delta", "logs")

@@ -7,7 +7,7 @@ import sys
 import click
 
 from mes_tasks.cli.common import ConsoleCommand, echo_json, json_option
-from mes_tasks.doctor import FAIL, Context, run_checks, summary
+from mes_tasks.ops.doctor import FAIL, Context, run_checks, summary
 from mes_tasks.settings import get_settings
 
 COLOURS = {"OK": "green", "INFO": "cyan", "WARN": "yellow", "FAIL": "red"}

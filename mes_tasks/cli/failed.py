@@ -7,6 +7,7 @@ from typing import Any, TypeVar
 
 import click
 
+from mes_tasks.apply.deadletter import discard_failed, find_failed, get_failed, retry_failed
 from mes_tasks.cli.common import (
     ConsoleGroup,
     confirm,
@@ -16,7 +17,6 @@ from mes_tasks.cli.common import (
     stores,
     yes_option,
 )
-from mes_tasks.deadletter import discard_failed, find_failed, get_failed, retry_failed
 from mes_tasks.errors import ValidationError
 from mes_tasks.models import FAILED_STATUSES, FailedUpdate, QuantityLog
 from mes_tasks.tasks import update_quantity

@@ -8,7 +8,7 @@ from mes_tasks.cli.common import ConsoleGroup, confirm, echo_json, echo_table, j
 from mes_tasks.db import redis_errors
 from mes_tasks.errors import MesError
 from mes_tasks.keys import lock_key
-from mes_tasks.status import held_locks
+from mes_tasks.ops.status import held_locks
 from mes_tasks.validation import check_work_order_id
 
 

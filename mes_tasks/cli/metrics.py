@@ -12,7 +12,7 @@ from prometheus_client.exposition import ThreadingWSGIServer
 from mes_tasks import db
 from mes_tasks.cli.common import ConsoleCommand
 from mes_tasks.errors import MesError
-from mes_tasks.metrics import DEFAULT_HOST, DEFAULT_PORT, registry_for
+from mes_tasks.ops.metrics import DEFAULT_HOST, DEFAULT_PORT, registry_for
 from mes_tasks.settings import get_settings
 
 

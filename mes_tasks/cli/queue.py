@@ -6,13 +6,14 @@ from typing import Any
 
 import click
 
-from mes_tasks import broker, outbox
+from mes_tasks import broker
 from mes_tasks.cli.common import ConsoleGroup, confirm, echo_json, json_option, stores, yes_option
 from mes_tasks.names import WORKORDER_QUEUE
+from mes_tasks.ops.status import end_pauses, pause, queue_status, wait_for_consumers
 from mes_tasks.partitions import index_of, queue_of
 from mes_tasks.queues import in_use
+from mes_tasks.send import outbox
 from mes_tasks.settings import Settings
-from mes_tasks.status import end_pauses, pause, queue_status, wait_for_consumers
 
 
 @click.group(cls=ConsoleGroup)

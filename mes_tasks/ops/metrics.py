@@ -44,9 +44,9 @@ from mes_tasks.keys import (
 )
 from mes_tasks.models import AuditReport, FailedUpdate, OutboxMessage
 from mes_tasks.names import AUDIT_QUEUE, QUEUES, UPDATE_QUANTITY, WORKORDER_QUEUE
-from mes_tasks.outbox import SENT, SPOOLED
+from mes_tasks.ops.status import UNACKED_KEY
 from mes_tasks.partitions import every_queue, queue_names
-from mes_tasks.status import UNACKED_KEY
+from mes_tasks.send.outbox import SENT, SPOOLED
 
 log = logging.getLogger(__name__)
 

@@ -51,17 +51,18 @@ from typing import Any
 import redis
 from celery import bootsteps
 
-from mes_tasks import db, sessions
+from mes_tasks import db
+from mes_tasks.apply import sessions
+from mes_tasks.apply.locks import _RELEASE, TOKEN_SEP, RedisLock, owner_id
+from mes_tasks.apply.owners import holder_is_dead, owner_of
 from mes_tasks.broker import delivered_tags, delivery_times, restore_delivery, unacked_of
 from mes_tasks.errors import LockBusy, MesError, RedisUnavailable
-from mes_tasks.handover import handed_due, handed_entries, liveness, note_handed
 from mes_tasks.keys import handed_key, lease_key, lease_owner_key, lock_key, pause_key, takeovers_key
-from mes_tasks.locks import _RELEASE, TOKEN_SEP, RedisLock, owner_id
 from mes_tasks.names import WORKORDER_QUEUE
-from mes_tasks.owners import holder_is_dead, owner_of
 from mes_tasks.partitions import index_of, is_workorder_queue
 from mes_tasks.settings import get_settings
-from mes_tasks.sharing import ORPHAN_GRACE_S, Member, Roster, View, plan, ring, view_of
+from mes_tasks.worker.handover import handed_due, handed_entries, liveness, note_handed
+from mes_tasks.worker.sharing import ORPHAN_GRACE_S, Member, Roster, View, plan, ring, view_of
 
 log = logging.getLogger(__name__)
 

@@ -17,10 +17,10 @@ from typing import Any
 
 import redis
 
+from mes_tasks.apply.locks import owner_id
+from mes_tasks.apply.owners import holder_is_dead
 from mes_tasks.keys import handed_key, members_key
-from mes_tasks.locks import owner_id
-from mes_tasks.owners import holder_is_dead
-from mes_tasks.sharing import decode
+from mes_tasks.worker.sharing import decode
 
 
 def _text(value: Any) -> str:

@@ -9,7 +9,6 @@ from typing import Any
 import redis
 from celery import Celery
 
-from mes_tasks import outbox
 from mes_tasks.broker import in_flight_by_queue, task_id_of
 from mes_tasks.db import mongo_errors, redis_errors
 from mes_tasks.errors import MesError, RedisUnavailable
@@ -19,6 +18,7 @@ from mes_tasks.names import AUDIT_QUEUE, WORKORDER_QUEUE
 from mes_tasks.partitions import every_queue
 from mes_tasks.queues import UNACKED_KEY as UNACKED_KEY  # re-exported: the collector reads it here
 from mes_tasks.queues import in_use
+from mes_tasks.send import outbox
 from mes_tasks.settings import Settings
 
 INSPECT_TIMEOUT_S = 1.0

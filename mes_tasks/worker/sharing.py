@@ -25,9 +25,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from mes_tasks.apply.owners import owner_of
 from mes_tasks.broker import routing_keys
 from mes_tasks.keys import lease_key, members_key
-from mes_tasks.owners import owner_of
 from mes_tasks.partitions import every_queue, index_of, queue_names
 from mes_tasks.queues import UNACKED_KEY
 

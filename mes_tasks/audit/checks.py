@@ -22,9 +22,9 @@ from typing import Any
 
 from pymongo.read_concern import ReadConcern
 
+from mes_tasks.apply.ledger import Ledger
 from mes_tasks.db import Mongo, mongo_errors
 from mes_tasks.errors import FenceLost
-from mes_tasks.ledger import Ledger
 from mes_tasks.models import COUNTER_FIELDS, QuantityLog, WorkOrder, utcnow
 
 SNAPSHOT = ReadConcern("snapshot")

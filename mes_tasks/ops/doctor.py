@@ -22,10 +22,10 @@ from mes_tasks.errors import MesError
 from mes_tasks.keys import lease_key, pause_key
 from mes_tasks.models import ALL_MODELS, AuditReport, FailedUpdate, QuantityLog, utcnow
 from mes_tasks.names import AUDIT_WORK_ORDERS, WORKORDER_QUEUE
+from mes_tasks.ops.status import consumers, pause_state
 from mes_tasks.partitions import queue_names
 from mes_tasks.queues import in_use
 from mes_tasks.settings import Settings, mask_secrets, mask_url
-from mes_tasks.status import consumers, pause_state
 
 OK, INFO, WARN, FAIL = "OK", "INFO", "WARN", "FAIL"  # INFO: nothing wrong, but worth knowing
 AUDIT_MAX_AGE = timedelta(hours=26)  # a nightly audit plus slack

@@ -13,11 +13,11 @@ from typing import Any
 from celery import bootsteps
 
 from mes_tasks import db
-from mes_tasks.keptlocks import KeptLocks
+from mes_tasks.apply.keptlocks import KeptLocks
+from mes_tasks.apply.ledger import Ledger
+from mes_tasks.apply.sessions import SessionLog
 from mes_tasks.keys import apply_ms_key
-from mes_tasks.ledger import Ledger
-from mes_tasks.metrics import Tally
-from mes_tasks.sessions import SessionLog
+from mes_tasks.ops.metrics import Tally
 from mes_tasks.settings import get_settings
 
 log = logging.getLogger(__name__)

@@ -14,11 +14,11 @@ from typing import Any
 from bson import ObjectId
 from bson.errors import InvalidId
 
-from mes_tasks import alerts
-from mes_tasks.audit import AuditOutcome, Finding, Progress, repair, run_audit
+from mes_tasks.apply.ledger import Ledger
+from mes_tasks.audit import alerts
+from mes_tasks.audit.checks import AuditOutcome, Finding, Progress, repair, run_audit
 from mes_tasks.db import mongo_errors
 from mes_tasks.errors import MesError, ValidationError
-from mes_tasks.ledger import Ledger
 from mes_tasks.models import AuditReport, utcnow
 from mes_tasks.settings import Settings
 

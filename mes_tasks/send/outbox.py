@@ -43,9 +43,9 @@ from typing import Any, NamedTuple
 from pymongo.collection import Collection
 from pymongo.errors import BulkWriteError
 
+from mes_tasks.apply.deadletter import Failure, record_failure
 from mes_tasks.broker import is_outage
 from mes_tasks.db import mongo_errors
-from mes_tasks.deadletter import Failure, record_failure
 from mes_tasks.errors import PermanentError
 from mes_tasks.models import FailedUpdate, OutboxMessage, QuantityLog, utcnow
 from mes_tasks.names import UPDATE_QUANTITY

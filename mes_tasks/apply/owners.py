@@ -7,7 +7,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from mes_tasks.locks import TOKEN_SEP, owner_id
+from mes_tasks.apply.locks import TOKEN_SEP, owner_id
 
 
 def holder_is_dead(token: str) -> bool:

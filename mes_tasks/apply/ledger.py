@@ -37,7 +37,10 @@ from pymongo.errors import ClientBulkWriteException, DuplicateKeyError
 from pymongo.read_concern import ReadConcern
 from pymongo.write_concern import WriteConcern
 
-from mes_tasks import faults
+from mes_tasks.apply import faults
+from mes_tasks.apply.keptlocks import KeptLocks
+from mes_tasks.apply.locks import CheckLine, RedisLock
+from mes_tasks.apply.sessions import SessionLog
 from mes_tasks.db import RETRYABLE_CODES, Mongo, mongo_errors
 from mes_tasks.errors import (
     FenceLost,
@@ -47,11 +50,8 @@ from mes_tasks.errors import (
     UnknownWorkOrder,
     WriteConflict,
 )
-from mes_tasks.keptlocks import KeptLocks
 from mes_tasks.keys import lock_key, wanted_key
-from mes_tasks.locks import CheckLine, RedisLock
 from mes_tasks.models import COUNTER_FIELDS, QuantityLog, WorkOrder, utcnow
-from mes_tasks.sessions import SessionLog
 from mes_tasks.settings import Settings
 from mes_tasks.validation import UpdateRequest
 

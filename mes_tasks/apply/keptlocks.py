@@ -23,7 +23,7 @@ import logging
 import time
 from dataclasses import dataclass
 
-from mes_tasks.locks import RedisLock
+from mes_tasks.apply.locks import RedisLock
 
 log = logging.getLogger(__name__)
 

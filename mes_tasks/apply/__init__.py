@@ -1,0 +1,1 @@
+"""Applying one update: the ledger, work-order locks and fencing, MongoDB sessions, dead letters."""

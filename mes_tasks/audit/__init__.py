@@ -1,0 +1,1 @@
+"""The consistency audit: the checks, the stored reports and the alerts."""

@@ -1,0 +1,1 @@
+"""What operators ask: status, doctor and the Prometheus collector."""

@@ -1,0 +1,1 @@
+"""The worker process: its state and outcome tally, the partition leases, sharing and recovery."""
