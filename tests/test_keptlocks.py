@@ -17,7 +17,8 @@ from conftest import Worker, make_work_orders, wait_until
 from mes_tasks import db
 from mes_tasks.apply.keptlocks import KeptLocks
 from mes_tasks.apply.ledger import Ledger
-from mes_tasks.apply.locks import RedisLock, owner_id
+from mes_tasks.apply.locks import RedisLock
+from mes_tasks.apply.owners import owner_id
 from mes_tasks.audit import checks as audit
 from mes_tasks.db import Mongo
 from mes_tasks.errors import LockBusy, LockLost, NegativeCounter, RequestIdConflict, WriteConflict

@@ -3,6 +3,10 @@ or replaced by a standby; a Redis restart while locks are kept."""
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -15,14 +19,15 @@ from kombu import Connection
 from conftest import DEFAULT_TIMINGS, Worker, make_work_orders, wait_until, with_redis_down
 from devtools.devserver import Service
 from devtools.faultproxy import FaultProxy
-from mes_tasks.apply.locks import RedisLock, owner_id
-from mes_tasks.apply.owners import holder_is_dead
+from mes_tasks.apply.locks import RedisLock
+from mes_tasks.apply.owners import holder_is_dead, owner_id
 from mes_tasks.apply.sessions import end_others
 from mes_tasks.db import Mongo
 from mes_tasks.errors import LockBusy
 from mes_tasks.keys import lease_key, lock_key, sessions_key
 from mes_tasks.models import QuantityLog, WorkOrder
 from mes_tasks.send.producer import submit_quantity_update
+from mes_tasks.settings import Settings
 from mes_tasks.tasks import relay_outbox
 
 # Far below the 60 s that MongoDB keeps an abandoned transaction; the chaos run reports
@@ -120,9 +125,6 @@ def test_taking_over_ends_a_transaction_another_process_left_open(
 
 
 def test_a_lease_holder_of_this_host_is_dead_when_its_process_has_ended() -> None:
-    import socket
-    import subprocess
-    import sys
 
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     child.wait()
@@ -157,6 +159,31 @@ def test_a_lock_of_this_process_that_survived_a_failed_release_is_taken_over_at_
     with pytest.raises(LockBusy):  # a live lock of ours is never taken over
         other.acquire()
     second.release()
+
+
+def test_a_lock_kept_by_a_killed_process_of_this_host_is_taken_over_at_once_not_after_its_ttl(
+    redis_client: redis.Redis, settings: Settings
+) -> None:
+    """A worker SIGKILLed while it kept a lock of a partition it had handed over: nobody takes
+    its partitions over to clear that lock, and the next holder's wait would block its worker."""
+    key = lock_key("mes:", "WO-KEPT")
+    script = (
+        "from mes_tasks import db\nfrom mes_tasks.apply.locks import RedisLock\n"
+        "from mes_tasks.settings import get_settings\n"
+        f"lock = RedisLock(db.redis_client(get_settings()), {key!r}, 60)\nlock.acquire()\nprint(lock.token)"
+    )
+    env = {**os.environ, "REDIS_URL": settings.redis_url}
+    keeper = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert redis_client.get(key) == keeper.stdout.strip(), keeper.stderr  # held 60 s by a process that ended
+    waiter = RedisLock(redis_client, key, 30, wait_s=5)
+    waiter.acquire()  # LockBusy after 5 s if it waited for the TTL
+    assert redis_client.get(key) == waiter.token
+    waiter.release()
+    live = RedisLock(redis_client, key, 30)
+    live.acquire()
+    with pytest.raises(LockBusy):  # a live holder of this host keeps its lock
+        RedisLock(redis_client, key, 30, wait_s=0.2).acquire()
+    live.release()
 
 
 def test_after_a_redis_restart_with_kept_locks_the_worker_applies_again_in_seconds(

@@ -6,9 +6,7 @@ be paused past its TTL). The fencing epoch in MongoDB does that (see ``ledger``)
 
 from __future__ import annotations
 
-import os
 import secrets
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -18,13 +16,13 @@ from types import TracebackType
 import redis
 from redis.connection import Connection
 
+from mes_tasks.apply.owners import TOKEN_SEP, holder_is_dead, owner_id
 from mes_tasks.db import redis_errors
 from mes_tasks.errors import LockBusy, LockLost, RedisUnavailable
 
 ACQUIRE_POLL_MIN_S = 0.005
 ACQUIRE_POLL_MAX_S = 0.1
 WANTED_TTL_MS = 1000  # a waiter's request outlives a few of its polls
-TOKEN_SEP = "/"  # a token is "<owner_id>/<random>"
 
 # Extend / release only while the key still holds our token. Extend answers 2 when
 # someone waits for the lock (KEYS[2], optional), so that a holder keeping it lets go.
@@ -35,26 +33,20 @@ if KEYS[2] and redis.call('exists', KEYS[2]) == 1 then return 2 end
 return 1
 """
 NOT_OURS = "key expired or taken by another owner"
-_RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end"
-# Take over a key that still holds ARGV[1], an orphaned token of this very process.
+# Delete a key only while it holds ARGV[1]: a lock's or a lease's release, an operator's unlock.
+RELEASE_IF_HELD = (
+    "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end"
+)
+# Take over a key that still holds ARGV[1], an orphaned token (see ``RedisLock._reclaimed``).
 _RECLAIM = """
 if redis.call('get', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('set', KEYS[1], ARGV[2], 'PX', ARGV[3])
 return 1
 """
-_OWNER: dict[int, str] = {}
 # Tokens of this process's locks that are held as far as this process knows; any other
 # token of ours found in Redis is orphaned (its release failed while Redis was down, and
 # the key came back with the AOF): the next acquire takes it over at once.
 _LIVE: set[str] = set()
-
-
-def owner_id() -> str:
-    """This process in lock tokens: host, pid and a random tag (a new one after a fork)."""
-    pid = os.getpid()
-    if pid not in _OWNER:
-        _OWNER[pid] = f"{socket.gethostname()}:{pid}:{secrets.token_hex(3)}"
-    return _OWNER[pid]
 
 
 class RedisLock:
@@ -129,10 +121,16 @@ class RedisLock:
         self.wanted = False
 
     def _reclaimed(self) -> bool:
-        """Take the key over if it holds an orphaned token of this process (see ``_LIVE``)."""
+        """Take the key over if it holds an orphaned token: one of this process's (see ``_LIVE``),
+        or one of a process of this host that no longer runs (killed while it kept the lock).
+
+        The dead holder can write nothing: the fence it held is bumped by whoever applies next.
+        """
         found = self.client.get(self.key)
         holder = found.decode() if isinstance(found, bytes) else found
-        if not holder or not holder.startswith(f"{owner_id()}{TOKEN_SEP}") or holder in _LIVE:
+        if not holder or holder in _LIVE:
+            return False
+        if not holder.startswith(f"{owner_id()}{TOKEN_SEP}") and not holder_is_dead(holder):
             return False
         return bool(self.client.eval(_RECLAIM, 1, self.key, holder, self.token, self.ttl_ms))
 
@@ -185,7 +183,7 @@ class RedisLock:
         self.stop_watchdog()
         _LIVE.discard(self.token)  # from now on, a key still holding it is an orphan
         with redis_errors():
-            return bool(self.client.eval(_RELEASE, 1, self.key, self.token))
+            return bool(self.client.eval(RELEASE_IF_HELD, 1, self.key, self.token))
 
     def let_go(self) -> None:
         """Release if still ours; with Redis down the key expires by itself (the fence covers it)."""

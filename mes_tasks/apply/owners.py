@@ -1,13 +1,23 @@
-"""Owner ids (``host:pid:tag``, ``locks.owner_id``) and whether their process still runs."""
+"""Owner ids (``host:pid:tag``) in lock and lease tokens, and whether their process still runs."""
 
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 from pathlib import Path
 from typing import Any
 
-from mes_tasks.apply.locks import TOKEN_SEP, owner_id
+TOKEN_SEP = "/"  # a token is "<owner_id>/<random>"
+_OWNER: dict[int, str] = {}
+
+
+def owner_id() -> str:
+    """This process in lock tokens: host, pid and a random tag (a new one after a fork)."""
+    pid = os.getpid()
+    if pid not in _OWNER:
+        _OWNER[pid] = f"{socket.gethostname()}:{pid}:{secrets.token_hex(3)}"
+    return _OWNER[pid]
 
 
 def holder_is_dead(token: str) -> bool:

@@ -20,7 +20,7 @@ import redis
 from bson.binary import Binary, UuidRepresentation
 from pymongo.client_session import ClientSession
 
-from mes_tasks.apply.locks import owner_id
+from mes_tasks.apply.owners import owner_id
 from mes_tasks.db import Mongo, mongo_errors, redis_errors
 from mes_tasks.keys import sessions_key
 

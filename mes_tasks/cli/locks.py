@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from mes_tasks.apply.locks import RELEASE_IF_HELD
 from mes_tasks.cli.common import ConsoleGroup, confirm, echo_json, echo_table, json_option, stores
 from mes_tasks.db import redis_errors
 from mes_tasks.errors import MesError
@@ -48,15 +49,10 @@ def release(work_order_id: str, yes: bool, as_json: bool) -> None:
         raise MesError(f"no lock is held on {wo}", code="NOT_LOCKED")
     confirm(f"Take the lock of {wo} from {token!s}? A live holder will notice and retry", yes)
     with redis_errors():  # only the token asked about: a new holder's lock is not taken
-        deleted = conn.redis.eval(_DELETE_IF_OWNED, 1, key, token)
+        deleted = conn.redis.eval(RELEASE_IF_HELD, 1, key, token)
     if not deleted:
         raise MesError(f"the lock of {wo} changed hands meanwhile; nothing released", code="NOT_LOCKED")
     if as_json:
         echo_json({"work_order_id": wo, "released": True, "token": token})
         return
     click.echo(f"released the lock of {wo} (owner token {token!s}); a live holder will retry")
-
-
-_DELETE_IF_OWNED = (
-    "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
-)

@@ -53,8 +53,8 @@ from celery import bootsteps
 
 from mes_tasks import db
 from mes_tasks.apply import sessions
-from mes_tasks.apply.locks import _RELEASE, TOKEN_SEP, RedisLock, owner_id
-from mes_tasks.apply.owners import holder_is_dead, owner_of
+from mes_tasks.apply.locks import RELEASE_IF_HELD, RedisLock
+from mes_tasks.apply.owners import TOKEN_SEP, holder_is_dead, owner_id, owner_of
 from mes_tasks.broker import delivered_tags, delivery_times, restore_delivery, unacked_of
 from mes_tasks.errors import LockBusy, MesError, RedisUnavailable
 from mes_tasks.keys import handed_key, lease_key, lease_owner_key, lock_key, pause_key, takeovers_key
@@ -105,7 +105,7 @@ class Lease(RedisLock):
         if not token or not holder_is_dead(str(token)):
             return False
         log.warning("the %s lease holder %s is not running any more: taking over", QUEUE, owner_of(token))
-        return bool(self.client.eval(_RELEASE, 1, self.key, token))
+        return bool(self.client.eval(RELEASE_IF_HELD, 1, self.key, token))
 
     @property
     def held(self) -> bool:

@@ -17,8 +17,7 @@ from typing import Any
 
 import redis
 
-from mes_tasks.apply.locks import owner_id
-from mes_tasks.apply.owners import holder_is_dead
+from mes_tasks.apply.owners import holder_is_dead, owner_id
 from mes_tasks.keys import handed_key, members_key
 from mes_tasks.worker.sharing import decode
 
