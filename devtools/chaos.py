@@ -73,7 +73,7 @@ GAP_S = 2.0  # updates flow undisturbed this long before each injection
 RECOVERY_WAIT_S = 30.0
 FINAL_WAIT_FACTOR = 4  # after the last fault, wait this many recovery waits for the stragglers
 POLL_S = 0.2
-# mes_tasks.settings.MAX_PARTITIONS: importing mes_tasks configures its app from the environment,
+# mes_tasks.partitions.MAX_PARTITIONS: importing mes_tasks configures its app from the environment,
 # which the run sets only once its stores are up.
 MAX_PARTITIONS = 64
 

@@ -48,7 +48,7 @@ def held_task_ids(channel: Any, queues: str | Sequence[str]) -> set[str]:
     with channel.conn_or_acquire() as client:  # the channel's own connection may be in BRPOP
         for queue in names:
             for pri in channel.priority_steps:
-                ids.update(_task_id(raw) for raw in _list_items(client, channel._q_for_pri(queue, pri)))
+                ids.update(task_id_of(raw) for raw in _list_items(client, channel._q_for_pri(queue, pri)))
         ids.update(
             message.get("headers", {}).get("id", "") for _, message in unacked_of(client, channel, *names)
         )
@@ -147,7 +147,7 @@ def take_waiting(channel: Any, queue: str) -> list[str]:
             key = channel._q_for_pri(queue, pri)
             items, _ = pipe.lrange(key, 0, -1).delete(key).execute()
             taken.extend(items)
-    return [_task_id(raw) for raw in taken]
+    return [task_id_of(raw) for raw in taken]
 
 
 def _list_items(client: Any, key: str) -> Iterator[bytes]:
@@ -162,10 +162,6 @@ def _list_items(client: Any, key: str) -> Iterator[bytes]:
 
 def task_id_of(raw: bytes | str) -> str:
     """The task id of a raw queued message (empty if it is not one)."""
-    return _task_id(raw)
-
-
-def _task_id(raw: bytes | str) -> str:
     try:
         return str(json.loads(raw).get("headers", {}).get("id", ""))
     except (ValueError, AttributeError):

@@ -22,7 +22,7 @@ import zlib
 from mes_tasks.names import WORKORDER_QUEUE
 
 SEP = "."
-MAX_QUEUES = 64  # the largest MES_PARTITIONS (settings.MAX_PARTITIONS)
+MAX_PARTITIONS = 64  # the largest MES_PARTITIONS: each one a queue, a lease and a consumer to watch
 
 
 def partition_of(work_order_id: str, partitions: int) -> int:
@@ -48,7 +48,7 @@ def queue_for(work_order_id: str, partitions: int) -> str:
 
 def every_queue() -> list[str]:
     """Every name a workorder queue can have, whatever N was: where leftovers may wait."""
-    return [WORKORDER_QUEUE, *(queue_of(i) for i in range(MAX_QUEUES))]
+    return [WORKORDER_QUEUE, *(queue_of(i) for i in range(MAX_PARTITIONS))]
 
 
 def is_workorder_queue(name: str) -> bool:
@@ -56,7 +56,7 @@ def is_workorder_queue(name: str) -> bool:
     if name == WORKORDER_QUEUE:
         return True
     base, sep, index = name.partition(SEP)
-    return base == WORKORDER_QUEUE and sep == SEP and index.isdigit() and int(index) < MAX_QUEUES
+    return base == WORKORDER_QUEUE and sep == SEP and index.isdigit() and int(index) < MAX_PARTITIONS
 
 
 def index_of(name: str) -> int | None:

@@ -19,6 +19,7 @@ from pymongo import uri_parser
 from redis.connection import parse_url as _redis_url_parts
 
 from mes_tasks.errors import ConfigurationError
+from mes_tasks.partitions import MAX_PARTITIONS
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/3"  # db 3: mes_tasks's own database
 DEFAULT_MONGODB_URI = "mongodb://127.0.0.1:27017/mes"
@@ -86,7 +87,6 @@ ENV_NAMES = {
     "redis_sentinel_master": "MES_REDIS_SENTINEL_MASTER",
     "redis_sentinel_password": "MES_REDIS_SENTINEL_PASSWORD",
 }
-MAX_PARTITIONS = 64  # each one a queue, a lease and a consumer to watch
 REDIS_SCHEMES = ("redis", "rediss")  # what both kombu's transport and redis-py's from_url read
 SENTINEL_SCHEME = "sentinel"  # kombu's Sentinel transport and Celery's Sentinel result backend
 SENTINEL_SEPARATOR = ";"  # between the Sentinels of one REDIS_URL, as kombu and Celery split it

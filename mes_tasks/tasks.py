@@ -30,13 +30,13 @@ from mes_tasks.errors import (
 )
 from mes_tasks.keys import negative_wait_key
 from mes_tasks.names import AUDIT_WORK_ORDERS, RELAY_OUTBOX, UPDATE_QUANTITY, WORKORDER_QUEUE
-from mes_tasks.ops import metrics
 from mes_tasks.queues import in_use
 from mes_tasks.send import outbox
 from mes_tasks.send.producer import default_producer, publish
 from mes_tasks.settings import Settings, get_settings
 from mes_tasks.validation import check_work_order_id, readable, validate_update
 from mes_tasks.worker import active as lease
+from mes_tasks.worker import tally
 from mes_tasks.worker.state import STATE
 
 log = logging.getLogger(__name__)
@@ -159,7 +159,7 @@ def _retry_or_dead_letter(task: LedgerTask, exc: MesError) -> NoReturn:
     if task.request.retries < settings.retry_max:
         countdown = backoff_s(task.request.retries, settings)
         log.warning("%s: %s; retry %d in %.2fs", exc.code, exc.message, task.request.retries + 1, countdown)
-        _count(metrics.RETRIED, exc.code)
+        _count(tally.RETRIED, exc.code)
         raise task.retry(exc=exc, countdown=countdown)
     _dead_letter(task, exc)
 
@@ -181,7 +181,7 @@ def _wait_for_count_or_dead_letter(task: LedgerTask, exc: NegativeCounter, reque
     countdown = min(backoff_s(task.request.retries, settings), left)
     log.warning("%s: %s; its count may be late: retry in %.2fs (%.0fs of %gs waited)",
                 exc.code, exc.message, countdown, waited, settings.negative_wait_s)  # fmt: skip
-    _count(metrics.RETRIED, exc.code)
+    _count(tally.RETRIED, exc.code)
     raise task.retry(exc=exc, countdown=countdown)
 
 
@@ -230,13 +230,13 @@ def _report_dead_letter(request_id: str, exc: MesError, repeated: bool) -> None:
     """
     if repeated:
         log.info("update %s refused again [%s]: its dead letter is open already", request_id, exc.code)
-        _count(metrics.DUPLICATE)
+        _count(tally.DUPLICATE)
         return
     # A refusal (unknown work order, negative counter, conflicting request id) is routine on a
     # plant floor: one WARNING line. A transient cause that outlasted every retry is an ERROR.
     level = logging.WARNING if isinstance(exc, PermanentError) else logging.ERROR
     log.log(level, "update %s dead-lettered [%s]: %s", request_id, exc.code, exc.message)
-    _count(metrics.DEAD_LETTERED, exc.code)
+    _count(tally.DEAD_LETTERED, exc.code)
 
 
 def _queue_of(request: Any) -> str | None:

@@ -38,11 +38,12 @@ from mes_tasks.keys import (
 )
 from mes_tasks.models import FailedUpdate, OutboxMessage, QuantityLog, WorkOrder, utcnow
 from mes_tasks.names import UPDATE_QUANTITY
-from mes_tasks.ops.metrics import DEAD_LETTERED, RETRIED, Tally, bucket_of, registry_for
+from mes_tasks.ops.metrics import registry_for
 from mes_tasks.send.producer import submit_quantity_update
 from mes_tasks.settings import Settings
 from mes_tasks.tasks import update_quantity
 from mes_tasks.worker.state import STATE
+from mes_tasks.worker.tally import DEAD_LETTERED, RETRIED, Tally, bucket_of
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 PROMQL_WORDS = {"and", "or", "unless", "by", "without", "on", "ignoring", "group_left", "group_right",

@@ -20,9 +20,10 @@ from mes_tasks.app import app
 from mes_tasks.keys import lease_key, pause_key, update_counts_key
 from mes_tasks.models import OutboxMessage, utcnow
 from mes_tasks.ops.doctor import FAIL, OK, Context, check_unconsumed
-from mes_tasks.ops.metrics import Tally, registry_for
+from mes_tasks.ops.metrics import registry_for
 from mes_tasks.settings import Settings, get_settings
 from mes_tasks.worker.state import STATE
+from mes_tasks.worker.tally import Tally
 
 __all__ = ["promtool"]  # a fixture
 WOS = [f"A-{i:02d}" for i in range(12)]

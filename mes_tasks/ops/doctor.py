@@ -24,7 +24,7 @@ from mes_tasks.models import ALL_MODELS, AuditReport, FailedUpdate, QuantityLog,
 from mes_tasks.names import AUDIT_WORK_ORDERS, WORKORDER_QUEUE
 from mes_tasks.ops.status import consumers, pause_state
 from mes_tasks.partitions import queue_names
-from mes_tasks.queues import in_use
+from mes_tasks.queues import ask_waiting, in_use, waiting_from
 from mes_tasks.settings import Settings, mask_secrets, mask_url
 
 OK, INFO, WARN, FAIL = "OK", "INFO", "WARN", "FAIL"  # INFO: nothing wrong, but worth knowing
@@ -356,14 +356,17 @@ def _unconsumed(client: redis.Redis, settings: Settings) -> dict[str, int]:
     """Workorder queues in use with messages waiting, no lease holder and no pause; their lengths."""
     queues = in_use(client, settings.partitions)
     pipe = client.pipeline(transaction=False)
+    asked = ask_waiting(pipe, queues)
     for queue in queues:
-        pipe.llen(queue)
         pipe.exists(lease_key(settings.key_prefix, queue))
         pipe.exists(pause_key(settings.key_prefix), pause_key(settings.key_prefix, queue))
     replies = pipe.execute()
-    rows = [replies[i : i + 3] for i in range(0, len(replies), 3)]
+    waiting, rest = waiting_from(queues, replies[:asked]), replies[asked:]
+    rows = [rest[i : i + 2] for i in range(0, len(rest), 2)]
     return {
-        q: int(n) for q, (n, held, paused) in zip(queues, rows, strict=True) if n and not held and not paused
+        q: waiting[q]
+        for q, (held, paused) in zip(queues, rows, strict=True)
+        if waiting[q] and not held and not paused
     }
 
 

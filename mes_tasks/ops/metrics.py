@@ -1,8 +1,7 @@
-"""Prometheus metrics: the counters the worker keeps in Redis, and a collector that reads state per scrape.
+"""Prometheus metrics: a collector that reads state per scrape.
 
-The worker counts each update's outcome (and the duration of an applied or duplicate one)
-in memory (``Tally``) and adds its counts to two Redis hashes between tasks, twice a
-second, in one pipelined round trip. A scrape reads those, the broker's queue lists, the
+The worker counts each update's outcome in Redis (``worker.tally``). A scrape reads those
+counts, the broker's queue lists, the
 lease, the pause and the first worker's start in one Redis round trip, then the outbox,
 the heads of the queues, the open dead letters, the last audit and the first logged update
 in at most five MongoDB round trips. Nothing runs between scrapes. docs/metrics.md lists
@@ -14,21 +13,20 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, TypeVar
 
 import redis
-from kombu.transport.redis import PRIORITY_STEPS, Channel
+from kombu.transport.redis import PRIORITY_STEPS
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from mes_tasks.broker import _task_id
+from mes_tasks.broker import task_id_of
 from mes_tasks.db import mongo_errors, redis_errors
 from mes_tasks.deployment import earliest_start, first_logged_at, recorded_start
 from mes_tasks.errors import FenceLost, MesError
@@ -44,89 +42,18 @@ from mes_tasks.keys import (
 )
 from mes_tasks.models import AuditReport, FailedUpdate, OutboxMessage
 from mes_tasks.names import AUDIT_QUEUE, QUEUES, UPDATE_QUANTITY, WORKORDER_QUEUE
-from mes_tasks.ops.status import UNACKED_KEY
 from mes_tasks.partitions import every_queue, queue_names
+from mes_tasks.queues import UNACKED_KEY, queue_keys
 from mes_tasks.send.outbox import SENT, SPOOLED
+from mes_tasks.worker.tally import APPLIED, APPLY_MS_BUCKETS, DEAD_LETTERED, DUPLICATE, INF, RETRIED, bound
 
 log = logging.getLogger(__name__)
 
 DEFAULT_HOST = "127.0.0.1"  # the lease holder's host and pid are in the series: not public by default
 DEFAULT_PORT = 9808
-APPLY_MS_BUCKETS = (1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)  # upper bounds, ms
-INF = "+Inf"
-APPLIED, DUPLICATE, RETRIED, DEAD_LETTERED = "applied", "duplicate", "retried", "dead_lettered"
-FLUSH_BACKOFF_S = 5.0  # after a failed flush of the worker's counts, the next is tried this much later
 SCRAPE_REDIS_RETRIES = 0  # a failed scrape read is not retried: the next scrape tries again
 MAX_ERROR_CHARS = 300  # of a store error's text in the log
 T = TypeVar("T")
-
-
-def bucket_of(ms: float) -> str:
-    """The histogram field an update of ``ms`` milliseconds is counted in."""
-    return next((_bound(b) for b in APPLY_MS_BUCKETS if ms <= b), INF)
-
-
-class Tally:
-    """The outcomes this worker counted since its last flush, kept in memory between flushes.
-
-    Counting costs no round trip on the update's path: the worker flushes the tally between
-    tasks every ``RELEASE_CHECK_S`` and when it stops, in one pipelined round trip. A flush
-    that fails keeps its counts for the next one, tried no sooner than ``FLUSH_BACKOFF_S``
-    later, and never raises: a statistic must never fail, or delay, an update. What a
-    SIGKILLed worker had not flushed (under a second of outcomes) is not counted.
-    """
-
-    def __init__(self) -> None:
-        self.counts: Counter[str] = Counter()
-        self.histogram: Counter[str] = Counter()  # bucket -> updates, and "sum" -> ms (a float)
-        self._retry_at = 0.0
-
-    def add(self, outcome: str, code: str | None = None, apply_ms: float | None = None) -> None:
-        """Count one update's outcome (and its duration)."""
-        self.counts[outcome if code is None else f"{outcome}:{code}"] += 1
-        if apply_ms is not None:
-            self.histogram.update({bucket_of(apply_ms): 1, "sum": apply_ms})
-
-    def __len__(self) -> int:
-        return len(self.counts)
-
-    def flush(self, client: redis.Redis, prefix: str) -> bool:
-        """Add the tally to the Redis hashes a scrape reads; False if it is kept for later."""
-        if not self.counts or time.monotonic() < self._retry_at:
-            return not self.counts
-        counts, histogram = self.counts, self.histogram
-        self.counts, self.histogram = Counter(), Counter()
-        try:
-            # MULTI/EXEC: a connection lost part-way applies nothing, so keeping the whole
-            # tally for the next flush never counts a field twice.
-            pipe = client.pipeline(transaction=True)
-            for field, n in counts.items():
-                pipe.hincrby(update_counts_key(prefix), field, n)
-            for field, x in histogram.items():
-                if field == "sum":
-                    pipe.hincrbyfloat(apply_histogram_key(prefix), field, x)
-                else:
-                    pipe.hincrby(apply_histogram_key(prefix), field, int(x))
-            pipe.execute()
-            return True
-        except redis.ResponseError:
-            # Redis ran the transaction and refused a command (a field that is not a number):
-            # the others counted; kept, they would count twice.
-            log.warning("outcome counts refused in part by Redis; %d dropped", counts.total(), exc_info=True)
-            return False
-        except Exception:
-            # Usually Redis down, nothing applied: kept for the next flush. (A flush applied
-            # with its answer lost counts twice, which a statistic can bear better than loss.)
-            log.debug("could not flush %d outcome counts", counts.total(), exc_info=True)
-            self.counts.update(counts)
-            self.histogram.update(histogram)
-            self._retry_at = time.monotonic() + FLUSH_BACKOFF_S
-            return False
-
-
-def queue_keys(queue: str) -> list[str]:
-    """The Redis lists kombu keeps for ``queue``, one per priority step."""
-    return [f"{queue}{Channel.sep}{pri}" if pri else queue for pri in PRIORITY_STEPS]
 
 
 @dataclass
@@ -197,7 +124,7 @@ def read_redis(
     token = tokens[0] if len(leased) == 1 else None
     return RedisState(
         waiting={q: sum(r[0::2]) for q, r in per_queue.items()},
-        heads={q: [_task_id(raw) for raw in r[1::2] if raw] for q, r in per_queue.items()},
+        heads={q: [task_id_of(raw) for raw in r[1::2] if raw] for q, r in per_queue.items()},
         unacked=int(unacked),
         paused=bool(paused),
         paused_queues={q: bool(paused or own) for q, own in zip(leased, own_pauses, strict=True)},
@@ -369,9 +296,9 @@ def celery_task_metrics(succeeded: int, by_code: dict[str, dict[str, int]]) -> I
 def apply_histogram(hist: dict[str, float]) -> Metric:
     """The worker's per-bucket counts in Redis as a cumulative Prometheus histogram, in seconds."""
     buckets, total = [], 0.0
-    for bound in [*(_bound(b) for b in APPLY_MS_BUCKETS), INF]:
-        total += hist.get(bound, 0.0)
-        buckets.append((bound if bound == INF else repr(float(bound) / 1000), total))
+    for field in [*(bound(b) for b in APPLY_MS_BUCKETS), INF]:
+        total += hist.get(field, 0.0)
+        buckets.append((field if field == INF else repr(float(field) / 1000), total))
     return HistogramMetricFamily(
         "mes_update_apply_seconds",
         "Time the worker took per applied or duplicate update.",
@@ -518,10 +445,6 @@ def _by_code(name: str, what: str, counts: dict[str, int]) -> Metric:
     for code, n in sorted(counts.items()):
         family.add_metric([code], n)
     return family
-
-
-def _bound(ms: float) -> str:
-    return f"{ms:g}"
 
 
 def registry_for(client: redis.Redis, prefix: str, partitions: int = 1) -> CollectorRegistry:

@@ -16,8 +16,7 @@ from mes_tasks.keys import lease_key, lock_key, pause_key, unrecorded_key
 from mes_tasks.models import AuditReport, FailedUpdate, OutboxMessage, utcnow
 from mes_tasks.names import AUDIT_QUEUE, WORKORDER_QUEUE
 from mes_tasks.partitions import every_queue
-from mes_tasks.queues import UNACKED_KEY as UNACKED_KEY  # re-exported: the collector reads it here
-from mes_tasks.queues import in_use
+from mes_tasks.queues import UNACKED_KEY, ask_waiting, in_use, waiting_from
 from mes_tasks.send import outbox
 from mes_tasks.settings import Settings
 
@@ -72,10 +71,10 @@ def backlog(client: redis.Redis, queue: str = WORKORDER_QUEUE) -> int:
     """Messages waiting in ``queue`` plus every delivered, unacknowledged one (all queues)."""
     with redis_errors():
         pipe = client.pipeline(transaction=False)
-        pipe.llen(queue)
+        asked = ask_waiting(pipe, [queue])
         pipe.hlen(UNACKED_KEY)
-        waiting, unacked = pipe.execute()
-    return int(waiting) + int(unacked)
+        replies = pipe.execute()
+    return waiting_from([queue], replies[:asked])[queue] + int(replies[asked])
 
 
 def watched_queues(client: redis.Redis, settings: Settings) -> list[str]:
@@ -88,15 +87,19 @@ def partition_status(client: redis.Redis, settings: Settings) -> list[dict[str, 
     prefix, queues = settings.key_prefix, in_use(client, settings.partitions)
     with redis_errors():
         pipe = client.pipeline(transaction=False)
+        asked = ask_waiting(pipe, queues)
         for queue in queues:
-            pipe.llen(queue)
             pipe.lindex(queue, -1)  # kombu pushes on the left, pops on the right
             pipe.get(lease_key(prefix, queue))
             pipe.exists(pause_key(prefix), pause_key(prefix, queue))
         replies = pipe.execute()
         in_flight = in_flight_by_queue(client, UNACKED_KEY)
-    fields = ("waiting", "head", "lease", "paused")
-    rows = [dict(zip(fields, replies[i * 4 : i * 4 + 4], strict=True)) for i in range(len(queues))]
+    waiting, replies = waiting_from(queues, replies[:asked]), replies[asked:]
+    fields = ("head", "lease", "paused")
+    rows = [
+        {"waiting": waiting[q], **dict(zip(fields, replies[i * 3 : i * 3 + 3], strict=True))}
+        for i, q in enumerate(queues)
+    ]
     heads = {task_id_of(r["head"]): q for q, r in zip(queues, rows, strict=True) if r["head"]}
     with mongo_errors():
         created = {d["job_id"]: d["created_at"] for d in OutboxMessage._get_collection().find(
@@ -128,12 +131,13 @@ def queue_status(app: Celery, client: redis.Redis, settings: Settings) -> dict[s
     queues = watched_queues(client, settings)
     with redis_errors():
         pipe = client.pipeline(transaction=False)
-        for queue in queues:
-            pipe.llen(queue)
+        asked = ask_waiting(pipe, queues)
         pipe.hlen(UNACKED_KEY)
         pipe.get(pause_key(settings.key_prefix))
         pipe.get(unrecorded_key(settings.key_prefix))
-        *lengths, unacked, paused, unrecorded = pipe.execute()
+        replies = pipe.execute()
+        unacked, paused, unrecorded = replies[asked:]
+        lengths = waiting_from(queues, replies[:asked]).values()
     by_queue = consumers(app)
     with mongo_errors():
         failed = FailedUpdate.objects(status="open").count()

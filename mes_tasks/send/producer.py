@@ -24,6 +24,7 @@ from mes_tasks.keys import apply_ms_key, unrecorded_key
 from mes_tasks.models import OutboxMessage
 from mes_tasks.names import UPDATE_QUANTITY
 from mes_tasks.partitions import queue_for, queue_names
+from mes_tasks.queues import ask_waiting, waiting_from
 from mes_tasks.send import outbox
 from mes_tasks.send.outbox import Job
 from mes_tasks.settings import Settings, get_settings, mask_secrets
@@ -372,12 +373,12 @@ class Producer:
         queues = queue_names(self.settings.partitions)
         try:
             pipe = self.redis.pipeline(transaction=False)
-            for queue in queues:
-                pipe.llen(queue)
+            asked = ask_waiting(pipe, queues)
             pipe.get(apply_ms_key(self.settings.key_prefix))
-            *lengths, apply_ms = pipe.execute()
+            replies = pipe.execute()
         except redis.RedisError:
             return None, None
+        lengths, apply_ms = waiting_from(queues, replies[:asked]).values(), replies[asked]
         self._seen = round(sum(lengths) / len(queues)), float(apply_ms) if apply_ms else DEFAULT_APPLY_MS
         return self._seen
 

@@ -29,7 +29,7 @@ from mes_tasks.apply.owners import owner_of
 from mes_tasks.broker import routing_keys
 from mes_tasks.keys import lease_key, members_key
 from mes_tasks.partitions import every_queue, index_of, queue_names
-from mes_tasks.queues import UNACKED_KEY
+from mes_tasks.queues import UNACKED_KEY, ask_waiting, waiting_from
 
 # A queue with messages and no holder for this long is taken by any worker, above its share:
 # two ticks, time for a worker under its share to take it first.
@@ -184,15 +184,14 @@ class Roster:
         pipe.hset(key, me.owner, me.encode())
         pipe.hgetall(key)
         pipe.mget([lease_key(self.prefix, q) for q in queues])
-        for queue in queues:
-            pipe.llen(queue)
+        asked = ask_waiting(pipe, queues)
         if in_flight:
             pipe.hvals(UNACKED_KEY)
         _, raw, tokens, *rest = pipe.execute()
-        lengths, delivered = rest[: len(queues)], rest[len(queues) :]
+        waiting, delivered = waiting_from(queues, rest[:asked]), rest[asked:]
         return Look(
             members=self._live(raw, now_ms),
-            waiting={q for q, n in zip(queues, lengths, strict=True) if n},
+            waiting={q for q, n in waiting.items() if n},
             in_flight=set(routing_keys(delivered[0])) if delivered else None,
             holders={q: None if t is None else owner_of(t) for q, t in zip(queues, tokens, strict=True)},
         )

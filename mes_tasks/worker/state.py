@@ -17,8 +17,8 @@ from mes_tasks.apply.keptlocks import KeptLocks
 from mes_tasks.apply.ledger import Ledger
 from mes_tasks.apply.sessions import SessionLog
 from mes_tasks.keys import apply_ms_key
-from mes_tasks.ops.metrics import Tally
 from mes_tasks.settings import get_settings
+from mes_tasks.worker.tally import Tally
 
 log = logging.getLogger(__name__)
 
