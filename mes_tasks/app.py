@@ -16,11 +16,14 @@ from mes_tasks.errors import MesError, one_line
 from mes_tasks.keys import first_start_key
 from mes_tasks.names import RELAY_OUTBOX
 from mes_tasks.settings import REDIS_WAIT_POLL_S, REDIS_WAIT_REPORT_S, get_settings, mask_secrets, mask_url
-from mes_tasks.worker.active import SingleActiveConsumer
-from mes_tasks.worker.consumer import BrokerWatchdog
-from mes_tasks.worker.state import ReleaseKeptLocks
 
 log = logging.getLogger(__name__)
+
+WORKER_STEPS = (
+    "mes_tasks.worker.active:SingleActiveConsumer",  # one consumer per workorder queue, under its lease
+    "mes_tasks.worker.state:ReleaseKeptLocks",  # lets go of wanted kept locks, flushes the tally
+    "mes_tasks.worker.consumer:BrokerWatchdog",  # back on the broker within about a second
+)
 
 
 class _QuietRelay(logging.Filter):
@@ -38,9 +41,9 @@ for _name in ("celery.beat", "celery.worker.strategy", "celery.app.trace"):
 
 app = Celery("mes_tasks", include=["mes_tasks.tasks"])
 configure(app)  # from the environment and the deployment's celeryconfig.py (see mes_tasks.config)
-app.steps["consumer"].add(SingleActiveConsumer)
-app.steps["consumer"].add(ReleaseKeptLocks)
-app.steps["consumer"].add(BrokerWatchdog)
+# The worker's consumer steps, by name: Celery imports them when a worker builds its consumer,
+# so a main app that imports this module (to send) never loads the worker's code.
+app.steps["consumer"].update(WORKER_STEPS)
 
 
 @signals.worker_init.connect

@@ -221,7 +221,7 @@ def test_a_poisoned_outbox_entry_is_set_aside_and_the_entries_behind_it_still_go
 def test_the_relay_reaches_every_spooled_entry_not_only_the_oldest_page(
     mongo: Mongo, redis_client: redis.Redis
 ) -> None:
-    from mes_tasks.send.outbox import RELAY_PAGE
+    from mes_tasks.send.relay import RELAY_PAGE
 
     n = RELAY_PAGE * 2 + 10
     OutboxMessage._get_collection().insert_many([

@@ -27,7 +27,7 @@ from mes_tasks.db import Mongo
 from mes_tasks.errors import FenceLost, LockLost, NegativeCounter
 from mes_tasks.keys import lock_key
 from mes_tasks.models import ALL_MODELS, FailedUpdate, OutboxMessage, QuantityLog, WorkOrder
-from mes_tasks.send import outbox
+from mes_tasks.send import relay
 from mes_tasks.send.producer import bind_update
 from mes_tasks.settings import Settings
 from mes_tasks.validation import UpdateRequest, validate_update
@@ -134,7 +134,7 @@ class Run:
             named = bind_update(args, kwargs)[1]  # TypeError for the poisoned entry
             self.offer(req, str(named["request_id"]), "none")
 
-        result = outbox.relay(publish, held=set, grace_s=3600)
+        result = relay.relay(publish, held=set, grace_s=3600)
         assert (result.published, result.set_aside) == (1, 1)
         assert FailedUpdate.objects.get(request_id=f"poison-{n}").error_code == "UNPUBLISHABLE"
 

@@ -7,85 +7,31 @@ batch, while it publishes it; when the broker refuses it, the producer records i
 so the relay never looks at an entry before its publish has ended; for a spooled entry, when it
 was spooled; for one the relay published, when it did.
 
-``relay`` (beat, every ``MES_OUTBOX_RELAY_INTERVAL_S``) works a page (``RELAY_PAGE``) at a time,
-and starts no new page once ``RELAY_BUDGET_SHARE`` of the interval has passed, so runs never
-pile up however much is waiting:
-
-1. publishes spooled entries, oldest first, with their original job id and request id, and marks
-   each page sent in one write; an entry that can never be published (its payload does not fit
-   the task) is set aside as a dead letter (``UNPUBLISHABLE``), where ``failed
-   list/show/discard`` see it, so it never holds up the entries behind it;
-2. looks at overdue entries only: sent, with ``sent_at`` more than ``grace_s`` ago (the
-   ``state_sent`` index reads them and nothing else), oldest first. It deletes those whose
-   request id has an outcome: a ``QuantityLog``, or a ``FailedUpdate`` that is not ``retried``
-   (a retried update stays protected until it is applied or fails again). It re-publishes those
-   still without one that the broker no longer holds (queued, or delivered and unacknowledged).
-   Those the broker still holds wait before they are looked at again, in proportion to how much
-   the broker holds (``RELAY_SNOOZE_PER_HELD_S`` each, at most ``RELAY_SNOOZE_MAX_S``): one
-   broker read per run at most, and none while nothing is overdue.
-
-Step 2's re-publish covers what the broker itself can lose: kombu's Redis transport pops a
-message (BRPOP) and records it as unacknowledged in a second step, so a worker killed or a
-connection dropped between the two loses it. The request id makes a re-publish a duplicate at
-worst, never a second count.
+The relay (``send.relay``) reads it to publish what was spooled and re-send what the broker lost.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
-from datetime import datetime, timedelta
+from collections.abc import Iterable, Sequence
+from datetime import timedelta
 from typing import Any, NamedTuple
 
 from pymongo.collection import Collection
 from pymongo.errors import BulkWriteError
 
-from mes_tasks.apply.deadletter import Failure, record_failure
-from mes_tasks.broker import is_outage
 from mes_tasks.db import mongo_errors
-from mes_tasks.errors import PermanentError
 from mes_tasks.models import FailedUpdate, OutboxMessage, QuantityLog, utcnow
-from mes_tasks.names import UPDATE_QUANTITY
-from mes_tasks.settings import get_settings
 
 log = logging.getLogger(__name__)
 
 SENT, SPOOLED = "sent", "spooled"
 WAITING = [SPOOLED, None]  # an entry written without a state is spooled (mongoengine's default)
 DUPLICATE_KEY = 11000  # MongoDB's error code: an entry of this job id exists
-RELAY_PAGE = 200  # entries per MongoDB read and per write of a relay run
-RELAY_BUDGET_SHARE = 0.5  # of MES_OUTBOX_RELAY_INTERVAL_S: a run starts no new page after that
-# An overdue update the broker still holds is looked at again after this much per update the
-# broker holds (a drain of 100 updates a second: a queue this long will not reach it sooner),
-# at most RELAY_SNOOZE_MAX_S; a lost update is then re-sent that much later at most.
-RELAY_SNOOZE_PER_HELD_S = 0.01
-RELAY_SNOOZE_MAX_S = 300.0
 
 
-class Unpublishable(PermanentError):
-    """An outbox entry that can never be published: its payload does not fit the task."""
-
-    code = "UNPUBLISHABLE"
-
-
-Publish = Callable[[str, list[Any], dict[str, Any]], None]
 Doc = dict[str, Any]
-
-
-@dataclass
-class RelayResult:
-    """What one relay run did."""
-
-    published: int = 0  # spooled entries handed to the broker
-    settled: int = 0  # entries removed because their update has an outcome
-    republished: int = 0  # sent entries the broker no longer held, sent again
-    set_aside: int = 0  # entries that can never be published, moved to the dead letters
-
-    def __bool__(self) -> bool:
-        return bool(self.published or self.settled or self.republished or self.set_aside)
 
 
 class Job(NamedTuple):
@@ -164,213 +110,17 @@ def _entry(job: Job) -> Doc:
 def counts() -> dict[str, int]:
     """Entries waiting per state: ``spooled`` (not yet in the broker) and ``sent``; counted on an index."""
     with mongo_errors():
-        collection = _collection()
+        collection = outbox_collection()
         return {
             SPOOLED: collection.count_documents({"state": {"$in": WAITING}}),
             SENT: collection.count_documents({"state": SENT}),
         }
 
 
-def relay(
-    publish: Publish,
-    held: Callable[[], set[str]],
-    grace_s: float,
-    limit: int = RELAY_PAGE,
-    budget_s: float | None = None,
-) -> RelayResult:
-    """Publish what was spooled, then look at what is overdue: drop it if it has an outcome,
-    re-send it if the broker lost it, look again later if the broker still holds it.
-
-    Args:
-        publish: sends one update to the broker under its job id.
-        held: the task ids the broker still holds for ``workorder`` (see ``broker``).
-        grace_s: how long past its ``sent_at`` an update may go without an outcome before it is
-            looked at.
-        limit: entries per page.
-        budget_s: no new page after this long; default ``RELAY_BUDGET_SHARE`` of the interval.
-    """
-    result = RelayResult()
-    share = get_settings().outbox_relay_interval_s * RELAY_BUDGET_SHARE
-    until = time.monotonic() + (share if budget_s is None else budget_s)
-    _publish_spooled(publish, limit, until, result)
-    _check_overdue(publish, _Broker(held), grace_s, limit, until, result)
-    return result
-
-
-def _publish_spooled(publish: Publish, limit: int, until: float, result: RelayResult) -> None:
-    """Spooled entries, oldest first, a page at a time, until the broker refuses one or time is up."""
-    while True:
-        with mongo_errors():
-            page = list(_collection().find({"state": {"$in": WAITING}}).sort("sent_at", 1).limit(limit))
-        if not page:
-            return
-        sent, complete = _send_all(publish, page, result)
-        _mark_sent(sent, {"$inc": {"attempts": 1}})
-        result.published += len(sent)
-        if not complete or time.monotonic() >= until:
-            return
-
-
-def _send_all(publish: Publish, page: list[Doc], result: RelayResult) -> tuple[list[Any], bool]:
-    """Publish each entry: the ``_id`` of each the broker took, and False if a broker failure
-    stopped it (the rest wait for the next run). An entry that fails for any other reason is set
-    aside and the others go on."""
-    sent: list[Any] = []
-    for doc in page:
-        try:
-            payload = json.loads(doc["payload"])
-            publish(doc["job_id"], payload["args"], payload["kwargs"])
-        except Exception as exc:
-            if is_outage(exc):
-                _mark_failed(doc, exc)
-                log.warning("outbox relay stopped: %s", type(exc).__name__)
-                return sent, False
-            set_aside(doc, exc)
-            result.set_aside += 1
-            continue
-        sent.append(doc["_id"])
-    return sent, True
-
-
-def _mark_sent(ids: list[Any], update: Doc) -> None:
-    if ids:
-        with mongo_errors():
-            _collection().update_many(
-                {"_id": {"$in": ids}}, {"$set": {"state": SENT, "sent_at": utcnow()}, **update}
-            )
-
-
-def set_aside(doc: Doc, exc: Exception) -> None:
-    """Move an entry that can never be published to the dead letters, and out of the outbox."""
-    reason = f"{type(exc).__name__}: {str(exc)[:300]}"
-    payload = _loaded(doc.get("payload"))
-    args: list[Any] = payload["args"] if isinstance(payload.get("args"), list) else []
-    kwargs: dict[str, Any] = payload["kwargs"] if isinstance(payload.get("kwargs"), dict) else {}
-    failure = Failure(
-        task_name=UPDATE_QUANTITY,
-        task_id=doc.get("job_id"),
-        request_id=str(doc.get("request_id") or doc["job_id"]),
-        work_order_id=args[0] if args and isinstance(args[0], str) else None,
-        args=args,
-        kwargs=kwargs,
-        error=Unpublishable(f"the outbox entry cannot be published: {reason}"),
-        attempts=1,
-    )
-    record_failure(failure)
-    with mongo_errors():
-        _collection().delete_one({"_id": doc["_id"]})
-    log.error("outbox: %s (job %s) can never be published, set aside as a dead letter: %s",
-              doc.get("request_id"), doc.get("job_id"), reason)  # fmt: skip
-
-
-def _loaded(raw: Any) -> Doc:
-    try:
-        value = json.loads(raw)
-    except (TypeError, ValueError):
-        return {}
-    return value if isinstance(value, dict) else {}
-
-
-def _mark_failed(doc: Doc, exc: Exception) -> None:
-    with mongo_errors():
-        _collection().update_one(
-            {"_id": doc["_id"]},
-            {"$set": {"state": SPOOLED, "last_error": str(exc)[:500], "last_attempt_at": utcnow()},
-             "$inc": {"attempts": 1}},
-        )  # fmt: skip
-
-
-class _Broker:
-    """What the broker holds, read once per relay run, on first need, and when it was read."""
-
-    def __init__(self, held: Callable[[], set[str]]) -> None:
-        self._held = held
-        self.read_at: datetime | None = None
-        self.ids: set[str] | None = None
-
-    def holds(self) -> set[str] | None:
-        """The task ids the broker holds; None when it cannot be read (nothing is taken for lost)."""
-        if self.read_at is None:
-            self.read_at = utcnow()
-            try:
-                self.ids = self._held()
-            except Exception as exc:
-                log.warning(
-                    "outbox: cannot read the broker (%s); lost updates are checked next run",
-                    type(exc).__name__,
-                )
-        return self.ids
-
-
-def _check_overdue(
-    publish: Publish, broker: _Broker, grace_s: float, limit: int, until: float, result: RelayResult
-) -> None:
-    """Overdue entries, oldest first, a page at a time, until none is left or time is up.
-
-    Once the broker was read, only entries due before that read are looked at: a message
-    published after it would look lost.
-    """
-    while True:
-        due = utcnow() - timedelta(seconds=grace_s)
-        if broker.read_at is not None:
-            due = min(due, broker.read_at)
-        with mongo_errors():
-            page = list(
-                _collection().find({"state": SENT, "sent_at": {"$lt": due}}).sort("sent_at", 1).limit(limit)
-            )
-        if not page or not _check_page(publish, broker, page, result) or time.monotonic() >= until:
-            return
-
-
-def _check_page(publish: Publish, broker: _Broker, page: list[Doc], result: RelayResult) -> bool:
-    """Settle, re-send or postpone each overdue entry of ``page``; False if the broker cannot be read."""
-    done = settled_request_ids(d["request_id"] for d in page)
-    result.settled += _delete([d for d in page if d["request_id"] in done])
-    waiting = [d for d in page if d["request_id"] not in done]
-    if not waiting:
-        return True
-    in_broker = broker.holds()
-    if in_broker is None:
-        return False
-    absent = [d for d in waiting if d["job_id"] not in in_broker]
-    done = settled_request_ids(d["request_id"] for d in absent)  # applied and acknowledged meanwhile
-    result.settled += _delete([d for d in absent if d["request_id"] in done])
-    _postpone([d for d in waiting if d["job_id"] in in_broker], len(in_broker))
-    return _resend(publish, [d for d in absent if d["request_id"] not in done], result)
-
-
-def _delete(docs: list[Doc]) -> int:
-    if not docs:
-        return 0
-    with mongo_errors():
-        return int(_collection().delete_many({"_id": {"$in": [d["_id"] for d in docs]}}).deleted_count)
-
-
-def _postpone(docs: list[Doc], held: int) -> None:
-    """Look at these again later: the broker holds ``held`` updates, theirs among them."""
-    if docs:
-        later = utcnow() + timedelta(seconds=min(RELAY_SNOOZE_MAX_S, held * RELAY_SNOOZE_PER_HELD_S))
-        with mongo_errors():
-            _collection().update_many(
-                {"_id": {"$in": [d["_id"] for d in docs]}}, {"$set": {"sent_at": later}}
-            )
-
-
-def _resend(publish: Publish, lost: list[Doc], result: RelayResult) -> bool:
-    """Re-publish updates the broker lost; False if the broker refused one (the rest wait)."""
-    for doc in lost:
-        log.warning("outbox: %s (job %s) has no outcome and is not in the broker; re-sending",
-                    doc["request_id"], doc["job_id"])  # fmt: skip
-    sent, complete = _send_all(publish, lost, result)
-    _mark_sent(sent, {"$inc": {"republished": 1}})
-    result.republished += len(sent)
-    return complete
-
-
 def forget(job_ids: list[str], collection: Collection[Doc] | None = None) -> int:
     """Delete the entries of these jobs (purged on purpose, or never sendable: not to be re-sent)."""
     with mongo_errors():
-        found = (collection if collection is not None else _collection()).delete_many(
+        found = (collection if collection is not None else outbox_collection()).delete_many(
             {"job_id": {"$in": job_ids}}
         )
         return int(found.deleted_count)
@@ -397,6 +147,6 @@ def settled_request_ids(request_ids: Iterable[str]) -> set[str]:
     return found
 
 
-def _collection() -> Collection[Doc]:
+def outbox_collection() -> Collection[Doc]:
     collection: Collection[Doc] = OutboxMessage._get_collection()
     return collection

@@ -10,7 +10,7 @@ import logging
 import time
 from typing import Any
 
-from celery import bootsteps
+from celery import Task, bootsteps
 
 from mes_tasks import db
 from mes_tasks.apply.keptlocks import KeptLocks
@@ -103,3 +103,11 @@ class ReleaseKeptLocks(bootsteps.StartStopStep):  # type: ignore[misc]
         STATE.flush_counts()
 
     shutdown = stop
+
+
+class LedgerTask(Task):  # type: ignore[misc]
+    """Base of the tasks a worker runs: this worker process's ledger."""
+
+    @property
+    def ledger(self) -> Ledger:
+        return STATE.ledger
