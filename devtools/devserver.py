@@ -234,6 +234,11 @@ def metrics_argv(port: int, host: str = "127.0.0.1") -> list[str]:
     return [*CELERY, "metrics", "--host", host, "--port", str(port)]
 
 
+def api_argv(port: int, host: str = "127.0.0.1", workers: int = 1) -> list[str]:
+    """The HTTP gateway (``celery -A mes_tasks api``); its tokens come from ``MES_API_TOKENS``."""
+    return [*CELERY, "api", "--host", host, "--port", str(port), "--workers", str(workers)]
+
+
 # Flower's task list: the update (work order, kind, quantity: argsrepr) and its request id
 # (kwargsrepr) first, then what became of it.
 FLOWER_TASKS_COLUMNS = "args,kwargs,state,exception,received,runtime,worker,name,uuid"

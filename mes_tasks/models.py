@@ -150,6 +150,7 @@ class OutboxMessage(Document):
         "indexes": [
             {"fields": ["created_at"], "name": "oldest"},
             {"fields": ["state", "sent_at"], "name": "state_sent"},
+            {"fields": ["request_id"], "name": "request"},  # "where is my update?" (the gateway)
         ],
     }
 
