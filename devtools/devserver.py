@@ -24,6 +24,7 @@ DEV_MONGO_PORT = 27030
 DEV_REDIS_DB = 3
 DEV_FLOWER_PORT = 5555
 DEV_METRICS_PORT = 9808
+DEV_API_PORT = 8000
 READY_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 15.0
 
@@ -272,11 +273,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument(
         "--metrics-port", type=int, default=int(os.environ.get("MES_METRICS_PORT", DEV_METRICS_PORT))
     )
+    run.add_argument("--api-port", type=int, default=int(os.environ.get("MES_API_PORT", DEV_API_PORT)))
     args = parser.parse_args(argv)
     settle_store_urls(os.environ, args.redis_port, args.mongo_port)
-    from devtools.stack import run_stack
+    from devtools.stack import Ports, run_stack
 
-    return run_stack(Path(args.var), args.redis_port, args.mongo_port, args.flower_port, args.metrics_port)
+    ports = Ports(args.redis_port, args.mongo_port, args.flower_port, args.metrics_port, args.api_port)
+    return run_stack(Path(args.var), ports)
 
 
 if __name__ == "__main__":

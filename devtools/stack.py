@@ -2,7 +2,8 @@
 
 Redis (AOF) and SecantusDB with their data under ``var/`` (unless ``REDIS_URL`` /
 ``MONGODB_URI`` point elsewhere), then the ``workorder`` worker, the ``audit`` worker,
-beat, Flower (basic auth) and the metrics endpoint. Each process's output goes to the terminal with a name
+beat, Flower (basic auth), the metrics endpoint and the HTTP gateway (bearer tokens). Each process's
+output goes to the terminal with a name
 prefix and to ``var/log/<name>.log``. A process that exits is restarted, with a back-off, as
 compose's restart policy does. Ctrl-C stops them all, then the servers.
 """
@@ -22,6 +23,7 @@ from devtools.devserver import (
     DEV_REDIS_DB,
     STOP_TIMEOUT_S,
     Service,
+    api_argv,
     beat_argv,
     flower_argv,
     metrics_argv,
@@ -32,6 +34,7 @@ from devtools.devserver import (
     worker_argv,
 )
 from devtools.process import Child
+from mes_tasks.api.access import TOKENS_ENV, parse_pairs
 from mes_tasks.errors import ConfigurationError
 from mes_tasks.flowerauth import basic_auth
 from mes_tasks.settings import mask_url
@@ -46,7 +49,21 @@ RESTART_RESET_S = 60.0
 FLOWER_USER = "admin"
 PASSWORD_FILE = "flower-password"
 ENV_FILE = "stack.env"
-STACK_SETTINGS = ("REDIS_URL", "MONGODB_URI", "MES_REPORTS_DIR", "MES_FLOWER_URL")
+TOKENS_FILE = "api-tokens"
+STACK_SETTINGS = (
+    "REDIS_URL", "MONGODB_URI", "MES_REPORTS_DIR", "MES_FLOWER_URL", "MES_API_URL", "MES_API_TOKENS",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Ports:
+    """Where the stack's servers listen."""
+
+    redis: int
+    mongo: int
+    flower: int
+    metrics: int
+    api: int
 
 
 def flower_credentials(var: Path) -> tuple[str, str, bool]:
@@ -72,16 +89,41 @@ def flower_credentials(var: Path) -> tuple[str, str, bool]:
     return user, password, generated
 
 
-def run_stack(var: Path, redis_port: int, mongo_port: int, flower_port: int, metrics_port: int) -> int:
+def api_tokens(var: Path) -> str:
+    """``MES_API_TOKENS`` from the environment, else a producer and an operator token made once
+    under ``var/`` (readable by its owner only).
+
+    Raises:
+        ConfigurationError: a malformed token in the environment.
+    """
+    given = os.environ.get(TOKENS_ENV, "").strip()
+    path = var / TOKENS_FILE
+    if given:
+        parse_pairs(given, TOKENS_ENV)
+        return given
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch(mode=0o600)
+        path.write_text(f"producer:{secrets.token_hex(24)} operator:{secrets.token_hex(24)}\n")
+    return path.read_text().strip()
+
+
+def run_stack(var: Path, ports: Ports) -> int:
     var = var.resolve()
     try:
         user, password, generated = flower_credentials(var)
     except ConfigurationError as exc:
         raise SystemExit(f"[stack] cannot start Flower: {exc.message}") from None
+    try:
+        tokens = api_tokens(var)
+    except ConfigurationError as exc:
+        raise SystemExit(f"[stack] cannot start the HTTP gateway: {exc.message}") from None
     (var / "log").mkdir(parents=True, exist_ok=True)
-    env, services = _services(var, redis_port, mongo_port)
+    env, services = _services(var, ports.redis, ports.mongo)
     env["FLOWER_BASIC_AUTH"] = f"{user}:{password}"
-    env.setdefault("MES_FLOWER_URL", f"http://127.0.0.1:{flower_port}")  # doctor probes it
+    env.setdefault("MES_FLOWER_URL", f"http://127.0.0.1:{ports.flower}")  # doctor probes it
+    env["MES_API_TOKENS"] = tokens
+    env.setdefault("MES_API_URL", f"http://127.0.0.1:{ports.api}")
     children: list[Child] = []
     try:
         for svc in services:
@@ -89,10 +131,10 @@ def run_stack(var: Path, redis_port: int, mongo_port: int, flower_port: int, met
                 raise SystemExit(f"port {svc.port} for {svc.name} is taken: is another `make run` running?")
             print(f"[stack] starting {svc.name} on 127.0.0.1:{svc.port} (data in {var})", flush=True)
             svc.start()
-        for name, argv in _processes(var, flower_port, metrics_port):
+        for name, argv in _processes(var, ports):
             children.append(Child(name, argv, var / "log" / f"{name}.log", env=env, echo=True).start())
         write_env_file(var, env)
-        _print_access(env, flower_port, metrics_port, user, password if generated else None, var)
+        _print_access(env, ports, user, password if generated else None, var)
         return _wait(children)
     finally:
         _stop_children(children)
@@ -118,13 +160,14 @@ def _services(var: Path, redis_port: int, mongo_port: int) -> tuple[dict[str, st
     return env, services
 
 
-def _processes(var: Path, flower_port: int, metrics_port: int) -> list[tuple[str, list[str]]]:
+def _processes(var: Path, ports: Ports) -> list[tuple[str, list[str]]]:
     return [
         ("workorder", worker_argv("workorder", "workorder")),
         ("audit", worker_argv("audit", "audit")),
         ("beat", beat_argv(var / "celerybeat-schedule")),
-        ("flower", flower_argv(flower_port)),
-        ("metrics", metrics_argv(metrics_port)),
+        ("flower", flower_argv(ports.flower)),
+        ("metrics", metrics_argv(ports.metrics)),
+        ("api", api_argv(ports.api)),
     ]
 
 
@@ -143,14 +186,16 @@ def write_env_file(var: Path, env: dict[str, str]) -> Path:
     return path
 
 
-def _print_access(
-    env: dict[str, str], flower_port: int, metrics_port: int, user: str, new_password: str | None, var: Path
-) -> None:
+def _print_access(env: dict[str, str], ports: Ports, user: str, new_password: str | None, var: Path) -> None:
     print(f"[stack] this stack's settings are in {var / ENV_FILE}; for the operator commands:", flush=True)
     print("  make shell    (then: celery -A mes_tasks queue status)", flush=True)
     print(f"  Redis {mask_url(env['REDIS_URL'])}, MongoDB {mask_url(env['MONGODB_URI'])}", flush=True)
-    print(f"[stack] Flower: http://127.0.0.1:{flower_port}/ (user {user})", flush=True)
-    print(f"[stack] metrics: http://127.0.0.1:{metrics_port}/metrics", flush=True)
+    print(f"[stack] Flower: http://127.0.0.1:{ports.flower}/ (user {user})", flush=True)
+    print(f"[stack] metrics: http://127.0.0.1:{ports.metrics}/metrics", flush=True)
+    print(
+        f"[stack] HTTP gateway: {env['MES_API_URL']}/ (tokens: MES_API_TOKENS in {var / ENV_FILE})",
+        flush=True,
+    )
     if new_password is not None:
         print(
             f"[stack] generated Flower password (kept in {var / PASSWORD_FILE}): {new_password}", flush=True

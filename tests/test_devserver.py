@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import os
 import shlex
 import signal
@@ -35,12 +36,22 @@ print(sent.get(timeout=60)["status"])
 
 
 def run_argv(var: Path, *ports: int) -> list[str]:
-    """``make run``'s command line, on these ports (redis, mongo, flower, metrics)."""
+    """``make run``'s command line, on these ports (redis, mongo, flower, metrics, api)."""
     argv = [sys.executable, "-m", "devtools.devserver", "run", "--var", str(var)]
     return argv + [
         f"--{name}-port={port}"
-        for name, port in zip(("redis", "mongo", "flower", "metrics"), ports, strict=True)
+        for name, port in zip(("redis", "mongo", "flower", "metrics", "api"), ports, strict=True)
     ]
+
+
+def http_json(port: int, path: str, token: str, body: dict[str, object] | None = None) -> dict[str, object]:
+    """One call to the stack's gateway (a POST of ``body`` as JSON, else a GET)."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data, headers={
+        "Authorization": f"Bearer {token}", "Content-Type": "application/json"})  # fmt: skip
+    with urllib.request.urlopen(request, timeout=20) as reply:
+        answer: dict[str, object] = json.loads(reply.read())
+        return answer
 
 
 def start_stack(var: Path, *ports: int) -> tuple[subprocess.Popen[str], Path]:
@@ -114,8 +125,8 @@ def submit(redis_port: int, mongo_port: int) -> str:
 @pytest.mark.slow  # the whole stack, for 20 s
 def test_the_stack_runs_stops_on_ctrl_c_and_keeps_its_data(tmp_path: Path) -> None:
     var, redis_port, mongo_port, flower_port = tmp_path / "var", free_port(), free_port(), free_port()
-    metrics_port = free_port()
-    proc, log = start_stack(var, redis_port, mongo_port, flower_port, metrics_port)
+    metrics_port, api_port = free_port(), free_port()
+    proc, log = start_stack(var, redis_port, mongo_port, flower_port, metrics_port, api_port)
     assert submit(redis_port, mongo_port) == "applied"
 
     password = (var / "flower-password").read_text().strip()
@@ -150,13 +161,23 @@ def test_the_stack_runs_stops_on_ctrl_c_and_keeps_its_data(tmp_path: Path) -> No
 
     env_file = (var / "stack.env").read_text()  # what `make shell` sources
     assert f"export REDIS_URL=redis://127.0.0.1:{redis_port}/3" in env_file
+    tokens = (var / "api-tokens").read_text().split()
+    assert f"export MES_API_URL=http://127.0.0.1:{api_port}" in env_file and tokens[0] in env_file
+    assert all(t.split(":", 1)[1] not in log.read_text() for t in tokens)  # never printed
+    wait_until(lambda: port_open(api_port), 60, "the HTTP gateway")
+    producer = tokens[0].split(":", 1)[1]
+    item = {"work_order_id": "WO-1001", "kind": "input", "quantity": 1, "request_id": "stack-http-1"}
+    sent = http_json(api_port, "/api/workorder/update-quantity", producer, item)
+    assert sent["code"] == "QUEUED", sent
+    wait_until(lambda: http_json(api_port, "/api/updates/stack-http-1", producer)["state"] == "applied", 30,
+               "the update sent over HTTP to be applied")  # fmt: skip
     assert (var / "stack.env").stat().st_mode & 0o077 == 0  # its owner's only
     shell = f". {var / 'stack.env'} && celery -A mes_tasks queue status --json"
     done = subprocess.run(
         ["bash", "-c", shell], cwd=REPO, env=bare_env(), capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 0 and '"queues"' in done.stdout, done.stderr
-    for name in ("workorder", "audit", "beat", "flower", "metrics", "redis"):
+    for name in ("workorder", "audit", "beat", "flower", "metrics", "api", "redis"):
         assert (var / "log" / f"{name}.log").stat().st_size > 0, name
     assert (var / "log" / "mongo.log").exists()  # SecantusDB logs warnings only
     assert password not in (var / "log" / "flower.log").read_text()
@@ -167,7 +188,7 @@ def test_the_stack_runs_stops_on_ctrl_c_and_keeps_its_data(tmp_path: Path) -> No
     assert (var / "redis" / "appendonlydir").is_dir()
     assert "stopping redis" in log.read_text()
 
-    proc, log = start_stack(var, redis_port, mongo_port, flower_port, metrics_port)
+    proc, log = start_stack(var, redis_port, mongo_port, flower_port, metrics_port, api_port)
     assert "generated Flower password" not in log.read_text()  # made once, then kept
     try:
         assert redis.Redis(port=redis_port, db=3).get("mes:test:kept") == b"1"
@@ -187,7 +208,7 @@ def own_stack_env(var: Path, redis_port: int, mongo_port: int) -> Path:
 
 @pytest.mark.slow  # the whole stack, started and stopped
 def test_make_run_inside_make_shell_with_the_stack_stopped_starts_its_own_servers(tmp_path: Path) -> None:
-    var, ports = tmp_path / "var", [free_port() for _ in range(4)]
+    var, ports = tmp_path / "var", [free_port() for _ in range(5)]
     var.mkdir()
     env_file = own_stack_env(var, ports[0], ports[1])
     typed = f". {env_file} && exec {shlex.join(run_argv(var, *ports))}"  # `make run` in `make shell`
