@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from conftest import REPO
-from devtools.devserver import beat_argv, flower_argv, worker_argv
+from devtools.devserver import api_argv, beat_argv, flower_argv, worker_argv
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +59,16 @@ def test_the_processes_run_the_same_commands_as_make_run(compose: dict[str, Any]
     assert svc["audit"]["command"] == cli_of(worker_argv("audit", "audit"))
     assert svc["beat"]["command"] == cli_of(beat_argv(Path("/var/lib/mes/beat/celerybeat-schedule")))
     assert svc["flower"]["command"] == cli_of(flower_argv(5555, "0.0.0.0"))
+
+
+def test_the_gateway_runs_as_make_run_starts_it_with_tokens_from_the_environment_and_a_healthcheck(
+    compose: dict[str, Any],
+) -> None:
+    api = services(compose)["api"]
+    assert api["command"] == cli_of(api_argv(8000, "0.0.0.0", 2))
+    assert api["environment"]["MES_API_TOKENS"].startswith("${MES_API_TOKENS:?")
+    assert all(p.startswith("127.0.0.1:") for p in api["ports"])
+    assert "/health" in " ".join(api["healthcheck"]["test"])
 
 
 def test_flower_requires_auth_from_the_environment(compose: dict[str, Any]) -> None:
