@@ -109,6 +109,14 @@ def apply_histogram_key(prefix: str) -> str:
     return f"{prefix}stats:apply_ms_hist"
 
 
+def http_counts_key(prefix: str) -> str:
+    return f"{prefix}stats:http"
+
+
+def http_histogram_key(prefix: str) -> str:
+    return f"{prefix}stats:http_ms_hist"
+
+
 def takeovers_key(prefix: str) -> str:
     return f"{prefix}stats:lease_takeovers"
 

@@ -241,3 +241,26 @@ def test_the_gateway_refuses_to_start_without_a_token(tmp_path: Path) -> None:
     with pytest.raises(AssertionError, match="fewer than 16 characters"):
         start(tmp_path / "api2.log", {**TEST_ENV, "MES_API_TOKENS": "producer:short"}, timeout_s=20)
     assert "short" not in (tmp_path / "api2.log").read_text()
+
+
+def test_requests_are_counted_by_method_route_and_status_for_the_metrics_endpoint(
+    api: Gateway, services: redis.Redis, settings: Any
+) -> None:
+    from mes_tasks.ops.metrics import registry_for
+
+    make_work_orders(["WO-1"])
+    assert api.call("POST", UPDATE, {"work_order_id": "WO-1", "kind": "input", "quantity": 1}).status == 202
+    assert api.call("POST", UPDATE, {"work_order_id": "WO-1", "kind": "input", "quantity": 0}).status == 400
+    assert api.call("GET", "/api/workorder/NOPE").status == 404
+    registry = registry_for(services, settings.key_prefix)
+
+    def value(name: str, **labels: str) -> float | None:
+        return registry.get_sample_value(name, labels)
+
+    route = "/api/workorder/{work_order_id}"
+    wait_until(lambda: value("mes_http_requests_total", method="GET", route=route, status="404") == 1, 10,
+               "the gateway's counts flushed")  # fmt: skip
+    assert value("mes_http_requests_total", method="POST", route=UPDATE, status="202") == 1
+    assert value("mes_http_requests_total", method="POST", route=UPDATE, status="400") == 1
+    assert value("mes_http_request_seconds_count", method="POST", route=UPDATE) == 2
+    assert value("mes_http_request_seconds_bucket", method="POST", route=UPDATE, le="+Inf") == 2

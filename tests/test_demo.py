@@ -12,7 +12,7 @@ from devtools import demo
 from mes_tasks.db import Mongo
 from mes_tasks.keys import update_counts_key
 from mes_tasks.settings import get_settings
-from mes_tasks.worker.tally import APPLIED, DEAD_LETTERED, DUPLICATE
+from mes_tasks.tally import APPLIED, DEAD_LETTERED, DUPLICATE
 
 
 def test_the_plan_mixes_duplicates_and_bad_scans() -> None:

@@ -31,6 +31,8 @@ from mes_tasks.db import Mongo
 from mes_tasks.keys import (
     apply_histogram_key,
     first_start_key,
+    http_counts_key,
+    http_histogram_key,
     lease_key,
     pause_key,
     takeovers_key,
@@ -41,9 +43,9 @@ from mes_tasks.names import UPDATE_QUANTITY
 from mes_tasks.ops.metrics import registry_for
 from mes_tasks.send.producer import submit_quantity_update
 from mes_tasks.settings import Settings
+from mes_tasks.tally import DEAD_LETTERED, RETRIED, Tally, bucket_of, http_field, http_series
 from mes_tasks.tasks import update_quantity
 from mes_tasks.worker.state import STATE
-from mes_tasks.worker.tally import DEAD_LETTERED, RETRIED, Tally, bucket_of
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 PROMQL_WORDS = {"and", "or", "unless", "by", "without", "on", "ignoring", "group_left", "group_right",
@@ -309,6 +311,9 @@ def test_every_series_the_alert_rules_and_the_dashboard_use_is_exported(
     tally.add(RETRIED, "LOCK_BUSY")
     tally.add(DEAD_LETTERED, "UNKNOWN_WORK_ORDER")
     assert tally.flush(redis_client, prefix)
+    http = Tally(http_counts_key, http_histogram_key)  # a gateway's request
+    http.count(http_field("POST", "/api/x", 503), 2.0, http_series("POST", "/api/x"))
+    assert http.flush(redis_client, prefix)
     FailedUpdate(request_id="r", task_name=UPDATE_QUANTITY, error_code="UNKNOWN_WORK_ORDER").save()
     redis_client.set(lease_key(prefix), "host-a:41:w/abc", px=3000)
     redis_client.set(first_start_key(prefix), f"{time.time():.0f}")  # a worker has started

@@ -214,3 +214,37 @@ def test_a_new_deployment_turns_stale_only_after_a_day_and_its_slack_without_an_
     run_an_audit(services, settings, tmp_path)
     samples, now = scrape_now(services, settings)
     assert_alert(promtool, tmp_path, samples, now, {NEW_S: False, OLD_S: True})  # that audit is old by then
+
+
+# -- MesHttpServerErrors ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("errors_per_min", "fires"), [(0, False), (1, False), (3, True)])
+def test_the_gateway_alert_fires_when_more_than_5_percent_of_answers_are_5xx(
+    promtool: str, tmp_path: Path, errors_per_min: int, fires: bool
+) -> None:
+    rule = next(r for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"]
+                if r.get("alert") == "MesHttpServerErrors")  # fmt: skip
+    route = {"method": "POST", "route": "/api/workorder/update-quantity"}
+    series = [
+        {"series": series_name("mes_http_requests_total", {**route, "status": "202"}), "values": "0+40x30"},
+        {"series": series_name("mes_http_requests_total", {**route, "status": "503"}),
+         "values": f"0+{errors_per_min}x30"},
+    ]  # fmt: skip
+    expected = [{"exp_labels": dict(rule["labels"]), "exp_annotations": {}}] if fires else []
+    test = {
+        "rule_files": [str(RULES)],
+        "evaluation_interval": f"{STEP_S}s",
+        "tests": [{"interval": f"{STEP_S}s", "input_series": series, "alert_rule_test": [
+            {"eval_time": "20m", "alertname": "MesHttpServerErrors", "exp_alerts": expected}]}],
+    }  # fmt: skip
+    if fires:  # promtool compares every annotation; the value is the 5xx share at 20 m
+        share = errors_per_min / (errors_per_min + 40)
+        expected[0]["exp_annotations"] = {
+            "summary": f"{share * 100:.4g}% of the HTTP gateway's answers are 5xx",
+            "description": rule["annotations"]["description"],
+        }
+    path = tmp_path / "http_errors_test.yml"
+    path.write_text(yaml.safe_dump(test))
+    checked = run(promtool, "test", "rules", str(path), cwd=tmp_path)
+    assert checked.returncode == 0, checked.stdout + checked.stderr

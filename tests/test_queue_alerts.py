@@ -22,8 +22,8 @@ from mes_tasks.models import OutboxMessage, utcnow
 from mes_tasks.ops.doctor import FAIL, OK, Context, check_unconsumed
 from mes_tasks.ops.metrics import registry_for
 from mes_tasks.settings import Settings, get_settings
+from mes_tasks.tally import Tally
 from mes_tasks.worker.state import STATE
-from mes_tasks.worker.tally import Tally
 
 __all__ = ["promtool"]  # a fixture
 WOS = [f"A-{i:02d}" for i in range(12)]

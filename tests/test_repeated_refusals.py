@@ -24,9 +24,9 @@ from mes_tasks.models import FailedUpdate
 from mes_tasks.ops.metrics import registry_for
 from mes_tasks.send.producer import submit_quantity_update
 from mes_tasks.settings import Settings
+from mes_tasks.tally import Tally
 from mes_tasks.tasks import update_quantity
 from mes_tasks.worker.state import STATE
-from mes_tasks.worker.tally import Tally
 
 RUN = "rep"
 GOOD = {"work_order_id": "WO-1", "kind": "output", "quantity": 2, "request_id": f"demo:{RUN}:1"}

@@ -17,7 +17,9 @@ scripts from the internet, and factory networks are often offline):
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +37,7 @@ from mes_tasks import db
 from mes_tasks.api import reads, submit
 from mes_tasks.api.access import OPERATOR, PRODUCER, Access, access_from_env, may
 from mes_tasks.api.body import json_object
+from mes_tasks.api.counting import CountRequests, RequestCounts
 from mes_tasks.api.errors import RETRY_AFTER_S, error_response, for_result, on_mes_error, on_unexpected
 from mes_tasks.api.operator import operator_routes
 from mes_tasks.errors import MesError
@@ -82,7 +85,17 @@ def create_app(settings: Settings | None = None, access: Access | None = None) -
     )
     gateway = Gateway(settings, access or access_from_env(), Producer(settings), health)
     db.connect(settings)  # lazy: nothing is reached until a request needs it
-    app = FastAPI(title="mes_tasks", version="1", docs_url=None, redoc_url=None, openapi_url="/openapi.json")
+    counts = RequestCounts(gateway.producer.redis, settings.key_prefix)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        counts.start()
+        yield
+        counts.stop()
+
+    app = FastAPI(title="mes_tasks", version="1", docs_url=None, redoc_url=None, openapi_url="/openapi.json",
+                  lifespan=lifespan)  # fmt: skip
+    app.add_middleware(CountRequests, counts=counts)
     app.state.gateway = gateway
     app.add_exception_handler(MesError, on_mes_error)
     app.add_exception_handler(RequestValidationError, _on_bad_parameter)

@@ -33,6 +33,8 @@ from mes_tasks.errors import FenceLost, MesError
 from mes_tasks.keys import (
     apply_histogram_key,
     first_start_key,
+    http_counts_key,
+    http_histogram_key,
     lease_key,
     lease_owner_key,
     pause_key,
@@ -45,7 +47,17 @@ from mes_tasks.names import AUDIT_QUEUE, QUEUES, UPDATE_QUANTITY, WORKORDER_QUEU
 from mes_tasks.partitions import every_queue, queue_names
 from mes_tasks.queues import UNACKED_KEY, queue_keys
 from mes_tasks.send.outbox import SENT, SPOOLED
-from mes_tasks.worker.tally import APPLIED, APPLY_MS_BUCKETS, DEAD_LETTERED, DUPLICATE, INF, RETRIED, bound
+from mes_tasks.tally import (
+    APPLIED,
+    APPLY_MS_BUCKETS,
+    DEAD_LETTERED,
+    DUPLICATE,
+    HTTP_SEP,
+    INF,
+    RETRIED,
+    SUM,
+    bound,
+)
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +80,8 @@ class RedisState:
     unrecorded: int
     counts: dict[str, int]
     histogram: dict[str, float]
+    http_counts: dict[str, int]  # "method|route|status" -> requests, from the gateway processes
+    http_histogram: dict[str, float]  # "method|route|<bucket or sum>" -> requests (ms for sum)
     lease_token: str | None  # with one workorder queue
     lease_tokens: dict[str, str | None]  # per workorder queue (partition)
     lease_owner: str | None
@@ -108,6 +122,8 @@ def read_redis(
         pipe.get(unrecorded_key(prefix))
         pipe.hgetall(update_counts_key(prefix))
         pipe.hgetall(apply_histogram_key(prefix))
+        pipe.hgetall(http_counts_key(prefix))
+        pipe.hgetall(http_histogram_key(prefix))
         pipe.get(lease_owner_key(prefix))
         pipe.get(takeovers_key(prefix))
         pipe.get(first_start_key(prefix))
@@ -119,7 +135,7 @@ def read_redis(
     n = 2 * len(PRIORITY_STEPS)
     per_queue = {q: replies[i * n : (i + 1) * n] for i, q in enumerate(queues)}
     rest = replies[len(queues) * n :]
-    unacked, paused, unrecorded, counts, hist, owner, takeovers, first_start, *leases = rest
+    unacked, paused, unrecorded, counts, hist, http, http_hist, owner, takeovers, first_start, *leases = rest
     tokens, own_pauses = leases[: len(leased)], leases[len(leased) :]
     token = tokens[0] if len(leased) == 1 else None
     return RedisState(
@@ -131,6 +147,8 @@ def read_redis(
         unrecorded=int(unrecorded or 0),
         counts={k: int(v) for k, v in counts.items()},
         histogram={k: float(v) for k, v in hist.items()},
+        http_counts={k: int(v) for k, v in http.items()},
+        http_histogram={k: float(v) for k, v in http_hist.items()},
         lease_token=token,
         lease_tokens=dict(zip(leased, tokens, strict=True)),
         lease_owner=owner,
@@ -278,6 +296,7 @@ def counter_metrics(state: RedisState) -> Iterator[Metric]:
         "mes_submissions_unrecorded", "Submissions queued without an outbox record.", state.unrecorded
     )
     yield apply_histogram(state.histogram)
+    yield from http_metrics(state)
     yield from celery_task_metrics(counts.get(APPLIED, 0) + counts.get(DUPLICATE, 0), by_code)
 
 
@@ -295,16 +314,40 @@ def celery_task_metrics(succeeded: int, by_code: dict[str, dict[str, int]]) -> I
 
 def apply_histogram(hist: dict[str, float]) -> Metric:
     """The worker's per-bucket counts in Redis as a cumulative Prometheus histogram, in seconds."""
+    family = HistogramMetricFamily(
+        "mes_update_apply_seconds", "Time the worker took per applied or duplicate update."
+    )
+    family.add_metric([], *_cumulative(hist))
+    return family
+
+
+def http_metrics(state: RedisState) -> Iterator[Metric]:
+    """The gateway's requests by method, route and status, and their durations by route."""
+    requests = CounterMetricFamily(
+        "mes_http_requests", "Requests the HTTP gateway answered.", labels=["method", "route", "status"]
+    )
+    for field, n in sorted(state.http_counts.items()):
+        requests.add_metric(field.split(HTTP_SEP, 2), n)
+    seconds = HistogramMetricFamily(
+        "mes_http_request_seconds", "Time the HTTP gateway took per request.", labels=["method", "route"]
+    )
+    by_series: dict[tuple[str, str], dict[str, float]] = {}
+    for field, x in state.http_histogram.items():
+        method, route, bucket = field.split(HTTP_SEP, 2)
+        by_series.setdefault((method, route), {})[bucket] = x
+    for (method, route), hist in sorted(by_series.items()):
+        seconds.add_metric([method, route], *_cumulative(hist))
+    yield requests
+    yield seconds
+
+
+def _cumulative(hist: dict[str, float]) -> tuple[list[tuple[str, float]], float]:
+    """Per-bucket counts (ms bounds) as Prometheus's cumulative buckets (s bounds), and the sum (s)."""
     buckets, total = [], 0.0
     for field in [*(bound(b) for b in APPLY_MS_BUCKETS), INF]:
         total += hist.get(field, 0.0)
         buckets.append((field if field == INF else repr(float(field) / 1000), total))
-    return HistogramMetricFamily(
-        "mes_update_apply_seconds",
-        "Time the worker took per applied or duplicate update.",
-        buckets=buckets,
-        sum_value=hist.get("sum", 0.0) / 1000,
-    )
+    return buckets, hist.get(SUM, 0.0) / 1000
 
 
 def queue_metrics(state: RedisState, ages: dict[str, float]) -> Iterator[Metric]:

@@ -15,6 +15,7 @@ from typing import Any, NoReturn
 
 import redis
 
+from mes_tasks import tally
 from mes_tasks.apply.deadletter import Failure, record_failure, record_repeat
 from mes_tasks.errors import (
     MesError,
@@ -26,7 +27,6 @@ from mes_tasks.errors import (
 )
 from mes_tasks.keys import negative_wait_key
 from mes_tasks.settings import Settings
-from mes_tasks.worker import tally
 from mes_tasks.worker.state import STATE, LedgerTask
 
 log = logging.getLogger(__name__)

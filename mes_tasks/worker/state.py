@@ -18,7 +18,7 @@ from mes_tasks.apply.ledger import Ledger
 from mes_tasks.apply.sessions import SessionLog
 from mes_tasks.keys import apply_ms_key
 from mes_tasks.settings import get_settings
-from mes_tasks.worker.tally import Tally
+from mes_tasks.tally import Tally
 
 log = logging.getLogger(__name__)
 

@@ -1,8 +1,9 @@
-"""The worker's outcome counts: kept in memory, added to Redis between tasks (``ops.metrics`` reads them).
+"""Counts kept in memory and added to Redis now and then, for the collector (``ops.metrics``) to read.
 
 The worker counts each update's outcome (and the duration of an applied or duplicate one)
-in memory and adds its counts to two Redis hashes between tasks, twice a second, in one
-pipelined round trip. Nothing here is imported by the scrape's side but the names below.
+and adds its counts to two Redis hashes between tasks, twice a second, in one round trip;
+the HTTP gateway counts its requests by route, method and status the same way. Counting
+never costs a round trip on the counted path. Nothing of the scrape's side is imported here.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable
 
 import redis
 
@@ -19,6 +21,20 @@ log = logging.getLogger(__name__)
 
 APPLY_MS_BUCKETS = (1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)  # upper bounds, ms
 INF = "+Inf"
+SUM = "sum"  # the histogram field of the durations' sum (ms)
+HTTP_SEP = "|"  # between method, route and status in the gateway's fields
+
+
+def http_field(method: str, route: str, status: int) -> str:
+    """The counts field of one gateway request."""
+    return HTTP_SEP.join((method, route, str(status)))
+
+
+def http_series(method: str, route: str) -> str:
+    """The histogram fields' prefix of one gateway route."""
+    return f"{method}{HTTP_SEP}{route}{HTTP_SEP}"
+
+
 APPLIED, DUPLICATE, RETRIED, DEAD_LETTERED = "applied", "duplicate", "retried", "dead_lettered"
 FLUSH_BACKOFF_S = 5.0  # after a failed flush of the worker's counts, the next is tried this much later
 
@@ -43,16 +59,25 @@ class Tally:
     SIGKILLed worker had not flushed (under a second of outcomes) is not counted.
     """
 
-    def __init__(self) -> None:
+    def __init__(
+        self, counts_key: Callable[[str], str] = update_counts_key,
+        histogram_key: Callable[[str], str] = apply_histogram_key,
+    ) -> None:  # fmt: skip
         self.counts: Counter[str] = Counter()
-        self.histogram: Counter[str] = Counter()  # bucket -> updates, and "sum" -> ms (a float)
+        # "<series><bucket>" -> events, and "<series>sum" -> ms (a float); the worker's series is ""
+        self.histogram: Counter[str] = Counter()
+        self.counts_key, self.histogram_key = counts_key, histogram_key
         self._retry_at = 0.0
 
     def add(self, outcome: str, code: str | None = None, apply_ms: float | None = None) -> None:
         """Count one update's outcome (and its duration)."""
-        self.counts[outcome if code is None else f"{outcome}:{code}"] += 1
-        if apply_ms is not None:
-            self.histogram.update({bucket_of(apply_ms): 1, "sum": apply_ms})
+        self.count(outcome if code is None else f"{outcome}:{code}", apply_ms)
+
+    def count(self, field: str, ms: float | None = None, series: str = "") -> None:
+        """Count one event under ``field``, and its duration in ``series``' histogram."""
+        self.counts[field] += 1
+        if ms is not None:
+            self.histogram.update({f"{series}{bucket_of(ms)}": 1, f"{series}{SUM}": ms})
 
     def __len__(self) -> int:
         return len(self.counts)
@@ -68,12 +93,12 @@ class Tally:
             # tally for the next flush never counts a field twice.
             pipe = client.pipeline(transaction=True)
             for field, n in counts.items():
-                pipe.hincrby(update_counts_key(prefix), field, n)
+                pipe.hincrby(self.counts_key(prefix), field, n)
             for field, x in histogram.items():
-                if field == "sum":
-                    pipe.hincrbyfloat(apply_histogram_key(prefix), field, x)
+                if field.endswith(SUM):
+                    pipe.hincrbyfloat(self.histogram_key(prefix), field, x)
                 else:
-                    pipe.hincrby(apply_histogram_key(prefix), field, int(x))
+                    pipe.hincrby(self.histogram_key(prefix), field, int(x))
             pipe.execute()
             return True
         except redis.ResponseError:
