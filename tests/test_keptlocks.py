@@ -27,8 +27,8 @@ from mes_tasks.models import QuantityLog, WorkOrder
 from mes_tasks.settings import Settings
 from mes_tasks.tasks import update_quantity
 from mes_tasks.validation import validate_update
-from mes_tasks.worker.active import clear_predecessor_locks
 from mes_tasks.worker.state import RELEASE_CHECK_S
+from mes_tasks.worker.takeover import clear_predecessor_locks
 
 PREFIX = "mes:"
 KEY = lock_key(PREFIX, "WO-1")

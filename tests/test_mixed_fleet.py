@@ -17,7 +17,8 @@ from mes_tasks.partitions import every_queue, queue_names
 from mes_tasks.queues import in_use
 from mes_tasks.send.producer import submit_quantity_update
 from mes_tasks.settings import Settings
-from mes_tasks.worker.active import SingleActiveConsumer
+from mes_tasks.worker.lease import Slots
+from mes_tasks.worker.takeover import TakeOver
 
 WOS = [f"M-{i:02d}" for i in range(16)]
 WATCH_S = 12.0
@@ -114,7 +115,7 @@ def test_a_pinned_worker_started_after_an_automatic_one_gets_its_partition(
 
 
 class _ConsumerWithoutBroker:
-    """A Celery consumer whose broker connection is gone mid-take-over (only what the step reads)."""
+    """A Celery consumer whose broker connection is gone mid-take-over (only what a take-over reads)."""
 
     @property
     def connection(self) -> object:
@@ -124,18 +125,15 @@ class _ConsumerWithoutBroker:
 def test_a_take_over_that_fails_half_way_lets_the_lease_go_instead_of_holding_it_unconsumed(
     mongo: Any, redis_client: redis.Redis, settings: Settings
 ) -> None:
-    step = SingleActiveConsumer(parent=None)
-    step.client, step.mongo, step.prefix, step.ttl_s, step.partitions = (
-        redis_client, mongo, settings.key_prefix, settings.lease_ttl_s, 2)  # fmt: skip
-    step.eligible = {"workorder.0"}
-    slot = step._slot("workorder.0")
-    step._try_take(_ConsumerWithoutBroker(), slot)
+    slot = Slots(redis_client, settings.key_prefix, settings.lease_ttl_s)["workorder.0"]
+    take_over = TakeOver(redis_client, settings.key_prefix, mongo, partitions=2)
+    take_over.try_take(_ConsumerWithoutBroker(), slot)
     assert not slot.active and redis_client.get(lease_key(settings.key_prefix, "workorder.0")) is None
     assert not slot.lease.held  # its watchdog no longer extends it
 
 
 class _Consumer:
-    """What ``_drop_lost`` asks of Celery's consumer."""
+    """What a slot that lost its lease asks of Celery's consumer."""
 
     def __init__(self) -> None:
         self.cancelled: list[str] = []
@@ -145,16 +143,14 @@ class _Consumer:
 
 
 def test_a_lease_found_late_is_let_go_so_its_watchdog_does_not_keep_it_for_a_worker_that_stopped_consuming(
-    mongo: Any, redis_client: redis.Redis, settings: Settings
+    redis_client: redis.Redis, settings: Settings
 ) -> None:
-    step = SingleActiveConsumer(parent=None)
-    step.client, step.prefix, step.ttl_s = redis_client, settings.key_prefix, settings.lease_ttl_s
-    slot = step._slot("workorder.1")
+    slot = Slots(redis_client, settings.key_prefix, settings.lease_ttl_s)["workorder.1"]
     assert slot.lease.try_acquire()
     slot.active = True
     slot.lease.extended_at -= 2 * settings.lease_ttl_s  # last confirmed a TTL ago: a late extension
     consumer = _Consumer()
-    step._drop_lost(consumer)
+    slot.drop_if_lost(consumer)
     assert consumer.cancelled == ["workorder.1"] and not slot.active
     assert redis_client.get(lease_key(settings.key_prefix, "workorder.1")) is None  # free for anyone
     assert not slot.lease.watchdog.watching(slot.lease)

@@ -314,7 +314,7 @@ def test_a_lease_held_by_a_worker_on_another_host_is_taken_once_its_ttl_runs_out
 def test_a_lease_not_confirmed_for_a_ttl_is_not_held_even_before_its_watchdog_notices(
     redis_client: redis.Redis,
 ) -> None:
-    from mes_tasks.worker.active import Lease
+    from mes_tasks.worker.lease import Lease
 
     lease = Lease(redis_client, lease_key("mes:"), 3.0)
     assert lease.try_acquire() and lease.held

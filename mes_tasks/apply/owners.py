@@ -39,6 +39,11 @@ def owner_of(token: Any) -> str:
     return str(token).split(TOKEN_SEP, 1)[0]
 
 
+def text(value: Any) -> str:
+    """An owner id, token or delivery tag read from Redis, as str: bytes from a non-decoding client."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def _running(pid: int) -> bool:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()

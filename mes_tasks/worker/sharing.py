@@ -14,6 +14,7 @@ so during a rolling change of N (a mixed fleet) nobody computes its share over i
 queues alone. A worker above its share hands one queue over only while another automatic
 worker holds fewer than its share, so a queue is never handed to nobody; a queue with
 messages that has had no holder for ``ORPHAN_GRACE_S`` is taken by anyone, above share.
+``Share`` is one worker's part in it: its entry, and each tick's look and moves.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from mes_tasks.apply.owners import owner_of
+from mes_tasks.apply.owners import holder_is_dead, owner_id, owner_of, text
 from mes_tasks.broker import routing_keys
 from mes_tasks.keys import lease_key, members_key
 from mes_tasks.partitions import every_queue, index_of, queue_names
@@ -34,6 +35,7 @@ from mes_tasks.queues import UNACKED_KEY, ask_waiting, waiting_from
 # A queue with messages and no holder for this long is taken by any worker, above its share:
 # two ticks, time for a worker under its share to take it first.
 ORPHAN_GRACE_S = 1.0
+IN_FLIGHT_EVERY = 4  # ticks between reads of kombu's unacked hash for queues with messages in flight
 
 
 @dataclass(frozen=True)
@@ -197,7 +199,7 @@ class Roster:
         )
 
     def _live(self, raw: dict[Any, Any], now_ms: int) -> list[Member]:
-        entries = {_text(owner): decode(_text(owner), value) for owner, value in raw.items()}
+        entries = {text(owner): decode(text(owner), value) for owner, value in raw.items()}
         expired = [o for o, m in entries.items() if m is None or m.until_ms < now_ms]
         if expired:
             self.client.hdel(members_key(self.prefix), *expired)
@@ -211,5 +213,63 @@ class Roster:
         self.client.hdel(members_key(self.prefix), owner)
 
 
-def _text(value: str | bytes) -> str:
-    return value.decode() if isinstance(value, bytes) else value
+@dataclass(frozen=True)
+class Seen:
+    """What an automatic worker decides a tick on: the view, and each of its queues' holder."""
+
+    view: View
+    holders: dict[str, str | None]  # view queue -> owner id of its lease holder (None: free)
+    waiting: set[str]  # queues with messages waiting
+
+
+class Share:
+    """This worker's part in the sharing: its members-hash entry, and each tick's moves."""
+
+    def __init__(self, roster: Roster, ttl_s: float, partitions: int, pinned: tuple[str, ...] = ()) -> None:
+        self.roster, self.ttl_s, self.partitions, self.pinned = roster, ttl_s, partitions, pinned
+        self.in_flight: set[str] = set()  # workorder queues with messages in flight, as last read
+        self.free_since: dict[str, float] = {}  # free queue with messages -> monotonic time first seen
+
+    def member(self) -> Member:
+        until_ms = int((time.time() + self.ttl_s) * 1000)
+        return Member(owner_id(), until_ms, self.partitions, self.pinned)
+
+    def look(self, tick: int) -> Seen:
+        """The shared view, who holds each of its queues, and which queues have messages waiting.
+
+        Args:
+            tick: the step's tick count; one in ``IN_FLIGHT_EVERY`` reads the queues in flight too.
+
+        Raises:
+            redis.RedisError: Redis did not answer.
+        """
+        look = self.roster.look(self.member(), in_flight=tick % IN_FLIGHT_EVERY == 1)
+        if look.in_flight is not None:
+            self.in_flight = look.in_flight
+        members = [m for m in look.members if not holder_is_dead(m.owner)]
+        view = view_of(members, look.waiting | self.in_flight)
+        # A holder whose process on this host has ended holds nothing: try_acquire takes it at once.
+        holders = {
+            q: None if o is None or holder_is_dead(o) else o for q, o in look.holders.items() if q in view
+        }
+        return Seen(view, holders, look.waiting)
+
+    def moves(self, seen: Seen, held: list[str]) -> Plan:
+        """This tick's moves (``plan``); ``held``: the queues this worker consumes under their lease."""
+        me = owner_id()
+        orphaned = self._orphans(seen.holders, seen.waiting)
+        return plan(seen.view, me, seen.holders, orphaned, ring(seen.view.queues, me, held))
+
+    def _orphans(self, holders: dict[str, str | None], waiting: set[str]) -> set[str]:
+        """Queues with messages waiting that have had no holder for ``ORPHAN_GRACE_S``."""
+        now = time.monotonic()
+        free = {q for q, owner in holders.items() if owner is None and q in waiting}
+        self.free_since = {q: self.free_since.get(q, now) for q in free}
+        return {q for q, since in self.free_since.items() if now - since >= ORPHAN_GRACE_S}
+
+    def renew(self) -> None:
+        """Renew this worker's entry only: a pinned worker reads nothing of the others."""
+        self.roster.renew(self.member())
+
+    def leave(self) -> None:
+        self.roster.leave(owner_id())
