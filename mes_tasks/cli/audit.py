@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import sys
+from datetime import datetime
+from typing import Any
 
 import click
 
-from mes_tasks.apply.ledger import Ledger
 from mes_tasks.audit.alerts import summary
 from mes_tasks.audit.checks import total_work_orders
-from mes_tasks.audit.reports import audit_and_report, get_report, report_dict
 from mes_tasks.cli.common import ConsoleGroup, echo_json, echo_table, json_option, stores
 from mes_tasks.models import AuditReport
+from mes_tasks.ops import actions
+from mes_tasks.ops.actions.limits import DEFAULT_AUDITS, MAX_AUDITS
 from mes_tasks.validation import check_work_order_id
 
 FINDING_HEADERS = ("work order", "check", "field", "counter", "log sum", "delta", "logs")
@@ -29,34 +31,33 @@ def audit() -> None:
 @json_option
 def run(work_orders: tuple[str, ...], repair: bool, html_file: bool, as_json: bool) -> None:
     """Audit now. Exits 1 when it found mismatches (even if it repaired them)."""
-    ids = [check_work_order_id(i) for i in work_orders] or None
+    ids = [check_work_order_id(i) for i in work_orders]  # before connecting: a typo is told as such
     conn = stores()
-    fencer = Ledger(conn.mongo, conn.redis, conn.settings)  # a repair writes under the ledger's fence
     with click.progressbar(
-        length=total_work_orders(ids), label="auditing work orders", file=sys.stderr
+        length=total_work_orders(ids or None), label="auditing work orders", file=sys.stderr
     ) as bar:
-        report = audit_and_report(fencer, ids, do_repair=repair, html_file=html_file, progress=bar.update)
+        data = actions.run_audit(conn, ids, repair=repair, html_file=html_file, progress=bar.update)
     if as_json:
-        echo_json(report_dict(report))
+        echo_json(data)
     else:
-        _show(report)
-    sys.exit(1 if report.finding_count else 0)
+        _show(data)
+    sys.exit(1 if data["finding_count"] else 0)
 
 
 @audit.command("list")
-@click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 1000))
+@click.option("--limit", default=DEFAULT_AUDITS, show_default=True, type=click.IntRange(1, MAX_AUDITS))
 @json_option
 def list_reports(limit: int, as_json: bool) -> None:
     """The most recent audit reports."""
     stores()
-    reports = list(AuditReport.objects.order_by("-started_at").limit(limit))
+    data = actions.list_audits(limit)
     if as_json:
-        echo_json([report_dict(r) for r in reports])
+        echo_json(data)
         return
     rows = [
-        (r.id, f"{r.started_at:%Y-%m-%d %H:%M:%S}", _seconds(r), r.trigger, r.work_orders_scanned,
-         r.logs_scanned, r.finding_count, "yes" if r.repaired else "no")
-        for r in reports
+        (r["id"], f"{_time(r['started_at']):%Y-%m-%d %H:%M:%S}", _seconds(r), r["trigger"],
+         r["work_orders_scanned"], r["logs_scanned"], r["finding_count"], "yes" if r["repaired"] else "no")
+        for r in data
     ]  # fmt: skip
     echo_table(
         ("id", "started (UTC)", "took s", "trigger", "work orders", "logs", "findings", "repaired"), rows
@@ -69,30 +70,41 @@ def list_reports(limit: int, as_json: bool) -> None:
 def show(report_id: str, as_json: bool) -> None:
     """One report in full."""
     stores()
-    report = get_report(report_id)
+    data = actions.show_audit(report_id)
     if as_json:
-        echo_json(report_dict(report))
+        echo_json(data)
     else:
-        _show(report)
+        _show(data)
 
 
-def _show(report: AuditReport) -> None:
-    click.echo(summary(report))
-    if report.findings:
-        rows = [tuple(f.get(k) for k in _FINDING_KEYS) for f in report.findings]
+def _show(data: dict[str, Any]) -> None:
+    click.echo(summary(_summarised(data)))
+    if data["findings"]:
+        rows = [tuple(f.get(k) for k in _FINDING_KEYS) for f in data["findings"]]
         echo_table(FINDING_HEADERS, rows)
-    for rep in report.repairs:
+    for rep in data["repairs"]:
         click.echo(f"repaired {rep['work_order_id']}: {rep['before']} -> {rep['after']}")
-    for err in report.repair_errors:
+    for err in data["repair_errors"]:
         click.echo(f"repair of {err['work_order_id']} failed [{err['code']}]: {err['message']}")
-    for kind, path in sorted((report.files or {}).items()):
+    for kind, path in sorted((data.get("files") or {}).items()):
         click.echo(f"{kind}: {path}")
 
 
 _FINDING_KEYS = ("work_order_id", "check", "field", "counter", "log_sum", "delta", "log_count")
+_SUMMARISED = ("id", "finding_count", "findings", "work_orders_scanned", "logs_scanned", "rechecked",
+               "repaired", "repairs", "repair_errors")  # fmt: skip
 
 
-def _seconds(report: AuditReport) -> str:
-    if report.finished_at is None:
+def _summarised(data: dict[str, Any]) -> AuditReport:
+    """The report's fields ``summary`` reads, so that the console says what the alert says."""
+    return AuditReport(**{k: data.get(k) for k in _SUMMARISED})
+
+
+def _time(iso: str) -> datetime:
+    return datetime.fromisoformat(iso)
+
+
+def _seconds(data: dict[str, Any]) -> str:
+    if data["finished_at"] is None:
         return ""
-    return f"{(report.finished_at - report.started_at).total_seconds():.1f}"
+    return f"{(_time(data['finished_at']) - _time(data['started_at'])).total_seconds():.1f}"

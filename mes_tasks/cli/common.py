@@ -13,36 +13,21 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, NoReturn, TypeVar
 
 import click
-import redis
 from kombu.exceptions import OperationalError
 
 from mes_tasks import db
 from mes_tasks.errors import MesError
-from mes_tasks.settings import Settings, get_settings, mask_secrets
+from mes_tasks.ops.stores import Stores as Stores  # what a command works on, shared with the gateway
+from mes_tasks.ops.stores import stores as stores
+from mes_tasks.settings import mask_secrets
 
 EXIT_ERROR = 2  # 1 is kept for "the command worked and found a problem"
 MAX_MESSAGE_CHARS = 500  # of an unexpected error's text
 JSON_META = "mes_tasks.json"  # ctx.meta (shared by the whole context tree): --json was given
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-@dataclass(frozen=True)
-class Stores:
-    """The environment's settings and a connection to each store: what a command works on."""
-
-    settings: Settings
-    mongo: db.Mongo
-    redis: redis.Redis
-
-
-def stores() -> Stores:
-    """Connect to both stores with the environment's settings (MongoDB checked and indexed)."""
-    settings = get_settings()
-    return Stores(settings, db.prepare(settings), db.redis_client(settings))
 
 
 def fail(code: str, message: str, as_json: bool = False) -> NoReturn:

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any, TypeVar
 
 import click
 
-from mes_tasks.apply.deadletter import discard_failed, find_failed, get_failed, retry_failed
 from mes_tasks.cli.common import (
     ConsoleGroup,
     confirm,
@@ -17,9 +17,8 @@ from mes_tasks.cli.common import (
     stores,
     yes_option,
 )
-from mes_tasks.errors import ValidationError
-from mes_tasks.models import FAILED_STATUSES, FailedUpdate, QuantityLog
-from mes_tasks.tasks import update_quantity
+from mes_tasks.models import FAILED_STATUSES, FailedUpdate
+from mes_tasks.ops import actions
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -46,12 +45,12 @@ def failed() -> None:
 def list_failed(code: str | None, work_order: str | None, status: str, as_json: bool) -> None:
     """Dead letters, newest failure first."""
     stores()
-    records = find_failed(code=code, work_order_id=work_order, status=None if status == "all" else status)
+    data = actions.list_failed(code, work_order, status)
     if as_json:
-        echo_json([record_dict(r) for r in records])
+        echo_json(data)
         return
-    rows = [(r.id, r.request_id, r.work_order_id, r.error_code, r.attempts, r.status,
-             f"{r.last_failed_at:%Y-%m-%d %H:%M:%S}") for r in records]  # fmt: skip
+    rows = [(r["id"], r["request_id"], r["work_order_id"], r["error_code"], r["attempts"], r["status"],
+             f"{datetime.fromisoformat(r['last_failed_at']):%Y-%m-%d %H:%M:%S}") for r in data]  # fmt: skip
     echo_table(("id", "request id", "work order", "code", "attempts", "status", "last failure (UTC)"), rows)
 
 
@@ -61,7 +60,7 @@ def list_failed(code: str | None, work_order: str | None, status: str, as_json: 
 def show(record_id: str, as_json: bool) -> None:
     """One dead letter with its payload and history."""
     stores()
-    data = record_dict(get_failed(record_id), full=True)
+    data = actions.show_failed(record_id)
     if as_json:
         echo_json(data)
         return
@@ -82,26 +81,13 @@ def retry(record_ids: tuple[str, ...], every: bool, code: str | None, as_json: b
 
     Not destructive, so it does not ask, with --all neither.
     """
-
-    def send(args: list[Any], kwargs: dict[str, Any]) -> str:
-        try:
-            return str(update_quantity.apply_async(args, kwargs).id)
-        except TypeError as exc:  # an UNPUBLISHABLE entry: its payload can never be sent
-            raise ValidationError(f"cannot be retried: {exc}", code="UNRETRYABLE") from None
-
-    records = _select(record_ids, every, code)
-    if every:  # records that kept no full payload cannot be retried: --all passes over them
-        unsendable = [r for r in records if r.payload_truncated or not r.payload]
-        for r in unsendable:
-            click.echo(f"skipped {r.id} (request {r.request_id}): no full payload kept", err=True)
-        records = [r for r in records if r not in unsendable]
-    done: list[dict[str, Any]] = []
-    for r in records:
-        was, applied = r.status, _applied(r)
-        done.append({**_brief(r), "was": was, "applied_before": applied, "task_id": retry_failed(r, send)})
+    actions.check_selection(record_ids, every, code)  # before connecting: a usage error is told as such
+    stores()
+    data = actions.retry_failed_updates(record_ids, every, code, on_skip=_skipped)
     if as_json:
-        echo_json({"re_sent": done})
+        echo_json(data)
         return
+    done = data["re_sent"]
     for item in done:
         task = f"as task {item['task_id']}{_note(item)}"
         click.echo(f"re-sent {item['id']} (request {item['request_id']}) {task}")
@@ -114,17 +100,17 @@ def retry(record_ids: tuple[str, ...], every: bool, code: str | None, as_json: b
 @json_option
 def discard(record_ids: tuple[str, ...], every: bool, code: str | None, yes: bool, as_json: bool) -> None:
     """Give up on dead letters; they stay listed with status discarded. Asks unless --yes."""
-    records = _select(record_ids, every, code)
+    actions.check_selection(record_ids, every, code)  # before connecting: a usage error is told as such
+    stores()
+    records = actions.select_failed(record_ids, every, code)
     if records:
         which = f"every open dead letter{f' of code {code}' if code else ''}" if every else "these"
         confirm(f"Discard {len(records)} dead letter(s), {which}? Their updates will not be applied", yes)
-    done: list[dict[str, Any]] = []
-    already: list[dict[str, Any]] = []
-    for record in records:
-        (done if discard_failed(record) else already).append(_brief(record))
+    data = actions.discard_records(records)  # those asked about, not a new selection
     if as_json:
-        echo_json({"discarded": done, "already_discarded": already})
+        echo_json(data)
         return
+    done, already = data["discarded"], data["already_discarded"]
     for item in done:
         click.echo(f"discarded {item['id']} (request {item['request_id']})")
     for item in already:
@@ -132,23 +118,8 @@ def discard(record_ids: tuple[str, ...], every: bool, code: str | None, yes: boo
     click.echo(f"{len(done)} discarded" + (f", {len(already)} already discarded" if already else ""))
 
 
-def _select(record_ids: tuple[str, ...], every: bool, code: str | None) -> list[FailedUpdate]:
-    if bool(record_ids) == every:
-        raise ValidationError("give record ids or --all, not both and not neither", code="USAGE")
-    if code and not every:
-        raise ValidationError("--code only goes with --all", code="USAGE")
-    stores()
-    if every:
-        return find_failed(code=code)
-    return [get_failed(i) for i in record_ids]
-
-
-def _brief(record: FailedUpdate) -> dict[str, Any]:
-    return {"id": str(record.id), "request_id": record.request_id}
-
-
-def _applied(record: FailedUpdate) -> bool:
-    return bool(QuantityLog.objects(request_id=record.request_id).count() > 0)
+def _skipped(record: FailedUpdate) -> None:
+    click.echo(f"skipped {record.id} (request {record.request_id}): no full payload kept", err=True)
 
 
 def _note(item: dict[str, Any]) -> str:
@@ -157,24 +128,3 @@ def _note(item: dict[str, Any]) -> str:
     if item["applied_before"]:
         notes.append("its update is applied already, so this re-send counts nothing")
     return f" ({'; '.join(notes)})" if notes else ""
-
-
-def record_dict(record: FailedUpdate, full: bool = False) -> dict[str, Any]:
-    data: dict[str, Any] = {
-        "id": str(record.id),
-        "request_id": record.request_id,
-        "work_order_id": record.work_order_id,
-        "error_code": record.error_code,
-        "error_message": record.error_message,
-        "attempts": record.attempts,
-        "status": record.status,
-        "first_failed_at": record.first_failed_at.isoformat(),
-        "last_failed_at": record.last_failed_at.isoformat(),
-    }
-    if full:
-        data["task_name"] = record.task_name
-        data["task_id"] = record.task_id
-        data["payload"] = record.payload
-        data["applied_since"] = _applied(record)
-        data["history"] = [{**e, "at": e["at"].isoformat()} for e in record.history]
-    return data

@@ -4,12 +4,8 @@ from __future__ import annotations
 
 import click
 
-from mes_tasks.apply.locks import RELEASE_IF_HELD
 from mes_tasks.cli.common import ConsoleGroup, confirm, echo_json, echo_table, json_option, stores
-from mes_tasks.db import redis_errors
-from mes_tasks.errors import MesError
-from mes_tasks.keys import lock_key
-from mes_tasks.ops.status import held_locks
+from mes_tasks.ops import actions
 from mes_tasks.validation import check_work_order_id
 
 
@@ -22,13 +18,12 @@ def locks() -> None:
 @json_option
 def list_locks(as_json: bool) -> None:
     """Locks held now, with owner token and remaining TTL."""
-    conn = stores()
-    held = held_locks(conn.redis, conn.settings.key_prefix)
+    data = actions.list_locks(stores())
     if as_json:
-        echo_json(held)
+        echo_json(data)
         return
     echo_table(
-        ("work order", "owner token", "ttl ms"), [(h["work_order_id"], h["token"], h["ttl_ms"]) for h in held]
+        ("work order", "owner token", "ttl ms"), [(h["work_order_id"], h["token"], h["ttl_ms"]) for h in data]
     )
 
 
@@ -40,19 +35,13 @@ def list_locks(as_json: bool) -> None:
 @json_option
 def release(work_order_id: str, yes: bool, as_json: bool) -> None:
     """Delete a work order's lock (a stuck holder's). Safe: the fence stops the old holder."""
-    wo = check_work_order_id(work_order_id)
+    wo = check_work_order_id(work_order_id)  # before connecting: a typo is told as such
     conn = stores()
-    key = lock_key(conn.settings.key_prefix, wo)
-    with redis_errors():
-        token = conn.redis.get(key)  # decoded: the client uses decode_responses
-    if token is None:
-        raise MesError(f"no lock is held on {wo}", code="NOT_LOCKED")
+    token = actions.lock_holder(conn, wo)
     confirm(f"Take the lock of {wo} from {token!s}? A live holder will notice and retry", yes)
-    with redis_errors():  # only the token asked about: a new holder's lock is not taken
-        deleted = conn.redis.eval(RELEASE_IF_HELD, 1, key, token)
-    if not deleted:
-        raise MesError(f"the lock of {wo} changed hands meanwhile; nothing released", code="NOT_LOCKED")
+    # only the token asked about: a lock that changed hands meanwhile is not taken
+    data = actions.release_lock(conn, wo, token)
     if as_json:
-        echo_json({"work_order_id": wo, "released": True, "token": token})
+        echo_json(data)
         return
     click.echo(f"released the lock of {wo} (owner token {token!s}); a live holder will retry")

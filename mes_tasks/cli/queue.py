@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import click
 
-from mes_tasks import broker
 from mes_tasks.cli.common import ConsoleGroup, confirm, echo_json, json_option, stores, yes_option
+from mes_tasks.errors import ValidationError
 from mes_tasks.names import WORKORDER_QUEUE
-from mes_tasks.ops.status import end_pauses, pause, queue_status, wait_for_consumers
-from mes_tasks.partitions import index_of, queue_of
-from mes_tasks.queues import in_use
-from mes_tasks.send import outbox
-from mes_tasks.settings import Settings
+from mes_tasks.ops import actions
+from mes_tasks.partitions import index_of
 
 
 @click.group(cls=ConsoleGroup)
@@ -26,8 +25,7 @@ def queue() -> None:
 @click.pass_context
 def status(ctx: click.Context, as_json: bool) -> None:
     """Waiting and in-flight messages, consumers, failed updates, locks, last audit."""
-    conn = stores()
-    data = queue_status(ctx.obj.app, conn.redis, conn.settings)
+    data = actions.queue_status(ctx.obj.app, stores())
     if as_json:
         echo_json(data)
         return
@@ -69,14 +67,14 @@ def pause_cmd(ctx: click.Context, partition: int | None, as_json: bool) -> None:
 
     The pause holds across worker restarts and take-overs.
     """
-    conn = stores()
-    target = _target(partition, conn.redis, conn.settings)
-    workers = pause(ctx.obj.app, conn.redis, conn.settings, target)
+    with _partition_usage():
+        data = actions.pause_queue(ctx.obj.app, stores(), partition)
     if as_json:
-        echo_json({"paused": True, "queue": target, "stopped_on": workers})
+        echo_json(data)
         return
+    workers = data["stopped_on"]
     where = f"stopped the consumer on {', '.join(workers)}" if workers else "no worker was consuming it"
-    click.echo(f"paused {target} ({where}); the in-flight update, if any, completes")
+    click.echo(f"paused {data['queue']} ({where}); the in-flight update, if any, completes")
 
 
 @queue.command("resume")
@@ -88,20 +86,19 @@ def resume_cmd(ctx: click.Context, partition: int | None, as_json: bool) -> None
 
     Names the pauses it ended; the active workorder workers consume again.
     """
-    conn = stores()
-    target = _target(partition, conn.redis, conn.settings)
-    ended = end_pauses(conn.redis, conn.settings, target)
-    workers = wait_for_consumers(ctx.obj.app, target)
+    with _partition_usage():
+        data = actions.resume_queue(ctx.obj.app, stores(), partition)
     if as_json:
-        echo_json({"paused": False, "queue": target, "ended": ended, "consumed_by": workers})
+        echo_json(data)
         return
-    scope = "; ".join(f"the pause of {_pause_scope(name)}" for name in ended)
+    workers = data["consumed_by"]
+    scope = "; ".join(f"the pause of {_pause_scope(name)}" for name in data["ended"])
     who = (
         f"consumed by {', '.join(workers)}"
         if workers
         else "no worker consumes it yet (is a workorder worker running?)"
     )
-    click.echo(f"resumed {target}: ended {scope}; {who}")
+    click.echo(f"resumed {data['queue']}: ended {scope}; {who}")
 
 
 @queue.command("purge")
@@ -117,32 +114,26 @@ def purge_cmd(ctx: click.Context, partition: int | None, yes: bool, as_json: boo
     keep the worker from taking more.
     """
     conn = stores()  # connects MongoDB for the outbox
-    target = _target(partition, conn.redis, conn.settings)
-    queues = in_use(conn.redis, conn.settings.partitions) if target == WORKORDER_QUEUE else [target]
+    with _partition_usage():
+        target = actions.queue_target(conn, partition)
     confirm(f"Drop every waiting update of {target}? They will never be applied", yes)
-    with ctx.obj.app.connection_for_write() as conn:
-        job_ids = [i for q in queues for i in broker.take_waiting(conn.default_channel, q)]
-    forgotten = outbox.forget(job_ids)
+    data = actions.purge_queue(ctx.obj.app, conn, partition)
     if as_json:
-        echo_json({"purged": len(job_ids), "outbox_removed": forgotten, "job_ids": job_ids})
+        echo_json(data)
         return
-    click.echo(f"purged {len(job_ids)} waiting update(s) from {target}; {forgotten} outbox record(s) removed")
+    purged, removed = data["purged"], data["outbox_removed"]
+    click.echo(f"purged {purged} waiting update(s) from {target}; {removed} outbox record(s) removed")
 
 
-def _target(partition: int | None, client: Any, settings: Settings) -> str:
-    """``workorder`` (every workorder queue), or one partition's queue: current or a leftover."""
-    if partition is None:
-        return WORKORDER_QUEUE
-    current = [] if settings.partitions == 1 else list(range(settings.partitions))
-    leftovers = [i for q in in_use(client, settings.partitions) if (i := index_of(q)) is not None]
-    if partition in current or partition in leftovers:
-        return queue_of(partition)
-    known = ", ".join(str(i) for i in sorted(set(current) | set(leftovers))) or "none"
-    ranged = "none (there is one queue, workorder)" if not current else f"0 to {settings.partitions - 1}"
-    raise click.UsageError(
-        f"--partition {partition}: MES_PARTITIONS is {settings.partitions}, so the partitions are {ranged}, "
-        f"and no leftover workorder.{partition} of another N holds updates (partitions in use: {known})"
-    )
+@contextmanager
+def _partition_usage() -> Iterator[None]:
+    """An ``--partition`` out of range is a usage error here, as click's own are (``USAGE``)."""
+    try:
+        yield
+    except ValidationError as exc:
+        if exc.code != "INVALID_PARTITION":
+            raise
+        raise click.UsageError(exc.message) from None
 
 
 def _pause_scope(queue: str) -> str:
