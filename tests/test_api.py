@@ -17,6 +17,7 @@ from api_client import OPERATOR_TOKEN, PRODUCER_TOKEN, Gateway, start_gateway
 
 from conftest import TEST_ENV, Worker, make_work_orders, wait_until, with_redis_down
 from mes_tasks.models import OutboxMessage, QuantityLog, WorkOrder
+from mes_tasks.names import UPDATE_QUANTITY
 
 UPDATE = "/api/workorder/update-quantity"
 BATCH = "/api/workorder/batch-update-quantity"
@@ -264,3 +265,85 @@ def test_requests_are_counted_by_method_route_and_status_for_the_metrics_endpoin
     assert value("mes_http_requests_total", method="POST", route=UPDATE, status="400") == 1
     assert value("mes_http_request_seconds_count", method="POST", route=UPDATE) == 2
     assert value("mes_http_request_seconds_bucket", method="POST", route=UPDATE, le="+Inf") == 2
+
+
+OPERATOR_ROUTES = [
+    ("GET", "/api/workorder/queue/stats"), ("GET", "/api/queue/status"),
+    ("POST", "/api/workorder/queue/pause"), ("POST", "/api/queue/resume"),
+    ("POST", "/api/workorder/queue/clean"), ("GET", "/api/workorder/queue/locks"),
+    ("POST", "/api/workorder/queue/clean-locks"), ("GET", "/api/failed"), ("GET", "/api/failed/x"),
+    ("POST", "/api/failed/retry"), ("POST", "/api/failed/discard"), ("POST", "/api/audit/run"),
+    ("GET", "/api/audit"), ("GET", "/api/audit/x"), ("GET", "/api/doctor"), ("GET", "/api/queue/health"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("method", "path"), OPERATOR_ROUTES)
+def test_every_operator_route_needs_an_operator_token(api: Gateway, method: str, path: str) -> None:
+    body = {} if method == "POST" else None
+    assert api.call(method, path, body=body, token=None).status == 401
+    refused = api.call(method, path, body=body, token=PRODUCER_TOKEN)
+    assert refused.status == 403 and refused.body["code"] == "FORBIDDEN"
+    assert "operator" in refused.body["error"]
+
+
+def _operator(api: Gateway, method: str, path: str, body: Any = None) -> Any:
+    return api.call(method, path, body=body, token=OPERATOR_TOKEN)
+
+
+def test_the_queue_commands_answer_the_consoles_json_and_destructive_ones_want_a_confirmation(
+    api: Gateway, services: redis.Redis
+) -> None:
+    from mes_tasks.app import app as celery_app
+    from mes_tasks.ops import actions
+
+    make_work_orders(["WO-1"])
+    assert api.call("POST", UPDATE, {"work_order_id": "WO-1", "kind": "input", "quantity": 1}).status == 202
+    stats = _operator(api, "GET", "/api/workorder/queue/stats")
+    assert stats.status == 200 and stats.body["queues"]["workorder"]["waiting"] == 1
+    same = json.loads(json.dumps(actions.queue_status(celery_app, actions.stores()), default=str))
+    assert stats.body.keys() == same.keys() and stats.body["outbox"] == same["outbox"]
+    paused = _operator(api, "POST", "/api/workorder/queue/pause")
+    assert paused.status == 200 and paused.body["paused"] is True and paused.body["queue"] == "workorder"
+    resumed = _operator(api, "POST", "/api/queue/resume")
+    assert resumed.status == 200 and resumed.body["paused"] is False and resumed.body["ended"]
+    assert _operator(api, "POST", "/api/queue/resume").body["code"] == "NOT_PAUSED"
+    bad = _operator(api, "POST", "/api/queue/pause", {"partition": 7})
+    assert bad.status == 400 and bad.body["code"] == "INVALID_PARTITION"
+    unconfirmed = _operator(api, "POST", "/api/workorder/queue/clean", {})
+    assert unconfirmed.status == 400 and unconfirmed.body["code"] == "CONFIRMATION_REQUIRED"
+    assert services.llen("workorder") == 1  # nothing dropped
+    purged = _operator(api, "POST", "/api/workorder/queue/clean", {"confirm": True})
+    assert purged.status == 200 and purged.body["purged"] == 1 and services.llen("workorder") == 0
+
+
+def test_locks_failed_updates_audits_and_doctor_over_http(api: Gateway, services: redis.Redis) -> None:
+    from mes_tasks.apply.deadletter import Failure, record_failure
+    from mes_tasks.errors import UnknownWorkOrder
+    from mes_tasks.keys import lock_key
+
+    services.set(lock_key("mes:", "WO-L"), "host:1:abc/tok", px=30_000)
+    assert [x["work_order_id"] for x in _operator(api, "GET", "/api/locks").body] == ["WO-L"]
+    release = {"work_order_id": "WO-L"}
+    assert _operator(api, "POST", "/api/locks/release", release).body["code"] == "CONFIRMATION_REQUIRED"
+    assert _operator(api, "POST", "/api/locks/release", {**release, "confirm": True}).body["released"] is True
+    kwargs = {"request_id": "f-1", "context": None}
+    error = UnknownWorkOrder("no WO-F")
+    record_failure(Failure(UPDATE_QUANTITY, "t-1", "f-1", "WO-F", ["WO-F", "input", 1], kwargs, error, 1))
+    listed = _operator(api, "GET", "/api/failed").body
+    assert [(x["request_id"], x["error_code"]) for x in listed] == [("f-1", "UNKNOWN_WORK_ORDER")]
+    assert _operator(api, "GET", f"/api/failed/{listed[0]['id']}").body["request_id"] == "f-1"
+    assert _operator(api, "POST", "/api/failed/discard", {"ids": [listed[0]["id"]]}).status == 400
+    both = _operator(api, "POST", "/api/failed/retry", {"ids": [listed[0]["id"]], "all": True})
+    assert both.status == 400 and both.body["code"] == "USAGE"
+    retried = _operator(api, "POST", "/api/failed/retry", {"ids": [listed[0]["id"]]})
+    assert retried.status == 200 and retried.body["re_sent"][0]["request_id"] == "f-1"
+    assert OutboxMessage.objects(request_id="f-1").count() == 1  # sent the producer's way
+    make_work_orders(["WO-A"], input_qty=0)
+    report = _operator(api, "POST", "/api/audit/run", {"work_order_ids": ["WO-A"]})
+    assert report.status == 200 and report.body["finding_count"] == 0
+    assert _operator(api, "GET", f"/api/audit/{report.body['id']}").body["id"] == report.body["id"]
+    assert [r["id"] for r in _operator(api, "GET", "/api/audit?limit=5").body] == [report.body["id"]]
+    missing = _operator(api, "GET", "/api/audit/not-an-id")
+    assert missing.status in (400, 404) and missing.body["code"] in ("INVALID_REPORT_ID", "REPORT_NOT_FOUND")
+    doctor = _operator(api, "GET", "/api/doctor")
+    assert doctor.status == 200 and doctor.body

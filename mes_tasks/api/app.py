@@ -41,6 +41,7 @@ from mes_tasks.api.counting import CountRequests, RequestCounts
 from mes_tasks.api.errors import RETRY_AFTER_S, error_response, for_result, on_mes_error, on_unexpected
 from mes_tasks.api.operator import operator_routes
 from mes_tasks.errors import MesError
+from mes_tasks.ops.stores import Stores
 from mes_tasks.send.producer import Producer
 from mes_tasks.settings import Settings, get_settings
 from mes_tasks.validation import UPDATE_FIELDS
@@ -70,6 +71,7 @@ class Gateway:
     access: Access
     producer: Producer  # its Redis client waits at most the publish timeout
     health_mongo: pymongo.MongoClient[dict[str, Any]]
+    stores: Stores  # what the console's commands work on
 
 
 def create_app(settings: Settings | None = None, access: Access | None = None) -> FastAPI:
@@ -83,8 +85,9 @@ def create_app(settings: Settings | None = None, access: Access | None = None) -
     health: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(
         settings.mongodb_uri, serverSelectionTimeoutMS=timeout_ms, connectTimeoutMS=timeout_ms
     )
-    gateway = Gateway(settings, access or access_from_env(), Producer(settings), health)
-    db.connect(settings)  # lazy: nothing is reached until a request needs it
+    mongo = db.connect(settings)  # lazy: nothing is reached until a request needs it
+    stores = Stores(settings, mongo, db.redis_client(settings))
+    gateway = Gateway(settings, access or access_from_env(), Producer(settings), health, stores)
     counts = RequestCounts(gateway.producer.redis, settings.key_prefix)
 
     @contextlib.asynccontextmanager
@@ -102,7 +105,7 @@ def create_app(settings: Settings | None = None, access: Access | None = None) -
     app.add_exception_handler(HTTPException, _on_http_error)
     app.add_exception_handler(Exception, on_unexpected)
     _producer_routes(app)
-    operator_routes(app, _needs(OPERATOR))
+    operator_routes(app, _needs(OPERATOR), lambda: gateway.stores)
     app.get("/health", tags=["health"])(_health)
     return app
 
