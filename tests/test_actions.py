@@ -12,7 +12,7 @@ import redis
 from celery.bin.celery import celery
 from click.testing import CliRunner
 
-from conftest import make_work_orders
+from conftest import make_work_orders, wait_until
 from mes_tasks.apply.deadletter import Failure, record_failure
 from mes_tasks.apply.ledger import Ledger
 from mes_tasks.apply.locks import RedisLock
@@ -176,3 +176,21 @@ def test_a_malformed_request_is_refused_with_a_code_before_any_store_is_reached(
     with pytest.raises(ValidationError) as refusal:
         call()
     assert refusal.value.code == code
+
+
+def test_a_work_order_is_created_at_zero_once_and_an_update_to_it_then_applies(
+    services: object, start_worker: Any
+) -> None:
+    from mes_tasks.errors import MesError
+    from mes_tasks.models import WorkOrder
+    from mes_tasks.ops import actions
+    from mes_tasks.send.producer import submit_quantity_update
+
+    zero = {"input_qty": 0, "output_qty": 0, "epoch": 0, "version": 0}
+    assert actions.create_work_order("WO-NEW") == {"id": "WO-NEW", "created": True, **zero}
+    with pytest.raises(MesError) as refused:
+        actions.create_work_order("WO-NEW")
+    assert refused.value.code == "WORK_ORDER_EXISTS"
+    start_worker()
+    assert submit_quantity_update("WO-NEW", "output", 2, request_id="new-1")["success"]
+    wait_until(lambda: WorkOrder.objects.get(id="WO-NEW").output_qty == 2, 30, "the update applied")

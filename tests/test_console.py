@@ -77,6 +77,7 @@ def test_every_subcommand_answers_json_that_parses(
         ("locks", "list"),
         ("locks", "release", "WO-1", "--yes"),
         ("workorder", "show", "WO-1"),
+        ("workorder", "create", "WO-2"),
     ]
     for args in commands:
         result = cli(*args, "--json")

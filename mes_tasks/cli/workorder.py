@@ -1,4 +1,4 @@
-"""``celery -A mes_tasks workorder show ID``."""
+"""``celery -A mes_tasks workorder show ID`` and ``workorder create ID``."""
 
 from __future__ import annotations
 
@@ -13,6 +13,20 @@ from mes_tasks.validation import check_work_order_id
 @click.group(cls=ConsoleGroup)
 def workorder() -> None:
     """Work-order counters and logs."""
+
+
+@workorder.command("create")
+@click.argument("work_order_id")
+@json_option
+def create(work_order_id: str, as_json: bool) -> None:
+    """Create a work order at zero, to try mes_tasks (in production the main app creates them)."""
+    wo = check_work_order_id(work_order_id)
+    stores()
+    data = actions.create_work_order(wo)
+    if as_json:
+        echo_json(data)
+        return
+    click.echo(f"created work order {wo} (input 0, output 0)")
 
 
 @workorder.command("show")

@@ -23,12 +23,13 @@ from mes_tasks.ops.actions.failed import (
 )
 from mes_tasks.ops.actions.locks import list_locks, lock_holder, release_lock
 from mes_tasks.ops.actions.queue import pause_queue, purge_queue, queue_status, queue_target, resume_queue
-from mes_tasks.ops.actions.workorder import show_work_order
+from mes_tasks.ops.actions.workorder import create_work_order, show_work_order
 from mes_tasks.ops.stores import Stores, stores
 
 __all__ = [
     "Stores",
     "check_selection",
+    "create_work_order",
     "discard_failed_updates",
     "discard_records",
     "doctor_report",

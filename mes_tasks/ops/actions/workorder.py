@@ -1,11 +1,12 @@
-"""One work order's counters, fencing epoch, version and recent logs (``workorder show``)."""
+"""One work order's counters, fencing epoch, version and recent logs (``workorder show``), and
+creating one on a development stack (``workorder create``)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from mes_tasks.db import mongo_errors
-from mes_tasks.errors import UnknownWorkOrder
+from mes_tasks.errors import MesError, UnknownWorkOrder
 from mes_tasks.models import CONTEXT_FIELDS, QuantityLog, WorkOrder
 from mes_tasks.ops.actions.limits import DEFAULT_LOGS, MAX_LOGS, check_range
 from mes_tasks.partitions import queue_for
@@ -38,6 +39,26 @@ def show_work_order(settings: Settings, work_order_id: str, logs: int = DEFAULT_
         "queue": queue_for(wo, settings.partitions),  # where its updates go
         "logs": [_log_dict(log) for log in found],
     }
+
+
+def create_work_order(work_order_id: str) -> dict[str, Any]:
+    """Create a work order with both counters at zero: a convenience for trying mes_tasks.
+
+    In production the main app creates its work orders; mes_tasks only changes their
+    counters, and an update for a work order that does not exist is dead-lettered
+    ``UNKNOWN_WORK_ORDER``.
+
+    Raises:
+        MesError: ``WORK_ORDER_EXISTS``, leaving the one there untouched.
+    """
+    wo = check_work_order_id(work_order_id)
+    with mongo_errors():
+        created = WorkOrder._get_collection().update_one(
+            {"_id": wo}, {"$setOnInsert": {k: 0 for k in COUNTERS}}, upsert=True
+        )
+    if created.upserted_id is None:
+        raise MesError(f"work order {wo!r} exists already; nothing changed", code="WORK_ORDER_EXISTS")
+    return {"id": wo, "created": True, **{k: 0 for k in COUNTERS}}
 
 
 def _log_dict(log: QuantityLog) -> dict[str, Any]:
