@@ -8,7 +8,7 @@ Key patterns:
     {prefix}lease:owner            string, the process id (``locks.owner_id``) of the last
                                    active ``workorder`` consumer; no TTL
     {prefix}lease:workorder        string, the owner token of the active ``workorder`` consumer;
-                                   PX = lease TTL (see ``mes_tasks.worker.active``)
+                                   PX = lease TTL (see ``mes_tasks.worker.lease``)
     {prefix}pause:workorder        string, JSON ``{"at": ...}`` while ``queue pause`` is in force;
                                    every ``workorder`` worker honours it at start, take-over
                                    and every tick; ``queue resume`` deletes it; no TTL
@@ -23,7 +23,7 @@ Key patterns:
                                    at]``: a message (a retry on its countdown) that a worker still
                                    held of a partition it handed over; restored by that worker once
                                    it no longer holds it, or by the partition's holder once that
-                                   worker is dead; no TTL (see ``mes_tasks.worker.active``)
+                                   worker is dead; no TTL (see ``mes_tasks.worker.handover``)
     {prefix}sessions               hash, ``<owner_id>|<lsid hex>`` -> epoch seconds: the MongoDB
                                    sessions a ``workorder`` worker runs transactions in; its
                                    successor ends them (``killSessions``, see ``sessions``)
