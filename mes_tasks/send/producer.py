@@ -111,7 +111,7 @@ class Producer:
         check_update_size(args, kwargs)  # ValidationError here: the worker could only dead-letter it
         job = Job(job_id, args, kwargs)
         try:
-            result = self.publish(job_id, args, kwargs, options)
+            result = self.publisher.publish(job, _publish_options(options))
         except Exception as exc:
             sent = self._after_refusal([job], set(), exc)[job_id]
             if sent.error is not None:
@@ -221,8 +221,7 @@ class Producer:
     ) -> AsyncResult:
         """Send one update to the broker, unrecorded, within the deadline; see the module's ``publish``."""
         args, kwargs = bind_update(args, kwargs)  # TypeError: an entry that can never be sent
-        given = {"ignore_result": True} if options is None else options
-        return self.publisher.publish(Job(job_id, args, kwargs), given)
+        return self.publisher.publish(Job(job_id, args, kwargs), _publish_options(options))
 
     def publish_all(self, jobs: Sequence[Job]) -> None:
         """Send validated updates in one Redis pipeline, within the deadline (``Publisher.publish_all``)."""
@@ -287,6 +286,11 @@ def publish(
     update is its ``QuantityLog`` or ``FailedUpdate``.
     """
     return default_producer().publish(job_id, args, kwargs, options)
+
+
+def _publish_options(options: dict[str, Any] | None) -> dict[str, Any]:
+    """A ``.delay()`` caller's ``apply_async`` options, else no result subscription (see ``publish``)."""
+    return {"ignore_result": True} if options is None else options
 
 
 _default: Producer | None = None
