@@ -6,6 +6,7 @@ be paused past its TTL). The fencing epoch in MongoDB does that (see ``ledger``)
 
 from __future__ import annotations
 
+import logging
 import secrets
 import threading
 import time
@@ -16,9 +17,11 @@ from types import TracebackType
 import redis
 from redis.connection import Connection
 
-from mes_tasks.apply.owners import TOKEN_SEP, holder_is_dead, owner_id
+from mes_tasks.apply.owners import TOKEN_SEP, holder_is_dead, owner_id, owner_of
 from mes_tasks.db import redis_errors
 from mes_tasks.errors import LockBusy, LockLost, RedisUnavailable
+
+log = logging.getLogger(__name__)
 
 ACQUIRE_POLL_MIN_S = 0.005
 ACQUIRE_POLL_MAX_S = 0.1
@@ -130,9 +133,13 @@ class RedisLock:
         holder = found.decode() if isinstance(found, bytes) else found
         if not holder or holder in _LIVE:
             return False
-        if not holder.startswith(f"{owner_id()}{TOKEN_SEP}") and not holder_is_dead(holder):
+        mine = holder.startswith(f"{owner_id()}{TOKEN_SEP}")
+        if not mine and not holder_is_dead(holder):
             return False
-        return bool(self.client.eval(_RECLAIM, 1, self.key, holder, self.token, self.ttl_ms))
+        taken = bool(self.client.eval(_RECLAIM, 1, self.key, holder, self.token, self.ttl_ms))
+        if taken and not mine:
+            log.warning("the %s holder %s is not running any more: taking over", self.key, owner_of(holder))
+        return taken
 
     def _ask(self) -> bool:
         """Tell a holder that keeps the lock between updates that we wait for it."""
