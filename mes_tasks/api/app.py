@@ -38,7 +38,7 @@ from mes_tasks.api import reads, submit
 from mes_tasks.api.access import OPERATOR, PRODUCER, Access, access_from_env, may
 from mes_tasks.api.body import json_object
 from mes_tasks.api.counting import CountRequests, RequestCounts
-from mes_tasks.api.errors import RETRY_AFTER_S, error_response, for_result, on_mes_error, on_unexpected
+from mes_tasks.api.errors import error_response, for_result, on_mes_error, on_unexpected, respond
 from mes_tasks.api.operator import operator_routes
 from mes_tasks.errors import MesError
 from mes_tasks.ops.stores import Stores
@@ -165,7 +165,7 @@ async def batch_update_quantity(request: Request) -> JSONResponse:
     results = await run_in_threadpool(submit.submit_batch, _gateway(request).producer, items)
     answer = {"success": all(r.get("success") for r in results), "results": results}
     if submit.nothing_recorded(results):
-        return JSONResponse(answer, status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)})
+        return respond(answer, 503)
     return JSONResponse(answer)
 
 

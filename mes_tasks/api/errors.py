@@ -8,14 +8,13 @@ traceback and answered ``500 INTERNAL_ERROR``.
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from mes_tasks.errors import MesError, QueueError, TransientError, ValidationError, one_line
+from mes_tasks.errors import MesError, TransientError, ValidationError, one_line
 from mes_tasks.settings import mask_secrets
 
 log = logging.getLogger(__name__)
@@ -61,23 +60,22 @@ def error_body(code: str, message: str, **extra: Any) -> dict[str, Any]:
     return {"success": False, "code": code, **extra, "error": one_line(mask_secrets(message))}
 
 
-def error_response(code: str, message: str, status: int | None = None, **extra: Any) -> JSONResponse:
-    """``error_body`` as a response; 503s say when to try again, 401s which scheme to use."""
-    status = status or status_of(code)
+def respond(body: Any, status: int = 200) -> JSONResponse:
+    """``body`` as JSON; a 503 says when to try again, a 401 which scheme to use."""
     headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else {}
     if status == 401:
         headers["WWW-Authenticate"] = "Bearer"
-    return JSONResponse(error_body(code, message, **extra), status_code=status, headers=headers)
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def error_response(code: str, message: str, status: int | None = None, **extra: Any) -> JSONResponse:
+    """``error_body`` as a response, with the status its code calls for unless given."""
+    return respond(error_body(code, message, **extra), status or status_of(code))
 
 
 def for_result(result: dict[str, Any], ok_status: int) -> JSONResponse:
     """A submission's result dict as a response: ``ok_status`` when it succeeded."""
-    if result.get("success"):
-        return JSONResponse(result, status_code=ok_status)
-    code = str(result.get("code"))
-    status = 503 if code == QueueError.code else status_of(code)
-    headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else {}
-    return JSONResponse(result, status_code=status, headers=headers)
+    return respond(result, ok_status if result.get("success") else status_of(str(result.get("code"))))
 
 
 async def on_mes_error(request: Request, exc: Exception) -> JSONResponse:
@@ -91,8 +89,3 @@ async def on_mes_error(request: Request, exc: Exception) -> JSONResponse:
 async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
     log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
     return error_response("INTERNAL_ERROR", f"unexpected {type(exc).__name__}; the gateway logged it", 500)
-
-
-def dumps(data: Any) -> str:
-    """JSON as the console prints it (dates and ids as strings)."""
-    return json.dumps(data, default=str, ensure_ascii=False)
