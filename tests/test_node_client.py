@@ -62,7 +62,8 @@ def test_concurrent_node_callers_with_repeats_and_cut_connections_count_exactly(
     cutter.start()
     env = {**os.environ, "MES_API_URL": f"http://127.0.0.1:{proxy.port}", "MES_API_TOKEN": PRODUCER_TOKEN}
     try:
-        done = subprocess.run([binary, str(NODE_DIR / "load.mjs"), "--callers", "16", "--updates", "300"],
+        args = ["--callers", "16", "--updates", "300", "--retries", "40"]  # a main app retries until answered
+        done = subprocess.run([binary, str(NODE_DIR / "load.mjs"), *args],
                               env=env, capture_output=True, text=True, timeout=240)  # fmt: skip
     finally:
         stop.set()

@@ -1,5 +1,5 @@
 // Many concurrent callers of one gateway, as a main app of many processes would be:
-//   node load.mjs --callers 16 --updates 400 --work-orders 8 --dup-share 0.2
+//   node load.mjs --callers 16 --updates 400 --work-orders 8 --dup-share 0.2 --retries 6
 // Each update has its own request id; a share of them is sent twice (a scanner's repeat).
 // Prints one JSON line: what was sent per work order (each request id once), and the answers.
 import { parseArgs } from "node:util";
@@ -12,6 +12,7 @@ const { values } = parseArgs({
     "work-orders": { type: "string", default: "8" },
     "dup-share": { type: "string", default: "0.2" },
     prefix: { type: "string", default: "node" },
+    retries: { type: "string", default: "6" },
   },
 });
 const callers = Number(values.callers);
@@ -19,7 +20,8 @@ const updates = Number(values.updates);
 const workOrders = Number(values["work-orders"]);
 const dupShare = Number(values["dup-share"]);
 
-const client = new MesClient({ baseUrl: process.env.MES_API_URL, token: process.env.MES_API_TOKEN });
+const client = new MesClient({ baseUrl: process.env.MES_API_URL, token: process.env.MES_API_TOKEN,
+                               retries: Number(values.retries) });
 const plan = [];
 for (let i = 0; i < updates; i += 1) {
   const update = { wo: `WO-N${i % workOrders}`, kind: i % 3 === 0 ? "input" : "output", qty: 1 + (i % 4),

@@ -9,7 +9,8 @@
 //
 // Every call carries an Idempotency-Key (the request id; a new UUID when none is given), and
 // a call that fails on the network, times out, or answers 502/503/504 is sent again with the
-// same key: the update counts once however often it is sent. Other answers (a 4xx refusal,
+// same key (up to `retries` times, waiting twice as long each time up to `maxBackoffMs`, or
+// what Retry-After says): the update counts once however often it is sent. Other answers (a 4xx refusal,
 // a 2xx result) come back as the gateway's result dict, never as an exception.
 
 import { randomUUID } from "node:crypto";
@@ -17,13 +18,14 @@ import { randomUUID } from "node:crypto";
 const RETRYABLE = new Set([502, 503, 504]);
 
 export class MesClient {
-  constructor({ baseUrl, token, timeoutMs = 5000, retries = 6, backoffMs = 100 } = {}) {
+  constructor({ baseUrl, token, timeoutMs = 5000, retries = 6, backoffMs = 100, maxBackoffMs = 2000 } = {}) {
     if (!baseUrl || !token) throw new Error("MesClient needs baseUrl and token (MES_API_URL, MES_API_TOKEN)");
     this.baseUrl = baseUrl.replace(/\/+$/, "");
     this.token = token;
     this.timeoutMs = timeoutMs;
     this.retries = retries;
     this.backoffMs = backoffMs;
+    this.maxBackoffMs = maxBackoffMs;
     this.resent = 0; // calls sent again after a failure, for the curious
   }
 
@@ -53,7 +55,7 @@ export class MesClient {
     for (let attempt = 0; attempt <= this.retries; attempt += 1) {
       if (attempt > 0) {
         this.resent += 1;
-        await sleep(last?.retryAfterMs ?? this.backoffMs * 2 ** (attempt - 1));
+        await sleep(last?.retryAfterMs ?? Math.min(this.maxBackoffMs, this.backoffMs * 2 ** (attempt - 1)));
       }
       try {
         const response = await fetch(this.baseUrl + path, {
