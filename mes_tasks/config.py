@@ -53,7 +53,7 @@ def celery_settings(s: Settings) -> dict[str, Any]:
             # a master that stops answering without closing the connection (frozen, or cut off)
             # is an error within seconds, and the consumer reconnects, through the Sentinels
             # when REDIS_URL names them; without it, a wait for TCP, which can take hours.
-            "socket_timeout": s.connect_timeout_s,
+            "socket_timeout": s.redis_timeout_s,
             "health_check_interval": 30,
             **sentinel_options(s),
         },
@@ -71,7 +71,7 @@ def celery_settings(s: Settings) -> dict[str, Any]:
             },
             **sentinel_options(s),
         },
-        "redis_socket_timeout": s.connect_timeout_s,  # Celery's default is 120 s
+        "redis_socket_timeout": s.redis_timeout_s,  # Celery's default is 120 s
         "result_expires": 24 * 3600,
         "task_serializer": "json",
         "result_serializer": "json",

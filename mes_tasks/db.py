@@ -13,6 +13,8 @@ import redis.sentinel
 from mongoengine.connection import get_connection
 from pymongo import MongoClient
 from pymongo.errors import ConnectionFailure, DuplicateKeyError, OperationFailure, PyMongoError
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from mes_tasks.errors import MongoUnavailable, RedisUnavailable, TransactionsUnsupported, WriteConflict
 from mes_tasks.models import ALL_MODELS
@@ -66,8 +68,16 @@ class MasterConnection(redis.sentinel.SentinelManagedConnection):
         return tuple(master) != (self.host, self.port)
 
 
-def redis_client(settings: Settings) -> redis.Redis:
+def redis_client(settings: Settings, *, retry: bool = True) -> redis.Redis:
     """A client for mes_tasks's Redis database (locks, stats), with bounded timeouts.
+
+    A command whose connection fails or stays silent past ``MES_REDIS_TIMEOUT_S`` is tried
+    once more at once, on a new connection (``retry``): a master that keeps its connections
+    open and answers nothing on them (frozen, cut off, or a proxy gone quiet) costs one
+    timeout, not an error, so a lease's extension outlives it. (redis-py's ``from_url``
+    retries nothing unless told.) A write retried after its reply was lost runs twice:
+    every write here is conditional on a token, idempotent, or a statistic that may count one
+    twice.
 
     With Sentinels in ``REDIS_URL``, a client of their current master: each new connection
     asks them where it is, and one to a master that failed or was demoted is dropped, so
@@ -75,9 +85,10 @@ def redis_client(settings: Settings) -> redis.Redis:
     """
     options: dict[str, Any] = {
         "socket_connect_timeout": settings.connect_timeout_s,
-        "socket_timeout": settings.connect_timeout_s,
+        "socket_timeout": settings.redis_timeout_s,
         "health_check_interval": REDIS_HEALTH_CHECK_INTERVAL_S,
         "decode_responses": True,
+        "retry": Retry(NoBackoff(), 1 if retry else 0),  # type: ignore[no-untyped-call]
     }
     sentinel = settings.sentinel
     if sentinel is None:

@@ -34,6 +34,11 @@ RETRY_BACKOFF_MAX_S = 60.0
 VISIBILITY_TIMEOUT_S = 600.0
 VISIBILITY_SAFETY_FACTOR = 2.0  # "comfortably longer": twice the longest task + countdown
 CONNECT_TIMEOUT_S = 5.0
+# Any Redis reply may take this long before its connection is taken for silent (a frozen or
+# cut-off master keeps it open and answers nothing) and replaced by a new one, which redis-py
+# retries the command on. Well inside a lease's TTL: the watchdog's extension that meets a
+# silent connection is retried on a new one before the lease expires.
+REDIS_TIMEOUT_S = 1.0
 REDIS_WAIT_POLL_S = 1.0  # a starting worker whose Redis is unreachable tries again this often
 REDIS_WAIT_REPORT_S = 30.0  # and says so this often (the first time at once)
 UNACKED_RESTORE_INTERVAL_S = 10.0  # how often a worker sweeps for expired unacked messages
@@ -67,6 +72,7 @@ ENV_NAMES = {
     "retry_backoff_max_s": "MES_RETRY_BACKOFF_MAX_S",
     "visibility_timeout_s": "MES_VISIBILITY_TIMEOUT_S",
     "connect_timeout_s": "MES_CONNECT_TIMEOUT_S",
+    "redis_timeout_s": "MES_REDIS_TIMEOUT_S",
     "unacked_restore_interval_s": "MES_UNACKED_RESTORE_INTERVAL_S",
     "audit_at": "MES_AUDIT_AT",
     "audit_timezone": "MES_AUDIT_TIMEZONE",
@@ -112,6 +118,7 @@ class Settings:
     retry_backoff_max_s: float = RETRY_BACKOFF_MAX_S
     visibility_timeout_s: float = VISIBILITY_TIMEOUT_S
     connect_timeout_s: float = CONNECT_TIMEOUT_S
+    redis_timeout_s: float = REDIS_TIMEOUT_S
     unacked_restore_interval_s: float = UNACKED_RESTORE_INTERVAL_S
     audit_at: str = AUDIT_AT
     audit_timezone: str = AUDIT_TIMEZONE
@@ -198,7 +205,7 @@ class Settings:
         """How to talk to the Sentinels themselves: bounded timeouts, their own password if any."""
         timeouts = {
             "socket_connect_timeout": self.connect_timeout_s,
-            "socket_timeout": self.connect_timeout_s,
+            "socket_timeout": self.redis_timeout_s,
         }
         return timeouts | ({"password": self.redis_sentinel_password} if self.redis_sentinel_password else {})
 
@@ -439,6 +446,7 @@ def _check_positive(s: Settings) -> None:
         "outbox_relay_interval_s",
         "outbox_grace_s",
         "lease_ttl_s",
+        "redis_timeout_s",
         "partitions",
     ):
         if getattr(s, name) <= 0:
@@ -466,6 +474,14 @@ def _check_lock_timing(s: Settings) -> None:
             "extension would lose the lock. Raise MES_LOCK_TTL_S or lower "
             "MES_LOCK_EXTEND_INTERVAL_S (it defaults to a third of the TTL)."
         )
+    for name in ("lease_ttl_s", "lock_ttl_s"):
+        if s.redis_timeout_s > getattr(s, name) / 2:
+            raise ConfigurationError(
+                f"MES_REDIS_TIMEOUT_S={s.redis_timeout_s:g} is more than half of "
+                f"{ENV_NAMES[name]}={getattr(s, name):g}: an extension that meets a silent "
+                "connection would lose the lease or lock before a new connection is tried. "
+                "Lower MES_REDIS_TIMEOUT_S or raise the TTL."
+            )
 
 
 def _check_visibility_timeout(s: Settings) -> None:

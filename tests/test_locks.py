@@ -8,8 +8,13 @@ import time
 import pytest
 import redis
 
-from mes_tasks.apply.locks import CheckLine, RedisLock
+from devtools.devserver import Service
+from devtools.faultproxy import FaultProxy
+from mes_tasks import db
+from mes_tasks.apply.locks import CheckLine, RedisLock, Watchdog
 from mes_tasks.errors import LockBusy, LockLost, RedisUnavailable
+from mes_tasks.settings import LEASE_TTL_S, Settings
+from mes_tasks.worker.lease import Lease
 
 
 def lock(client: redis.Redis, ttl_s: float = 1.0, wait_s: float = 0.0, **kw: float) -> RedisLock:
@@ -136,3 +141,25 @@ def test_an_error_reply_to_the_check_is_a_lost_lock_and_leaves_the_line_clean(
     with other.check_sent(line) as check:  # the same connection answers the next check, not the last
         check.confirm()
     assert line.conn is not None and redis_client.pttl(other.key) > 4000
+
+
+def test_a_lease_outlives_every_open_connection_going_silent(
+    servers: dict[str, Service], redis_client: redis.Redis
+) -> None:
+    """Every open connection stops answering and stays open (a frozen or cut-off master), new
+    ones work. The watchdog's next extension gives its connection up after
+    ``MES_REDIS_TIMEOUT_S`` and is retried on a new one, inside the lease's TTL: the holder
+    keeps consuming. (With the connect timeout as read timeout and no retry, every lease of
+    the worker was lost, and its queues went unconsumed for 18-23 s in the chaos run.)"""
+    proxy = FaultProxy(servers["redis"].port).start()
+    try:
+        client = db.redis_client(Settings(redis_url=f"redis://127.0.0.1:{proxy.port}/3"))  # default timeouts
+        lease = Lease(client, "mes:lease:workorder", LEASE_TTL_S, watchdog=Watchdog())
+        assert lease.try_acquire()
+        assert proxy.silence_open() > 0
+        time.sleep(LEASE_TTL_S * 1.5)
+        assert lease.held, lease.lost_reason
+        assert redis_client.get(lease.key) == lease.token
+        lease.release()
+    finally:
+        proxy.close()

@@ -47,6 +47,10 @@ def test_a_malformed_number_names_its_variable() -> None:
         ({"MONGODB_URI": "postgres://x"}, "MONGODB_URI"),
         ({"MES_LOCK_WAIT_S": "0"}, "MES_LOCK_WAIT_S"),
         ({"MES_RETRY_MAX": "-1"}, "MES_RETRY_MAX"),
+        ({"MES_REDIS_TIMEOUT_S": "0"}, "MES_REDIS_TIMEOUT_S"),
+        # a silent connection's timeout would outlast the lease before a new one is tried
+        ({"MES_REDIS_TIMEOUT_S": "2"}, "more than half of MES_LEASE_TTL_S=3"),
+        ({"MES_LOCK_TTL_S": "1", "MES_LEASE_TTL_S": "6", "MES_REDIS_TIMEOUT_S": "1"}, "MES_LOCK_TTL_S=1"),
     ],
 )
 def test_invalid_values_are_refused(env: dict[str, str], needle: str) -> None:
@@ -178,6 +182,7 @@ def test_the_celery_config_gives_broker_and_results_the_master_and_the_sentinels
             "REDIS_URL": f"{SENTINELS}/3?master_name=m",
             "MES_REDIS_SENTINEL_PASSWORD": "pw",
             "MES_CONNECT_TIMEOUT_S": "2",
+            "MES_REDIS_TIMEOUT_S": "0.5",
         }
     )
     conf = celery_settings(s)
@@ -186,7 +191,7 @@ def test_the_celery_config_gives_broker_and_results_the_master_and_the_sentinels
         assert options["master_name"] == "m"
         assert options["sentinel_kwargs"] == {
             "socket_connect_timeout": 2,
-            "socket_timeout": 2,
+            "socket_timeout": 0.5,
             "password": "pw",
         }
     plain = celery_settings(Settings())

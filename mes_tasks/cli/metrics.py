@@ -47,7 +47,7 @@ def metrics(host: str, port: int) -> None:
     """Serve Prometheus metrics on /metrics; each scrape reads Redis and MongoDB (docs/metrics.md)."""
     settings = get_settings()
     db.connect(settings)  # not prepare(): the endpoint starts, and says so, with MongoDB down
-    registry = registry_for(db.redis_client(settings), settings.key_prefix, settings.partitions)
+    registry = registry_for(db.redis_client(settings, retry=False), settings.key_prefix, settings.partitions)
     server = make_metrics_server(registry, host, port)
     click.echo(f"serving metrics on http://{host}:{server.server_port}/metrics", err=True)
     try:

@@ -46,7 +46,9 @@ class Producer:
     def __init__(self, settings: Settings | None = None, redis_client: redis.Redis | None = None):
         self.settings = settings or get_settings()
         bounded = replace(
-            self.settings, connect_timeout_s=min(self.settings.connect_timeout_s, PUBLISH_TIMEOUT_S)
+            self.settings,
+            connect_timeout_s=min(self.settings.connect_timeout_s, PUBLISH_TIMEOUT_S),
+            redis_timeout_s=min(self.settings.redis_timeout_s, PUBLISH_TIMEOUT_S),
         )
         self.redis = redis_client or db.redis_client(bounded)
         self._outbox: Collection[dict[str, Any]] | None = None

@@ -25,12 +25,13 @@ from celery import bootsteps
 from celery.worker.consumer import Consumer as CeleryConsumer
 from kombu.transport.virtual import QoS as VirtualQoS
 
+from mes_tasks.settings import get_settings
+
 log = logging.getLogger(__name__)
 
 RECONNECT_FIRST_S = 0.2
 RECONNECT_STEP_S = 0.3
 RECONNECT_MAX_S = 1.0
-BROKER_SILENCE_S = 2.0  # past the BRPOP's own timeout: a broker this silent is taken for gone
 WATCHDOG_CHECK_S = 0.5
 
 
@@ -92,7 +93,7 @@ class BrokerWatchdog(bootsteps.StartStopStep):  # type: ignore[misc]
     for good, although the Sentinels have promoted a replica and every other connection
     has moved on (seen in the chaos run: a worker that lost and retook its lease went on
     waiting for the frozen master). This step notes when each ``BRPOP`` goes out; one still
-    unanswered ``BROKER_SILENCE_S`` after its own timeout gets its connection closed. kombu
+    unanswered ``MES_REDIS_TIMEOUT_S`` after its own timeout gets its connection closed. kombu
     then sends the next ``BRPOP`` on a new connection, through the Sentinels when
     ``REDIS_URL`` names them. A message the silent master had popped for it never arrives;
     its update is still in the outbox, which sends it again. (kombu 5.7 has a check of its
@@ -107,6 +108,7 @@ class BrokerWatchdog(bootsteps.StartStopStep):  # type: ignore[misc]
         self.timer_entry: Any = None
         self.channel: Any = None
         self.sent_at = 0.0
+        self.silence_s = get_settings().redis_timeout_s  # past the BRPOP's own timeout: gone
 
     def start(self, c: Any) -> None:
         channel: Any = getattr(c.task_consumer, "channel", None)
@@ -130,7 +132,7 @@ class BrokerWatchdog(bootsteps.StartStopStep):  # type: ignore[misc]
         if channel is None or not waiting_on:
             return
         silent_s = time.monotonic() - self.sent_at
-        if silent_s <= channel.brpop_timeout + BROKER_SILENCE_S or _has_reply(waiting_on):
+        if silent_s <= channel.brpop_timeout + self.silence_s or _has_reply(waiting_on):
             return  # on time, or answered while the loop was busy: kombu reads it next
         log.warning("the broker has not answered the consume for %.1f s: reconnecting it", silent_s)
         waiting_on.disconnect()  # kombu forgets it, and sends the next BRPOP on a new connection
