@@ -11,15 +11,19 @@ from collections.abc import Callable
 
 import pytest
 import redis
+from celery import Celery, Task
+from celery.exceptions import Reject
 
 from conftest import DEFAULT_TIMINGS, Worker, make_work_orders, wait_until
 from devtools.devserver import Service
 from mes_tasks.broker import delivered_tags, delivery_times, restore_delivery
+from mes_tasks.errors import TransientError
 from mes_tasks.keys import handed_key, lease_owner_key, members_key, negative_wait_key
 from mes_tasks.models import QuantityLog, WorkOrder
 from mes_tasks.send.producer import submit_quantity_update
 from mes_tasks.settings import NEGATIVE_WAIT_S
 from mes_tasks.worker.handover import Handed, handed_due, liveness
+from mes_tasks.worker.retries import retry
 
 # The goal: applying again, and every message a dead worker held back in a queue, within 5 s.
 BACK_WITHIN_S = 5.0
@@ -204,3 +208,27 @@ def test_a_delivery_is_restored_only_while_it_is_the_one_noted(
             assert not restore_delivery(client, channel, tag, at[tag])  # the later delivery stays
         assert redis_client.hlen("unacked") == 1 and redis_client.llen("handed-test") == 0
         again.ack()
+
+
+def test_a_retry_the_broker_did_not_take_sends_its_message_back_to_the_queue() -> None:
+    """Celery answers a retry it could not publish with a reject that drops the message: the
+    update would then live only in the outbox, or nowhere with ``MES_JOURNAL=0``. It goes
+    back to its queue instead (seen in the chaos run: a correction waiting for its count,
+    its retry published as Redis went silent, ``reject requeue=False``)."""
+    app = Celery("refusing", broker="redis://127.0.0.1:1/0", set_as_current=False)
+    app.conf.update(
+        broker_transport_options={"socket_connect_timeout": 0.3},
+        task_publish_retry_policy={"max_retries": 0},
+    )
+
+    @app.task(bind=True, shared=False)
+    def job(self: Task) -> None:
+        pass
+
+    job.push_request(id="retried", retries=0, called_directly=False, delivery_info={"routing_key": "wo"})
+    try:
+        with pytest.raises(Reject) as rejected:
+            retry(job, TransientError("busy"), 1.0)
+    finally:
+        job.pop_request()
+    assert rejected.value.requeue

@@ -14,6 +14,7 @@ import time
 from typing import Any, NoReturn
 
 import redis
+from celery.exceptions import Reject
 
 from mes_tasks import tally
 from mes_tasks.apply.deadletter import Failure, record_failure, record_repeat
@@ -57,8 +58,27 @@ def retry_or_dead_letter(task: LedgerTask, exc: MesError) -> NoReturn:
         countdown = backoff_s(task.request.retries, settings)
         log.warning("%s: %s; retry %d in %.2fs", exc.code, exc.message, task.request.retries + 1, countdown)
         count(tally.RETRIED, exc.code)
-        raise task.retry(exc=exc, countdown=countdown)
+        retry(task, exc, countdown)
     dead_letter(task, exc)
+
+
+def retry(task: LedgerTask, exc: Exception, countdown: float) -> NoReturn:
+    """``task.retry``; a retry the broker did not take sends the message back to its queue.
+
+    Celery rejects a message whose retry it could not publish (the broker away or silent)
+    without requeueing it: the update would live on only in the outbox (or nowhere, with
+    ``MES_JOURNAL=0``). Requeued, it is applied again at once; if the broker refuses that too,
+    it stays unacknowledged and comes back when this worker's connection does, or with the
+    next holder of its queue.
+    """
+    try:
+        raise task.retry(exc=exc, countdown=countdown)
+    except Reject as rejected:
+        if rejected.requeue:
+            raise
+        log.warning("the retry of %s was not published (%s): back to its queue",
+                    task.request.id, rejected.reason)  # fmt: skip
+        raise Reject(rejected.reason, requeue=True) from rejected
 
 
 def wait_for_count_or_dead_letter(task: LedgerTask, exc: NegativeCounter, request_id: str) -> NoReturn:
@@ -79,7 +99,7 @@ def wait_for_count_or_dead_letter(task: LedgerTask, exc: NegativeCounter, reques
     log.warning("%s: %s; its count may be late: retry in %.2fs (%.0fs of %gs waited)",
                 exc.code, exc.message, countdown, waited, settings.negative_wait_s)  # fmt: skip
     count(tally.RETRIED, exc.code)
-    raise task.retry(exc=exc, countdown=countdown)
+    retry(task, exc, countdown)
 
 
 def _negative_waited_s(client: redis.Redis, settings: Settings, request_id: str) -> float:
@@ -113,7 +133,7 @@ def dead_letter(task: LedgerTask, exc: MesError) -> NoReturn:
     except MongoUnavailable as store_exc:
         # Nothing recorded it: keep the message alive rather than drop the update.
         log.error("dead-letter store unreachable (%s); retrying %s", store_exc, req.id)
-        raise task.retry(exc=store_exc, countdown=task.ledger.settings.retry_backoff_max_s) from store_exc
+        retry(task, store_exc, task.ledger.settings.retry_backoff_max_s)
     _report_dead_letter(failure.request_id, exc, repeated)
     raise exc
 
