@@ -26,7 +26,7 @@ from pathlib import Path
 
 import redis
 
-from devtools.chaosreport import LOG_STAMP, UNCONSUMED_GOAL_S, Injection, Row
+from devtools.chaosreport import LOG_STAMP, Injection, Row
 
 SAMPLE_S = 0.25
 INSPECT_EVERY_S = 2.0
@@ -174,7 +174,7 @@ def charge(rows: dict[str, Row], injections: list[Injection], watch: Watch, whol
         since = inj.started if inj.key in whole else inj.ended
         worst = max((g.within(since, until) for g in watch.gaps), default=0.0)
         row.unconsumed.append(worst)
-        for gap in [g for g in watch.gaps if g.within(since, until) > UNCONSUMED_GOAL_S]:
+        for gap in [g for g in watch.gaps if g.within(since, until) > row.unconsumed_goal_s]:
             row.gaps.append(_told(gap, since, until, logs))
         row.doubles += [f"{d.queue} consumed by {', '.join(d.workers)} at {_hms(d.at)}"
                         for d in watch.doubles if inj.started <= d.at < until]  # fmt: skip

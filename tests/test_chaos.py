@@ -19,7 +19,7 @@ from conftest import REPO
 from devtools.chaos import main
 from devtools.chaosfaults import FAULTS
 from devtools.chaospartitions import PARTITION_FAULTS
-from devtools.chaosreport import Injection, Row, verdict
+from devtools.chaosreport import RECOVERY_GOAL_S, Injection, Row, verdict
 from devtools.chaoswatch import Gap, Watch, charge
 
 CHAOS_TIMEOUT_S = 540  # about two minutes on a 2-core machine; failing faults wait 15 s each
@@ -122,10 +122,20 @@ def test_a_queue_is_unconsumed_while_its_oldest_message_stays_and_is_charged_fro
     assert from_start["kill-holder"].gaps[0].startswith("workorder.2 unconsumed 7.5 s")
     assert _consumption_line(from_end).startswith("  ok   every queue with waiting updates")
     assert _consumption_line(from_start).startswith("  FAIL every queue with waiting updates")
+    # A fault with a recovery goal of its own (a silent Redis) is judged by it here too.
+    own_goal = _consumption_line(
+        _charged(watch, injections, whole={"kill-holder"}, goals={"kill-holder": 8.0})
+    )
+    assert own_goal.startswith("  ok   every queue with waiting updates") and "(kill-holder 8 s)" in own_goal
 
 
-def _charged(watch: Watch, injections: list[Injection], whole: set[str]) -> dict[str, Row]:
-    rows = {inj.key: Row(inj.key, inj.key) for inj in injections}
+def _charged(
+    watch: Watch, injections: list[Injection], whole: set[str], goals: dict[str, float] | None = None
+) -> dict[str, Row]:
+    rows = {
+        inj.key: Row(inj.key, inj.key, (goals or {}).get(inj.key, RECOVERY_GOAL_S), injected=1)
+        for inj in injections
+    }
     charge(rows, injections, watch, whole, logs=[])
     return rows
 
