@@ -26,6 +26,7 @@ from celery.worker.consumer import Consumer as CeleryConsumer
 from kombu.transport.virtual import QoS as VirtualQoS
 
 from mes_tasks.settings import get_settings
+from mes_tasks.worker import silence
 
 log = logging.getLogger(__name__)
 
@@ -33,12 +34,14 @@ RECONNECT_FIRST_S = 0.2
 RECONNECT_STEP_S = 0.3
 RECONNECT_MAX_S = 1.0
 WATCHDOG_CHECK_S = 0.5
+SWEPT_GRACE_S = 0.25  # see BrokerWatchdog.check
 
 
 class Consumer(CeleryConsumer):  # type: ignore[misc]
     """``worker_consumer``: Celery's consumer with a quick reconnect and no mingle or gossip."""
 
     def __init__(self, *args: Any, worker_options: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        silence.install()  # a Redis gone silent is left at its first read timeout, not one by one
         options = {**(worker_options or {}), "without_mingle": True, "without_gossip": True}
         super().__init__(*args, worker_options=options, **kwargs)
 
@@ -131,8 +134,13 @@ class BrokerWatchdog(bootsteps.StartStopStep):  # type: ignore[misc]
         waiting_on = getattr(channel, "_in_poll", None)
         if channel is None or not waiting_on:
             return
-        silent_s = time.monotonic() - self.sent_at
-        if silent_s <= channel.brpop_timeout + self.silence_s or _has_reply(waiting_on):
+        now = time.monotonic()
+        silent_s = now - self.sent_at
+        # Shortly after a sweep (a read timed out on another connection: Redis has gone
+        # silent), the BRPOP's own timeout and a little grace: its answer would have come.
+        swept = now - silence.swept_at() < channel.brpop_timeout + self.silence_s
+        grace_s = SWEPT_GRACE_S if swept else self.silence_s
+        if silent_s <= channel.brpop_timeout + grace_s or _has_reply(waiting_on):
             return  # on time, or answered while the loop was busy: kombu reads it next
         log.warning("the broker has not answered the consume for %.1f s: reconnecting it", silent_s)
         waiting_on.disconnect()  # kombu forgets it, and sends the next BRPOP on a new connection
