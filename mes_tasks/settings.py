@@ -52,7 +52,9 @@ OUTBOX_RELAY_INTERVAL_S = 1.0
 # A sent update with no outcome after this long, and not held by the broker, is re-sent.
 # Short on purpose: the broker holds a message from publish to ack except for the
 # milliseconds between BRPOP and kombu's unacked record, and a re-send is a duplicate at worst.
-OUTBOX_GRACE_S = 3.0
+# A message popped by a BRPOP whose reply was lost (a dropped or silent connection) is back
+# after this plus a relay interval: with 3 s, 5.1-5.4 s in the partitioned chaos run.
+OUTBOX_GRACE_S = 2.0
 # A dead active workorder worker on another host is replaced after at most this long (one on
 # the same host at once). Short is safe: the fencing epoch, not the lease, protects the counters.
 LEASE_TTL_S = 3.0
