@@ -41,19 +41,27 @@ def is_outage(exc: BaseException) -> bool:
     return isinstance(exc, WRAPPED_ERRORS) and isinstance(exc.__cause__, BROKER_ERRORS)
 
 
-def held_task_ids(channel: Any, queues: str | Sequence[str]) -> set[str]:
-    """Task ids of every message of ``queues`` that is waiting or delivered but unacknowledged."""
+def held_task_ids(channel: Any, queues: str | Sequence[str]) -> dict[str, int]:
+    """The task id of every message of ``queues`` that is waiting or delivered but
+    unacknowledged, with how many messages its queue delivers before it (0 once delivered).
+
+    kombu pushes on a list's left and pops from its right, the highest priority step's
+    list first.
+    """
     names = [queues] if isinstance(queues, str) else list(queues)
-    ids: set[str] = set()
+    held: dict[str, int] = {}
     with channel.conn_or_acquire() as client:  # the channel's own connection may be in BRPOP
         for queue in names:
+            ahead = 0
             for pri in channel.priority_steps:
-                ids.update(task_id_of(raw) for raw in _list_items(client, channel._q_for_pri(queue, pri)))
-        ids.update(
-            message.get("headers", {}).get("id", "") for _, message in unacked_of(client, channel, *names)
-        )
-    ids.discard("")
-    return ids
+                waiting = list(_list_items(client, channel._q_for_pri(queue, pri)))
+                for i, raw in enumerate(reversed(waiting)):
+                    held[task_id_of(raw)] = ahead + i
+                ahead += len(waiting)
+        for _, message in unacked_of(client, channel, *names):
+            held[message.get("headers", {}).get("id", "")] = 0
+    held.pop("", None)
+    return held
 
 
 def in_flight_by_queue(client: Any, unacked_key: str = "unacked") -> dict[str, int]:

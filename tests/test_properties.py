@@ -134,7 +134,7 @@ class Run:
             named = bind_update(args, kwargs)[1]  # TypeError for the poisoned entry
             self.offer(req, str(named["request_id"]), "none")
 
-        result = relay.relay(publish, held=set, grace_s=3600)
+        result = relay.relay(publish, held=dict, grace_s=3600)
         assert (result.published, result.set_aside) == (1, 1)
         assert FailedUpdate.objects.get(request_id=f"poison-{n}").error_code == "UNPUBLISHABLE"
 

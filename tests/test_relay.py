@@ -63,6 +63,32 @@ def test_an_update_the_broker_still_holds_is_looked_at_again_only_after_a_while(
     assert OutboxMessage.objects(sent_at__lt=utcnow()).count() == 0
 
 
+def test_an_update_near_the_head_of_a_long_queue_that_the_broker_loses_is_resent_within_seconds(
+    mongo: Mongo, redis_client: redis.Redis
+) -> None:
+    """A BRPOP whose reply is never read (its connection dropped, or gone silent) pops the
+    message at the head of its queue for nobody. The relay had postponed every held update by
+    the length of the whole queue (1,000 held: 10 s; seen as a 12 s recovery in the chaos run);
+    each now waits for what its queue delivers before it."""
+    producer = Producer()
+    assert {r["code"] for r in producer.submit_many([
+        {"work_order_id": "WO-1", "kind": "input", "quantity": 1, "request_id": f"q-{i}"} for i in range(1000)
+    ])} == {"QUEUED"}  # fmt: skip
+
+    def held() -> dict[str, int]:
+        with app.connection_for_read() as conn:
+            return broker.held_task_ids(conn.default_channel, WORKORDER_QUEUE)
+
+    assert sorted(held().values()) == list(range(1000))  # each with the messages ahead of it
+    OutboxMessage._get_collection().update_many({}, {"$set": {"sent_at": utcnow() - timedelta(hours=1)}})
+    assert relay.relay(publish, held, grace_s=1, budget_s=60).republished == 0  # all waiting: later
+    lost = broker.task_id_of(redis_client.rpop(WORKORDER_QUEUE))  # the head, popped for nobody
+    time.sleep(2.5)  # the head's snooze (a relay interval, 1 s), then the grace (1 s)
+    result = relay.relay(publish, held, grace_s=1, budget_s=60)
+    assert result.republished == 1
+    assert broker.task_id_of(redis_client.lindex(WORKORDER_QUEUE, 0)) == lost  # sent again
+
+
 def test_a_relay_run_stays_short_however_many_updates_are_spooled(
     mongo: Mongo, redis_client: redis.Redis
 ) -> None:

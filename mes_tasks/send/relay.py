@@ -13,9 +13,14 @@ pile up however much is waiting:
    request id has an outcome: a ``QuantityLog``, or a ``FailedUpdate`` that is not ``retried``
    (a retried update stays protected until it is applied or fails again). It re-publishes those
    still without one that the broker no longer holds (queued, or delivered and unacknowledged).
-   Those the broker still holds wait before they are looked at again, in proportion to how much
-   the broker holds (``RELAY_SNOOZE_PER_HELD_S`` each, at most ``RELAY_SNOOZE_MAX_S``): one
-   broker read per run at most, and none while nothing is overdue.
+   Those the broker still holds wait before they are looked at again, each in proportion to
+   the messages its queue delivers before it (``RELAY_SNOOZE_PER_HELD_S`` each), and all at
+   least until the next run and in proportion to everything the broker holds
+   (``RELAY_SNOOZE_PER_READ_S`` each),
+   at most ``RELAY_SNOOZE_MAX_S``: one broker read per run at most, none while nothing is
+   overdue, and a read of N messages at most every N x ``RELAY_SNOOZE_PER_READ_S``. An
+   update near the head of a long queue that the broker then loses (its ``BRPOP``'s reply
+   never read) is re-sent seconds later, not after the whole queue's drain.
 
 Step 2's re-publish covers what the broker itself can lose: kombu's Redis transport pops a
 message (BRPOP) and records it as unacknowledged in a second step, so a worker killed or a
@@ -33,6 +38,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+from pymongo import UpdateOne
+
 from mes_tasks.app import app
 from mes_tasks.apply.deadletter import Failure, record_failure
 from mes_tasks.broker import held_task_ids, is_outage
@@ -49,10 +56,13 @@ log = logging.getLogger(__name__)
 
 RELAY_PAGE = 200  # entries per MongoDB read and per write of a relay run
 RELAY_BUDGET_SHARE = 0.5  # of MES_OUTBOX_RELAY_INTERVAL_S: a run starts no new page after that
-# An overdue update the broker still holds is looked at again after this much per update the
-# broker holds (a drain of 100 updates a second: a queue this long will not reach it sooner),
-# at most RELAY_SNOOZE_MAX_S; a lost update is then re-sent that much later at most.
+# An overdue update the broker still holds is looked at again after this much per message its
+# queue delivers before it (a drain of 100 updates a second will not reach it sooner) ...
 RELAY_SNOOZE_PER_HELD_S = 0.01
+# ... and at least this much per message the broker holds, so that reading them all (what a
+# look costs) takes a small share of the relay's time however long the queues ...
+RELAY_SNOOZE_PER_READ_S = 0.001
+# ... and at most this long; a lost update is then re-sent that much later at most.
 RELAY_SNOOZE_MAX_S = 300.0
 
 
@@ -80,7 +90,7 @@ class RelayResult:
 
 def relay(
     publish: Publish,
-    held: Callable[[], set[str]],
+    held: Callable[[], dict[str, int]],
     grace_s: float,
     limit: int = RELAY_PAGE,
     budget_s: float | None = None,
@@ -90,7 +100,8 @@ def relay(
 
     Args:
         publish: sends one update to the broker under its job id.
-        held: the task ids the broker still holds for ``workorder`` (see ``broker``).
+        held: the task ids the broker still holds, each with the messages ahead of it
+            (``broker.held_task_ids``).
         grace_s: how long past its ``sent_at`` an update may go without an outcome before it is
             looked at.
         limit: entries per page.
@@ -190,13 +201,14 @@ def _mark_failed(doc: Doc, exc: Exception) -> None:
 class _Broker:
     """What the broker holds, read once per relay run, on first need, and when it was read."""
 
-    def __init__(self, held: Callable[[], set[str]]) -> None:
+    def __init__(self, held: Callable[[], dict[str, int]]) -> None:
         self._held = held
         self.read_at: datetime | None = None
-        self.ids: set[str] | None = None
+        self.ids: dict[str, int] | None = None
 
-    def holds(self) -> set[str] | None:
-        """The task ids the broker holds; None when it cannot be read (nothing is taken for lost)."""
+    def holds(self) -> dict[str, int] | None:
+        """The task ids the broker holds, each with the messages ahead of it; None when it
+        cannot be read (nothing is taken for lost)."""
         if self.read_at is None:
             self.read_at = utcnow()
             try:
@@ -245,7 +257,7 @@ def _check_page(publish: Publish, broker: _Broker, page: list[Doc], result: Rela
     absent = [d for d in waiting if d["job_id"] not in in_broker]
     done = settled_request_ids(d["request_id"] for d in absent)  # applied and acknowledged meanwhile
     result.settled += _delete([d for d in absent if d["request_id"] in done])
-    _postpone([d for d in waiting if d["job_id"] in in_broker], len(in_broker))
+    _postpone([d for d in waiting if d["job_id"] in in_broker], in_broker)
     return _resend(publish, [d for d in absent if d["request_id"] not in done], result)
 
 
@@ -256,14 +268,27 @@ def _delete(docs: list[Doc]) -> int:
         return int(outbox_collection().delete_many({"_id": {"$in": [d["_id"] for d in docs]}}).deleted_count)
 
 
-def _postpone(docs: list[Doc], held: int) -> None:
-    """Look at these again later: the broker holds ``held`` updates, theirs among them."""
-    if docs:
-        later = utcnow() + timedelta(seconds=min(RELAY_SNOOZE_MAX_S, held * RELAY_SNOOZE_PER_HELD_S))
-        with mongo_errors():
-            outbox_collection().update_many(
-                {"_id": {"$in": [d["_id"] for d in docs]}}, {"$set": {"sent_at": later}}
-            )
+def _postpone(docs: list[Doc], held: dict[str, int]) -> None:
+    """Look at these again later, each when its queue may have reached it (``held``: what the
+    broker holds, each with the messages ahead of it)."""
+    if not docs:
+        return
+    # Not before the next run, nor sooner than reading everything again should cost.
+    now = utcnow()
+    floor_s = max(get_settings().outbox_relay_interval_s, len(held) * RELAY_SNOOZE_PER_READ_S)
+    snoozes = [
+        UpdateOne(
+            {"_id": d["_id"]}, {"$set": {"sent_at": now + timedelta(seconds=_snooze_s(d, held, floor_s))}}
+        )
+        for d in docs
+    ]
+    with mongo_errors():
+        outbox_collection().bulk_write(snoozes, ordered=False)
+
+
+def _snooze_s(doc: Doc, held: dict[str, int], floor_s: float) -> float:
+    ahead = held.get(doc["job_id"], 0)
+    return min(RELAY_SNOOZE_MAX_S, max(floor_s, (ahead + 1) * RELAY_SNOOZE_PER_HELD_S))
 
 
 def _resend(publish: Publish, lost: list[Doc], result: RelayResult) -> bool:
@@ -292,7 +317,7 @@ def relay_now(grace_s: float | None = None) -> RelayResult:
     """
     with app.connection_for_read() as conn:
 
-        def held() -> set[str]:
+        def held() -> dict[str, int]:
             conn.ensure_connection(max_retries=1)  # Redis down: fail now, the next run tries again
             return held_task_ids(conn.default_channel, _relayed(conn.default_channel))
 
