@@ -45,6 +45,7 @@ from mes_tasks.apply.deadletter import Failure, record_failure
 from mes_tasks.broker import held_task_ids, is_outage
 from mes_tasks.db import mongo_errors
 from mes_tasks.errors import PermanentError
+from mes_tasks.keys import apply_ms_key
 from mes_tasks.models import utcnow
 from mes_tasks.names import UPDATE_QUANTITY, WORKORDER_QUEUE
 from mes_tasks.queues import in_use
@@ -57,7 +58,8 @@ log = logging.getLogger(__name__)
 RELAY_PAGE = 200  # entries per MongoDB read and per write of a relay run
 RELAY_BUDGET_SHARE = 0.5  # of MES_OUTBOX_RELAY_INTERVAL_S: a run starts no new page after that
 # An overdue update the broker still holds is looked at again after this much per message its
-# queue delivers before it (a drain of 100 updates a second will not reach it sooner) ...
+# queue delivers before it (a drain of 100 updates a second will not reach it sooner), or the
+# worker's own mean time per update when it is longer ...
 RELAY_SNOOZE_PER_HELD_S = 0.01
 # ... and at least this much per message the broker holds, so that reading them all (what a
 # look costs) takes a small share of the relay's time however long the queues ...
@@ -94,6 +96,7 @@ def relay(
     grace_s: float,
     limit: int = RELAY_PAGE,
     budget_s: float | None = None,
+    per_update_s: float = RELAY_SNOOZE_PER_HELD_S,
 ) -> RelayResult:
     """Publish what was spooled, then look at what is overdue: drop it if it has an outcome,
     re-send it if the broker lost it, look again later if the broker still holds it.
@@ -106,12 +109,14 @@ def relay(
             looked at.
         limit: entries per page.
         budget_s: no new page after this long; default ``RELAY_BUDGET_SHARE`` of the interval.
+        per_update_s: how long a queue takes per message before an update still held, to
+            look at it again once its queue may have reached it (the worker's mean).
     """
     result = RelayResult()
     share = get_settings().outbox_relay_interval_s * RELAY_BUDGET_SHARE
     until = time.monotonic() + (share if budget_s is None else budget_s)
     _publish_spooled(publish, limit, until, result)
-    _check_overdue(publish, _Broker(held), grace_s, limit, until, result)
+    _check_overdue(publish, _Broker(held, per_update_s), grace_s, limit, until, result)
     return result
 
 
@@ -201,8 +206,9 @@ def _mark_failed(doc: Doc, exc: Exception) -> None:
 class _Broker:
     """What the broker holds, read once per relay run, on first need, and when it was read."""
 
-    def __init__(self, held: Callable[[], dict[str, int]]) -> None:
+    def __init__(self, held: Callable[[], dict[str, int]], per_update_s: float) -> None:
         self._held = held
+        self.per_update_s = per_update_s
         self.read_at: datetime | None = None
         self.ids: dict[str, int] | None = None
 
@@ -257,7 +263,7 @@ def _check_page(publish: Publish, broker: _Broker, page: list[Doc], result: Rela
     absent = [d for d in waiting if d["job_id"] not in in_broker]
     done = settled_request_ids(d["request_id"] for d in absent)  # applied and acknowledged meanwhile
     result.settled += _delete([d for d in absent if d["request_id"] in done])
-    _postpone([d for d in waiting if d["job_id"] in in_broker], in_broker)
+    _postpone([d for d in waiting if d["job_id"] in in_broker], in_broker, broker.per_update_s)
     return _resend(publish, [d for d in absent if d["request_id"] not in done], result)
 
 
@@ -268,9 +274,9 @@ def _delete(docs: list[Doc]) -> int:
         return int(outbox_collection().delete_many({"_id": {"$in": [d["_id"] for d in docs]}}).deleted_count)
 
 
-def _postpone(docs: list[Doc], held: dict[str, int]) -> None:
+def _postpone(docs: list[Doc], held: dict[str, int], per_update_s: float) -> None:
     """Look at these again later, each when its queue may have reached it (``held``: what the
-    broker holds, each with the messages ahead of it)."""
+    broker holds, each with the messages ahead of it; ``per_update_s``: a queue's pace)."""
     if not docs:
         return
     # Not before the next run, nor sooner than reading everything again should cost.
@@ -278,7 +284,13 @@ def _postpone(docs: list[Doc], held: dict[str, int]) -> None:
     floor_s = max(get_settings().outbox_relay_interval_s, len(held) * RELAY_SNOOZE_PER_READ_S)
     snoozes = [
         UpdateOne(
-            {"_id": d["_id"]}, {"$set": {"sent_at": now + timedelta(seconds=_snooze_s(d, held, floor_s))}}
+            {"_id": d["_id"]},
+            {
+                "$set": {
+                    "sent_at": now
+                    + timedelta(seconds=_snooze_s(held.get(d["job_id"], 0), per_update_s, floor_s))
+                }
+            },
         )
         for d in docs
     ]
@@ -286,9 +298,8 @@ def _postpone(docs: list[Doc], held: dict[str, int]) -> None:
         outbox_collection().bulk_write(snoozes, ordered=False)
 
 
-def _snooze_s(doc: Doc, held: dict[str, int], floor_s: float) -> float:
-    ahead = held.get(doc["job_id"], 0)
-    return min(RELAY_SNOOZE_MAX_S, max(floor_s, (ahead + 1) * RELAY_SNOOZE_PER_HELD_S))
+def _snooze_s(ahead: int, per_update_s: float, floor_s: float) -> float:
+    return min(RELAY_SNOOZE_MAX_S, max(floor_s, (ahead + 1) * per_update_s))
 
 
 def _resend(publish: Publish, lost: list[Doc], result: RelayResult) -> bool:
@@ -321,4 +332,17 @@ def relay_now(grace_s: float | None = None) -> RelayResult:
             conn.ensure_connection(max_retries=1)  # Redis down: fail now, the next run tries again
             return held_task_ids(conn.default_channel, _relayed(conn.default_channel))
 
-        return relay(publish, held, get_settings().outbox_grace_s if grace_s is None else grace_s)
+        settings = get_settings()
+        grace = settings.outbox_grace_s if grace_s is None else grace_s
+        return relay(publish, held, grace, per_update_s=_pace_s(conn.default_channel, settings.key_prefix))
+
+
+def _pace_s(channel: Any, prefix: str) -> float:
+    """Seconds a queue takes per message: the worker's mean time per update if longer than
+    ``RELAY_SNOOZE_PER_HELD_S`` (it publishes its estimate, see ``worker.state``)."""
+    try:
+        with channel.conn_or_acquire() as client:
+            apply_ms = client.get(apply_ms_key(prefix))
+    except Exception:  # Redis down: the relay finds out soon enough
+        return RELAY_SNOOZE_PER_HELD_S
+    return max(RELAY_SNOOZE_PER_HELD_S, float(apply_ms or 0) / 1000)
