@@ -73,6 +73,7 @@ GAP_S = 2.0  # updates flow undisturbed this long before each injection
 RECOVERY_WAIT_S = 30.0
 FINAL_WAIT_FACTOR = 4  # after the last fault, wait this many recovery waits for the stragglers
 POLL_S = 0.2
+LAST_TOLD = 3  # request ids named for a recovery over its goal
 # mes_tasks.partitions.MAX_PARTITIONS: importing mes_tasks configures its app from the environment,
 # which the run sets only once its stores are up.
 MAX_PARTITIONS = 64
@@ -125,6 +126,7 @@ def wait_settled(run: Run, inj: Injection, timeout_s: float, applied: set[str]) 
             found = outcomes(run.db, waiting)
             applied.update(rid for rid, o in found.items() if o.applied)
             waiting -= found.keys()
+            inj.last = tuple(sorted(found)[:LAST_TOLD]) if found else inj.last
         if not waiting or time.monotonic() > deadline:
             break
         time.sleep(POLL_S)
@@ -157,7 +159,12 @@ def inject_all(run: Run, schedule: list[str], recovery_wait_s: float, applied: s
         excluded |= left
         carried |= left
         said = f"{len(left)} update(s) still without an outcome" if left else "all settled"
-        print(f"chaos:   {said} {inj.settled - inj.ended:.1f} s after its end", file=sys.stderr, flush=True)
+        late = f" (last: {', '.join(inj.last)})" if inj.settled - inj.ended > fault.goal_s else ""
+        print(
+            f"chaos:   {said} {inj.settled - inj.ended:.1f} s after its end{late}",
+            file=sys.stderr,
+            flush=True,
+        )
         for problem in inj.problems:
             print(f"chaos:   problem: {problem}", file=sys.stderr, flush=True)
 

@@ -47,6 +47,7 @@ class Injection:
     excluded: frozenset[str] = frozenset()  # left unsettled by earlier injections: theirs, not ours
     pending_at_start: int = 0  # of those, still without an outcome when this one began
     problems: list[str] = field(default_factory=list)
+    last: tuple[str, ...] = ()  # the request ids whose outcomes the harness saw last, to say why
 
 
 @dataclass
