@@ -334,15 +334,15 @@ def relay_now(grace_s: float | None = None) -> RelayResult:
 
         settings = get_settings()
         grace = settings.outbox_grace_s if grace_s is None else grace_s
-        return relay(publish, held, grace, per_update_s=_pace_s(conn.default_channel, settings.key_prefix))
+        return relay(publish, held, grace, per_update_s=_pace_s(conn, settings.key_prefix))
 
 
-def _pace_s(channel: Any, prefix: str) -> float:
+def _pace_s(conn: Any, prefix: str) -> float:
     """Seconds a queue takes per message: the worker's mean time per update if longer than
     ``RELAY_SNOOZE_PER_HELD_S`` (it publishes its estimate, see ``worker.state``)."""
     try:
-        with channel.conn_or_acquire() as client:
+        with conn.default_channel.conn_or_acquire() as client:
             apply_ms = client.get(apply_ms_key(prefix))
-    except Exception:  # Redis down: the relay finds out soon enough
+    except Exception:  # Redis down: the relay still publishes nothing it cannot, and says so
         return RELAY_SNOOZE_PER_HELD_S
     return max(RELAY_SNOOZE_PER_HELD_S, float(apply_ms or 0) / 1000)
