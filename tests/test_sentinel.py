@@ -196,7 +196,11 @@ def test_a_sentinel_url_gives_every_store_client_the_master_with_todays_options(
     from mes_tasks import db
     from mes_tasks.settings import Settings
 
-    settings = Settings(redis_url="sentinel://:pw@h1;sentinel://:pw@h2/3?master_name=m", connect_timeout_s=2)
+    settings = Settings(
+        redis_url="sentinel://:pw@h1;sentinel://:pw@h2/3?master_name=m",
+        connect_timeout_s=2,
+        redis_timeout_s=0.5,
+    )
     pool = db.redis_client(settings).connection_pool
     assert isinstance(pool, redis.sentinel.SentinelConnectionPool) and pool.service_name == "m"
     assert pool.connection_class is db.MasterConnection
@@ -205,8 +209,9 @@ def test_a_sentinel_url_gives_every_store_client_the_master_with_todays_options(
         3,
         "pw",
         True,
-        2,
+        0.5,
     )
+    assert kwargs["socket_connect_timeout"] == 2 and kwargs["retry"].get_retries() == 1
     assert [s.connection_pool.connection_kwargs["port"] for s in pool.sentinel_manager.sentinels] == [
         26379,
         26379,
