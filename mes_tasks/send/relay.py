@@ -14,11 +14,11 @@ pile up however much is waiting:
    (a retried update stays protected until it is applied or fails again). It re-publishes those
    still without one that the broker no longer holds (queued, or delivered and unacknowledged).
    Those the broker still holds wait before they are looked at again, each in proportion to
-   the messages its queue delivers before it (``RELAY_SNOOZE_PER_HELD_S`` each), and all at
-   least until the next run and in proportion to everything the broker holds
-   (``RELAY_SNOOZE_PER_READ_S`` each),
-   at most ``RELAY_SNOOZE_MAX_S``: one broker read per run at most, none while nothing is
-   overdue, and a read of N messages at most every N x ``RELAY_SNOOZE_PER_READ_S``. An
+   the messages its queue delivers before it (``RELAY_SNOOZE_PER_HELD_S`` each, or the
+   worker's own pace), all at least until the next run and ``RELAY_SNOOZE_PER_READ_S`` per
+   message the broker holds, at most ``RELAY_SNOOZE_MAX_S``: one broker read per run at most,
+   none while nothing is overdue, and a read of N messages at most every N x
+   ``RELAY_SNOOZE_PER_READ_S``. An
    update near the head of a long queue that the broker then loses (its ``BRPOP``'s reply
    never read) is re-sent seconds later, not after the whole queue's drain.
 
@@ -96,7 +96,7 @@ def relay(
     grace_s: float,
     limit: int = RELAY_PAGE,
     budget_s: float | None = None,
-    per_update_s: float = RELAY_SNOOZE_PER_HELD_S,
+    pace: Callable[[], float] | None = None,
 ) -> RelayResult:
     """Publish what was spooled, then look at what is overdue: drop it if it has an outcome,
     re-send it if the broker lost it, look again later if the broker still holds it.
@@ -109,14 +109,15 @@ def relay(
             looked at.
         limit: entries per page.
         budget_s: no new page after this long; default ``RELAY_BUDGET_SHARE`` of the interval.
-        per_update_s: how long a queue takes per message before an update still held, to
-            look at it again once its queue may have reached it (the worker's mean).
+        pace: how long a queue takes per message (the worker's mean), read with the broker
+            on first need, to look at a held update again once its queue may have reached
+            it; ``RELAY_SNOOZE_PER_HELD_S`` when not given.
     """
     result = RelayResult()
     share = get_settings().outbox_relay_interval_s * RELAY_BUDGET_SHARE
     until = time.monotonic() + (share if budget_s is None else budget_s)
     _publish_spooled(publish, limit, until, result)
-    _check_overdue(publish, _Broker(held, per_update_s), grace_s, limit, until, result)
+    _check_overdue(publish, _Broker(held, pace), grace_s, limit, until, result)
     return result
 
 
@@ -206,9 +207,10 @@ def _mark_failed(doc: Doc, exc: Exception) -> None:
 class _Broker:
     """What the broker holds, read once per relay run, on first need, and when it was read."""
 
-    def __init__(self, held: Callable[[], dict[str, int]], per_update_s: float) -> None:
+    def __init__(self, held: Callable[[], dict[str, int]], pace: Callable[[], float] | None) -> None:
         self._held = held
-        self.per_update_s = per_update_s
+        self._pace = pace
+        self.per_update_s = RELAY_SNOOZE_PER_HELD_S
         self.read_at: datetime | None = None
         self.ids: dict[str, int] | None = None
 
@@ -219,6 +221,7 @@ class _Broker:
             self.read_at = utcnow()
             try:
                 self.ids = self._held()
+                self.per_update_s = self._pace() if self._pace else RELAY_SNOOZE_PER_HELD_S
             except Exception as exc:
                 log.warning(
                     "outbox: cannot read the broker (%s); lost updates are checked next run",
@@ -282,24 +285,15 @@ def _postpone(docs: list[Doc], held: dict[str, int], per_update_s: float) -> Non
     # Not before the next run, nor sooner than reading everything again should cost.
     now = utcnow()
     floor_s = max(get_settings().outbox_relay_interval_s, len(held) * RELAY_SNOOZE_PER_READ_S)
-    snoozes = [
-        UpdateOne(
-            {"_id": d["_id"]},
-            {
-                "$set": {
-                    "sent_at": now
-                    + timedelta(seconds=_snooze_s(held.get(d["job_id"], 0), per_update_s, floor_s))
-                }
-            },
-        )
-        for d in docs
-    ]
+
+    def later(doc: Doc) -> datetime:
+        ahead = held.get(doc["job_id"], 0)
+        return now + timedelta(seconds=min(RELAY_SNOOZE_MAX_S, max(floor_s, (ahead + 1) * per_update_s)))
+
     with mongo_errors():
-        outbox_collection().bulk_write(snoozes, ordered=False)
-
-
-def _snooze_s(ahead: int, per_update_s: float, floor_s: float) -> float:
-    return min(RELAY_SNOOZE_MAX_S, max(floor_s, (ahead + 1) * per_update_s))
+        outbox_collection().bulk_write(
+            [UpdateOne({"_id": d["_id"]}, {"$set": {"sent_at": later(d)}}) for d in docs], ordered=False
+        )
 
 
 def _resend(publish: Publish, lost: list[Doc], result: RelayResult) -> bool:
@@ -334,15 +328,13 @@ def relay_now(grace_s: float | None = None) -> RelayResult:
 
         settings = get_settings()
         grace = settings.outbox_grace_s if grace_s is None else grace_s
-        return relay(publish, held, grace, per_update_s=_pace_s(conn, settings.key_prefix))
+        return relay(publish, held, grace, pace=lambda: _pace_s(conn, settings.key_prefix))
 
 
 def _pace_s(conn: Any, prefix: str) -> float:
     """Seconds a queue takes per message: the worker's mean time per update if longer than
-    ``RELAY_SNOOZE_PER_HELD_S`` (it publishes its estimate, see ``worker.state``)."""
-    try:
-        with conn.default_channel.conn_or_acquire() as client:
-            apply_ms = client.get(apply_ms_key(prefix))
-    except Exception:  # Redis down: the relay still publishes nothing it cannot, and says so
-        return RELAY_SNOOZE_PER_HELD_S
+    ``RELAY_SNOOZE_PER_HELD_S`` (it publishes its estimate, see ``worker.state``). Read right
+    after the broker, on the same connection."""
+    with conn.default_channel.conn_or_acquire() as client:
+        apply_ms = client.get(apply_ms_key(prefix))
     return max(RELAY_SNOOZE_PER_HELD_S, float(apply_ms or 0) / 1000)
