@@ -16,6 +16,7 @@ from mongoengine import (
 
 KINDS = ("input", "output")
 COUNTER_FIELDS = {"input": "input_qty", "output": "output_qty"}
+VERSION = "version"  # a work order's, bumped by every committed counter change; its logs carry theirs
 CONTEXT_FIELDS = (
     "barcode",
     "operation",
@@ -55,6 +56,7 @@ class QuantityLog(Document):
     kind = StringField(required=True, choices=KINDS)
     quantity = IntField(required=True)
     value_after = IntField(required=True)
+    version = IntField()  # the work order's version right after this update (none: logged before it was kept)
     epoch = IntField(required=True)
     task_id = StringField()
     created_at = DateTimeField(default=utcnow)
@@ -73,6 +75,8 @@ class QuantityLog(Document):
             # Covers the audit's per-work-order, per-kind sums and "recent logs of a work order".
             {"fields": ["work_order_id", "kind", "quantity"], "name": "wo_kind_qty"},
             {"fields": ["work_order_id", "-created_at"], "name": "wo_recent"},
+            # The continuous verifier's "logs of a work order since its checkpoint".
+            {"fields": ["work_order_id", "version"], "name": "wo_version"},
         ],
     }
 

@@ -87,8 +87,8 @@ WAYS = ["general", "one-write"]
 
 
 def known_counters(way: str) -> dict[str, int] | None:
-    """What ``commit`` is told the counters are: the one-write way needs them (see ledger)."""
-    return {"input_qty": 0, "output_qty": 0} if way == "one-write" else None
+    """What ``commit`` is told the counters and the version are: the one-write way needs them (see ledger)."""
+    return {"input_qty": 0, "output_qty": 0, "version": 0} if way == "one-write" else None
 
 
 @pytest.mark.parametrize("way", WAYS)
@@ -221,3 +221,18 @@ def test_a_work_order_held_by_an_abandoned_transaction_is_a_retryable_conflict(
     assert ledger.apply(validate_update("WO-1", "input", 1), "r1").status == "applied"
     assert counters() == (1, 0)
     assert "WO-1" not in ledger._blocked
+
+
+@pytest.mark.parametrize("way", WAYS)
+def test_each_log_carries_the_work_orders_version_right_after_it(ledger: Ledger, way: str) -> None:
+    """The version orders a work order's logs (the continuous verifier reads "the logs after
+    a checkpoint" by it): each log's is the one its own commit produced, whichever way."""
+    epoch = ledger.bump_epoch("WO-1")
+    known = known_counters(way)
+    steps = [("input", 5, "v1"), ("output", 2, "v2"), ("input", 1, "v3"), ("input", 5, "v1")]  # v1 again
+    for kind, qty, rid in steps:
+        ledger.commit(validate_update("WO-1", kind, qty), rid, epoch, known=known)
+    logs = {log.request_id: log.version for log in QuantityLog.objects}
+    assert logs == {"v1": 1, "v2": 2, "v3": 3}
+    assert WorkOrder.objects.get(id="WO-1").version == 3
+    assert ledger.one_write_commits == (3 if way == "one-write" else 0)

@@ -23,6 +23,7 @@ Two ways to commit, with the same guarantees:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Iterator, Mapping
@@ -51,7 +52,7 @@ from mes_tasks.errors import (
     WriteConflict,
 )
 from mes_tasks.keys import lock_key, wanted_key
-from mes_tasks.models import COUNTER_FIELDS, QuantityLog, WorkOrder, utcnow
+from mes_tasks.models import COUNTER_FIELDS, VERSION, QuantityLog, WorkOrder, utcnow
 from mes_tasks.settings import Settings
 from mes_tasks.validation import UpdateRequest
 
@@ -89,9 +90,13 @@ class ApplyResult:
     request_id: str
     value: int
     epoch: int
+    version: int | None = dataclasses.field(default=None, compare=False)  # the work order's, after it
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The task's result (the version is the ledger's own business)."""
+        data = asdict(self)
+        del data["version"]
+        return data
 
 
 class Ledger:
@@ -199,7 +204,7 @@ class Ledger:
             lock.let_go()
             raise
         self._blocked.pop(work_order_id, None)
-        known = {f: doc[f] for f in COUNTER_FIELDS.values() if isinstance(doc.get(f), int)}
+        known = {f: doc[f] for f in (*COUNTER_FIELDS.values(), VERSION) if isinstance(doc.get(f), int)}
         return lock, int(doc["epoch"]), known
 
     def _refuse_if_blocked(self, work_order_id: str) -> None:
@@ -244,7 +249,7 @@ class Ledger:
         doc: dict[str, Any] | None = self.work_orders.find_one_and_update(
             {"_id": work_order_id},
             {"$inc": {"epoch": 1}},
-            projection={"epoch": 1, **dict.fromkeys(COUNTER_FIELDS.values(), 1)},
+            projection={"epoch": 1, VERSION: 1, **dict.fromkeys(COUNTER_FIELDS.values(), 1)},
             return_document=ReturnDocument.AFTER,
             **kwargs,
         )
@@ -269,9 +274,15 @@ class Ledger:
         """
         field = COUNTER_FIELDS[req.kind]
         expected = None if known is None else known.pop(field, None)
+        version = None if known is None else known.pop(VERSION, None)
         try:
-            if expected is not None and expected + req.quantity >= 0 and self._has_bulk_write():
-                result = self._commit_known(req, request_id, epoch, task_id, expected, lock)
+            if (
+                expected is not None
+                and version is not None
+                and expected + req.quantity >= 0
+                and self._has_bulk_write()
+            ):
+                result = self._commit_known(req, request_id, epoch, task_id, (expected, version), lock)
                 if result is None:  # the counter or the epoch moved without us: the general way
                     result = self._commit(req, request_id, epoch, task_id, lock)
                 else:
@@ -279,17 +290,19 @@ class Ledger:
             else:
                 result = self._commit(req, request_id, epoch, task_id, lock)
         except DuplicateKeyError:
-            _restore(known, field, expected)  # the transaction aborted: nothing moved
+            _restore(known, field, expected, version)  # the transaction aborted: nothing moved
             return self.duplicate_of(req, request_id)
         except NegativeCounter:
             # A correction applied before would now go below zero: it is a duplicate, not a refusal.
             logged = self._logged(request_id)
             if logged is None:
                 raise
-            _restore(known, field, expected)
+            _restore(known, field, expected, version)
             return self._duplicate(req, request_id, logged)
         if known is not None:
             known[field] = result.value  # the value our own write produced under our epoch
+            if result.version is not None:
+                known[VERSION] = result.version
         return result
 
     def _commit(
@@ -303,13 +316,14 @@ class Ledger:
         """The general way: ``findAndModify`` for the value, then the log insert, then commit."""
         with self._transaction() as session:
             faults.at(faults.BEGUN)
-            value = self._inc_counter(session, req, epoch)
+            value, version = self._inc_counter(session, req, epoch)
+            doc = self._log_doc(req, request_id, epoch, (value, version), task_id)
             with lock.check_sent(self.check_line) if lock is not None else nullcontext() as check:
-                self.logs.insert_one(self._log_doc(req, request_id, epoch, value, task_id), session=session)
+                self.logs.insert_one(doc, session=session)
                 if check is not None:
                     check.confirm()
             faults.at(faults.WRITTEN)
-        return ApplyResult("applied", *_ident(req, request_id), value=value, epoch=epoch)
+        return ApplyResult("applied", *_ident(req, request_id), value=value, epoch=epoch, version=version)
 
     def _commit_known(
         self,
@@ -317,19 +331,22 @@ class Ledger:
         request_id: str,
         epoch: int,
         task_id: str | None,
-        expected: int,
+        expected: tuple[int, int],
         lock: RedisLock | None,
     ) -> ApplyResult | None:
-        """The one-write way: the log and a ``$inc`` matching ``expected`` in one ``bulkWrite``.
+        """The one-write way: the log and a ``$inc`` matching ``expected`` (the counter's value
+        and the work order's version) in one ``bulkWrite``.
 
-        Returns None, with nothing written, when the counter is not ``expected`` under ``epoch``.
+        Returns None, with nothing written, when the counter or the version is not
+        ``expected`` under ``epoch``.
         """
         field = COUNTER_FIELDS[req.kind]
-        value = expected + req.quantity
+        value, version = expected[0] + req.quantity, expected[1] + 1
+        log_doc = self._log_doc(req, request_id, epoch, (value, version), task_id)
         writes: list[InsertOne[dict[str, Any]] | UpdateOne] = [
-            InsertOne(self._log_doc(req, request_id, epoch, value, task_id), namespace=self.logs.full_name),
+            InsertOne(log_doc, namespace=self.logs.full_name),
             UpdateOne(
-                {"_id": req.work_order_id, "epoch": epoch, field: expected},
+                {"_id": req.work_order_id, "epoch": epoch, field: expected[0], VERSION: expected[1]},
                 _counter_update(field, req.quantity),
                 namespace=self.work_orders.full_name,
             ),
@@ -349,7 +366,7 @@ class Ledger:
                 session.abort_transaction()
                 return None
             faults.at(faults.WRITTEN)
-        return ApplyResult("applied", *_ident(req, request_id), value=value, epoch=epoch)
+        return ApplyResult("applied", *_ident(req, request_id), value=value, epoch=epoch, version=version)
 
     @contextmanager
     def fenced(self, work_order_id: str, read_concern: ReadConcern = TXN_READ_CONCERN) -> Iterator[Fenced]:
@@ -407,7 +424,8 @@ class Ledger:
             "duplicate", *_ident(req, request_id), value=logged["value_after"], epoch=logged["epoch"]
         )
 
-    def _inc_counter(self, session: ClientSession, req: UpdateRequest, epoch: int) -> int:
+    def _inc_counter(self, session: ClientSession, req: UpdateRequest, epoch: int) -> tuple[int, int]:
+        """The counter's value and the work order's version after the ``$inc``."""
         field = COUNTER_FIELDS[req.kind]
         match: dict[str, Any] = {"_id": req.work_order_id, "epoch": epoch}
         if req.quantity < 0:
@@ -415,13 +433,13 @@ class Ledger:
         doc = self.work_orders.find_one_and_update(
             match,
             _counter_update(field, req.quantity),
-            projection={field: 1},
+            projection={field: 1, VERSION: 1},
             return_document=ReturnDocument.AFTER,
             session=session,
         )
         if doc is None:
             raise self._why_unmatched(session, req, epoch)
-        return int(doc[field])
+        return int(doc[field]), int(doc[VERSION])
 
     def _why_unmatched(self, session: ClientSession, req: UpdateRequest, epoch: int) -> Exception:
         field = COUNTER_FIELDS[req.kind]
@@ -439,14 +457,17 @@ class Ledger:
 
     @staticmethod
     def _log_doc(
-        req: UpdateRequest, request_id: str, epoch: int, value: int, task_id: str | None
+        req: UpdateRequest, request_id: str, epoch: int, after: tuple[int, int], task_id: str | None
     ) -> dict[str, Any]:
+        """The log of one update; ``after``: the counter's value and the work order's version
+        right after it (the version orders a work order's logs: see ``audit.verify``)."""
         return {
             "request_id": request_id,
             "work_order_id": req.work_order_id,
             "kind": req.kind,
             "quantity": req.quantity,
-            "value_after": value,
+            "value_after": after[0],
+            VERSION: after[1],
             "epoch": epoch,
             "task_id": task_id,
             "created_at": utcnow(),
@@ -454,9 +475,11 @@ class Ledger:
         }
 
 
-def _restore(known: dict[str, int] | None, field: str, expected: int | None) -> None:
+def _restore(known: dict[str, int] | None, field: str, expected: int | None, version: int | None) -> None:
     if known is not None and expected is not None:
         known[field] = expected
+    if known is not None and version is not None:
+        known[VERSION] = version
 
 
 def _unwrapped(exc: ClientBulkWriteException, request_id: str) -> Exception:
