@@ -29,7 +29,14 @@ from celery.schedules import crontab
 
 from mes_tasks.errors import ConfigurationError
 from mes_tasks.flowerauth import check_basic_auth
-from mes_tasks.names import AUDIT_QUEUE, AUDIT_WORK_ORDERS, RELAY_OUTBOX, UPDATE_QUANTITY, WORKORDER_QUEUE
+from mes_tasks.names import (
+    AUDIT_QUEUE,
+    AUDIT_WORK_ORDERS,
+    RELAY_OUTBOX,
+    UPDATE_QUANTITY,
+    VERIFY_COUNTERS,
+    WORKORDER_QUEUE,
+)
 from mes_tasks.settings import Settings, get_settings
 
 CONFIG_ENV = "MES_CELERY_CONFIG"
@@ -109,6 +116,17 @@ def celery_settings(s: Settings) -> dict[str, Any]:
                 "schedule": timedelta(seconds=s.outbox_relay_interval_s),
                 "options": {"queue": AUDIT_QUEUE, "expires": s.outbox_relay_interval_s},
             },
+            **(
+                {
+                    "continuous-verify": {
+                        "task": VERIFY_COUNTERS,
+                        "schedule": timedelta(seconds=s.verify_interval_s),
+                        "options": {"queue": AUDIT_QUEUE, "expires": s.verify_interval_s},
+                    }
+                }
+                if s.verify_interval_s
+                else {}
+            ),
         },
     }
 

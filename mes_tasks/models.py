@@ -159,4 +159,46 @@ class OutboxMessage(Document):
     }
 
 
-ALL_MODELS: tuple[type[Document], ...] = (WorkOrder, QuantityLog, FailedUpdate, AuditReport, OutboxMessage)
+class VerifyCheckpoint(Document):
+    """A work order's counters as proved equal to its logs up to its ``version`` (``audit.verify``)."""
+
+    id = StringField(primary_key=True)  # the work order's
+    version = IntField(required=True)
+    input_qty = IntField(required=True)
+    output_qty = IntField(required=True)
+    proved_at = DateTimeField(default=utcnow)
+    swept_at = DateTimeField()  # its whole log last summed again (the sweep)
+
+    meta = {
+        "collection": "verify_checkpoints",
+        "strict": False,
+        "indexes": [{"fields": ["swept_at"], "name": "swept"}],
+    }
+
+
+class VerifyState(Document):
+    """What the last continuous-verification pass found (one document, ``_id`` "last")."""
+
+    id = StringField(primary_key=True, default="last")
+    started_at = DateTimeField()
+    finished_at = DateTimeField()
+    verified_up_to = DateTimeField()  # every change committed before this was verified
+    work_orders = IntField(default=0)
+    changed = IntField(default=0)
+    logs_read = IntField(default=0)
+    drift = ListField(StringField())  # work orders whose counters do not equal their logs
+    unexplained = ListField(DictField())  # outbox entries with no outcome, waiting nowhere
+    completeness_checked = BooleanField(default=False)  # False: the broker could not be read
+
+    meta = {"collection": "verify_state", "strict": False}
+
+
+ALL_MODELS: tuple[type[Document], ...] = (
+    WorkOrder,
+    QuantityLog,
+    FailedUpdate,
+    AuditReport,
+    OutboxMessage,
+    VerifyCheckpoint,
+    VerifyState,
+)

@@ -12,3 +12,4 @@ QUEUES = (WORKORDER_QUEUE, AUDIT_QUEUE)
 UPDATE_QUANTITY = "mes_tasks.tasks.update_quantity"
 AUDIT_WORK_ORDERS = "mes_tasks.tasks.audit_work_orders"
 RELAY_OUTBOX = "mes_tasks.tasks.relay_outbox"
+VERIFY_COUNTERS = "mes_tasks.tasks.verify_counters"

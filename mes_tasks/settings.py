@@ -58,6 +58,9 @@ OUTBOX_GRACE_S = 2.0
 # A dead active workorder worker on another host is replaced after at most this long (one on
 # the same host at once). Short is safe: the fencing epoch, not the lease, protects the counters.
 LEASE_TTL_S = 3.0
+VERIFY_INTERVAL_S = 30.0
+VERIFY_SWEEP = 20
+VERIFY_COMPLETE_S = 300.0
 NEGATIVE_WAIT_S = 600.0  # a would-go-negative update is retried this long (its count may be late)
 DST_WINDOW_HOURS = (1, 3)  # [01:00, 03:00): local times that DST can skip or repeat
 
@@ -88,6 +91,9 @@ ENV_NAMES = {
     "outbox_relay_interval_s": "MES_OUTBOX_RELAY_INTERVAL_S",
     "outbox_grace_s": "MES_OUTBOX_GRACE_S",
     "journal": "MES_JOURNAL",
+    "verify_interval_s": "MES_VERIFY_INTERVAL_S",
+    "verify_sweep": "MES_VERIFY_SWEEP",
+    "verify_complete_s": "MES_VERIFY_COMPLETE_S",
     "lease_ttl_s": "MES_LEASE_TTL_S",
     "negative_wait_s": "MES_NEGATIVE_WAIT_S",
     "flower_url": "MES_FLOWER_URL",
@@ -134,6 +140,9 @@ class Settings:
     outbox_relay_interval_s: float = OUTBOX_RELAY_INTERVAL_S
     outbox_grace_s: float = OUTBOX_GRACE_S
     journal: bool = True  # record every submission in the outbox before publishing it
+    verify_interval_s: float = VERIFY_INTERVAL_S  # continuous verification every N seconds (0: off)
+    verify_sweep: int = VERIFY_SWEEP  # work orders whose whole log each pass re-checks, oldest first
+    verify_complete_s: float = VERIFY_COMPLETE_S  # an outbox entry this old must have its outcome
     lease_ttl_s: float = LEASE_TTL_S
     negative_wait_s: float = NEGATIVE_WAIT_S
     flower_url: str = ""  # Flower's address as doctor reaches it, to check it refuses strangers
@@ -450,6 +459,7 @@ def _check_positive(s: Settings) -> None:
         "lease_ttl_s",
         "redis_timeout_s",
         "partitions",
+        "verify_complete_s",
     ):
         if getattr(s, name) <= 0:
             raise ConfigurationError(f"{ENV_NAMES[name]} must be greater than zero")
@@ -463,6 +473,8 @@ def _check_positive(s: Settings) -> None:
         "webhook_timeout_s",
         "webhook_retries",
         "negative_wait_s",
+        "verify_interval_s",
+        "verify_sweep",
     ):
         if getattr(s, name) < 0:
             raise ConfigurationError(f"{ENV_NAMES[name]} must not be negative")

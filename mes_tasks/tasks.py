@@ -13,10 +13,12 @@ from celery.result import AsyncResult
 from mes_tasks.app import app
 from mes_tasks.audit.alerts import summary
 from mes_tasks.audit.reports import audit_and_report
+from mes_tasks.audit.verify import record, verify_pass
 from mes_tasks.errors import MesError, NegativeCounter, PermanentError, TransientError
-from mes_tasks.names import AUDIT_WORK_ORDERS, RELAY_OUTBOX, UPDATE_QUANTITY
+from mes_tasks.names import AUDIT_WORK_ORDERS, RELAY_OUTBOX, UPDATE_QUANTITY, VERIFY_COUNTERS
 from mes_tasks.send.delay import send_delayed
-from mes_tasks.send.relay import relay_now
+from mes_tasks.send.outbox import settled_request_ids
+from mes_tasks.send.relay import broker_holds, relay_now
 from mes_tasks.validation import check_work_order_id, readable, validate_update
 from mes_tasks.worker.active import may_apply
 from mes_tasks.worker.retries import (
@@ -119,3 +121,25 @@ def relay_outbox(grace_s: float | None = None) -> dict[str, int]:
     if result:
         log.info("outbox: %s", result)
     return asdict(result)
+
+
+@app.task(bind=True, base=LedgerTask, name=VERIFY_COUNTERS, acks_late=False, ignore_result=True)
+def verify_counters(self: LedgerTask) -> dict[str, Any]:
+    """One pass of continuous verification (beat, every ``MES_VERIFY_INTERVAL_S``): the
+    counters changed since the last pass, the sweep, and completeness; stored and alerted."""
+    settings = self.ledger.settings
+    outcome = verify_pass(
+        self.ledger.mongo,
+        sweep=settings.verify_sweep,
+        complete_s=settings.verify_complete_s,
+        settled=settled_request_ids,
+        held=broker_holds,
+    )
+    report = record(outcome, settings)
+    return {
+        "work_orders": outcome.work_orders,
+        "changed": outcome.changed,
+        "drift": outcome.drift,
+        "unexplained": [u["request_id"] for u in outcome.unexplained],
+        "report_id": None if report is None else str(report.id),
+    }

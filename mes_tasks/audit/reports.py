@@ -93,7 +93,7 @@ def write_files(report: AuditReport, directory: Path, *, html_file: bool = False
     paths = {"json": stem.with_suffix(".json"), "csv": stem.with_suffix(".csv")}
     paths["json"].write_text(json.dumps(report_dict(report), indent=2, ensure_ascii=False))
     with paths["csv"].open("w", newline="") as out:
-        writer = csv.DictWriter(out, FINDING_COLUMNS)
+        writer = csv.DictWriter(out, columns_of(report.findings))
         writer.writeheader()
         writer.writerows(report.findings)
     if html_file:
@@ -104,9 +104,10 @@ def write_files(report: AuditReport, directory: Path, *, html_file: bool = False
 
 def render_html(report: AuditReport) -> str:
     """A small standalone HTML page: the summary and one table row per finding."""
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in FINDING_COLUMNS)
+    columns = columns_of(report.findings)
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
     rows = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(str(f.get(c, '')))}</td>" for c in FINDING_COLUMNS) + "</tr>"
+        "<tr>" + "".join(f"<td>{html.escape(str(f.get(c, '')))}</td>" for c in columns) + "</tr>"
         for f in report.findings
     )
     return (
@@ -116,6 +117,12 @@ def render_html(report: AuditReport) -> str:
         f"<h1>Audit {report.id}</h1><p>{html.escape(alerts.summary(report))}</p>"
         f"<table><tr>{head}</tr>{rows}</table>"
     )
+
+
+def columns_of(findings: list[dict[str, Any]]) -> list[str]:
+    """A finding's columns, then any other key a finding has (an unexplained update's request id)."""
+    extra = [key for f in findings for key in f if key not in FINDING_COLUMNS]
+    return [*FINDING_COLUMNS, *dict.fromkeys(extra)]
 
 
 def prune(settings: Settings) -> int:

@@ -323,12 +323,28 @@ def relay_now(grace_s: float | None = None) -> RelayResult:
     with app.connection_for_read() as conn:
 
         def held() -> dict[str, int]:
-            conn.ensure_connection(max_retries=1)  # Redis down: fail now, the next run tries again
-            return held_task_ids(conn.default_channel, _relayed(conn.default_channel))
+            return _held(conn)
 
         settings = get_settings()
         grace = settings.outbox_grace_s if grace_s is None else grace_s
         return relay(publish, held, grace, pace=lambda: _pace_s(conn, settings.key_prefix))
+
+
+def _held(conn: Any) -> dict[str, int]:
+    conn.ensure_connection(max_retries=1)  # Redis down: fail now, the next run tries again
+    return held_task_ids(conn.default_channel, _relayed(conn.default_channel))
+
+
+def broker_holds() -> dict[str, int] | None:
+    """What the broker holds now in every workorder queue, as the relay reads it (job id:
+    messages ahead of it); None when the broker cannot be read."""
+    try:
+        with app.connection_for_read() as conn:
+            return _held(conn)
+    except Exception as exc:
+        if is_outage(exc):
+            return None
+        raise
 
 
 def _pace_s(conn: Any, prefix: str) -> float:

@@ -1,0 +1,283 @@
+"""Continuous verification: the counters proved against their logs every ``MES_VERIFY_INTERVAL_S``
+at a cost in proportion to what changed, and every accepted update accounted for.
+
+Each work order keeps a checkpoint (``VerifyCheckpoint``): its counters and its ``version`` at
+a point where they were proved equal to the sums of its logs. Every log carries the work
+order's version right after it (the ledger writes both in one transaction, under the lock
+and the fence), so "the logs since the checkpoint" are those with a greater version, read
+through the ``wo_version`` index. A pass:
+
+1. reads every work order's version and counters, and every checkpoint: one read each,
+   whose cost grows with the number of work orders, never with the number of logs;
+2. a work order at its checkpoint's version must have its checkpoint's counters: a counter
+   changed without a version (a direct ``$inc``) makes it a suspect;
+3. a work order whose version moved is advanced: its counters and its logs since the
+   checkpoint, read in one snapshot transaction (one point in time, however updates flow);
+   counters = checkpoint + those logs moves the checkpoint forward. Anything else (a counter
+   restored from an old backup, a write that moved the version too, a log written by a
+   worker of an earlier release, which carries no version) makes it a suspect;
+4. every suspect is proved in full, in a snapshot, as the nightly audit re-checks: its
+   counters against the sums of all its logs. A mismatch is drift; a match sets a new
+   checkpoint. So nothing that made a work order a suspect is ever a false alarm, and a
+   checkpoint is only ever what a snapshot proved;
+5. the sweep proves in full the ``MES_VERIFY_SWEEP`` work orders whose logs were summed
+   longest ago, so a log deleted or edited behind mes_tasks's back is found within
+   (work orders / sweep) passes, not at the nightly audit;
+6. completeness: an outbox entry sent more than ``MES_VERIFY_COMPLETE_S`` ago must have an
+   outcome (a log, or a dead letter not being retried) or still be in the broker. One with
+   neither, which the relay has not re-sent for ``quiet_s`` either, is unexplained.
+
+The first pass proves every work order in full (there is no checkpoint yet): once, at the
+cost of a full audit.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from mes_tasks.audit import alerts
+from mes_tasks.audit.checks import SNAPSHOT, Finding, compare
+from mes_tasks.audit.reports import write_files
+from mes_tasks.db import Mongo, mongo_errors
+from mes_tasks.models import (
+    COUNTER_FIELDS,
+    VERSION,
+    AuditReport,
+    OutboxMessage,
+    QuantityLog,
+    VerifyCheckpoint,
+    VerifyState,
+    WorkOrder,
+    utcnow,
+)
+from mes_tasks.settings import Settings
+
+log = logging.getLogger(__name__)
+
+COUNTERS = tuple(COUNTER_FIELDS.values())
+COMPLETE_PAGE = 1000  # outbox entries looked at per pass, oldest first
+RELAY_QUIET_S = 30.0  # an entry the relay has not sent for this long is not on its way again
+UNEXPLAINED = "unexplained_update"
+VERIFY_TRIGGER = "verify"  # an AuditReport stored by a pass (the nightly audit's are "schedule")
+
+Settled = Callable[[Iterable[str]], set[str]]  # request ids with an outcome
+Held = Callable[[], "dict[str, int] | None"]  # job ids the broker holds; None: it cannot be read
+
+
+@dataclass
+class VerifyOutcome:
+    """What one pass proved and found."""
+
+    started_at: datetime
+    finished_at: datetime | None = None
+    work_orders: int = 0
+    changed: int = 0  # versions moved since their checkpoints
+    proved: int = 0  # proved in full (suspects, new work orders, the sweep)
+    logs_read: int = 0
+    findings: list[Finding] = field(default_factory=list)
+    unexplained: list[dict[str, Any]] = field(default_factory=list)
+    completeness_checked: bool = False
+
+    @property
+    def drift(self) -> list[str]:
+        return sorted({f.work_order_id for f in self.findings})
+
+
+def verify_pass(
+    mongo: Mongo,
+    *,
+    sweep: int,
+    complete_s: float,
+    settled: Settled,
+    held: Held,
+) -> VerifyOutcome:
+    """One pass of continuous verification (see the module's doc)."""
+    outcome = VerifyOutcome(started_at=utcnow())
+    with mongo_errors():
+        checkpoints = {c["_id"]: c for c in _checkpoints().find({})}
+        suspects: list[str] = []
+        for doc in WorkOrder._get_collection().find({"_id": {"$type": "string"}}, [VERSION, *COUNTERS]):
+            outcome.work_orders += 1
+            cp = checkpoints.pop(doc["_id"], None)
+            if cp is None:
+                suspects.append(doc["_id"])
+            elif _version(doc) != cp[VERSION]:
+                outcome.changed += 1
+                if not _advance(mongo, doc["_id"], cp, outcome):
+                    suspects.append(doc["_id"])
+            elif _counters(doc) != _counters(cp):
+                suspects.append(doc["_id"])
+        if checkpoints:  # their work orders are gone: the nightly audit reports any logs left
+            _checkpoints().delete_many({"_id": {"$in": list(checkpoints)}})
+        oldest = _checkpoints().find({}, ["_id"]).sort("swept_at", 1).limit(sweep)
+        swept = [c["_id"] for c in oldest] if sweep > 0 else []  # a limit of 0 is none
+        for wo_id in dict.fromkeys([*suspects, *swept]):
+            _prove(mongo, wo_id, outcome)
+        outcome.unexplained, outcome.completeness_checked = _unexplained(complete_s, settled, held)
+    outcome.finished_at = utcnow()
+    return outcome
+
+
+def record(outcome: VerifyOutcome, settings: Settings) -> AuditReport | None:
+    """Keep what the pass found (``VerifyState``, which the metrics read) and, when it found
+    drift or an unexplained update the pass before had not, store a report and alert as the
+    nightly audit does. Returns that report, if any."""
+    with mongo_errors():
+        before = VerifyState.objects(id="last").first()
+        state = VerifyState(
+            id="last",
+            started_at=outcome.started_at,
+            finished_at=outcome.finished_at,
+            verified_up_to=outcome.started_at,
+            work_orders=outcome.work_orders,
+            changed=outcome.changed,
+            logs_read=outcome.logs_read,
+            drift=outcome.drift,
+            unexplained=outcome.unexplained,
+            completeness_checked=outcome.completeness_checked,
+        )
+        if not outcome.completeness_checked and before is not None:
+            state.unexplained = before.unexplained  # not looked at this time: as last known
+        state.save()
+    known_drift = set(before.drift) if before is not None else set()
+    known_ids = {u["request_id"] for u in before.unexplained} if before is not None else set()
+    new_drift = set(outcome.drift) - known_drift
+    new_unexplained = [u for u in outcome.unexplained if u["request_id"] not in known_ids]
+    if not new_drift and not new_unexplained:
+        return None
+    findings = [asdict(f) for f in outcome.findings if f.work_order_id in new_drift]
+    report = AuditReport(
+        trigger=VERIFY_TRIGGER,
+        started_at=outcome.started_at,
+        finished_at=outcome.finished_at,
+        work_orders_scanned=outcome.work_orders,
+        logs_scanned=outcome.logs_read,
+        rechecked=outcome.proved,
+        findings=findings + new_unexplained,
+        finding_count=len(findings) + len(new_unexplained),
+    )
+    with mongo_errors():
+        report.save()
+        report.files = write_files(report, Path(settings.reports_dir))
+        report.save()
+    alerts.announce(report, settings)
+    return report
+
+
+def _advance(mongo: Mongo, wo_id: str, cp: dict[str, Any], outcome: VerifyOutcome) -> bool:
+    """Move ``wo_id``'s checkpoint to its current version if its counters equal the
+    checkpoint plus its logs since; False (nothing moved) if not."""
+    with mongo.start_session() as session, session.start_transaction(read_concern=SNAPSHOT):
+        doc = WorkOrder._get_collection().find_one({"_id": wo_id}, [VERSION, *COUNTERS], session=session)
+        if doc is None or _version(doc) < cp[VERSION]:
+            return False  # gone, or older than what was proved: restored from a backup
+        since = {"work_order_id": wo_id, VERSION: {"$gt": cp[VERSION], "$lte": _version(doc)}}
+        rows = QuantityLog._get_collection().aggregate(
+            [{"$match": since}, {"$group": {"_id": "$kind", "s": {"$sum": "$quantity"}, "n": {"$sum": 1}}}],
+            session=session,
+        )
+        sums = {row["_id"]: row for row in rows}
+    outcome.logs_read += sum(int(row["n"]) for row in sums.values())
+    expected = {f: int(cp[f]) + int(sums.get(kind, {}).get("s", 0)) for kind, f in COUNTER_FIELDS.items()}
+    if _counters(doc) != expected:
+        return False
+    _save(wo_id, _version(doc), expected)
+    return True
+
+
+def _prove(mongo: Mongo, wo_id: str, outcome: VerifyOutcome) -> None:
+    """Compare ``wo_id``'s counters with the sums of all its logs, in one snapshot; a new
+    checkpoint when they agree, findings when they do not."""
+    with mongo.start_session() as session, session.start_transaction(read_concern=SNAPSHOT):
+        doc = WorkOrder._get_collection().find_one({"_id": wo_id}, [VERSION, *COUNTERS], session=session)
+        rows = QuantityLog._get_collection().aggregate(
+            [
+                {"$match": {"work_order_id": wo_id}},
+                {"$group": {"_id": "$kind", "s": {"$sum": "$quantity"}, "n": {"$sum": 1}}},
+            ],
+            session=session,
+        )
+        sums: dict[str, Any] = {"_id": wo_id}
+        for row in rows:
+            sums[row["_id"]], sums[f"{row['_id']}_n"] = row["s"], row["n"]
+    outcome.proved += 1
+    outcome.logs_read += sum(int(sums.get(f"{kind}_n", 0)) for kind in COUNTER_FIELDS)
+    if doc is None:
+        return  # deleted meanwhile: the nightly audit reports logs without a work order
+    found = compare(wo_id, doc, sums)
+    if found:
+        outcome.findings.extend(found)
+        _checkpoints().update_one({"_id": wo_id}, {"$set": {"swept_at": utcnow()}})  # sweep the others first
+        return
+    _save(wo_id, _version(doc), _counters(doc), swept=True)
+
+
+def _unexplained(complete_s: float, settled: Settled, held: Held) -> tuple[list[dict[str, Any]], bool]:
+    """The outbox entries sent over ``complete_s`` ago (and not re-sent for ``quiet_s``) that
+    have no outcome and that the broker does not hold; False when the broker could not be read."""
+    now = utcnow()
+    quiet_s = min(complete_s, RELAY_QUIET_S)
+    old = {
+        "state": "sent",
+        "created_at": {"$lt": now - timedelta(seconds=complete_s)},
+        "sent_at": {"$lt": now - timedelta(seconds=quiet_s)},
+    }
+    page = list(OutboxMessage._get_collection().find(old).sort("created_at", 1).limit(COMPLETE_PAGE))
+    open_ = [d for d in page if d["request_id"] not in settled(d["request_id"] for d in page)]
+    if not open_:
+        return [], True
+    holds = held()
+    if holds is None:
+        return [], False
+    absent = [d for d in open_ if d["job_id"] not in holds]
+    done = settled(d["request_id"] for d in absent)  # applied while the broker was read
+    return [_entry(d, now) for d in absent if d["request_id"] not in done], True
+
+
+def _entry(doc: dict[str, Any], now: datetime) -> dict[str, Any]:
+    """An unexplained update as a finding: what is known of it."""
+    return {
+        "check": UNEXPLAINED,
+        "request_id": doc["request_id"],
+        "job_id": doc["job_id"],
+        "work_order_id": _work_order_of(doc.get("payload")),
+        "age_s": round((now - _aware(doc["created_at"])).total_seconds(), 1),
+        "republished": int(doc.get("republished") or 0),
+    }
+
+
+def _work_order_of(payload: Any) -> str | None:
+    try:
+        args = json.loads(payload).get("args") or []
+    except (TypeError, ValueError, AttributeError):
+        return None
+    return args[0] if args and isinstance(args[0], str) else None
+
+
+def _aware(value: datetime) -> datetime:
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+def _save(wo_id: str, version: int, counters: dict[str, int], *, swept: bool = False) -> None:
+    values: dict[str, Any] = {VERSION: version, **counters, "proved_at": utcnow()}
+    if swept:
+        values["swept_at"] = values["proved_at"]
+    _checkpoints().update_one({"_id": wo_id}, {"$set": values}, upsert=True)
+
+
+def _version(doc: dict[str, Any]) -> int:
+    return int(doc.get(VERSION) or 0)
+
+
+def _counters(doc: dict[str, Any]) -> dict[str, int]:
+    return {f: int(doc.get(f) or 0) for f in COUNTERS}
+
+
+def _checkpoints() -> Any:
+    return VerifyCheckpoint._get_collection()
