@@ -27,6 +27,7 @@ CONTEXT_FIELDS = (
     "source",
 )
 FAILED_STATUSES = ("open", "retried", "discarded", "resolved")
+VERIFY_TRIGGER = "verify"  # an AuditReport stored by a continuous-verification pass
 
 
 def utcnow() -> datetime:
@@ -113,7 +114,7 @@ class AuditReport(Document):
 
     started_at = DateTimeField(required=True)
     finished_at = DateTimeField()
-    trigger = StringField(default="manual")  # manual | schedule
+    trigger = StringField(default="manual")  # manual | schedule | verify
     scope = ListField(StringField(), default=None)
     work_orders_scanned = IntField(default=0)
     logs_scanned = IntField(default=0)

@@ -13,12 +13,15 @@ from celery.result import AsyncResult
 from mes_tasks.app import app
 from mes_tasks.audit.alerts import summary
 from mes_tasks.audit.reports import audit_and_report
-from mes_tasks.audit.verify import record, verify_pass
+from mes_tasks.audit.verify import VerifyOutcome, record, verify_pass
+from mes_tasks.db import Mongo
 from mes_tasks.errors import MesError, NegativeCounter, PermanentError, TransientError
+from mes_tasks.models import AuditReport
 from mes_tasks.names import AUDIT_WORK_ORDERS, RELAY_OUTBOX, UPDATE_QUANTITY, VERIFY_COUNTERS
 from mes_tasks.send.delay import send_delayed
 from mes_tasks.send.outbox import settled_request_ids
 from mes_tasks.send.relay import broker_holds, relay_now
+from mes_tasks.settings import Settings
 from mes_tasks.validation import check_work_order_id, readable, validate_update
 from mes_tasks.worker.active import may_apply
 from mes_tasks.worker.retries import (
@@ -127,19 +130,34 @@ def relay_outbox(grace_s: float | None = None) -> dict[str, int]:
 def verify_counters(self: LedgerTask) -> dict[str, Any]:
     """One pass of continuous verification (beat, every ``MES_VERIFY_INTERVAL_S``): the
     counters changed since the last pass, the sweep, and completeness; stored and alerted."""
-    settings = self.ledger.settings
+    outcome, report = verify_once(self.ledger.mongo, self.ledger.settings)
+    return verify_summary(outcome, report)
+
+
+def verify_once(mongo: Mongo, settings: Settings) -> tuple[VerifyOutcome, AuditReport | None]:
+    """A verification pass against this process's stores and broker, kept and alerted
+    (``audit.verify.record``): the beat task's body, and ``audit verify``'s."""
     outcome = verify_pass(
-        self.ledger.mongo,
+        mongo,
         sweep=settings.verify_sweep,
         complete_s=settings.verify_complete_s,
         settled=settled_request_ids,
         held=broker_holds,
     )
-    report = record(outcome, settings)
+    return outcome, record(outcome, settings)
+
+
+def verify_summary(outcome: VerifyOutcome, report: AuditReport | None) -> dict[str, Any]:
+    """What a pass did and found, JSON-ready."""
     return {
+        "started_at": outcome.started_at.isoformat(),
         "work_orders": outcome.work_orders,
         "changed": outcome.changed,
+        "proved": outcome.proved,
+        "logs_read": outcome.logs_read,
+        "findings": [asdict(f) for f in outcome.findings],
         "drift": outcome.drift,
-        "unexplained": [u["request_id"] for u in outcome.unexplained],
+        "unexplained": outcome.unexplained,
+        "completeness_checked": outcome.completeness_checked,
         "report_id": None if report is None else str(report.id),
     }

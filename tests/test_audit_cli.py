@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,8 @@ from click.testing import CliRunner, Result
 from conftest import Worker, make_work_orders, spawn, wait_until
 from mes_tasks.apply.ledger import Ledger
 from mes_tasks.db import Mongo
-from mes_tasks.models import AuditReport, WorkOrder
+from mes_tasks.models import AuditReport, OutboxMessage, WorkOrder, utcnow
+from mes_tasks.send.relay import broker_holds
 from mes_tasks.settings import Settings
 from mes_tasks.validation import validate_update
 
@@ -115,3 +117,26 @@ def test_celery_beat_runs_the_audit_on_its_schedule(
     finally:
         beat.stop()
     assert "Scheduler: Sending due task nightly-audit" in beat.log()
+
+
+def test_audit_verify_finds_drift_and_an_unexplained_update_and_resends_it(seeded: None) -> None:
+    assert cli("verify").exit_code == 0  # the first pass proves both work orders and keeps them
+    WorkOrder.objects(id="WO-1").update(inc__input_qty=3)
+    old = utcnow() - timedelta(seconds=600)
+    payload = json.dumps({"args": ["WO-2", "output", 1], "kwargs": {"request_id": "lost-1"}})
+    OutboxMessage(job_id="job-lost-1", request_id="lost-1", payload=payload, state="sent", created_at=old,
+                  sent_at=old).save()  # fmt: skip
+
+    found = cli("verify", "--json")
+    assert found.exit_code == 1
+    data = json.loads(found.stdout)
+    assert data["drift"] == ["WO-1"] and [u["request_id"] for u in data["unexplained"]] == ["lost-1"]
+    assert data["report_id"] and cli("show", data["report_id"]).exit_code == 0
+
+    text = cli("verify", "--resend")
+    assert text.exit_code == 1 and "re-sent 1 with their own request ids" in text.stdout
+    assert "lost-1" in text.stdout and "WO-1" in text.stdout
+    assert "job-lost-1" in (broker_holds() or {})  # in the workorder queue again
+    assert OutboxMessage.objects.get(job_id="job-lost-1").republished == 1
+    again = json.loads(cli("verify", "--json").stdout)
+    assert again["unexplained"] == [] and again["drift"] == ["WO-1"]

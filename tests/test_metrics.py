@@ -116,6 +116,33 @@ def test_updates_duplicates_a_refusal_and_an_audit_are_counted(
     assert value(got, "mes_store_up", store="redis") == value(got, "mes_store_up", store="mongodb") == 1
 
 
+def test_the_last_verification_pass_is_read_at_scrape_time_and_is_not_the_nightly_audit(
+    registry: CollectorRegistry, tmp_path: Path, settings: Settings, mongo: Mongo, redis_client: redis.Redis
+) -> None:
+    from mes_tasks.tasks import verify_once
+
+    got = scrape(registry)  # before any pass: nothing to wait for, nothing found
+    assert value(got, "mes_verify_last_pass_timestamp_seconds") == value(got, "mes_verify_lag_seconds") == 0
+    make_work_orders(["WO-M1", "WO-M2"])
+    assert send("WO-M1", "input", 5, "m1").result["status"] == "applied"
+    quiet = Settings(**{**settings.__dict__, "reports_dir": str(tmp_path / "reports")})
+    verify_once(STATE.ledger.mongo, quiet)  # the in-process updates' client is mongoengine's now
+    WorkOrder._get_collection().update_one({"_id": "WO-M2"}, {"$inc": {"input_qty": 7}})
+    outcome, report = verify_once(STATE.ledger.mongo, quiet)
+    assert report is not None
+    time.sleep(0.2)
+
+    got = scrape(registry)
+    assert value(got, "mes_verify_drift_work_orders") == 1
+    assert value(got, "mes_verify_unexplained_updates") == 0
+    assert value(got, "mes_verify_last_pass_timestamp_seconds") == pytest.approx(
+        outcome.finished_at.timestamp(), abs=0.01
+    )
+    assert 0.2 <= value(got, "mes_verify_lag_seconds") < 30
+    assert value(got, "mes_audit_last_run_timestamp_seconds") == 0  # a pass's report is no nightly audit
+    assert value(got, "mes_audit_last_findings") == 0
+
+
 def test_a_fence_lost_to_a_newer_holder_is_a_retry_and_a_fence_rejection(
     registry: CollectorRegistry, monkeypatch: pytest.MonkeyPatch
 ) -> None:

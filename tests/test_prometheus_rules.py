@@ -248,3 +248,59 @@ def test_the_gateway_alert_fires_when_more_than_5_percent_of_answers_are_5xx(
     path.write_text(yaml.safe_dump(test))
     checked = run(promtool, "test", "rules", str(path), cwd=tmp_path)
     assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+# -- MesVerify* ----------------------------------------------------------------------------------
+
+VERIFY_ALERTS = ("MesVerifyDrift", "MesVerifyUnexplained", "MesVerifyStale")
+
+
+def assert_verify_alerts(
+    promtool: str, tmp_path: Path, samples: Samples, now: float, firing: set[str]
+) -> None:
+    """Of the verification alerts, exactly ``firing`` fire 11 minutes and 2 days after ``now``."""
+    rules = {
+        r["alert"]: r for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"] if "alert" in r
+    }
+    drift = samples[("mes_verify_drift_work_orders", frozenset())]
+    summaries = {"MesVerifyDrift": f"Continuous verification found {drift:g} work order(s) whose counters "
+                                   "differ from their logs"}  # fmt: skip
+    cases = [
+        {"eval_time": f"{int((TEST_NOW_S + after) // 60)}m", "alertname": name, "exp_alerts": [
+            {"exp_labels": {**rules[name]["labels"], **TARGET},
+             "exp_annotations": {**rules[name]["annotations"], "summary": summaries.get(name, "")}}
+        ] if name in firing else []}
+        for after in (NEW_S, 2 * 24 * HOUR_S) for name in VERIFY_ALERTS
+    ]  # fmt: skip
+    series = input_series(samples, now, TEST_NOW_S + 2 * 24 * HOUR_S)
+    test = {
+        "rule_files": [str(RULES)],
+        "evaluation_interval": f"{STEP_S}s",
+        "tests": [{"interval": f"{STEP_S}s", "input_series": series, "alert_rule_test": cases}],
+    }
+    path = tmp_path / "verify_test.yml"
+    path.write_text(yaml.safe_dump(test))
+    checked = run(promtool, "test", "rules", str(path), cwd=tmp_path)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def test_no_verification_alert_on_a_new_deployment_and_drift_fires_at_once(
+    promtool: str, services: redis.Redis, settings: Settings, tmp_path: Path
+) -> None:
+    from conftest import make_work_orders
+    from mes_tasks.models import WorkOrder
+    from mes_tasks.tasks import verify_once
+
+    start_a_worker()
+    samples, now = scrape_now(services, settings)  # no pass yet: nothing to say
+    assert_verify_alerts(promtool, tmp_path, samples, now, set())
+    make_work_orders(["WO-P1"])
+    quiet = Settings(**{**settings.__dict__, "reports_dir": str(tmp_path / "reports")})
+    mongo = mongoengine.connection.get_connection()
+    verify_once(mongo, quiet)
+    samples, now = scrape_now(services, settings)  # a clean pass
+    assert_verify_alerts(promtool, tmp_path, samples, now, set())
+    WorkOrder._get_collection().update_one({"_id": "WO-P1"}, {"$inc": {"output_qty": 2}})
+    verify_once(mongo, quiet)
+    samples, now = scrape_now(services, settings)
+    assert_verify_alerts(promtool, tmp_path, samples, now, {"MesVerifyDrift"})

@@ -173,8 +173,8 @@ def fail_over_under_load(
     accepted = {rid: tuple(u) for rid, u in fed["accepted"].items()}
     logs = list(QuantityLog.objects.only("request_id", "created_at"))
     missing = sorted(set(accepted) - {log.request_id for log in logs})
-    assert not missing, (f"{len(missing)} never applied, first {missing[:5]}; the worker's log: "
-                         f"{worker.log_text()[-6000:]}\nthe feed's: {producer.log_text()[-2000:]}")  # fmt: skip
+    logs_tail = f"the worker's log: {worker.log_text()[-6000:]}\nthe feed's: {producer.log_text()[-2000:]}"
+    assert not missing, f"{len(missing)} never applied, first {missing[:5]}; {logs_tail}"
     assert sorted(log.request_id for log in logs) == sorted(accepted)  # each applied once, none lost
     for wo in WorkOrder.objects(id__in=WORK_ORDERS):
         for kind in ("input", "output"):

@@ -16,9 +16,10 @@ import redis
 from conftest import make_work_orders
 from mes_tasks.apply.ledger import Ledger
 from mes_tasks.audit.checks import repair
-from mes_tasks.audit.verify import UNEXPLAINED, VERIFY_TRIGGER, VerifyOutcome, record, verify_pass
+from mes_tasks.audit.verify import UNEXPLAINED, VerifyOutcome, record, verify_pass
 from mes_tasks.db import Mongo
 from mes_tasks.models import (
+    VERIFY_TRIGGER,
     AuditReport,
     FailedUpdate,
     OutboxMessage,

@@ -47,6 +47,7 @@ from mes_tasks.audit.reports import write_files
 from mes_tasks.db import Mongo, mongo_errors
 from mes_tasks.models import (
     COUNTER_FIELDS,
+    VERIFY_TRIGGER,
     VERSION,
     AuditReport,
     OutboxMessage,
@@ -64,7 +65,6 @@ COUNTERS = tuple(COUNTER_FIELDS.values())
 COMPLETE_PAGE = 1000  # outbox entries looked at per pass, oldest first
 RELAY_QUIET_S = 30.0  # an entry the relay has not sent for this long is not on its way again
 UNEXPLAINED = "unexplained_update"
-VERIFY_TRIGGER = "verify"  # an AuditReport stored by a pass (the nightly audit's are "schedule")
 
 Settled = Callable[[Iterable[str]], set[str]]  # request ids with an outcome
 Held = Callable[[], "dict[str, int] | None"]  # job ids the broker holds; None: it cannot be read

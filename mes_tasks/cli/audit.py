@@ -1,4 +1,4 @@
-"""``celery -A mes_tasks audit run|list|show``."""
+"""``celery -A mes_tasks audit run|list|show|verify``."""
 
 from __future__ import annotations
 
@@ -75,6 +75,50 @@ def show(report_id: str, as_json: bool) -> None:
         echo_json(data)
     else:
         _show(data)
+
+
+@audit.command("verify")
+@click.option("--resend", is_flag=True, help="Send each unexplained update again from its outbox entry.")
+@json_option
+def verify(resend: bool, as_json: bool) -> None:
+    """One continuous-verification pass now: the counters changed since the last pass, the
+    sweep, and every old outbox entry's outcome. Exits 1 when it found drift or an
+    unexplained update."""
+    from mes_tasks.send.relay import resend as resend_entries
+    from mes_tasks.tasks import verify_once, verify_summary
+
+    conn = stores()
+    outcome, report = verify_once(conn.mongo, conn.settings)
+    data = verify_summary(outcome, report)
+    if resend and outcome.unexplained:
+        data["resent"] = resend_entries([u["job_id"] for u in outcome.unexplained])
+    if as_json:
+        echo_json(data)
+    else:
+        _show_pass(data)
+    sys.exit(1 if data["drift"] or data["unexplained"] else 0)
+
+
+def _show_pass(data: dict[str, Any]) -> None:
+    click.echo(
+        f"verified {data['work_orders']} work orders: {data['changed']} changed since the last pass, "
+        f"{data['proved']} proved in full, {data['logs_read']} logs read; {len(data['drift'])} drifted, "
+        f"{len(data['unexplained'])} unexplained update(s)"
+    )
+    if data["findings"]:
+        echo_table(FINDING_HEADERS, [tuple(f.get(k) for k in _FINDING_KEYS) for f in data["findings"]])
+    if data["unexplained"]:
+        rows = [(u["request_id"], u["job_id"], u["work_order_id"], u["age_s"], u["republished"])
+                for u in data["unexplained"]]  # fmt: skip
+        echo_table(("request id", "job id", "work order", "age s", "re-sent"), rows)
+        if "resent" in data:
+            click.echo(f"re-sent {data['resent']} with their own request ids")
+        else:
+            click.echo("--resend sends them again with their own request ids (safe: counted once)")
+    if not data["completeness_checked"]:
+        click.echo("the broker could not be read: completeness was not checked this time")
+    if data["report_id"]:
+        click.echo(f"new findings stored as report {data['report_id']} (audit show {data['report_id']})")
 
 
 def _show(data: dict[str, Any]) -> None:

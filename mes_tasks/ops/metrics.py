@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import redis
@@ -42,7 +42,7 @@ from mes_tasks.keys import (
     unrecorded_key,
     update_counts_key,
 )
-from mes_tasks.models import AuditReport, FailedUpdate, OutboxMessage
+from mes_tasks.models import VERIFY_TRIGGER, AuditReport, FailedUpdate, OutboxMessage, VerifyState
 from mes_tasks.names import AUDIT_QUEUE, QUEUES, UPDATE_QUANTITY, WORKORDER_QUEUE
 from mes_tasks.partitions import every_queue, queue_names
 from mes_tasks.queues import UNACKED_KEY, queue_keys
@@ -98,6 +98,7 @@ class MongoState:
     dead_letters: dict[str, int]  # open dead letters per error code
     last_audit: dict[str, Any] | None
     first_log: datetime | None  # when the first update was logged
+    verify: dict[str, Any] | None = None  # the last continuous-verification pass (``VerifyState``)
 
 
 def read_redis(
@@ -179,10 +180,13 @@ def read_mongo(head_job_ids: Iterable[str]) -> MongoState:
         )
         dead = {str(r["_id"]): int(r["n"]) for r in open_rows}
         last = AuditReport._get_collection().find_one(
-            {}, {"findings": 0, "repairs": 0, "repair_errors": 0}, sort=[("started_at", -1)]
+            {"trigger": {"$ne": VERIFY_TRIGGER}},  # the nightly audit's, not a verification pass's
+            {"findings": 0, "repairs": 0, "repair_errors": 0},
+            sort=[("started_at", -1)],
         )
         first_log = first_logged_at()
-    return MongoState(outbox, submitted, dead, last, first_log)
+        verify = VerifyState._get_collection().find_one({"_id": "last"})
+    return MongoState(outbox, submitted, dead, last, first_log, verify)
 
 
 def _outbox_by_state(rows: list[dict[str, Any]]) -> dict[str, tuple[int, datetime | None]]:
@@ -444,6 +448,7 @@ def mongo_metrics(state: MongoState, now: float) -> Iterator[Metric]:
         by_code.add_metric([code], n)
     yield by_code
     yield from audit_metrics(state.last_audit)
+    yield from verify_metrics(state.verify, now)
 
 
 def deployment_metrics(rstate: RedisState, mstate: MongoState) -> Iterator[Metric]:
@@ -477,6 +482,36 @@ def audit_metrics(report: dict[str, Any] | None) -> Iterator[Metric]:
         ("mes_audit_last_repaired", "1 when the last audit repaired.", "repaired"),
     ):
         yield GaugeMetricFamily(name, what, float(report.get(key) or 0))
+
+
+def verify_metrics(state: dict[str, Any] | None, now: float) -> Iterator[Metric]:
+    """The last continuous-verification pass; timestamps and lag 0 while none has run."""
+    state = state or {}
+    finished, up_to = state.get("finished_at"), state.get("verified_up_to")
+    yield GaugeMetricFamily(
+        "mes_verify_last_pass_timestamp_seconds",
+        "When the last verification pass ended (Unix time; 0: never).",
+        0.0 if finished is None else _aware(finished).timestamp(),
+    )
+    yield GaugeMetricFamily(
+        "mes_verify_lag_seconds",
+        "Age of the oldest counter change not yet verified (0: no pass yet).",
+        0.0 if up_to is None else max(0.0, now - _aware(up_to).timestamp()),
+    )
+    yield GaugeMetricFamily(
+        "mes_verify_drift_work_orders",
+        "Work orders whose counters do not equal their logs, as the last pass found.",
+        len(state.get("drift") or ()),
+    )
+    yield GaugeMetricFamily(
+        "mes_verify_unexplained_updates",
+        "Accepted updates with no outcome that are waiting nowhere, as the last pass found.",
+        len(state.get("unexplained") or ()),
+    )
+
+
+def _aware(value: datetime) -> datetime:
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
 def _counter(name: str, what: str, value: float) -> Metric:

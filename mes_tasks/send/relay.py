@@ -307,6 +307,17 @@ def _resend(publish: Publish, lost: list[Doc], result: RelayResult) -> bool:
     return complete
 
 
+def resend(job_ids: list[str]) -> int:
+    """Send these outbox entries again, each with its own job id and request id: an
+    operator's answer to an unexplained update (safe: a second arrival is a duplicate).
+    Returns how many the broker took."""
+    with mongo_errors():
+        docs = list(outbox_collection().find({"job_id": {"$in": job_ids}, "state": SENT}))
+    result = RelayResult()
+    _resend(publish, docs, result)
+    return result.republished
+
+
 def _relayed(channel: Any) -> list[str]:
     """Every workorder queue that may hold an update: ``workorder``, the current N's, and
     any leftover of another N (a producer or worker on another ``MES_PARTITIONS``)."""
