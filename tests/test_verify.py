@@ -4,6 +4,7 @@ false alarm while updates flow, a pass reading only what changed, every update a
 from __future__ import annotations
 
 import json
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from conftest import make_work_orders
+from conftest import Worker, make_work_orders, spawn, wait_until
 from mes_tasks.apply.ledger import Ledger
 from mes_tasks.audit.checks import repair
 from mes_tasks.audit.verify import UNEXPLAINED, VerifyOutcome, record, verify_pass
@@ -30,6 +31,7 @@ from mes_tasks.models import (
     utcnow,
 )
 from mes_tasks.send.outbox import settled_request_ids
+from mes_tasks.send.producer import submit_quantity_update
 from mes_tasks.settings import Settings
 from mes_tasks.validation import validate_update
 
@@ -212,3 +214,44 @@ def test_checkpoints_written_before_a_worker_of_an_earlier_release_logged_raise_
     QuantityLog._get_collection().update_one({"request_id": "old-worker"}, {"$unset": {"version": 1}})
     found = a_pass(ledger)
     assert (found.findings, found.proved) == ([], 1)
+
+
+def test_beat_and_the_audit_worker_find_drift_within_seconds_while_updates_flow(
+    start_worker: Callable[..., Worker], tmp_path: Path
+) -> None:
+    """The whole system: a worker applying a steady flow, beat scheduling a pass every second
+    on the audit worker; a counter moved behind its back is found in a few passes, and
+    nothing else is ever reported."""
+    make_work_orders(WOS)
+    every = {"MES_VERIFY_INTERVAL_S": "1", "MES_REPORTS_DIR": str(tmp_path / "reports")}
+    start_worker()
+    start_worker(name="audit", queue="audit", **every)
+    beat = spawn([sys.executable, "-m", "celery", "-A", "mes_tasks", "beat", "--loglevel", "INFO",
+                  "-s", str(tmp_path / "beat-schedule")], tmp_path / "beat.log", **every)  # fmt: skip
+    stop, sent = threading.Event(), [0]
+
+    def feed() -> None:
+        while not stop.is_set():
+            i = sent[0]
+            submit_quantity_update(WOS[i % len(WOS)], ("input", "output")[i % 2], 1, f"flow-{i}")
+            sent[0] += 1
+            time.sleep(0.02)
+
+    feeder = threading.Thread(target=feed)
+    feeder.start()
+    try:
+        wait_until(lambda: (VerifyState.objects(id="last").first() or VerifyState()).changed > 0, 60,
+                   "a pass that saw updates")  # fmt: skip
+        WorkOrder._get_collection().update_one({"_id": "WO-V4"}, {"$inc": {"output_qty": 5}})
+        tampered_at = time.monotonic()
+        wait_until(lambda: VerifyState.objects.get(id="last").drift == ["WO-V4"], 30, "the drift found")
+        found_s = time.monotonic() - tampered_at
+        time.sleep(3)  # a few more passes while updates flow
+    finally:
+        stop.set()
+        feeder.join()
+        beat.stop()
+    assert "Sending due task continuous-verify" in beat.log()
+    reports = AuditReport.objects(trigger=VERIFY_TRIGGER)
+    assert [f["work_order_id"] for r in reports for f in r.findings] == ["WO-V4"]  # and nothing else
+    assert found_s < 10, found_s
