@@ -113,6 +113,28 @@ def relay_forever(run: Run, stop: threading.Event) -> None:
             run.relay_errors += 1
 
 
+def verify_forever(run: Run, stop: threading.Event) -> None:
+    """Beat's other job: a continuous-verification pass every ``MES_VERIFY_INTERVAL_S``. Chaos
+    changes no counter behind the ledger's back, so any drift or unexplained update a pass
+    reports is a false alarm."""
+    from mes_tasks.models import QuantityLog
+    from mes_tasks.settings import get_settings
+    from mes_tasks.tasks import verify_once
+
+    settings = get_settings()
+    while settings.verify_interval_s and not stop.wait(settings.verify_interval_s):
+        try:
+            outcome, _ = verify_once(QuantityLog._get_collection().database.client, settings)
+        except Exception:  # a store is down: the next pass covers it
+            run.verify_errors += 1
+            continue
+        run.verify_passes += 1
+        alarms = [*outcome.drift, *(u["request_id"] for u in outcome.unexplained)]
+        if alarms:
+            run.verify_alarms.extend(alarms)
+            print(f"chaos: verification reported {alarms[:10]}", file=sys.stderr, flush=True)
+
+
 def wait_settled(run: Run, inj: Injection, timeout_s: float, applied: set[str]) -> set[str]:
     """Until every update accepted before the fault's end (and not an earlier one's) has its outcome.
 
@@ -202,6 +224,9 @@ def verify(run: Run, watch: Watch | None = None) -> tuple[list[Row], dict[str, i
         "producer_refused": run.producer_refused,
         "retries": len(events["retries"]),
         "relay_errors": run.relay_errors,
+        "verify_passes": run.verify_passes,
+        "verify_errors": run.verify_errors,
+        "verify_false_alarms": len(run.verify_alarms),
         "outbox_spooled": run.db.outbox.count_documents({"state": {"$ne": "sent"}}),
     }
     if watch is not None:
@@ -289,6 +314,7 @@ def run_chaos(args: argparse.Namespace, tmp: Path) -> int:
         flow = (run, args.rate, args.dup_share, args.updates, producing, args.seed)
         producer = threading.Thread(target=produce, args=flow, daemon=True)
         threading.Thread(target=relay_forever, args=(run, stop), daemon=True).start()
+        threading.Thread(target=verify_forever, args=(run, stop), daemon=True).start()
         producer.start()
         applied: set[str] = set()
         try:

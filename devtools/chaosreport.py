@@ -263,6 +263,7 @@ def verdict(
         "lost = 0": totals["lost"] == 0,
         "double-counted = 0": totals["double_counted"] == 0,
         "audit clean": totals["audit_findings"] == 0,
+        "continuous verification: no false alarm": totals.get("verify_false_alarms", 0) == 0,
         "nothing dead-lettered": totals["dead_lettered"] == 0,
         "every bad input refused or dead-lettered": totals["bad_accounted"] == totals["bad_sent"],
         "no valid update refused": totals["producer_refused"] == 0,

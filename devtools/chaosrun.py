@@ -94,6 +94,9 @@ class Run:
     refused: int = 0  # bad input refused at the call site
     producer_refused: int = 0  # valid updates the producer did not take
     relay_errors: int = 0
+    verify_passes: int = 0  # continuous-verification passes that finished
+    verify_errors: int = 0  # passes a store outage cut short
+    verify_alarms: list[str] = field(default_factory=list)  # what passes reported: all false alarms
     _producer: Any = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
