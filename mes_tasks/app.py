@@ -9,12 +9,13 @@ from typing import Any
 
 import redis
 from celery import Celery, signals
+from celery.app.amqp import AMQP
 
 from mes_tasks import db
 from mes_tasks.config import EXIT_CONFIG, configure
 from mes_tasks.errors import MesError, one_line
 from mes_tasks.keys import first_start_key
-from mes_tasks.names import RELAY_OUTBOX
+from mes_tasks.names import RELAY_OUTBOX, VERIFY_COUNTERS
 from mes_tasks.settings import REDIS_WAIT_POLL_S, REDIS_WAIT_REPORT_S, get_settings, mask_secrets, mask_url
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,24 @@ class _QuietRelay(logging.Filter):
 for _name in ("celery.beat", "celery.worker.strategy", "celery.app.trace"):
     logging.getLogger(_name).addFilter(_QuietRelay())
 
-app = Celery("mes_tasks", include=["mes_tasks.tasks"])
+# Beat's periodic internals: the relay (every second) and continuous verification. Operators
+# watch updates and audits in Flower; these would bury them, and their health is in the
+# metrics (mes_outbox_*, mes_verify_*). Their tasks send no events (``send_events=False``)...
+QUIET_TASKS = frozenset({RELAY_OUTBOX, VERIFY_COUNTERS})
+
+
+class QuietAMQP(AMQP):  # type: ignore[misc]
+    """... and no ``task-sent`` event is published for them either (``task_send_sent_event`` is
+    on so that Flower sees an update as soon as it is sent)."""
+
+    def as_task_v2(self, task_id: str, name: str, *args: Any, **kwargs: Any) -> Any:
+        message = super().as_task_v2(task_id, name, *args, **kwargs)
+        if name in QUIET_TASKS and message.sent_event is not None:
+            return message._replace(sent_event=None)
+        return message
+
+
+app = Celery("mes_tasks", include=["mes_tasks.tasks"], amqp=QuietAMQP)
 configure(app)  # from the environment and the deployment's celeryconfig.py (see mes_tasks.config)
 # The worker's consumer steps, by name: Celery imports them when a worker builds its consumer,
 # so a main app that imports this module (to send) never loads the worker's code.

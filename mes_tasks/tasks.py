@@ -114,7 +114,7 @@ def audit_work_orders(
     return {"report_id": str(report.id), "finding_count": report.finding_count, "summary": summary(report)}
 
 
-@app.task(name=RELAY_OUTBOX, acks_late=False, ignore_result=True)
+@app.task(name=RELAY_OUTBOX, acks_late=False, ignore_result=True, send_events=False)
 def relay_outbox(grace_s: float | None = None) -> dict[str, int]:
     """Publish spooled updates, drop settled ones, re-send what the broker lost (beat, every second).
 
@@ -126,7 +126,9 @@ def relay_outbox(grace_s: float | None = None) -> dict[str, int]:
     return asdict(result)
 
 
-@app.task(bind=True, base=LedgerTask, name=VERIFY_COUNTERS, acks_late=False, ignore_result=True)
+@app.task(
+    bind=True, base=LedgerTask, name=VERIFY_COUNTERS, acks_late=False, ignore_result=True, send_events=False
+)
 def verify_counters(self: LedgerTask) -> dict[str, Any]:
     """One pass of continuous verification (beat, every ``MES_VERIFY_INTERVAL_S``): the
     counters changed since the last pass, the sweep, and completeness; stored and alerted."""

@@ -255,3 +255,39 @@ def test_beat_and_the_audit_worker_find_drift_within_seconds_while_updates_flow(
     reports = AuditReport.objects(trigger=VERIFY_TRIGGER)
     assert [f["work_order_id"] for r in reports for f in r.findings] == ["WO-V4"]  # and nothing else
     assert found_s < 10, found_s
+
+
+def test_flower_sees_updates_and_audits_but_not_the_relay_or_the_passes(
+    start_worker: Callable[..., Worker],
+) -> None:
+    """Beat's periodic internals would bury the updates in Flower's task list: their tasks
+    publish no event, neither when sent nor on the worker; an audit and an update still do."""
+    from mes_tasks.app import app
+    from mes_tasks.names import AUDIT_QUEUE
+    from mes_tasks.tasks import audit_work_orders, relay_outbox, update_quantity, verify_counters
+
+    make_work_orders(WOS)
+    start_worker()
+    start_worker(name="audit", queue="audit")
+    seen: list[dict[str, object]] = []
+    with app.connection_for_read() as conn:
+        receiver = app.events.Receiver(conn, handlers={"*": seen.append})
+        listening = threading.Thread(target=receiver.capture, kwargs={"limit": None}, daemon=True)
+        listening.start()
+        wait_until(lambda: any(e.get("type") == "worker-heartbeat" for e in seen), 10, "the event stream")
+        quiet = [relay_outbox.apply_async(queue=AUDIT_QUEUE), verify_counters.apply_async(queue=AUDIT_QUEUE)]
+        audit = audit_work_orders.apply_async(queue=AUDIT_QUEUE)
+        update = update_quantity.delay("WO-V0", "input", 1, request_id="seen-1")
+        wait_until(lambda: VerifyState.objects(id="last").first() is not None, 30, "the pass")
+        wait_until(lambda: QuantityLog.objects(request_id="seen-1").count() == 1, 30, "the update")
+        wait_until(lambda: AuditReport.objects(trigger="schedule").count() == 1, 30, "the audit")
+        time.sleep(1)  # the last events on their way
+        receiver.should_stop = True
+        listening.join(5)
+    by_task: dict[str, set[str]] = {}
+    for event in seen:
+        if str(event.get("type", "")).startswith("task-"):
+            by_task.setdefault(str(event["uuid"]), set()).add(str(event["type"]))
+    assert {"task-sent", "task-received", "task-succeeded"} <= by_task.get(audit.id, set())
+    assert "task-succeeded" in by_task.get(update.id, set())
+    assert [q.id for q in quiet if q.id in by_task] == []
