@@ -297,6 +297,17 @@ def test_an_ack_that_fails_on_the_connection_frees_its_prefetch_slot(servers: di
         assert channel.qos.can_consume()
 
 
+def test_a_message_handed_back_while_redis_fails_frees_its_prefetch_slot(servers: dict[str, Service]) -> None:
+    """The same for a reject (a retry that could not be published goes back to its queue): seen
+    when a Sentinel master froze, "Couldn't reject", and the worker fetched nothing more."""
+    with Connection(f"redis://127.0.0.1:{servers['redis'].port}/3") as conn:
+        channel, message = delivered_once(conn, "reject-test")
+        assert not channel.qos.can_consume()
+        with pytest.raises(channel.connection_errors):
+            with_redis_down(servers, lambda: channel.qos.reject(message.delivery_tag, requeue=True))
+        assert channel.qos.can_consume()
+
+
 def test_a_lease_held_by_a_worker_on_another_host_is_taken_once_its_ttl_runs_out(
     redis_client: redis.Redis, start_worker: Callable[..., Worker]
 ) -> None:

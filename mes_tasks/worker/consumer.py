@@ -18,6 +18,7 @@ import functools
 import logging
 import select
 import time
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -88,7 +89,7 @@ def restore_or_leave(connection: Any) -> None:
 
 class BrokerWatchdog(bootsteps.StartStopStep):  # type: ignore[misc]
     """Consumer step: reconnect a consume whose ``BRPOP`` has gone unanswered, and keep an
-    ack that fails from holding the prefetch slot (``_free_slot_on_failed_ack``).
+    ack or a reject that fails from holding the prefetch slot (``_free_slot_on_failed_ack``).
 
     kombu reads the reply to its ``BRPOP`` (a 1 s timeout) only once the socket is
     readable, and sends the next one only after that reply: if the master stops answering
@@ -155,37 +156,42 @@ class BrokerWatchdog(bootsteps.StartStopStep):  # type: ignore[misc]
 
 
 def _free_slot_on_failed_ack(channel: Any) -> None:
-    """Make an ack that fails on the connection (a silent or lost Redis) free its prefetch slot.
+    """Make an ack or a reject that fails on the connection (a silent or lost Redis) free its
+    prefetch slot.
 
-    kombu's Redis ack deletes the message's unacked record, then frees the slot; when the
-    delete fails, Celery logs "Couldn't ack" and goes on, but the slot stays taken, and with
-    a prefetch of one the worker never fetches again (seen in the chaos run). The ack is
-    tried once more, on a connection of its own from the pool; if that fails too, the slot
-    is freed anyway. The unacked record stays, and the broker delivers the message again
-    once its visibility timeout (or the next lease take-over) restores it: a duplicate,
-    answered as one.
+    kombu's Redis ack deletes the message's unacked record, then frees the slot; its reject
+    (a message handed back, ``requeue=True``) first moves the record back to its queue. When
+    that Redis step fails, Celery logs "Couldn't ack" / "Couldn't reject" and goes on, but the
+    slot stays taken, and with a prefetch of one the worker never fetches again (seen in the
+    chaos run for an ack, and when a Sentinel master froze while a retry was handed back).
+    The step is tried once more, on a connection of its own from the pool; if that fails too,
+    the slot is freed anyway. The unacked record stays, and the broker delivers the message
+    again once its visibility timeout (or the next lease take-over) restores it: a
+    duplicate, answered as one, or the outbox sends it again if the record is lost with it.
     """
     qos = channel.qos
-    ack = qos.ack
     # A late ack on a channel its consumer restart already closed finds no client: an
     # AttributeError that Celery, which catches connection errors only, would let end the worker.
     errors = (*channel.connection_errors, AttributeError)
 
-    def ack_or_free(delivery_tag: Any) -> None:
-        try:
-            ack(delivery_tag)
-            return
-        except errors:
-            pass
-        try:
-            ack(delivery_tag)
-        except errors as exc:
-            VirtualQoS.ack(qos, delivery_tag)  # type: ignore[no-untyped-call]  # the slot only
-            if isinstance(exc, AttributeError):
-                raise redis.ConnectionError(f"ack on a closed channel: {exc}") from exc
-            raise
+    def or_free(settle: Callable[..., None]) -> Callable[..., None]:
+        def settle_or_free(delivery_tag: Any, *args: Any, **kwargs: Any) -> None:
+            try:
+                settle(delivery_tag, *args, **kwargs)
+                return
+            except errors:
+                pass
+            try:
+                settle(delivery_tag, *args, **kwargs)
+            except errors as exc:
+                VirtualQoS.ack(qos, delivery_tag)  # type: ignore[no-untyped-call]  # the slot only
+                if isinstance(exc, AttributeError):
+                    raise redis.ConnectionError(f"settled on a closed channel: {exc}") from exc
+                raise
 
-    qos.ack = ack_or_free
+        return settle_or_free
+
+    qos.ack, qos.reject = or_free(qos.ack), or_free(qos.reject)
 
 
 def _has_reply(connection: Any) -> bool:
