@@ -291,3 +291,25 @@ def test_flower_sees_updates_and_audits_but_not_the_relay_or_the_passes(
     assert {"task-sent", "task-received", "task-succeeded"} <= by_task.get(audit.id, set())
     assert "task-succeeded" in by_task.get(update.id, set())
     assert [q.id for q in quiet if q.id in by_task] == []
+
+
+def test_a_pass_with_redis_down_still_proves_the_counters_and_says_completeness_waited(
+    ledger: Ledger, servers: dict[str, object]
+) -> None:
+    """The checkpoints live in MongoDB: a Redis restart costs them nothing. With the broker
+    unreadable, a pass still verifies the counters, finds no update unexplained, and says so."""
+    from conftest import with_redis_down
+    from mes_tasks.send.relay import broker_holds
+
+    apply_some(ledger, 12, "r")
+    assert a_pass(ledger).findings == []
+    outbox_entry("lost", 400)  # would be unexplained, if the broker could be read
+    WorkOrder._get_collection().update_one({"_id": "WO-V2"}, {"$inc": {"input_qty": 1}})
+    down = with_redis_down(servers, lambda: a_pass(ledger, held=broker_holds))  # type: ignore[arg-type]
+    assert (drift_of(down), down.completeness_checked, down.unexplained) == (
+        {("WO-V2", "input_qty", 1)},
+        False,
+        [],
+    )
+    after = a_pass(ledger, held=broker_holds)  # Redis is back
+    assert after.proved == 1 and [u["request_id"] for u in after.unexplained] == ["lost"]
