@@ -9,7 +9,7 @@ LOCK := requirements.lock
 UV_VERSION := 0.13.9
 LOCK_PYTHON := 3.11
 
-.PHONY: install lock lock-upgrade versions run shell demo test test-fast lint format bench chaos clean
+.PHONY: install lock lock-upgrade versions run shell demo test test-fast lint format bench chaos verify-run clean
 
 install: $(STAMP)
 
@@ -64,6 +64,9 @@ bench: install
 
 chaos: install
 	$(PY) -m devtools.chaos $(CHAOS_ARGS)
+
+verify-run: install
+	$(PY) -m devtools.verifyrun $(VERIFY_RUN_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
