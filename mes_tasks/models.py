@@ -119,6 +119,7 @@ class AuditReport(Document):
     work_orders_scanned = IntField(default=0)
     logs_scanned = IntField(default=0)
     rechecked = IntField(default=0)
+    checkpoints_reset = IntField(default=0)  # continuous verification's, found wrong by this audit
     finding_count = IntField(default=0)
     findings = ListField(DictField())
     repaired = BooleanField(default=False)

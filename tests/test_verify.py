@@ -16,6 +16,7 @@ import redis
 
 from conftest import Worker, make_work_orders, spawn, wait_until
 from mes_tasks.apply.ledger import Ledger
+from mes_tasks.audit.alerts import summary
 from mes_tasks.audit.checks import repair
 from mes_tasks.audit.verify import UNEXPLAINED, VerifyOutcome, record, verify_pass
 from mes_tasks.db import Mongo
@@ -313,3 +314,21 @@ def test_a_pass_with_redis_down_still_proves_the_counters_and_says_completeness_
     )
     after = a_pass(ledger, held=broker_holds)  # Redis is back
     assert after.proved == 1 and [u["request_id"] for u in after.unexplained] == ["lost"]
+
+
+def test_the_nightly_audit_verifies_the_checkpoints_and_drops_a_wrong_one(ledger: Ledger) -> None:
+    """A checkpoint edited behind mes_tasks's back could one day mask a drift of the same size:
+    the audit, which proves every counter, finds it and deletes it; the next pass proves that
+    work order in full again and finds nothing."""
+    from mes_tasks.audit.reports import audit_and_report
+
+    apply_some(ledger, 12, "r")
+    a_pass(ledger)
+    VerifyCheckpoint._get_collection().update_one({"_id": "WO-V3"}, {"$inc": {"output_qty": 4}})
+    report = audit_and_report(ledger)
+    assert (report.finding_count, report.checkpoints_reset) == (0, 1)
+    assert "1 verification checkpoint(s) were wrong" in summary(report)
+    assert VerifyCheckpoint.objects(id="WO-V3").count() == 0
+    after = a_pass(ledger)
+    assert (after.proved, after.findings) == (1, [])
+    assert audit_and_report(ledger).checkpoints_reset == 0

@@ -27,6 +27,8 @@ def summary(report: AuditReport) -> str:
         f"{report.work_orders_scanned} work orders and {report.logs_scanned} logs, re-checked "
         f"{report.rechecked} changed while scanning"
     )
+    if report.checkpoints_reset:
+        text += f"; {report.checkpoints_reset} verification checkpoint(s) were wrong and are proved again"
     if report.repaired:
         text += f"; repaired {len(report.repairs)} work order(s)"
         if report.repair_errors:

@@ -25,7 +25,7 @@ from pymongo.read_concern import ReadConcern
 from mes_tasks.apply.ledger import Ledger
 from mes_tasks.db import Mongo, mongo_errors
 from mes_tasks.errors import FenceLost
-from mes_tasks.models import COUNTER_FIELDS, QuantityLog, WorkOrder, utcnow
+from mes_tasks.models import COUNTER_FIELDS, QuantityLog, VerifyCheckpoint, WorkOrder, utcnow
 
 SNAPSHOT = ReadConcern("snapshot")
 CURSOR_BATCH = 1000
@@ -67,6 +67,7 @@ class AuditOutcome:
     findings: list[Finding] = field(default_factory=list)
     repaired: bool = False
     repairs: list[Repair] = field(default_factory=list)
+    checkpoints_reset: int = 0  # continuous verification's checkpoints found wrong (and deleted)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -114,6 +115,33 @@ def run_audit(
             outcome.findings.extend(recheck(mongo, wo_id))
     outcome.finished_at = utcnow()
     return outcome
+
+
+def check_checkpoints(outcome: AuditOutcome) -> int:
+    """Verify continuous verification's checkpoints against what this audit proved; returns
+    how many were wrong (each deleted: the next pass proves its work order in full).
+
+    A work order with no finding had counters equal to its logs; if it is still at its
+    checkpoint's version, the checkpoint must hold those same counters. One that does not
+    was changed behind mes_tasks's back (it lives in ``verify_checkpoints``) and could one
+    day mask a drift of the same size.
+    """
+    drifted = {f.work_order_id for f in outcome.findings}
+    wrong = []
+    with mongo_errors():
+        checkpoints = {
+            c["_id"]: c for c in VerifyCheckpoint._get_collection().find(_scope("_id", outcome.scope))
+        }
+        fields = ["version", *COUNTER_FIELDS.values()]
+        for doc in WorkOrder._get_collection().find({"_id": {"$in": list(checkpoints)}}, fields):
+            cp = checkpoints[doc["_id"]]
+            same_version = int(doc.get("version") or 0) == int(cp.get("version") or 0)
+            differ = any(int(doc.get(f) or 0) != int(cp.get(f) or 0) for f in COUNTER_FIELDS.values())
+            if same_version and differ and doc["_id"] not in drifted:
+                wrong.append(doc["_id"])
+        if wrong:
+            VerifyCheckpoint._get_collection().delete_many({"_id": {"$in": wrong}})
+    return len(wrong)
 
 
 def total_work_orders(work_order_ids: list[str] | None) -> int:

@@ -16,7 +16,7 @@ from bson.errors import InvalidId
 
 from mes_tasks.apply.ledger import Ledger
 from mes_tasks.audit import alerts
-from mes_tasks.audit.checks import AuditOutcome, Finding, Progress, repair, run_audit
+from mes_tasks.audit.checks import AuditOutcome, Finding, Progress, check_checkpoints, repair, run_audit
 from mes_tasks.db import mongo_errors
 from mes_tasks.errors import MesError, ValidationError
 from mes_tasks.models import AuditReport, utcnow
@@ -39,6 +39,7 @@ def audit_and_report(
 ) -> AuditReport:
     """Audit, optionally repair, then store, write, prune and alert. Safe to run twice."""
     outcome = run_audit(ledger.mongo, work_order_ids, progress)
+    outcome.checkpoints_reset = check_checkpoints(outcome)
     report = AuditReport(trigger=trigger)
     if do_repair:
         _repair_all(ledger, outcome, report)
@@ -67,7 +68,9 @@ def _repair_all(ledger: Ledger, outcome: AuditOutcome, report: AuditReport) -> N
 
 
 def _fill(report: AuditReport, outcome: AuditOutcome) -> None:
-    for name in ("started_at", "finished_at", "scope", "work_orders_scanned", "logs_scanned", "rechecked"):
+    names = ("started_at", "finished_at", "scope", "work_orders_scanned", "logs_scanned", "rechecked",
+             "checkpoints_reset")  # fmt: skip
+    for name in names:
         setattr(report, name, getattr(outcome, name))
     report.findings = [asdict(f) for f in outcome.findings]
     report.finding_count = len(outcome.findings)

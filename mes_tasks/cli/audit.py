@@ -136,7 +136,7 @@ def _show(data: dict[str, Any]) -> None:
 
 _FINDING_KEYS = ("work_order_id", "check", "field", "counter", "log_sum", "delta", "log_count")
 _SUMMARISED = ("id", "finding_count", "findings", "work_orders_scanned", "logs_scanned", "rechecked",
-               "repaired", "repairs", "repair_errors")  # fmt: skip
+               "checkpoints_reset", "repaired", "repairs", "repair_errors")  # fmt: skip
 
 
 def _summarised(data: dict[str, Any]) -> AuditReport:
