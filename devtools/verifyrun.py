@@ -118,6 +118,12 @@ def repaired(ledger: Any, wo: str) -> None:
     raise SystemExit(f"verifyrun: could not repair {wo}")
 
 
+def cpu_s(pid: int) -> float:
+    """User and system CPU seconds a process has used (Linux ``/proc``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -195,6 +201,10 @@ def _run(run: Run, args: argparse.Namespace, children: list[Child], var: Path) -
     time.sleep(max(0.0, started + args.minutes * 60 - time.monotonic()))
     run.stop.set()
     time.sleep(1)
+    cpu = {child.name: cpu_s(child.pid) for child in children[:2]}  # the workorder and audit workers
+    share = cpu["audit"] / cpu["workorder"]
+    print(f"verifyrun: CPU over the run: workorder worker {cpu['workorder']:.0f} s, audit worker "
+          f"(the passes, the relay) {cpu['audit']:.0f} s: {share:.2f}x", flush=True)  # fmt: skip
     findings = run_audit(mongo).findings
     worst = max(t for _, _, t in run.found_s)
     ok = worst <= GOAL_S and not run.false_alarms and not findings
