@@ -186,7 +186,9 @@ def _run(run: Run, args: argparse.Namespace, children: list[Child], var: Path) -
     print(f"verifyrun: {args.minutes:g} min, {args.rate:g} updates/s over {len(work_orders)} work orders, "
           f"{args.injections} injections; logs in {var}", flush=True)  # fmt: skip
     for k in range(args.injections):
-        time.sleep(max(0.0, started + k * slot_s + slot_s / 2 - time.monotonic()))
+        # At a random point of its slot: passes come every 30 s, and an injection in step with
+        # them would always be found after the same wait.
+        time.sleep(max(0.0, started + (k + rng.uniform(0.2, 0.6)) * slot_s - time.monotonic()))
         means, wo = MEANS[k % len(MEANS)], rng.choice(work_orders)
         run.expected.add(wo)
         inject(means, wo)
