@@ -25,7 +25,7 @@ from pymongo.read_concern import ReadConcern
 from mes_tasks.apply.ledger import Ledger
 from mes_tasks.db import Mongo, mongo_errors
 from mes_tasks.errors import FenceLost
-from mes_tasks.models import COUNTER_FIELDS, QuantityLog, VerifyCheckpoint, WorkOrder, utcnow
+from mes_tasks.models import COUNTER_FIELDS, VERSION, QuantityLog, VerifyCheckpoint, WorkOrder, utcnow
 
 SNAPSHOT = ReadConcern("snapshot")
 CURSOR_BATCH = 1000
@@ -132,12 +132,11 @@ def check_checkpoints(outcome: AuditOutcome) -> int:
         checkpoints = {
             c["_id"]: c for c in VerifyCheckpoint._get_collection().find(_scope("_id", outcome.scope))
         }
-        fields = ["version", *COUNTER_FIELDS.values()]
+        fields = [VERSION, *COUNTER_FIELDS.values()]
         for doc in WorkOrder._get_collection().find({"_id": {"$in": list(checkpoints)}}, fields):
             cp = checkpoints[doc["_id"]]
-            same_version = int(doc.get("version") or 0) == int(cp.get("version") or 0)
-            differ = any(int(doc.get(f) or 0) != int(cp.get(f) or 0) for f in COUNTER_FIELDS.values())
-            if same_version and differ and doc["_id"] not in drifted:
+            same_version = version_of(doc) == version_of(cp)
+            if same_version and counters_of(doc) != counters_of(cp) and doc["_id"] not in drifted:
                 wrong.append(doc["_id"])
         if wrong:
             VerifyCheckpoint._get_collection().delete_many({"_id": {"$in": wrong}})
@@ -152,10 +151,32 @@ def total_work_orders(work_order_ids: list[str] | None) -> int:
 
 def recheck(mongo: Mongo, wo_id: str) -> list[Finding]:
     """Compare one work order on a single snapshot of its document and its logs."""
+    return compare(wo_id, *snapshot(mongo, wo_id))
+
+
+def snapshot(
+    mongo: Mongo, wo_id: str, after_version: int | None = None
+) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+    """One work order's document and its log sums (``{input, input_n, output, output_n}``),
+    read at one point in time; only the logs above ``after_version`` and up to the
+    document's version when given (continuous verification's "logs since a checkpoint")."""
     with mongo.start_session() as session, session.start_transaction(read_concern=SNAPSHOT):
         doc = WorkOrder._get_collection().find_one({"_id": wo_id}, session=session)
-        sums = next(iter(_log_sums([wo_id], session=session)), None)
-    return compare(wo_id, doc, sums)
+        since = None
+        if after_version is not None:
+            since = {VERSION: {"$gt": after_version, "$lte": version_of(doc or {})}}
+        sums = next(iter(_log_sums([wo_id], since, session=session)), None)
+    return doc, sums or {"_id": wo_id}
+
+
+def version_of(doc: dict[str, Any]) -> int:
+    """A work order's version (0 for one written before versions were kept)."""
+    return int(doc.get(VERSION) or 0)
+
+
+def counters_of(doc: dict[str, Any]) -> dict[str, int]:
+    """A work order's (or a checkpoint's) counters, by field."""
+    return {f: int(doc.get(f) or 0) for f in COUNTER_FIELDS.values()}
 
 
 def repair(ledger: Ledger, wo_id: str) -> Repair | None:
@@ -185,7 +206,7 @@ def repair(ledger: Ledger, wo_id: str) -> Repair | None:
 
 
 def _changed(doc: dict[str, Any] | None, version_before: int | None) -> bool:
-    version_now = None if doc is None else int(doc.get("version") or 0)
+    version_now = None if doc is None else version_of(doc)
     return version_now != version_before
 
 
@@ -205,8 +226,11 @@ def _counters(ids: list[str] | None) -> Iterator[dict[str, Any]]:
     return iter(coll.find(_scope("_id", ids), projection, batch_size=CURSOR_BATCH).sort("_id", 1))
 
 
-def _log_sums(ids: list[str] | None, **kwargs: Any) -> Iterator[dict[str, Any]]:
-    """Per work order: ``{_id, input, input_n, output, output_n}``, sorted by ``_id``.
+def _log_sums(
+    ids: list[str] | None, match: dict[str, Any] | None = None, **kwargs: Any
+) -> Iterator[dict[str, Any]]:
+    """Per work order: ``{_id, input, input_n, output, output_n}``, sorted by ``_id``; of the
+    logs that also ``match``, when given.
 
     Grouping on (work order, kind) with plain ``$sum`` costs little more than the bare
     ``$group`` floor; per-kind ``$cond`` sums or a ``$type`` match would double it.
@@ -221,8 +245,9 @@ def _log_sums(ids: list[str] | None, **kwargs: Any) -> Iterator[dict[str, Any]]:
         },
         {"$sort": {"_id": 1}},
     ]
-    if ids is not None:
-        pipeline.insert(0, {"$match": {"work_order_id": {"$in": ids}}})
+    wanted = {**({} if ids is None else {"work_order_id": {"$in": ids}}), **(match or {})}
+    if wanted:
+        pipeline.insert(0, {"$match": wanted})
     coll = QuantityLog._get_collection()
     rows = coll.aggregate(pipeline, allowDiskUse=True, batchSize=CURSOR_BATCH, **kwargs)
     return _fold_kinds(rows)

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from mes_tasks.audit import alerts
-from mes_tasks.audit.checks import SNAPSHOT, Finding, compare
+from mes_tasks.audit.checks import Finding, compare, counters_of, snapshot, version_of
 from mes_tasks.audit.reports import write_files
 from mes_tasks.db import Mongo, mongo_errors
 from mes_tasks.models import (
@@ -51,7 +51,6 @@ from mes_tasks.models import (
     VERSION,
     AuditReport,
     OutboxMessage,
-    QuantityLog,
     VerifyCheckpoint,
     VerifyState,
     WorkOrder,
@@ -107,11 +106,11 @@ def verify_pass(
             cp = checkpoints.pop(doc["_id"], None)
             if cp is None:
                 suspects.append(doc["_id"])
-            elif _version(doc) != cp[VERSION]:
+            elif version_of(doc) != version_of(cp):
                 outcome.changed += 1
                 if not _advance(mongo, doc["_id"], cp, outcome):
                     suspects.append(doc["_id"])
-            elif _counters(doc) != _counters(cp):
+            elif counters_of(doc) != counters_of(cp):
                 suspects.append(doc["_id"])
         if checkpoints:  # their work orders are gone: the nightly audit reports any logs left
             _checkpoints().delete_many({"_id": {"$in": list(checkpoints)}})
@@ -173,41 +172,23 @@ def record(outcome: VerifyOutcome, settings: Settings) -> AuditReport | None:
 def _advance(mongo: Mongo, wo_id: str, cp: dict[str, Any], outcome: VerifyOutcome) -> bool:
     """Move ``wo_id``'s checkpoint to its current version if its counters equal the
     checkpoint plus its logs since; False (nothing moved) if not."""
-    with mongo.start_session() as session, session.start_transaction(read_concern=SNAPSHOT):
-        doc = WorkOrder._get_collection().find_one({"_id": wo_id}, [VERSION, *COUNTERS], session=session)
-        if doc is None or _version(doc) < cp[VERSION]:
-            return False  # gone, or older than what was proved: restored from a backup
-        since = {"work_order_id": wo_id, VERSION: {"$gt": cp[VERSION], "$lte": _version(doc)}}
-        rows = QuantityLog._get_collection().aggregate(
-            [{"$match": since}, {"$group": {"_id": "$kind", "s": {"$sum": "$quantity"}, "n": {"$sum": 1}}}],
-            session=session,
-        )
-        sums = {row["_id"]: row for row in rows}
-    outcome.logs_read += sum(int(row["n"]) for row in sums.values())
-    expected = {f: int(cp[f]) + int(sums.get(kind, {}).get("s", 0)) for kind, f in COUNTER_FIELDS.items()}
-    if _counters(doc) != expected:
+    doc, sums = snapshot(mongo, wo_id, after_version=version_of(cp))
+    if doc is None or version_of(doc) < version_of(cp):
+        return False  # gone, or older than what was proved: restored from a backup
+    outcome.logs_read += _logs_in(sums)
+    expected = {f: int(cp[f]) + int(sums.get(kind, 0)) for kind, f in COUNTER_FIELDS.items()}
+    if counters_of(doc) != expected:
         return False
-    _save(wo_id, _version(doc), expected)
+    _save(wo_id, version_of(doc), expected)
     return True
 
 
 def _prove(mongo: Mongo, wo_id: str, outcome: VerifyOutcome) -> None:
     """Compare ``wo_id``'s counters with the sums of all its logs, in one snapshot; a new
     checkpoint when they agree, findings when they do not."""
-    with mongo.start_session() as session, session.start_transaction(read_concern=SNAPSHOT):
-        doc = WorkOrder._get_collection().find_one({"_id": wo_id}, [VERSION, *COUNTERS], session=session)
-        rows = QuantityLog._get_collection().aggregate(
-            [
-                {"$match": {"work_order_id": wo_id}},
-                {"$group": {"_id": "$kind", "s": {"$sum": "$quantity"}, "n": {"$sum": 1}}},
-            ],
-            session=session,
-        )
-        sums: dict[str, Any] = {"_id": wo_id}
-        for row in rows:
-            sums[row["_id"]], sums[f"{row['_id']}_n"] = row["s"], row["n"]
+    doc, sums = snapshot(mongo, wo_id)
     outcome.proved += 1
-    outcome.logs_read += sum(int(sums.get(f"{kind}_n", 0)) for kind in COUNTER_FIELDS)
+    outcome.logs_read += _logs_in(sums)
     if doc is None:
         return  # deleted meanwhile: the nightly audit reports logs without a work order
     found = compare(wo_id, doc, sums)
@@ -215,7 +196,11 @@ def _prove(mongo: Mongo, wo_id: str, outcome: VerifyOutcome) -> None:
         outcome.findings.extend(found)
         _checkpoints().update_one({"_id": wo_id}, {"$set": {"swept_at": utcnow()}})  # sweep the others first
         return
-    _save(wo_id, _version(doc), _counters(doc), swept=True)
+    _save(wo_id, version_of(doc), counters_of(doc), swept=True)
+
+
+def _logs_in(sums: dict[str, Any]) -> int:
+    return sum(int(sums.get(f"{kind}_n", 0)) for kind in COUNTER_FIELDS)
 
 
 def _unexplained(complete_s: float, settled: Settled, held: Held) -> tuple[list[dict[str, Any]], bool]:
@@ -269,14 +254,6 @@ def _save(wo_id: str, version: int, counters: dict[str, int], *, swept: bool = F
     if swept:
         values["swept_at"] = values["proved_at"]
     _checkpoints().update_one({"_id": wo_id}, {"$set": values}, upsert=True)
-
-
-def _version(doc: dict[str, Any]) -> int:
-    return int(doc.get(VERSION) or 0)
-
-
-def _counters(doc: dict[str, Any]) -> dict[str, int]:
-    return {f: int(doc.get(f) or 0) for f in COUNTERS}
 
 
 def _checkpoints() -> Any:
