@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
+from typing import Any
 
 from mongoengine import (
     BooleanField,
@@ -159,6 +161,15 @@ class OutboxMessage(Document):
             {"fields": ["request_id"], "name": "request"},  # "where is my update?" (the gateway)
         ],
     }
+
+
+def outbox_work_order(payload: Any) -> str | None:
+    """The work order an outbox entry's ``payload`` is for; None when it cannot be read."""
+    try:
+        args = json.loads(payload).get("args") or []
+    except (TypeError, ValueError, AttributeError):
+        return None
+    return args[0] if isinstance(args, list) and args and isinstance(args[0], str) else None
 
 
 class VerifyCheckpoint(Document):

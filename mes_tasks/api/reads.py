@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from datetime import datetime
 from typing import Any
 
@@ -12,7 +11,14 @@ from bson.errors import InvalidId
 from mes_tasks.api.errors import ApiError
 from mes_tasks.db import mongo_errors
 from mes_tasks.errors import UnknownWorkOrder
-from mes_tasks.models import CONTEXT_FIELDS, FailedUpdate, OutboxMessage, QuantityLog, WorkOrder
+from mes_tasks.models import (
+    CONTEXT_FIELDS,
+    FailedUpdate,
+    OutboxMessage,
+    QuantityLog,
+    WorkOrder,
+    outbox_work_order,
+)
 from mes_tasks.partitions import index_of, queue_for
 from mes_tasks.validation import check_work_order_id, shown
 
@@ -99,12 +105,9 @@ def _dead_dict(doc: dict[str, Any]) -> dict[str, Any]:
 
 def _entry_dict(doc: dict[str, Any], partitions: int) -> dict[str, Any]:
     """An outbox entry: ``sent`` (the broker took it; ``queue`` is where it waits) or ``spooled``."""
-    try:
-        wo = json.loads(doc["payload"])["args"][0]
-    except (KeyError, IndexError, TypeError, ValueError):
-        wo = None
+    wo = outbox_work_order(doc.get("payload"))
     return {"job_id": doc.get("job_id"), "state": doc.get("state") or "spooled",
-            "queue": queue_for(wo, partitions) if isinstance(wo, str) else None,
+            "queue": queue_for(wo, partitions) if wo is not None else None,
             "created_at": _iso(doc.get("created_at")), "attempts": doc.get("attempts", 0),
             "republished": doc.get("republished", 0)}  # fmt: skip
 

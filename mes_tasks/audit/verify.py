@@ -33,11 +33,10 @@ cost of a full audit.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +53,7 @@ from mes_tasks.models import (
     VerifyCheckpoint,
     VerifyState,
     WorkOrder,
+    outbox_work_order,
     utcnow,
 )
 from mes_tasks.settings import Settings
@@ -231,22 +231,10 @@ def _entry(doc: dict[str, Any], now: datetime) -> dict[str, Any]:
         "check": UNEXPLAINED,
         "request_id": doc["request_id"],
         "job_id": doc["job_id"],
-        "work_order_id": _work_order_of(doc.get("payload")),
-        "age_s": round((now - _aware(doc["created_at"])).total_seconds(), 1),
+        "work_order_id": outbox_work_order(doc.get("payload")),
+        "age_s": round((now - doc["created_at"]).total_seconds(), 1),  # read tz-aware (db)
         "republished": int(doc.get("republished") or 0),
     }
-
-
-def _work_order_of(payload: Any) -> str | None:
-    try:
-        args = json.loads(payload).get("args") or []
-    except (TypeError, ValueError, AttributeError):
-        return None
-    return args[0] if args and isinstance(args[0], str) else None
-
-
-def _aware(value: datetime) -> datetime:
-    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
 def _save(wo_id: str, version: int, counters: dict[str, int], *, swept: bool = False) -> None:

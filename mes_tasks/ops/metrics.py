@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, TypeVar
 
 import redis
@@ -491,12 +491,12 @@ def verify_metrics(state: dict[str, Any] | None, now: float) -> Iterator[Metric]
     yield GaugeMetricFamily(
         "mes_verify_last_pass_timestamp_seconds",
         "When the last verification pass ended (Unix time; 0: never).",
-        0.0 if finished is None else _aware(finished).timestamp(),
+        0.0 if finished is None else finished.timestamp(),
     )
     yield GaugeMetricFamily(
         "mes_verify_lag_seconds",
         "Age of the oldest counter change not yet verified (0: no pass yet).",
-        0.0 if up_to is None else max(0.0, now - _aware(up_to).timestamp()),
+        0.0 if up_to is None else max(0.0, now - up_to.timestamp()),
     )
     yield GaugeMetricFamily(
         "mes_verify_drift_work_orders",
@@ -508,10 +508,6 @@ def verify_metrics(state: dict[str, Any] | None, now: float) -> Iterator[Metric]
         "Accepted updates with no outcome that are waiting nowhere, as the last pass found.",
         len(state.get("unexplained") or ()),
     )
-
-
-def _aware(value: datetime) -> datetime:
-    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
 def _counter(name: str, what: str, value: float) -> Metric:
