@@ -61,6 +61,9 @@ LEASE_TTL_S = 3.0
 VERIFY_INTERVAL_S = 30.0
 VERIFY_SWEEP = 20
 VERIFY_COMPLETE_S = 300.0
+# Updates a partition's worker applies in one transaction, at most (1: one at a time).
+GROUP_MAX = 1
+GROUP_MAX_LIMIT = 1000  # a MongoDB transaction of this many logs stays far below its limits
 NEGATIVE_WAIT_S = 600.0  # a would-go-negative update is retried this long (its count may be late)
 DST_WINDOW_HOURS = (1, 3)  # [01:00, 03:00): local times that DST can skip or repeat
 
@@ -94,6 +97,7 @@ ENV_NAMES = {
     "verify_interval_s": "MES_VERIFY_INTERVAL_S",
     "verify_sweep": "MES_VERIFY_SWEEP",
     "verify_complete_s": "MES_VERIFY_COMPLETE_S",
+    "group_max": "MES_GROUP_MAX",
     "lease_ttl_s": "MES_LEASE_TTL_S",
     "negative_wait_s": "MES_NEGATIVE_WAIT_S",
     "flower_url": "MES_FLOWER_URL",
@@ -143,6 +147,7 @@ class Settings:
     verify_interval_s: float = VERIFY_INTERVAL_S  # continuous verification every N seconds (0: off)
     verify_sweep: int = VERIFY_SWEEP  # work orders whose whole log each pass re-checks, oldest first
     verify_complete_s: float = VERIFY_COMPLETE_S  # an outbox entry this old must have its outcome
+    group_max: int = GROUP_MAX  # updates applied together (group commit); 1: one at a time
     lease_ttl_s: float = LEASE_TTL_S
     negative_wait_s: float = NEGATIVE_WAIT_S
     flower_url: str = ""  # Flower's address as doctor reaches it, to check it refuses strangers
@@ -162,6 +167,8 @@ class Settings:
             raise ConfigurationError(
                 f"MES_PARTITIONS must be at most {MAX_PARTITIONS}, not {self.partitions}"
             )
+        if self.group_max > GROUP_MAX_LIMIT:
+            raise ConfigurationError(f"MES_GROUP_MAX must be at most {GROUP_MAX_LIMIT}, not {self.group_max}")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -460,6 +467,7 @@ def _check_positive(s: Settings) -> None:
         "redis_timeout_s",
         "partitions",
         "verify_complete_s",
+        "group_max",
     ):
         if getattr(s, name) <= 0:
             raise ConfigurationError(f"{ENV_NAMES[name]} must be greater than zero")

@@ -36,6 +36,8 @@ def http_series(method: str, route: str) -> str:
 
 
 APPLIED, DUPLICATE, RETRIED, DEAD_LETTERED = "applied", "duplicate", "retried", "dead_lettered"
+GROUPS = "groups"  # group commits, counted with their sizes in the histogram's GROUP_SERIES
+GROUP_SERIES = f"group{HTTP_SEP}"  # bucket bounds are the same numbers, read as updates, not ms
 FLUSH_BACKOFF_S = 5.0  # after a failed flush of the worker's counts, the next is tried this much later
 
 

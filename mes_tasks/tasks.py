@@ -24,6 +24,7 @@ from mes_tasks.send.relay import broker_holds, relay_now
 from mes_tasks.settings import Settings
 from mes_tasks.validation import check_work_order_id, readable, validate_update
 from mes_tasks.worker.active import may_apply
+from mes_tasks.worker.grouping import apply_with_waiting
 from mes_tasks.worker.retries import (
     MAX_ERROR_CHARS,
     InternalError,
@@ -84,6 +85,9 @@ def update_quantity(
         raise Reject("not the active workorder consumer", requeue=True)
     try:
         req = validate_update(work_order_id, kind, quantity, request_id, context)
+        grouped = apply_with_waiting(self, req, queue_of(self.request))  # MES_GROUP_MAX > 1
+        if grouped is not None:
+            return grouped.to_dict()
         result = self.ledger.apply(req, req.request_id or self.request.id, self.request.id)
     except NegativeCounter as exc:
         wait_for_count_or_dead_letter(self, exc, req.request_id or self.request.id)

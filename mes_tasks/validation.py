@@ -239,3 +239,37 @@ def _context(value: Any) -> dict[str, str]:
                 code="INVALID_CONTEXT",
             )
     return {k: v for k, v in value.items() if v is not None}
+
+
+REQUIRED_PARAMS = 3  # work_order_id, kind, quantity
+
+
+def bind_update(args: Any, kwargs: Any) -> tuple[list[Any], dict[str, Any]]:
+    """``update_quantity``'s arguments as (work order, kind, quantity) and named ones.
+
+    Raises:
+        TypeError: they do not fit ``update_quantity``'s signature (a stray keyword such as
+            ``countdown=5`` given to ``.delay()``): a mistake at the call site, never spooled.
+    """
+    positional, named = list(args or ()), dict(kwargs or {})
+    if len(positional) > len(UPDATE_FIELDS):
+        raise TypeError(
+            f"update_quantity takes at most {len(UPDATE_FIELDS)} arguments, got {len(positional)}"
+        )
+    unknown = sorted(str(k) for k in unknown_keys(named, UPDATE_FIELDS))
+    if unknown:
+        raise TypeError(
+            f"update_quantity got unexpected keyword argument(s) {unknown}; its parameters are "
+            f"{', '.join(UPDATE_FIELDS)} (apply_async options such as countdown go to apply_async)"
+        )
+    given = dict(zip(UPDATE_FIELDS, positional, strict=False))
+    twice = sorted(set(given) & set(named))
+    if twice:
+        raise TypeError(f"update_quantity got multiple values for argument(s) {twice}")
+    merged = {**given, **named}
+    missing = [p for p in UPDATE_FIELDS[:REQUIRED_PARAMS] if p not in merged]
+    if missing:
+        raise TypeError(f"update_quantity is missing required argument(s) {missing}")
+    return [merged[p] for p in UPDATE_FIELDS[:REQUIRED_PARAMS]], {
+        p: merged[p] for p in UPDATE_FIELDS[REQUIRED_PARAMS:] if p in merged
+    }

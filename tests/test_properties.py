@@ -28,9 +28,8 @@ from mes_tasks.errors import FenceLost, LockLost, NegativeCounter
 from mes_tasks.keys import lock_key
 from mes_tasks.models import ALL_MODELS, FailedUpdate, OutboxMessage, QuantityLog, WorkOrder
 from mes_tasks.send import relay
-from mes_tasks.send.producer import bind_update
 from mes_tasks.settings import Settings
-from mes_tasks.validation import UpdateRequest, validate_update
+from mes_tasks.validation import UpdateRequest, bind_update, validate_update
 
 WOS = ["P-1", "P-2", "P-3"]
 FAULTS = ("none", "redeliver", "lock_lost", "paused_holder", "kept_lock_taken",

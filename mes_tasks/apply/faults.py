@@ -10,6 +10,9 @@ so whatever a test does at a point meets the checks that production runs after i
 * ``WRITTEN``: every write is done and the lock check has answered; the commit is next. A
   crash here leaves nothing; a worker held here holds an open transaction, as one that
   dies mid-commit does.
+* ``COMMITTED``: a group's transaction has committed; its messages are not yet acknowledged
+  (``worker.grouping``). A crash here leaves committed updates whose messages come back:
+  duplicates.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ from contextlib import contextmanager
 
 BEGUN = "begun"
 WRITTEN = "written"
-POINTS = (BEGUN, WRITTEN)
+COMMITTED = "committed"
+POINTS = (BEGUN, WRITTEN, COMMITTED)
 
 Fault = Callable[[], None]
 

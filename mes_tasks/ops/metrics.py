@@ -52,6 +52,7 @@ from mes_tasks.tally import (
     APPLY_MS_BUCKETS,
     DEAD_LETTERED,
     DUPLICATE,
+    GROUP_SERIES,
     HTTP_SEP,
     INF,
     RETRIED,
@@ -300,6 +301,7 @@ def counter_metrics(state: RedisState) -> Iterator[Metric]:
         "mes_submissions_unrecorded", "Submissions queued without an outbox record.", state.unrecorded
     )
     yield apply_histogram(state.histogram)
+    yield group_histogram(state.histogram)
     yield from http_metrics(state)
     yield from celery_task_metrics(counts.get(APPLIED, 0) + counts.get(DUPLICATE, 0), by_code)
 
@@ -325,6 +327,15 @@ def apply_histogram(hist: dict[str, float]) -> Metric:
     return family
 
 
+def group_histogram(hist: dict[str, float]) -> Metric:
+    """The sizes of the worker's group commits (``MES_GROUP_MAX``), as a Prometheus histogram."""
+    family = HistogramMetricFamily(
+        "mes_group_size", "Updates applied together in one group commit (a lone update is not a group)."
+    )
+    family.add_metric([], *_cumulative(hist, GROUP_SERIES, scale=1))
+    return family
+
+
 def http_metrics(state: RedisState) -> Iterator[Metric]:
     """The gateway's requests by method, route and status, and their durations by route."""
     requests = CounterMetricFamily(
@@ -345,13 +356,16 @@ def http_metrics(state: RedisState) -> Iterator[Metric]:
     yield seconds
 
 
-def _cumulative(hist: dict[str, float]) -> tuple[list[tuple[str, float]], float]:
-    """Per-bucket counts (ms bounds) as Prometheus's cumulative buckets (s bounds), and the sum (s)."""
+def _cumulative(
+    hist: dict[str, float], series: str = "", scale: float = 1000
+) -> tuple[list[tuple[str, float]], float]:
+    """Per-bucket counts (ms bounds) as Prometheus's cumulative buckets (s bounds), and the sum (s);
+    ``scale`` 1: the bounds and sum as they are (a group's size)."""
     buckets, total = [], 0.0
     for field in [*(bound(b) for b in APPLY_MS_BUCKETS), INF]:
-        total += hist.get(field, 0.0)
-        buckets.append((field if field == INF else repr(float(field) / 1000), total))
-    return buckets, hist.get(SUM, 0.0) / 1000
+        total += hist.get(series + field, 0.0)
+        buckets.append((field if field == INF else repr(float(field) / scale), total))
+    return buckets, hist.get(series + SUM, 0.0) / scale
 
 
 def queue_metrics(state: RedisState, ages: dict[str, float]) -> Iterator[Metric]:

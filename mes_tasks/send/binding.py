@@ -1,8 +1,9 @@
-"""Binding a call to ``update_quantity``'s arguments, and a batch's items to updates, before anything is sent.
+"""Binding a batch's items to updates, before anything is sent.
 
-A call that does not fit (a stray keyword, a missing argument) is a mistake at the call site:
-``TypeError``, nothing kept. A batch item is judged on its own: its job, the index of an
-earlier item with the same update, or its refusal.
+A call's arguments are bound by ``validation.bind_update``: one that does not fit (a stray
+keyword, a missing argument) is a mistake at the call site, ``TypeError``, nothing kept. A
+batch item is judged on its own: its job, the index of an earlier item with the same update,
+or its refusal.
 """
 
 from __future__ import annotations
@@ -14,41 +15,9 @@ from typing import Any
 from mes_tasks.errors import RequestIdConflict, ValidationError
 from mes_tasks.send.answers import refused
 from mes_tasks.send.outbox import Job
-from mes_tasks.validation import UPDATE_FIELDS, UpdateRequest, shown, unknown_keys, validate_item
+from mes_tasks.validation import UpdateRequest, shown, validate_item
 
-REQUIRED_PARAMS = 3
 MAX_BATCH_ITEMS = 10_000  # a larger batch is refused whole (BATCH_TOO_LARGE): send several
-
-
-def bind_update(args: Any, kwargs: Any) -> tuple[list[Any], dict[str, Any]]:
-    """``update_quantity``'s arguments as (work order, kind, quantity) and named ones.
-
-    Raises:
-        TypeError: they do not fit ``update_quantity``'s signature (a stray keyword such as
-            ``countdown=5`` given to ``.delay()``): a mistake at the call site, never spooled.
-    """
-    positional, named = list(args or ()), dict(kwargs or {})
-    if len(positional) > len(UPDATE_FIELDS):
-        raise TypeError(
-            f"update_quantity takes at most {len(UPDATE_FIELDS)} arguments, got {len(positional)}"
-        )
-    unknown = sorted(str(k) for k in unknown_keys(named, UPDATE_FIELDS))
-    if unknown:
-        raise TypeError(
-            f"update_quantity got unexpected keyword argument(s) {unknown}; its parameters are "
-            f"{', '.join(UPDATE_FIELDS)} (apply_async options such as countdown go to apply_async)"
-        )
-    given = dict(zip(UPDATE_FIELDS, positional, strict=False))
-    twice = sorted(set(given) & set(named))
-    if twice:
-        raise TypeError(f"update_quantity got multiple values for argument(s) {twice}")
-    merged = {**given, **named}
-    missing = [p for p in UPDATE_FIELDS[:REQUIRED_PARAMS] if p not in merged]
-    if missing:
-        raise TypeError(f"update_quantity is missing required argument(s) {missing}")
-    return [merged[p] for p in UPDATE_FIELDS[:REQUIRED_PARAMS]], {
-        p: merged[p] for p in UPDATE_FIELDS[REQUIRED_PARAMS:] if p in merged
-    }
 
 
 def job_of(req: UpdateRequest) -> Job:

@@ -27,11 +27,11 @@ from mes_tasks.partitions import queue_names
 from mes_tasks.queues import ask_waiting, waiting_from
 from mes_tasks.send import outbox
 from mes_tasks.send.answers import Sent, answer, estimated_delay_ms, refused
-from mes_tasks.send.binding import MAX_BATCH_ITEMS, bind_update, job_of, listed, slots, too_large
+from mes_tasks.send.binding import MAX_BATCH_ITEMS, job_of, listed, slots, too_large
 from mes_tasks.send.outbox import Job
 from mes_tasks.send.publish import PUBLISH_DEADLINE_S, PUBLISH_TIMEOUT_S, Publisher
 from mes_tasks.settings import Settings, get_settings, mask_secrets
-from mes_tasks.validation import check_update_size, validate_update
+from mes_tasks.validation import bind_update, check_update_size, validate_update
 
 log = logging.getLogger(__name__)
 

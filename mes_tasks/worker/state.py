@@ -36,6 +36,7 @@ class WorkerState:
         self.apply_ms: float | None = None
         self._published_at = 0.0
         self.tally = Tally()  # outcomes for the metrics endpoint, flushed between tasks
+        self.consumer: Any = None  # Celery's consumer, where a group takes the waiting updates from
 
     @property
     def ledger(self) -> Ledger:
@@ -56,9 +57,10 @@ class WorkerState:
         if self._ledger is not None and len(self.tally):
             self.tally.flush(self._ledger.redis, self._ledger.settings.key_prefix)
 
-    def record_duration(self, started: float) -> None:
-        """Fold one update's duration into the estimate; publish it for the producer now and then."""
-        ms = (time.monotonic() - started) * 1000
+    def record_duration(self, started: float, updates: int = 1) -> None:
+        """Fold one update's duration (a group's, shared by its ``updates``) into the estimate;
+        publish it for the producer now and then."""
+        ms = (time.monotonic() - started) * 1000 / max(1, updates)
         prev = self.apply_ms
         self.apply_ms = avg = ms if prev is None else prev + APPLY_MS_EWMA_WEIGHT * (ms - prev)
         if time.monotonic() - self._published_at < APPLY_MS_PUBLISH_INTERVAL_S:
@@ -85,6 +87,7 @@ class ReleaseKeptLocks(bootsteps.StartStopStep):  # type: ignore[misc]
         self.timer_entry: Any = None
 
     def start(self, c: Any) -> None:
+        STATE.consumer = c
         self.timer_entry = c.timer.call_repeatedly(RELEASE_CHECK_S, self.tick, priority=10)
 
     def tick(self) -> None:

@@ -1,0 +1,265 @@
+"""Group commit (``apply.group``) against real Redis and SecantusDB: every guarantee of one
+update, inside a group."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable
+
+import pytest
+import redis
+
+from conftest import Worker, make_work_orders, wait_until
+from mes_tasks.apply import faults
+from mes_tasks.apply.group import GroupItem, apply_group
+from mes_tasks.apply.keptlocks import KeptLocks
+from mes_tasks.apply.ledger import ApplyResult, Ledger
+from mes_tasks.db import Mongo
+from mes_tasks.keys import apply_histogram_key, lock_key
+from mes_tasks.models import FailedUpdate, QuantityLog, WorkOrder
+from mes_tasks.send.producer import submit_quantity_update
+from mes_tasks.settings import Settings
+from mes_tasks.tally import GROUP_SERIES, SUM
+from mes_tasks.tasks import update_quantity
+from mes_tasks.validation import validate_update
+
+WOS = ["WO-1", "WO-2", "WO-3"]
+
+
+@pytest.fixture()
+def ledger(mongo: Mongo, redis_client: redis.Redis, settings: Settings) -> Ledger:
+    make_work_orders(WOS)
+    return Ledger(mongo, redis_client, settings, KeptLocks(settings.lock_linger_s))
+
+
+def item(wo: str, kind: str, quantity: int, rid: str) -> GroupItem:
+    return GroupItem(validate_update(wo, kind, quantity, rid), rid, f"task-{rid}")
+
+
+def counters(wo: str) -> tuple[int, int]:
+    doc = WorkOrder.objects.get(id=wo)
+    return doc.input_qty, doc.output_qty
+
+
+def statuses(outcomes: list[ApplyResult | None]) -> list[str | None]:
+    return [None if o is None else o.status for o in outcomes]
+
+
+def logs_equal_counters() -> None:
+    for wo in WorkOrder.objects:
+        logs = QuantityLog.objects(work_order_id=wo.id)
+        assert sum(log.quantity for log in logs if log.kind == "input") == wo.input_qty, wo.id
+        assert sum(log.quantity for log in logs if log.kind == "output") == wo.output_qty, wo.id
+
+
+def test_a_group_commits_in_queue_order_with_each_value_and_version_right_after_its_update(
+    ledger: Ledger,
+) -> None:
+    items = [item(WOS[i % 3], "output", i + 1, f"r{i}") for i in range(30)]
+    outcomes = apply_group(ledger, items)
+    assert statuses(outcomes) == ["applied"] * 30
+    for wo in WOS:
+        mine = [(it, o) for it, o in zip(items, outcomes, strict=True) if it.req.work_order_id == wo]
+        running = 0
+        for n, (it, result) in enumerate(mine, start=1):
+            running += it.req.quantity
+            assert result is not None and result.value == running
+            log = QuantityLog.objects.get(request_id=it.request_id)
+            assert (log.value_after, log.version, log.task_id) == (running, n, it.task_id)
+        assert counters(wo) == (0, running)
+        assert WorkOrder.objects.get(id=wo).version == len(mine)
+    logs_equal_counters()
+
+
+def test_a_request_id_repeated_in_the_group_or_already_logged_counts_once(ledger: Ledger) -> None:
+    ledger.apply(validate_update("WO-1", "input", 5), "old")
+    items = [
+        item("WO-1", "input", 1, "a"),
+        item("WO-1", "input", 5, "old"),  # logged before the group
+        item("WO-2", "input", 2, "b"),
+        item("WO-1", "input", 1, "a"),  # repeated inside it
+        item("WO-2", "input", 2, "b"),
+    ]
+    outcomes = apply_group(ledger, items)
+    assert statuses(outcomes) == ["applied", "duplicate", "applied", "duplicate", "duplicate"]
+    assert [o.value for o in outcomes if o is not None] == [6, 5, 2, 6, 2]
+    assert counters("WO-1") == (6, 0) and counters("WO-2") == (2, 0)
+    assert QuantityLog.objects(request_id="a").count() == 1
+    logs_equal_counters()
+
+
+def test_a_request_id_reused_for_another_update_is_left_to_the_single_apply(ledger: Ledger) -> None:
+    items = [item("WO-1", "input", 1, "a"), item("WO-1", "input", 9, "a"), item("WO-2", "input", 3, "c")]
+    assert statuses(apply_group(ledger, items)) == ["applied", None, "applied"]
+    assert counters("WO-1") == (1, 0)
+
+
+def test_the_update_that_would_go_below_zero_waits_and_the_others_commit(ledger: Ledger) -> None:
+    items = [
+        item("WO-1", "output", 3, "a"),
+        item("WO-1", "output", -5, "too-many"),  # 3 - 5 < 0: judged in queue order
+        item("WO-1", "output", -2, "b"),  # 3 - 2 = 1: fine after the one left out
+        item("WO-2", "output", 4, "c"),
+    ]
+    outcomes = apply_group(ledger, items)
+    assert statuses(outcomes) == ["applied", None, "applied", "applied"]
+    assert counters("WO-1") == (0, 1) and counters("WO-2") == (0, 4)
+    assert QuantityLog.objects(request_id="too-many").count() == 0
+    logs_equal_counters()
+
+
+def test_an_unknown_work_order_is_left_out_and_the_rest_commits(ledger: Ledger) -> None:
+    items = [item("WO-404", "input", 1, "x"), item("WO-1", "input", 2, "a"), item("WO-404", "input", 1, "y")]
+    assert statuses(apply_group(ledger, items)) == [None, "applied", None]
+    assert counters("WO-1") == (2, 0)
+    assert WorkOrder.objects(id="WO-404").count() == 0
+
+
+def test_a_request_id_logged_meanwhile_aborts_the_whole_group_and_nothing_moves(
+    ledger: Ledger, mongo: Mongo
+) -> None:
+    """Someone else (a worker of the old partition) logs one of the group's ids between its
+    duplicate check and its write: the unique key aborts the transaction as a whole."""
+    items = [item("WO-1", "input", 1, "a"), item("WO-2", "input", 2, "b"), item("WO-3", "input", 3, "c")]
+
+    def someone_logs_b() -> None:
+        QuantityLog._get_collection().insert_one({"request_id": "b", "work_order_id": "WO-9"})
+
+    with faults.injected(faults.BEGUN, someone_logs_b):
+        assert apply_group(ledger, items) == [None, None, None]
+    assert [counters(wo) for wo in WOS] == [(0, 0)] * 3
+    assert QuantityLog.objects(request_id__in=["a", "c"]).count() == 0
+
+
+def test_a_lock_lost_before_the_commit_stops_the_whole_group(
+    ledger: Ledger, redis_client: redis.Redis
+) -> None:
+    items = [item("WO-1", "input", 1, "a"), item("WO-2", "input", 2, "b")]
+    steal = lambda: redis_client.set(lock_key("mes:", "WO-2"), "intruder")  # noqa: E731
+    with faults.injected(faults.BEGUN, steal):
+        assert apply_group(ledger, items) == [None, None]
+    assert counters("WO-1") == (0, 0) and counters("WO-2") == (0, 0)
+    assert QuantityLog.objects.count() == 0
+    assert len(ledger.kept or ()) == 0  # every lock let go: the single applies take them afresh
+
+
+def test_a_fenced_out_holder_writes_nothing(ledger: Ledger, mongo: Mongo) -> None:
+    """Another holder took WO-2's fence after this one: its counter write matches nothing,
+    and the group is aborted whole (WO-1's update included)."""
+    apply_group(ledger, [item("WO-1", "input", 1, "warm-1"), item("WO-2", "input", 1, "warm-2")])
+
+    def someone_takes_the_fence() -> None:
+        WorkOrder._get_collection().update_one({"_id": "WO-2"}, {"$inc": {"epoch": 1}})
+
+    items = [item("WO-1", "input", 1, "a"), item("WO-2", "input", 2, "b")]
+    with faults.injected(faults.BEGUN, someone_takes_the_fence):
+        assert apply_group(ledger, items) == [None, None]
+    assert counters("WO-1") == (1, 0) and counters("WO-2") == (1, 0)
+    assert QuantityLog.objects(request_id__in=["a", "b"]).count() == 0
+
+
+@pytest.mark.parametrize("point", [faults.BEGUN, faults.WRITTEN])
+def test_a_crash_inside_the_group_leaves_nothing_and_the_redelivery_counts_once(
+    ledger: Ledger, mongo: Mongo, redis_client: redis.Redis, settings: Settings, point: str
+) -> None:
+    items = [item(WOS[i % 3], "input", 1, f"r{i}") for i in range(9)]
+
+    def crash() -> None:
+        raise SystemExit("SIGKILL")
+
+    with faults.injected(point, crash), pytest.raises(SystemExit):
+        apply_group(ledger, items)
+    assert QuantityLog.objects.count() == 0
+    assert [counters(wo) for wo in WOS] == [(0, 0)] * 3
+    # The killed worker's locks run out; a new worker process takes the redelivered messages.
+    redis_client.delete(*(lock_key("mes:", wo) for wo in WOS))
+    successor = Ledger(mongo, redis_client, settings, KeptLocks(settings.lock_linger_s))
+    outcomes = apply_group(successor, items + items[:3])  # redelivered, some twice
+    assert statuses(outcomes) == ["applied"] * 9 + ["duplicate"] * 3
+    assert [counters(wo) for wo in WOS] == [(3, 0)] * 3
+    logs_equal_counters()
+
+
+def test_a_group_after_single_applies_and_before_them_keeps_one_count(ledger: Ledger) -> None:
+    """The kept lock's known counters pass from the single way to the group and back."""
+    ledger.apply(validate_update("WO-1", "input", 2), "s1")
+    apply_group(ledger, [item("WO-1", "input", 3, "g1"), item("WO-1", "input", 4, "g2")])
+    result = ledger.apply(validate_update("WO-1", "input", 1), "s2")
+    assert result.value == 10 and counters("WO-1") == (10, 0)
+    assert WorkOrder.objects.get(id="WO-1").version == 4
+    logs_equal_counters()
+
+
+def test_a_direct_change_behind_the_kept_lock_sends_the_group_one_by_one(ledger: Ledger) -> None:
+    """A counter changed without the lock (a manual fix): the group's match fails, nothing is
+    written twice, and the single applies count on the real value."""
+    apply_group(ledger, [item("WO-1", "input", 1, "a"), item("WO-2", "input", 1, "b")])
+    WorkOrder._get_collection().update_one({"_id": "WO-1"}, {"$inc": {"input_qty": 100}})
+    outcomes = apply_group(ledger, [item("WO-1", "input", 1, "c"), item("WO-2", "input", 1, "d")])
+    assert outcomes == [None, None]
+    assert ledger.apply(validate_update("WO-1", "input", 1), "c").value == 102
+
+
+# End to end: a real worker drains a backlog in groups.
+
+
+def test_a_worker_drains_a_backlog_in_groups_counting_every_update_once(
+    start_worker: Callable[..., Worker], redis_client: redis.Redis
+) -> None:
+    """Sent before the worker starts, so they wait together: repeats, a correction behind its
+    count, an unknown work order and a bad payload in the middle of the groups."""
+    make_work_orders(WOS)
+    sent, refused, delayed = [], [], []
+    for n in range(300):
+        wo = WOS[n % 3]
+        sent.append(submit_quantity_update(wo, "output", 2, request_id=f"r{n}"))
+        if n % 50 == 10:
+            sent.append(submit_quantity_update(wo, "output", 2, request_id=f"r{n}"))  # repeated
+            sent.append(submit_quantity_update(wo, "output", -1, request_id=f"fix{n}"))  # behind its count
+            refused.append(submit_quantity_update("WO-404", "input", 1, request_id=f"lost{n}")["job_id"])
+            refused.append(update_quantity.apply_async(("WO-1", "output", "many")).id)  # straight to the task
+        if n % 30 == 20:  # a .delay() caller waits for its result
+            delayed.append(update_quantity.delay(wo, "input", 1, request_id=f"d{n}"))
+    assert all(r["code"] == "QUEUED" for r in sent)
+    start_worker(MES_GROUP_MAX="50")
+    wait_until(lambda: QuantityLog.objects.count() >= 316, 120, "every update logged")
+    assert [r.get(timeout=30)["status"] for r in delayed] == ["applied"] * 10
+    assert sorted(_final_failure(job_id).error_code for job_id in refused) == sorted(
+        ["UNKNOWN_WORK_ORDER", "INVALID_QUANTITY"] * 6
+    )
+    assert [counters(wo) for wo in WOS] == [(0, 198), (0, 198), (10, 198)]  # 100 x 2, less 2 x 1
+    assert Counter(log.request_id for log in QuantityLog.objects).most_common(1)[0][1] == 1
+    logs_equal_counters()
+    wait_until(lambda: _group_sizes(redis_client) > 150, 5, "most updates counted in groups")
+
+
+@pytest.mark.parametrize("point", [faults.BEGUN, faults.COMMITTED])
+def test_a_worker_killed_inside_a_group_or_before_its_acks_loses_nothing_and_counts_nothing_twice(
+    start_worker: Callable[..., Worker], point: str
+) -> None:
+    """Killed with the group's transaction open (nothing committed), or committed with
+    no message acknowledged: the successor gets every message back, and counts each once."""
+    make_work_orders(WOS)
+    for n in range(60):
+        submit_quantity_update(WOS[n % 3], "input", 1, request_id=f"r{n}")
+    doomed = start_worker(hold=f"{point}=60", MES_GROUP_MAX="20")
+    doomed.wait_for_log("holding the transaction open")
+    doomed.kill()
+    start_worker(MES_GROUP_MAX="20")
+    wait_until(lambda: QuantityLog.objects.count() >= 60, 60, "every update logged")
+    time.sleep(1)  # a second, wrong application would land now
+    assert [counters(wo) for wo in WOS] == [(20, 0)] * 3
+    assert QuantityLog.objects.count() == 60
+    logs_equal_counters()
+
+
+def _group_sizes(client: redis.Redis) -> float:
+    """Updates applied in groups, as the worker counted them for the metrics."""
+    raw = client.hget(apply_histogram_key("mes:"), f"{GROUP_SERIES}{SUM}")
+    return 0.0 if raw is None else float(raw)
+
+
+def _final_failure(job_id: str) -> FailedUpdate:
+    wait_until(lambda: FailedUpdate.objects(task_id=job_id).count() == 1, 60, f"{job_id} dead-lettered")
+    return FailedUpdate.objects.get(task_id=job_id)
