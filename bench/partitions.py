@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -50,6 +51,8 @@ from devtools.process import Child
 
 CONFIGS = ("p1", "p2", "p4", "classic", "ceiling", "floor")
 PARTITIONED = {"p1": 1, "p2": 2, "p4": 4}  # partitions, and as many workers
+# pNgM: N partitions (and workers) applying up to M waiting updates together (MES_GROUP_MAX=M)
+GROUPED = re.compile(r"p([124])g([1-9][0-9]*)")
 WORK_ORDER_COUNT = 24
 BALANCED_OVER = 4  # the work orders split evenly over 4 partitions, hence over 2
 ENQUEUE_BATCH = 100
@@ -149,6 +152,7 @@ class Deployment:
     redis_url: str
     mongodb_uri: str
     partitions: int = 1
+    group_max: int = 1
 
     def env(self) -> dict[str, str]:
         pythonpath = f"{BENCH}{os.pathsep}{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
@@ -158,10 +162,11 @@ class Deployment:
             "REDIS_URL": self.redis_url,
             "MONGODB_URI": self.mongodb_uri,
             "MES_PARTITIONS": str(self.partitions),
+            "MES_GROUP_MAX": str(self.group_max),
         }
 
-    def with_partitions(self, partitions: int) -> Deployment:
-        return Deployment(self.redis_url, self.mongodb_uri, partitions)
+    def with_partitions(self, partitions: int, group_max: int = 1) -> Deployment:
+        return Deployment(self.redis_url, self.mongodb_uri, partitions, group_max)
 
     def prepare(self, design: str, n: int, tag: str, tmp: Path, half: int | None = None) -> Child:
         argv = [sys.executable, __file__, "--prepare", design, "--updates", str(n), "--tag", tag]
@@ -342,7 +347,7 @@ class Bench:
         if config == "classic":
             finish([self.first.prepare("classic", self.n, tag, self.tmp)])
             return self.drain([(self.first, [_argv(tag, classic=True)])], "classic", tag)
-        dep = self.first.with_partitions(PARTITIONED[config])
+        dep = self.first.with_partitions(*shape(config))
         finish([dep.prepare("mes_tasks", self.n, tag, self.tmp)])
         return self.drain([(dep, [_argv(f"{tag}-{i}") for i in range(dep.partitions)])], "mes_tasks", tag)
 
@@ -377,6 +382,18 @@ class Bench:
         assert ledger.kept is not None
         ledger.kept.release_all()
         return usage(before, after, self.n, self.n / took)
+
+
+def shape(config: str) -> tuple[int, int]:
+    """A mes_tasks configuration's partitions and MES_GROUP_MAX."""
+    grouped = GROUPED.fullmatch(config)
+    if grouped:
+        return int(grouped[1]), int(grouped[2])
+    return PARTITIONED[config], 1
+
+
+def known(config: str) -> bool:
+    return config in CONFIGS or GROUPED.fullmatch(config) is not None
 
 
 def _argv(name: str, classic: bool = False) -> list[str]:
@@ -426,10 +443,14 @@ def summary(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         keys = runs[config][0][field]
         return {k: round(statistics.median(run[field][k] for run in runs[config]), 2) for k in keys}
 
+    bases = ("classic", "floor", "p1")
+    grouped = {f"{g}/{b}": (g, b, 1) for g in rates if GROUPED.fullmatch(g) for b in bases}
     return {
         "per_s": {config: round(statistics.median(values), 1) for config, values in rates.items()},
         "ratios": {
-            name: paired(*spec) for name, spec in RATIOS.items() if {spec[0], spec[1]} <= rates.keys()
+            name: paired(*spec)
+            for name, spec in {**RATIOS, **grouped}.items()
+            if {spec[0], spec[1]} <= rates.keys()
         },
         "cpu_ms_per_update": {config: median_of(config, "cpu_ms_per_update") for config in runs},
         "cores_busy": {config: median_of(config, "cores_busy") for config in runs},
@@ -447,6 +468,11 @@ LABELS = {
 }
 
 
+def label_of(config: str) -> str:
+    partitions, group_max = shape(config)
+    return f"mes_tasks, {partitions} partition(s), groups of {group_max}"
+
+
 GROUPS = ("workers", "redis", "mongo", "machine")
 
 
@@ -455,7 +481,8 @@ def table(res: dict[str, Any], n: int, count: int) -> str:
         f"drain rate (updates/s committed; median of {count} rounds of {n})",
         f"  {'':36} {'per s':>7}   CPU ms per update ({'/'.join(GROUPS)})   cores busy (same)",
     ]
-    for config, label in LABELS.items():
+    labels = {**LABELS, **{c: label_of(c) for c in res["per_s"] if GROUPED.fullmatch(c)}}
+    for config, label in labels.items():
         if config not in res["per_s"]:
             continue
         cpu = "/".join(f"{res['cpu_ms_per_update'][config].get(g, 0):.2f}" for g in GROUPS)
@@ -488,15 +515,17 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", help="also write the results, as JSON, here")
     parser.add_argument(
-        "--configs", default=",".join(CONFIGS), help=f"a subset of {','.join(CONFIGS)} (default: all)"
+        "--configs",
+        default=",".join(CONFIGS),
+        help=f"a subset of {','.join(CONFIGS)}, and pNgM: N partitions, groups of M (default: {CONFIGS})",
     )
     parser.add_argument("--prepare", choices=("mes_tasks", "classic", "floor"), help=argparse.SUPPRESS)
     parser.add_argument("--tag", default="bench", help=argparse.SUPPRESS)
     parser.add_argument("--half", type=int, choices=(0, 1), help=argparse.SUPPRESS)
     args = parser.parse_args()
     configs = [c for c in args.configs.split(",") if c]
-    if not configs or set(configs) - set(CONFIGS):
-        parser.error(f"--configs: choose from {','.join(CONFIGS)}")
+    if not configs or not all(known(c) for c in configs):
+        parser.error(f"--configs: choose from {','.join(CONFIGS)}, or pNgM (N partitions, groups of M)")
     if args.prepare:
         prepare_here(args.prepare, args.updates, args.tag, args.half)
         return 0

@@ -3,6 +3,7 @@ update, inside a group."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -18,6 +19,7 @@ from mes_tasks.apply.ledger import ApplyResult, Ledger
 from mes_tasks.db import Mongo
 from mes_tasks.keys import apply_histogram_key, lock_key
 from mes_tasks.models import FailedUpdate, QuantityLog, WorkOrder
+from mes_tasks.names import UPDATE_QUANTITY
 from mes_tasks.send.producer import submit_quantity_update
 from mes_tasks.settings import Settings
 from mes_tasks.tally import GROUP_SERIES, SUM
@@ -252,6 +254,35 @@ def test_a_worker_killed_inside_a_group_or_before_its_acks_loses_nothing_and_cou
     assert [counters(wo) for wo in WOS] == [(20, 0)] * 3
     assert QuantityLog.objects.count() == 60
     logs_equal_counters()
+
+
+def test_flower_sees_each_grouped_update_as_a_task_with_its_work_order_and_outcome(
+    start_worker: Callable[..., Worker], redis_client: redis.Redis
+) -> None:
+    from mes_tasks.app import app
+
+    make_work_orders(WOS)
+    jobs = [submit_quantity_update(WOS[n % 3], "input", 1, request_id=f"f{n}")["job_id"] for n in range(40)]
+    seen: list[dict[str, object]] = []
+    with app.connection_for_read() as conn:
+        receiver = app.events.Receiver(conn, handlers={"*": seen.append})
+        listening = threading.Thread(target=receiver.capture, kwargs={"limit": None}, daemon=True)
+        listening.start()
+        start_worker(MES_GROUP_MAX="20")
+        wait_until(lambda: QuantityLog.objects.count() == 40, 30, "every update")
+        wait_until(lambda: _group_sizes(redis_client) > 20, 5, "updates counted in groups")
+        time.sleep(1)  # the last events on their way
+        receiver.should_stop = True
+        listening.join(5)
+    events: dict[str, dict[str, dict[str, object]]] = {}
+    for event in seen:
+        if str(event.get("type", "")).startswith("task-"):
+            events.setdefault(str(event["uuid"]), {})[str(event["type"])] = event
+    for job in jobs:
+        received, succeeded = events[job]["task-received"], events[job]["task-succeeded"]
+        assert received["name"] == UPDATE_QUANTITY and "WO-" in str(received["args"]), received
+        assert "'status': 'applied'" in str(succeeded["result"]), succeeded
+        assert received["hostname"] == succeeded["hostname"] and "workorder" in str(received["hostname"])
 
 
 def _group_sizes(client: redis.Redis) -> float:

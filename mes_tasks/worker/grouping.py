@@ -20,9 +20,11 @@ already waiting is taken: a lone update is applied at once, as before.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +45,7 @@ from mes_tasks.worker.state import STATE, LedgerTask
 log = logging.getLogger(__name__)
 
 JSON = "application/json"
+EVENTS_BUFFER_LIMIT = 3 * 1000 + 1  # a group's events (three per update) never flush part-way
 
 
 @dataclass(frozen=True)
@@ -83,8 +86,10 @@ def apply_with_waiting(task: LedgerTask, req: UpdateRequest, queue: str | None) 
     hand_back(channel, [w.message for w, r in zip(waiting, outcomes[1:], strict=True) if r is None])
     group_ms = (time.monotonic() - started) * 1000
     per_update_ms = group_ms / len(items)
-    for entry, result in settled:
-        _finish(task, entry, result, per_update_ms)
+    with _events_batched():
+        for entry, result in settled:
+            _finish(task, entry, result, per_update_ms)
+    acknowledge(channel, [entry.message for entry, _ in settled])
     STATE.record_duration(started, updates=len(items))
     STATE.tally.count(GROUPS, len(items), series=GROUP_SERIES)
     if outcomes[0] is not None:
@@ -92,22 +97,42 @@ def apply_with_waiting(task: LedgerTask, req: UpdateRequest, queue: str | None) 
     return outcomes[0]
 
 
+# Pop up to ARGV[1] messages from the head of the queue and record each as unacknowledged,
+# as kombu records the one it delivers (the index scored by ARGV[2], the hash holding
+# [payload, exchange, routing key]), in one step: no message is ever out of both.
+_TAKE = """
+local items = redis.call('RPOP', KEYS[1], tonumber(ARGV[1]))
+if not items then return {} end
+for _, item in ipairs(items) do
+  local properties = cjson.decode(item)['properties']
+  local tag, info = properties['delivery_tag'], properties['delivery_info']
+  redis.call('ZADD', KEYS[2], ARGV[2], tag)
+  redis.call('HSET', KEYS[3], tag,
+    '[' .. item .. ',' .. cjson.encode(info['exchange']) .. ',' .. cjson.encode(info['routing_key']) .. ']')
+end
+return items
+"""
+
+
 def take_waiting(channel: Any, queue: str, limit: int) -> list[Waiting]:
-    """Up to ``limit`` plain updates waiting at the head of ``queue``, each recorded as
-    unacknowledged; the first message that is not one goes back in its place, and ends
-    the taking."""
+    """Up to ``limit`` plain updates waiting at the head of ``queue`` (its default-priority
+    list, the one the consumer serves first), each recorded as unacknowledged; from the
+    first message that is not one, they go back in their place."""
+    try:
+        with channel.conn_or_acquire() as client:
+            keys = (queue, channel.unacked_index_key, channel.unacked_key)
+            raw = client.eval(_TAKE, len(keys), *keys, limit, time.time())
+    except Exception as exc:  # the broker failed: nothing was taken, or all of it is recorded
+        log.info("group: could not take from %s: %r", queue, exc)
+        return []
+    messages = [channel.Message(json.loads(item), channel=channel) for item in raw or ()]
+    for message in messages:
+        VirtualQoS.append(channel.qos, message, message.delivery_tag)  # type: ignore[no-untyped-call]
     taken: list[Waiting] = []
-    while len(taken) < limit:
-        try:
-            message = channel.basic_get(queue)
-        except Exception as exc:  # the broker failed: group what was taken
-            log.info("group: could not take more from %s: %r", queue, exc)
-            break
-        if message is None:
-            break
+    for n, message in enumerate(messages):
         entry = _plain_update(message)
         if entry is None:
-            hand_back(channel, [message])
+            hand_back(channel, messages[n:])
             break
         taken.append(entry)
     return taken
@@ -148,8 +173,8 @@ def hand_back(channel: Any, messages: Sequence[Any]) -> None:
 
 
 def _finish(task: LedgerTask, entry: Waiting, result: ApplyResult, apply_ms: float) -> None:
-    """A grouped update's aftermath, as Celery gives a task's: its result, its events, its
-    acknowledgement (after the commit), and its count."""
+    """A grouped update's aftermath, as Celery gives a task's: its result, its events and its
+    count (its acknowledgement is the group's: ``acknowledge``)."""
     value = result.to_dict()
     try:
         if not entry.headers.get("ignore_result"):  # as Celery: a submission's result is its log
@@ -157,17 +182,56 @@ def _finish(task: LedgerTask, entry: Waiting, result: ApplyResult, apply_ms: flo
     except Exception as exc:  # the outcome is committed; a result is a convenience
         log.warning("group: could not store the result of %s: %r", entry.task_id, exc)
     _events(entry, value, apply_ms / 1000)
-    try:
-        entry.message.ack()
-    except Exception as exc:  # it comes back at the take-over or the visibility timeout: a duplicate
-        log.warning("group: could not acknowledge %s: %r", entry.task_id, exc)
     count(result.status, apply_ms=apply_ms)
 
 
-def _events(entry: Waiting, value: dict[str, Any], runtime_s: float) -> None:
+def acknowledge(channel: Any, messages: Sequence[Any]) -> None:
+    """Acknowledge committed messages: their unacknowledged records deleted in one round
+    trip, their prefetch slots freed; never raises. A record that stays (the broker failed)
+    gives its message back at the take-over or the visibility timeout: a duplicate."""
+    qos = channel.qos
+    try:
+        with channel.conn_or_acquire() as client:
+            pipe = client.pipeline()
+            for message in messages:
+                qos._remove_from_indices(message.delivery_tag, pipe)
+            pipe.execute()
+    except Exception as exc:
+        log.warning("group: %d message(s) left unacknowledged: %r", len(messages), exc)
+    for message in messages:
+        VirtualQoS.ack(qos, message.delivery_tag)  # type: ignore[no-untyped-call]  # the slot only
+
+
+def _dispatcher() -> Any:
+    """The worker's event dispatcher, when it sends events."""
     consumer = STATE.consumer
     dispatcher = None if consumer is None else getattr(consumer, "event_dispatcher", None)
-    if dispatcher is None or not dispatcher.enabled:
+    return dispatcher if dispatcher is not None and dispatcher.enabled else None
+
+
+@contextmanager
+def _events_batched() -> Iterator[None]:
+    """The group's task events go out together, as one ``task.multi`` message (Celery's own
+    buffered form, which Flower and every event receiver read), not one publish each."""
+    dispatcher = _dispatcher()
+    if dispatcher is None:
+        yield
+        return
+    group, limit = dispatcher.buffer_group, dispatcher.buffer_limit
+    dispatcher.buffer_group, dispatcher.buffer_limit = frozenset({*group, "task"}), EVENTS_BUFFER_LIMIT
+    try:
+        yield
+    finally:
+        dispatcher.buffer_group, dispatcher.buffer_limit = group, limit
+        try:
+            dispatcher.flush(errors=False, groups=True)
+        except Exception as exc:
+            log.debug("group: events not sent: %r", exc)
+
+
+def _events(entry: Waiting, value: dict[str, Any], runtime_s: float) -> None:
+    dispatcher = _dispatcher()
+    if dispatcher is None:
         return
     h = entry.headers
     try:
