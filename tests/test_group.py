@@ -118,6 +118,23 @@ def test_an_unknown_work_order_is_left_out_and_the_rest_commits(ledger: Ledger) 
     assert WorkOrder.objects(id="WO-404").count() == 0
 
 
+def test_a_work_order_whose_lock_is_busy_is_left_to_the_single_apply_without_waiting(
+    ledger: Ledger, redis_client: redis.Redis, settings: Settings
+) -> None:
+    """A group holding locks never waits for another: two workers (the old and the new
+    partition of a change of MES_PARTITIONS) would wait on each other."""
+    other = Ledger(ledger.mongo, redis_client, settings).lock_for("WO-2")
+    other.acquire()
+    try:
+        started = time.monotonic()
+        items = [item("WO-1", "input", 1, "a"), item("WO-2", "input", 2, "b"), item("WO-3", "input", 3, "c")]
+        assert statuses(apply_group(ledger, items)) == ["applied", None, "applied"]
+        assert time.monotonic() - started < settings.lock_wait_s
+    finally:
+        other.let_go()
+    assert counters("WO-2") == (0, 0)
+
+
 def test_a_request_id_logged_meanwhile_aborts_the_whole_group_and_nothing_moves(
     ledger: Ledger, mongo: Mongo
 ) -> None:

@@ -127,7 +127,9 @@ def _hold(ledger: Ledger, work_order_ids: list[str]) -> dict[str, _Holder]:
             lock, epoch, known = kept.lock, kept.epoch, kept.known
         else:
             try:
-                lock, epoch, known = ledger.take(work_order_id)
+                # No wait: a group holding some locks never waits for another (two workers
+                # of a change of MES_PARTITIONS would wait on each other); the single apply waits.
+                lock, epoch, known = ledger.take(work_order_id, wait_s=0)
             except Exception as exc:
                 log.info("group: %s not held (%s); its updates go one by one", work_order_id, exc)
                 continue

@@ -124,13 +124,13 @@ class Ledger:
         self.sessions = sessions  # the worker's: where a successor finds our transactions' sessions
         self._blocked: dict[str, tuple[float, float]] = {}  # work order -> (retry after, back-off s)
 
-    def lock_for(self, work_order_id: str) -> RedisLock:
+    def lock_for(self, work_order_id: str, wait_s: float | None = None) -> RedisLock:
         s = self.settings
         return RedisLock(
             self.redis,
             lock_key(s.key_prefix, work_order_id),
             s.lock_ttl_s,
-            wait_s=s.lock_wait_s,
+            wait_s=s.lock_wait_s if wait_s is None else wait_s,
             extend_interval_s=s.lock_extend_interval_s,
             wanted_key=wanted_key(s.key_prefix, work_order_id),
             on_wait=self._let_kept_go,
@@ -185,13 +185,14 @@ class Ledger:
             self.kept.keep(req.work_order_id, lock, epoch, known)
         return result
 
-    def take(self, work_order_id: str) -> tuple[RedisLock, int, dict[str, int]]:
-        """Acquire the work order's lock, start its watchdog, and take the fence.
+    def take(self, work_order_id: str, wait_s: float | None = None) -> tuple[RedisLock, int, dict[str, int]]:
+        """Acquire the work order's lock (waiting ``MES_LOCK_WAIT_S``, or ``wait_s``), start its
+        watchdog, and take the fence.
 
         Returns the lock, the new epoch and the counters as they stood when it was set.
         """
         self._refuse_if_blocked(work_order_id)
-        lock = self.lock_for(work_order_id)
+        lock = self.lock_for(work_order_id, wait_s)
         lock.acquire()
         lock.start_watchdog()
         try:
