@@ -21,10 +21,11 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from conftest import make_work_orders
+from mes_tasks.apply.group import GroupItem, apply_group
 from mes_tasks.apply.keptlocks import KeptLocks
 from mes_tasks.apply.ledger import ApplyResult, Ledger
 from mes_tasks.db import Mongo
-from mes_tasks.errors import FenceLost, LockLost, NegativeCounter
+from mes_tasks.errors import FenceLost, LockLost, NegativeCounter, UnknownWorkOrder
 from mes_tasks.keys import lock_key
 from mes_tasks.models import ALL_MODELS, FailedUpdate, OutboxMessage, QuantityLog, WorkOrder
 from mes_tasks.send import relay
@@ -192,5 +193,96 @@ def test_every_counter_is_the_sum_of_its_distinct_accepted_requests(
     for log in QuantityLog.objects.order_by("id"):  # ids grow in insertion order within this process
         running[log.work_order_id, log.kind] += log.quantity
         assert log.value_after == running[log.work_order_id, log.kind], log.request_id
+    assert ledger.kept is not None
+    ledger.kept.release_all()
+
+
+# Group commit: the same property when the worker applies what waits in its queue together.
+
+group_pool = st.lists(
+    st.tuples(
+        st.sampled_from([*WOS, "P-404"]),  # P-404: an unknown work order, a poisoned item
+        st.sampled_from(["input", "output"]),
+        st.integers(-4, 9).filter(bool),
+    ),
+    min_size=1,
+    max_size=8,
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    pool=group_pool,
+    queue=st.lists(st.integers(0, 7), min_size=1, max_size=40),
+    sizes=st.lists(st.integers(1, 12), min_size=1, max_size=10),
+    taken=st.lists(st.sampled_from([None, *WOS]), min_size=1, max_size=10),
+    keep=st.booleans(),
+)
+@example(  # a correction behind its count in the same group, the count repeated
+    pool=[("P-1", "output", 5), ("P-1", "output", -5)],
+    queue=[1, 0, 0, 1],
+    sizes=[4],
+    taken=[None],
+    keep=True,
+)
+def test_groups_count_every_distinct_accepted_request_once(
+    mongo: Mongo,
+    redis_client: redis.Redis,
+    settings: Settings,
+    pool: list[tuple[str, str, int]],
+    queue: list[int],
+    sizes: list[int],
+    taken: list[str | None],
+    keep: bool,
+) -> None:
+    """The queue is applied as the worker does with MES_GROUP_MAX: a group of what waits, its
+    leader applied alone if the group left it, the rest of what it left back at the head;
+    between groups another holder may take a kept lock. Repeats, corrections behind their
+    counts and poisoned items fall inside groups."""
+    for model in ALL_MODELS:
+        model._get_collection().delete_many({})
+    redis_client.flushdb()
+    make_work_orders(WOS)
+    ledger = Ledger(mongo, redis_client, settings, KeptLocks(60.0 if keep else 0.0))
+    run = Run(ledger, redis_client, {(wo, kind): 0 for wo in [*WOS, "P-404"] for kind in ("input", "output")})
+    pending = [(validate_update(*pool[i % len(pool)]), f"req-{i % len(pool)}") for i in queue]
+    n = 0
+    while pending:
+        other = taken[n % len(taken)]
+        if other is not None:  # another holder took the work order between two groups
+            redis_client.delete(lock_key(settings.key_prefix, other))
+            ledger.bump_epoch(other)
+        group, pending = pending[: sizes[n % len(sizes)]], pending[sizes[n % len(sizes)] :]
+        n += 1
+        outcomes = apply_group(ledger, [GroupItem(req, rid) for req, rid in group])
+        for (req, rid), outcome in zip(group, outcomes, strict=True):
+            if outcome is None:
+                continue
+            assert outcome.status == ("duplicate" if rid in run.accepted else "applied"), rid
+            if rid not in run.accepted:
+                run.accepted.add(rid)
+                run.expected[req.work_order_id, req.kind] += req.quantity
+                run.waiting = [(r, i) for r, i in run.waiting if i != rid]
+        left = [entry for entry, outcome in zip(group, outcomes, strict=True) if outcome is None]
+        if outcomes[0] is None:  # the task's own update, applied alone
+            leader, left = left[0], left[1:]
+            try:
+                run.offer(*leader, "none")
+            except UnknownWorkOrder:
+                assert leader[0].work_order_id == "P-404"
+        pending = left + pending
+        run.retry_waiting()
+    for req, _ in run.waiting:  # dead-lettered only if it still goes below zero
+        assert run.expected[req.work_order_id, req.kind] + req.quantity < 0
+    for doc in WorkOrder.objects:
+        assert (doc.input_qty, doc.output_qty) == (
+            run.expected[doc.id, "input"],
+            run.expected[doc.id, "output"],
+        )
+    assert sorted(log.request_id for log in QuantityLog.objects) == sorted(run.accepted)
+    running = dict.fromkeys(run.expected, 0)
+    for log in QuantityLog.objects.order_by("id"):
+        running[log.work_order_id, log.kind] += log.quantity
+        assert log.value_after == running[log.work_order_id, log.kind] >= 0, log.request_id
     assert ledger.kept is not None
     ledger.kept.release_all()

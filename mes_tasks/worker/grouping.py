@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from celery import states
+from celery.app import trace
 from celery.utils.saferepr import saferepr
 from kombu.serialization import loads
 from kombu.transport.virtual import QoS as VirtualQoS
@@ -43,6 +44,7 @@ from mes_tasks.worker.retries import count
 from mes_tasks.worker.state import STATE, LedgerTask
 
 log = logging.getLogger(__name__)
+_received_log = logging.getLogger("celery.worker.strategy")  # where Celery logs a task's receipt
 
 JSON = "application/json"
 EVENTS_BUFFER_LIMIT = 3 * 1000 + 1  # a group's events (three per update) never flush part-way
@@ -182,7 +184,18 @@ def _finish(task: LedgerTask, entry: Waiting, result: ApplyResult, apply_ms: flo
     except Exception as exc:  # the outcome is committed; a result is a convenience
         log.warning("group: could not store the result of %s: %r", entry.task_id, exc)
     _events(entry, value, apply_ms / 1000)
+    _log(entry, value, apply_ms / 1000)
     count(result.status, apply_ms=apply_ms)
+
+
+def _log(entry: Waiting, value: dict[str, Any], runtime_s: float) -> None:
+    """The worker log's two lines of a task, as Celery writes them: received, succeeded."""
+    context = {"id": entry.task_id, "name": UPDATE_QUANTITY}
+    if _received_log.isEnabledFor(logging.INFO):
+        _received_log.info(trace.LOG_RECEIVED, context, extra={"data": context})
+    if trace.logger.isEnabledFor(logging.INFO):
+        done = {**context, "return_value": saferepr(value), "runtime": runtime_s}
+        trace.logger.info(trace.LOG_SUCCESS, done, extra={"data": done})
 
 
 def acknowledge(channel: Any, messages: Sequence[Any]) -> None:

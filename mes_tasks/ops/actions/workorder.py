@@ -26,9 +26,8 @@ def show_work_order(settings: Settings, work_order_id: str, logs: int = DEFAULT_
     check_range("logs", logs, 0, MAX_LOGS)
     with mongo_errors():
         doc = WorkOrder._get_collection().find_one({"_id": wo})
-        found = (
-            list(QuantityLog.objects(work_order_id=wo).order_by("-created_at").limit(logs)) if logs else []
-        )
+        newest = QuantityLog.objects(work_order_id=wo).order_by("-created_at", "-id")  # a group shares its ms
+        found = list(newest.limit(logs)) if logs else []
     if doc is None:
         raise UnknownWorkOrder(f"work order {wo!r} does not exist")
     updated_at = doc.get("updated_at")
