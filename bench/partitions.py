@@ -37,7 +37,7 @@ import sys
 import tempfile
 import time
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from functools import cache, cached_property
 from pathlib import Path
@@ -53,6 +53,7 @@ CONFIGS = ("p1", "p2", "p4", "classic", "ceiling", "floor")
 PARTITIONED = {"p1": 1, "p2": 2, "p4": 4}  # partitions, and as many workers
 # pNgM: N partitions (and workers) applying up to M waiting updates together (MES_GROUP_MAX=M)
 GROUPED = re.compile(r"p([124])g([1-9][0-9]*)")
+CEILING = re.compile(r"ceiling(g[1-9][0-9]*)?")  # ceilinggM: each of the two deployments in groups of M
 WORK_ORDER_COUNT = 24
 BALANCED_OVER = 4  # the work orders split evenly over 4 partitions, hence over 2
 ENQUEUE_BATCH = 100
@@ -337,8 +338,9 @@ class Bench:
     def measure(self, config: str, tag: str) -> dict[str, Any]:
         if config == "floor":
             return self.floor(tag)
-        if config == "ceiling":
-            deps = [self.first, second(self.first)]
+        if CEILING.fullmatch(config):
+            group_max = int(config[len("ceilingg") :] or 1) if config != "ceiling" else 1
+            deps = [replace(d, group_max=group_max) for d in (self.first, second(self.first))]
             # each deployment the 12 work orders one worker of 2 partitions holds: the same work
             finish(
                 [d.prepare("mes_tasks", self.n // 2, f"{tag}-{i}", self.tmp, i) for i, d in enumerate(deps)]
@@ -393,7 +395,7 @@ def shape(config: str) -> tuple[int, int]:
 
 
 def known(config: str) -> bool:
-    return config in CONFIGS or GROUPED.fullmatch(config) is not None
+    return config in CONFIGS or GROUPED.fullmatch(config) is not None or CEILING.fullmatch(config) is not None
 
 
 def _argv(name: str, classic: bool = False) -> list[str]:
@@ -443,8 +445,14 @@ def summary(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         keys = runs[config][0][field]
         return {k: round(statistics.median(run[field][k] for run in runs[config]), 2) for k in keys}
 
-    bases = ("classic", "floor", "p1")
-    grouped = {f"{g}/{b}": (g, b, 1) for g in rates if GROUPED.fullmatch(g) for b in bases}
+    bases = ("classic", "floor", "p1", "p1g100")
+    grouped = {
+        f"{g}/{b}": (g, b, 1)
+        for g in rates
+        if GROUPED.fullmatch(g) or (g != "ceiling" and CEILING.fullmatch(g))
+        for b in bases
+        if b != g
+    }
     return {
         "per_s": {config: round(statistics.median(values), 1) for config, values in rates.items()},
         "ratios": {
@@ -469,6 +477,8 @@ LABELS = {
 
 
 def label_of(config: str) -> str:
+    if CEILING.fullmatch(config):
+        return f"ceiling: 2 deployments x 1 worker, groups of {config[len('ceilingg') :]}"
     partitions, group_max = shape(config)
     return f"mes_tasks, {partitions} partition(s), groups of {group_max}"
 
@@ -481,7 +491,7 @@ def table(res: dict[str, Any], n: int, count: int) -> str:
         f"drain rate (updates/s committed; median of {count} rounds of {n})",
         f"  {'':36} {'per s':>7}   CPU ms per update ({'/'.join(GROUPS)})   cores busy (same)",
     ]
-    labels = {**LABELS, **{c: label_of(c) for c in res["per_s"] if GROUPED.fullmatch(c)}}
+    labels = {**LABELS, **{c: label_of(c) for c in res["per_s"] if c not in LABELS}}
     for config, label in labels.items():
         if config not in res["per_s"]:
             continue
