@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import pytest
 import redis
+from prometheus_client import generate_latest
 
 from conftest import Worker, make_work_orders, wait_until
 from mes_tasks.apply import faults
@@ -20,6 +21,7 @@ from mes_tasks.db import Mongo
 from mes_tasks.keys import apply_histogram_key, lock_key
 from mes_tasks.models import FailedUpdate, QuantityLog, WorkOrder
 from mes_tasks.names import UPDATE_QUANTITY
+from mes_tasks.ops.metrics import registry_for
 from mes_tasks.send.producer import submit_quantity_update
 from mes_tasks.settings import Settings
 from mes_tasks.tally import GROUP_SERIES, SUM
@@ -250,7 +252,16 @@ def test_a_worker_drains_a_backlog_in_groups_counting_every_update_once(
     assert [counters(wo) for wo in WOS] == [(0, 198), (0, 198), (10, 198)]  # 100 x 2, less 2 x 1
     assert Counter(log.request_id for log in QuantityLog.objects).most_common(1)[0][1] == 1
     logs_equal_counters()
-    wait_until(lambda: _group_sizes(redis_client) > 150, 5, "most updates counted in groups")
+    wait_until(
+        lambda: _scraped(redis_client).get("mes_updates_applied_total") == 316, 5, "every update counted"
+    )
+    scraped = _scraped(redis_client)  # updates counted as updates, and the groups' sizes apart
+    assert scraped["mes_group_size_sum"] > 150 and scraped['mes_group_size_bucket{le="50.0"}'] >= 2, scraped
+
+
+def _scraped(client: redis.Redis) -> dict[str, float]:
+    text = generate_latest(registry_for(client, "mes:")).decode()
+    return {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line.startswith("mes_")}
 
 
 @pytest.mark.parametrize("point", [faults.BEGUN, faults.COMMITTED])
