@@ -76,6 +76,11 @@ def apply_ms_key(prefix: str) -> str:
     return f"{prefix}stats:apply_ms"
 
 
+def take_key(prefix: str, nonce: str) -> str:
+    """The delivery tags one group took from its queue, until they are acknowledged (``worker.waiting``)."""
+    return f"{prefix}group:take:{nonce}"
+
+
 def pause_key(prefix: str, queue: str = WORKORDER_QUEUE) -> str:
     """``pause:workorder`` pauses every workorder queue; ``pause:workorder.{i}`` one partition."""
     return f"{prefix}pause:{queue}"

@@ -36,8 +36,7 @@ def http_series(method: str, route: str) -> str:
 
 
 APPLIED, DUPLICATE, RETRIED, DEAD_LETTERED = "applied", "duplicate", "retried", "dead_lettered"
-GROUPS = "groups"  # group commits, counted with their sizes in the histogram's GROUP_SERIES
-GROUP_SERIES = f"group{HTTP_SEP}"  # bucket bounds are the same numbers, read as updates, not ms
+GROUP_SERIES = f"group{HTTP_SEP}"  # group commits' sizes: the same bucket bounds, read as updates
 FLUSH_BACKOFF_S = 5.0  # after a failed flush of the worker's counts, the next is tried this much later
 
 
@@ -80,6 +79,10 @@ class Tally:
         self.counts[field] += 1
         if ms is not None:
             self.histogram.update({f"{series}{bucket_of(ms)}": 1, f"{series}{SUM}": ms})
+
+    def observe(self, value: float, series: str) -> None:
+        """One observation in ``series``' histogram only (no outcome counted: a group's size)."""
+        self.histogram.update({f"{series}{bucket_of(value)}": 1, f"{series}{SUM}": value})
 
     def __len__(self) -> int:
         return len(self.counts)

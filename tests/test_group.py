@@ -3,10 +3,13 @@ update, inside a group."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import pytest
 import redis
@@ -27,6 +30,7 @@ from mes_tasks.settings import Settings
 from mes_tasks.tally import GROUP_SERIES, SUM
 from mes_tasks.tasks import update_quantity
 from mes_tasks.validation import validate_update
+from mes_tasks.worker import waiting
 
 WOS = ["WO-1", "WO-2", "WO-3"]
 
@@ -322,3 +326,106 @@ def _group_sizes(client: redis.Redis) -> float:
 def _final_failure(job_id: str) -> FailedUpdate:
     wait_until(lambda: FailedUpdate.objects(task_id=job_id).count() == 1, 60, f"{job_id} dead-lettered")
     return FailedUpdate.objects.get(task_id=job_id)
+
+
+# The broker side (worker.waiting): taken, handed back and recovered in queue order.
+
+
+@pytest.fixture()
+def channel(redis_client: redis.Redis) -> Iterator[Any]:
+    from mes_tasks.app import app
+
+    with app.connection_for_write() as conn:
+        yield conn.default_channel
+
+
+def _queued_tags(client: redis.Redis) -> list[str]:
+    """The queue's delivery tags, the next to be consumed first (kombu pops from the right)."""
+    return [
+        json.loads(raw)["properties"]["delivery_tag"] for raw in reversed(client.lrange("workorder", 0, -1))
+    ]
+
+
+def test_a_take_stops_before_a_message_that_is_not_kombus_and_the_hand_back_restores_the_order(
+    channel: Any, redis_client: redis.Redis
+) -> None:
+    make_work_orders(WOS)
+    for n in range(3):
+        submit_quantity_update("WO-1", "input", 1, request_id=f"a{n}")
+    redis_client.lpush("workorder", "not a kombu message")
+    for n in range(2):
+        submit_quantity_update("WO-1", "input", 1, request_id=f"b{n}")
+    before = redis_client.lrange("workorder", 0, -1)
+    taken = waiting.take(channel, "workorder", 10)
+    assert len(taken.messages) == 3 and redis_client.llen("workorder") == 3
+    assert redis_client.lindex("workorder", -1) == "not a kombu message"  # left at the head for Celery
+    assert redis_client.hlen(channel.unacked_key) == 3 and redis_client.zcard(channel.unacked_index_key) == 3
+    waiting.hand_back(channel, "workorder", taken.messages)
+    after = redis_client.lrange("workorder", 0, -1)
+    assert [_tag(x) for x in after] == [_tag(x) for x in before]  # the same messages, the same order
+    assert redis_client.hlen(channel.unacked_key) == 0
+    assert channel.qos.can_consume() and not set(channel.qos._delivered) - channel.qos._dirty  # slots free
+
+
+def test_a_take_whose_reply_is_lost_is_found_and_handed_back_in_order(
+    channel: Any, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    make_work_orders(WOS)
+    for n in range(5):
+        submit_quantity_update("WO-1", "input", 1, request_id=f"a{n}")
+    before = _queued_tags(redis_client)
+    real, lost = channel.conn_or_acquire, []
+
+    @contextmanager
+    def reply_lost_once(client: Any = None) -> Iterator[Any]:
+        with real(client) as conn:
+            if not lost:
+                run = conn.eval
+
+                def run_then_lose(*args: Any) -> Any:
+                    lost.append(run(*args))  # the script ran on the server...
+                    raise redis.ConnectionError("connection reset")  # ...its reply never came
+
+                conn.eval = run_then_lose
+            yield conn
+
+    monkeypatch.setattr(channel, "conn_or_acquire", reply_lost_once)
+    taken = waiting.take(channel, "workorder", 10)
+    assert taken.messages == [] and len(lost[0]) == 5  # taken on the server, unknown to the worker
+    assert _queued_tags(redis_client) == before  # found under the take key and handed back at once
+    assert redis_client.hlen(channel.unacked_key) == 0 and not waiting.has_pending()
+
+
+def _tag(raw: str) -> str:
+    """A message's delivery tag (what is not a kombu message, as it is)."""
+    try:
+        return str(json.loads(raw)["properties"]["delivery_tag"])
+    except ValueError:
+        return raw
+
+
+@pytest.fixture()
+def pre_8_0_ledger(ledger: Ledger, monkeypatch: pytest.MonkeyPatch) -> Ledger:
+    """A server without the client-level bulkWrite (MongoDB 7, as docker-compose runs)."""
+    monkeypatch.setattr(ledger, "_has_bulk_write", lambda: False)
+    return ledger
+
+
+def test_before_mongodb_8_a_group_commits_in_one_transaction_all_the_same(pre_8_0_ledger: Ledger) -> None:
+    ledger = pre_8_0_ledger
+    items = [item(WOS[i % 3], "output", i + 1, f"r{i}") for i in range(12)] + [
+        item("WO-1", "output", 1, "r0")
+    ]
+    assert statuses(apply_group(ledger, items)) == ["applied"] * 12 + ["duplicate"]
+    logs_equal_counters()
+
+    def someone_takes_the_fence() -> None:
+        WorkOrder._get_collection().update_one({"_id": "WO-2"}, {"$inc": {"epoch": 1}})
+
+    with faults.injected(faults.BEGUN, someone_takes_the_fence):
+        assert apply_group(ledger, [item("WO-1", "input", 1, "x"), item("WO-2", "input", 1, "y")]) == [
+            None,
+            None,
+        ]
+    assert QuantityLog.objects(request_id__in=["x", "y"]).count() == 0
+    logs_equal_counters()

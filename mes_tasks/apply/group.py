@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pymongo import InsertOne, UpdateOne
+from pymongo.client_session import ClientSession
 
 from mes_tasks.apply import faults
 from mes_tasks.apply.ledger import ApplyResult, Ledger, _ident
@@ -72,7 +73,7 @@ def apply_group(ledger: Ledger, items: Sequence[GroupItem]) -> list[ApplyResult 
         answers it as it would any update.
     """
     outcomes: list[ApplyResult | None] = [None] * len(items)
-    if not items or not ledger._has_bulk_write():
+    if not items:
         return outcomes
     try:
         with mongo_errors():
@@ -85,7 +86,7 @@ def apply_group(ledger: Ledger, items: Sequence[GroupItem]) -> list[ApplyResult 
     planned: dict[int, ApplyResult] = {}
     repeats: list[tuple[int, int]] = []  # (index, index of the first with its request id)
     first_at: dict[str, int] = {}
-    inserts: list[InsertOne[dict[str, Any]]] = []
+    inserts: list[dict[str, Any]] = []  # the logs, in queue order
     for index, item in enumerate(items):
         if item.request_id in logged:
             outcomes[index] = _duplicate(ledger, item, logged[item.request_id])
@@ -98,12 +99,7 @@ def apply_group(ledger: Ledger, items: Sequence[GroupItem]) -> list[ApplyResult 
         after = None if holder is None else _plan(holder, item.req)
         if holder is None or after is None:
             continue
-        inserts.append(
-            InsertOne(
-                ledger._log_doc(item.req, item.request_id, holder.epoch, after, item.task_id),
-                namespace=ledger.logs.full_name,
-            )
-        )
+        inserts.append(ledger._log_doc(item.req, item.request_id, holder.epoch, after, item.task_id))
         ident = _ident(item.req, item.request_id)
         planned[index] = ApplyResult("applied", *ident, value=after[0], epoch=holder.epoch, version=after[1])
     committed = not planned or _commit(ledger, inserts, holders)
@@ -148,20 +144,24 @@ def _plan(holder: _Holder, req: UpdateRequest) -> tuple[int, int] | None:
     return value + req.quantity, version + 1
 
 
-def _commit(ledger: Ledger, inserts: list[InsertOne[dict[str, Any]]], holders: dict[str, _Holder]) -> bool:
+def _commit(ledger: Ledger, inserts: list[dict[str, Any]], holders: dict[str, _Holder]) -> bool:
     """The logs and one counter write per work order in one transaction, every lock checked
-    before the commit. False, with nothing written, when anything is not as planned."""
+    before the commit. False, with nothing written, when anything is not as planned.
+
+    MongoDB 8.0 and later take them in one ``bulkWrite``; earlier servers in one
+    ``insert_many`` and one update per work order, in the same transaction.
+    """
     moved = {wo: h for wo, h in holders.items() if h.now != h.start}
-    updates = [_counter_write(ledger, wo, h) for wo, h in moved.items()]
+    updates = [_counter_write(wo, h) for wo, h in moved.items()]
     try:
         with ledger._transaction() as session:
             faults.at(faults.BEGUN)
             with ExitStack() as stack:
                 checks = [stack.enter_context(h.lock.check_sent(ledger.check_line)) for h in moved.values()]
-                written = ledger.mongo.bulk_write([*inserts, *updates], session=session, ordered=True)
+                matched = _write(ledger, session, inserts, updates)
                 for check in checks:
                     check.confirm()
-            if written.matched_count != len(updates):
+            if matched != len(updates):
                 session.abort_transaction()  # a counter or an epoch moved without us
                 log.info("group: a work order changed under its holder; applying one by one")
                 return False
@@ -172,26 +172,43 @@ def _commit(ledger: Ledger, inserts: list[InsertOne[dict[str, Any]]], holders: d
     return True
 
 
-def _counter_write(ledger: Ledger, work_order_id: str, holder: _Holder) -> UpdateOne:
+def _write(
+    ledger: Ledger, session: ClientSession, inserts: list[dict[str, Any]], updates: list[_CounterWrite]
+) -> int:
+    """The group's writes inside its transaction; how many counter writes matched."""
+    if ledger._has_bulk_write():
+        logs, work_orders = ledger.logs.full_name, ledger.work_orders.full_name
+        writes: list[InsertOne[dict[str, Any]] | UpdateOne] = [InsertOne(d, namespace=logs) for d in inserts]
+        writes += [UpdateOne(match, change, namespace=work_orders) for match, change in updates]
+        return int(ledger.mongo.bulk_write(writes, session=session, ordered=True).matched_count)
+    ledger.logs.insert_many(inserts, ordered=True, session=session)
+    return sum(ledger.work_orders.update_one(m, c, session=session).matched_count for m, c in updates)
+
+
+_CounterWrite = tuple[dict[str, Any], dict[str, Any]]  # the match and the change
+
+
+def _counter_write(work_order_id: str, holder: _Holder) -> _CounterWrite:
     match: dict[str, Any] = {"_id": work_order_id, "epoch": holder.epoch, VERSION: holder.start[VERSION]}
     inc: dict[str, int] = {VERSION: holder.now[VERSION] - holder.start[VERSION]}
     for field in COUNTER_FIELDS.values():
         if field in holder.now and holder.now[field] != holder.start.get(field):
             match[field] = holder.start[field]
             inc[field] = holder.now[field] - holder.start[field]
-    return UpdateOne(
-        match, {"$inc": inc, "$set": {"updated_at": utcnow()}}, namespace=ledger.work_orders.full_name
-    )
+    return match, {"$inc": inc, "$set": {"updated_at": utcnow()}}
 
 
 def _keep_or_let_go(ledger: Ledger, holders: dict[str, _Holder], committed: bool) -> None:
     """Keep each lock with the counters it now knows; after a failed group let go of every
-    one (the single applies take them afresh)."""
+    one (the single applies take them afresh). Never raises: the group's outcome stands."""
     for work_order_id, holder in holders.items():
-        if committed and ledger.kept is not None:
-            ledger.kept.keep(work_order_id, holder.lock, holder.epoch, holder.now)
-        else:
-            holder.lock.let_go()
+        try:
+            if committed and ledger.kept is not None:
+                ledger.kept.keep(work_order_id, holder.lock, holder.epoch, holder.now)
+            else:
+                holder.lock.let_go()
+        except Exception as exc:  # a Redis error letting go: the lock's TTL ends it
+            log.info("group: lock of %s not let go (%s)", work_order_id, _short(exc))
 
 
 def _duplicate(ledger: Ledger, item: GroupItem, logged: dict[str, Any]) -> ApplyResult | None:

@@ -1,29 +1,30 @@
 """Group commit on the worker: the updates waiting behind the one being run are applied with it.
 
 With ``MES_GROUP_MAX`` > 1, ``update_quantity`` takes up to ``MES_GROUP_MAX - 1`` more
-updates from its queue (``take_waiting``: each one recorded as unacknowledged, as kombu
-records the one it delivers) and applies them together (``apply.group``). Only what is
-already waiting is taken: a lone update is applied at once, as before.
+updates from its queue (``take_waiting``; ``waiting`` takes, hands back and acknowledges
+them on the broker, each in one atomic step) and applies them together (``apply.group``).
+Only what is already waiting is taken: a lone update is applied at once, as before.
 
 * Each taken message is acknowledged only after the transaction that holds its outcome has
   committed. A SIGKILL before that leaves it in kombu's unacknowledged records, and it comes
   back at the lease take-over or the visibility timeout: a duplicate, answered as one.
 * An update the group did not settle, and a message that is not a plain update (a retry
   waiting on its countdown, a message of another task, one that does not decode), goes
-  back to the head of its queue in its place (``hand_back``): the worker's next deliveries
+  back to the head of its queue in its place (``waiting.hand_back``): the worker's next deliveries
   are those messages, in their order, and each takes Celery's one-at-a-time way, with its
   refusal, wait, retry or dead letter.
-* Flower and the result store see each grouped update as a task of its own: its
-  task-received, task-started and task-succeeded events and its result, as Celery would
-  send and store them; the metrics count each update.
+* Flower, the worker log and the result store see each grouped update as a task of its
+  own: its task-received, task-started and task-succeeded events, its received and
+  succeeded log lines and its result, as Celery would send, write and store them; the
+  metrics count each update. A message that asks for more than an update (callbacks, a
+  chain, a chord) takes Celery's way.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -32,14 +33,14 @@ from celery import states
 from celery.app import trace
 from celery.utils.saferepr import saferepr
 from kombu.serialization import loads
-from kombu.transport.virtual import QoS as VirtualQoS
 
 from mes_tasks.apply import faults
 from mes_tasks.apply.group import GroupItem, apply_group
 from mes_tasks.apply.ledger import ApplyResult
 from mes_tasks.names import UPDATE_QUANTITY
-from mes_tasks.tally import GROUP_SERIES, GROUPS
+from mes_tasks.tally import GROUP_SERIES
 from mes_tasks.validation import UpdateRequest, bind_update, validate_update
+from mes_tasks.worker import waiting
 from mes_tasks.worker.retries import count
 from mes_tasks.worker.state import STATE, LedgerTask
 
@@ -71,73 +72,77 @@ def apply_with_waiting(task: LedgerTask, req: UpdateRequest, queue: str | None) 
     channel = _channel()
     if limit <= 0 or channel is None or queue is None:
         return None
+    waiting.recover(channel)  # what an earlier group could not hand back goes first
     started = time.monotonic()
-    waiting = take_waiting(channel, queue, limit)
-    if not waiting:
+    taken, entries = take_waiting(channel, queue, limit)
+    if not entries:
         return None
     own_id = req.request_id or task.request.id
     items = [GroupItem(req, own_id, task.request.id)]
-    items += [GroupItem(w.req, w.req.request_id or w.task_id, w.task_id) for w in waiting]
+    items += [GroupItem(w.req, w.req.request_id or w.task_id, w.task_id) for w in entries]
+    outcomes: list[ApplyResult | None] = [None] * len(items)
     try:
         outcomes = apply_group(task.ledger, items)
-    except BaseException:
-        hand_back(channel, [w.message for w in waiting])
-        raise
-    faults.at(faults.COMMITTED)
-    settled = [(w, r) for w, r in zip(waiting, outcomes[1:], strict=True) if r is not None]
-    hand_back(channel, [w.message for w, r in zip(waiting, outcomes[1:], strict=True) if r is None])
-    group_ms = (time.monotonic() - started) * 1000
-    per_update_ms = group_ms / len(items)
-    with _events_batched():
-        for entry, result in settled:
-            _finish(task, entry, result, per_update_ms)
-    acknowledge(channel, [entry.message for entry, _ in settled])
+        faults.at(faults.COMMITTED)
+    finally:  # whatever happens after the commit: the settled are acknowledged, the rest go back
+        settled = [(w, r) for w, r in zip(entries, outcomes[1:], strict=True) if r is not None]
+        left = [w.message for w, r in zip(entries, outcomes[1:], strict=True) if r is None]
+        waiting.hand_back(channel, queue, left)
+        try:
+            _finish_all(task, settled, started, len(items))
+        finally:
+            waiting.acknowledge(channel, taken, [entry.message for entry, _ in settled])
+    applied = len(settled) + (outcomes[0] is not None)
     STATE.record_duration(started, updates=len(items))
-    STATE.tally.count(GROUPS, len(items), series=GROUP_SERIES)
+    if applied > 1:
+        STATE.tally.observe(applied, GROUP_SERIES)
     if outcomes[0] is not None:
-        count(outcomes[0].status, apply_ms=per_update_ms)
+        count(outcomes[0].status, apply_ms=(time.monotonic() - started) * 1000 / len(items))
     return outcomes[0]
 
 
-# Pop up to ARGV[1] messages from the head of the queue and record each as unacknowledged,
-# as kombu records the one it delivers (the index scored by ARGV[2], the hash holding
-# [payload, exchange, routing key]), in one step: no message is ever out of both.
-_TAKE = """
-local items = redis.call('RPOP', KEYS[1], tonumber(ARGV[1]))
-if not items then return {} end
-for _, item in ipairs(items) do
-  local properties = cjson.decode(item)['properties']
-  local tag, info = properties['delivery_tag'], properties['delivery_info']
-  redis.call('ZADD', KEYS[2], ARGV[2], tag)
-  redis.call('HSET', KEYS[3], tag,
-    '[' .. item .. ',' .. cjson.encode(info['exchange']) .. ',' .. cjson.encode(info['routing_key']) .. ']')
-end
-return items
-"""
-
-
-def take_waiting(channel: Any, queue: str, limit: int) -> list[Waiting]:
+def take_waiting(channel: Any, queue: str, limit: int) -> tuple[waiting.Take, list[Waiting]]:
     """Up to ``limit`` plain updates waiting at the head of ``queue`` (its default-priority
     list, the one the consumer serves first), each recorded as unacknowledged; from the
     first message that is not one, they go back in their place."""
-    try:
-        with channel.conn_or_acquire() as client:
-            keys = (queue, channel.unacked_index_key, channel.unacked_key)
-            raw = client.eval(_TAKE, len(keys), *keys, limit, time.time())
-    except Exception as exc:  # the broker failed: nothing was taken, or all of it is recorded
-        log.info("group: could not take from %s: %r", queue, exc)
-        return []
-    messages = [channel.Message(json.loads(item), channel=channel) for item in raw or ()]
-    for message in messages:
-        VirtualQoS.append(channel.qos, message, message.delivery_tag)  # type: ignore[no-untyped-call]
-    taken: list[Waiting] = []
-    for n, message in enumerate(messages):
+    taken = waiting.take(channel, queue, limit)
+    entries: list[Waiting] = []
+    for n, message in enumerate(taken.messages):
         entry = _plain_update(message)
         if entry is None:
-            hand_back(channel, messages[n:])
+            waiting.hand_back(channel, queue, taken.messages[n:])
             break
-        taken.append(entry)
-    return taken
+        entries.append(entry)
+    return taken, entries
+
+
+def _finish_all(
+    task: LedgerTask, settled: list[tuple[Waiting, ApplyResult]], started: float, size: int
+) -> None:
+    per_update_ms = (time.monotonic() - started) * 1000 / size
+    results = _Results(task)
+    with _events_batched():
+        for entry, result in settled:
+            _finish(entry, result, per_update_ms, results)
+
+
+class _Results:
+    """Stores grouped updates' results where their caller asked for one (as Celery would);
+    after one failure (Redis unwell) stores no more for this group, rather than block the
+    worker on each in turn."""
+
+    def __init__(self, task: LedgerTask) -> None:
+        self.backend = task.backend
+        self.failed = False
+
+    def store(self, entry: Waiting, value: dict[str, Any]) -> None:
+        if self.failed or entry.headers.get("ignore_result"):  # a submission's result is its log
+            return
+        try:
+            self.backend.store_result(entry.task_id, value, states.SUCCESS)
+        except Exception as exc:  # the outcome is committed; a result is a convenience
+            self.failed = True
+            log.warning("group: results not stored from %s on: %r", entry.task_id, exc)
 
 
 def _plain_update(message: Any) -> Waiting | None:
@@ -150,7 +155,9 @@ def _plain_update(message: Any) -> Waiting | None:
         return None
     try:
         body = loads(message.body, message.content_type, message.content_encoding, accept=[JSON])  # type: ignore[no-untyped-call]
-        args, kwargs = body[0], body[1]
+        args, kwargs, embed = body
+        if any(embed.get(k) for k in ("callbacks", "errbacks", "chain", "chord")):
+            return None
         positional, named = bind_update(args, kwargs)
         req = validate_update(*positional, **named)
     except Exception:
@@ -158,31 +165,11 @@ def _plain_update(message: Any) -> Waiting | None:
     return Waiting(message, headers["id"], req, headers)
 
 
-def hand_back(channel: Any, messages: Sequence[Any]) -> None:
-    """Put ``messages`` back at the head of their queue, in their order (the last one first:
-    the consumer pops from the head), and free their prefetch slots; never raises.
-
-    A message that cannot be put back (the broker failed) stays in the unacknowledged
-    records, which give it back at the lease take-over or the visibility timeout.
-    """
-    qos = channel.qos
-    for message in reversed(messages):
-        try:
-            qos.restore_by_tag(message.delivery_tag, leftmost=False)
-        except Exception as exc:
-            log.warning("group: left %s in the unacknowledged records: %r", message.delivery_tag, exc)
-        VirtualQoS.ack(qos, message.delivery_tag)  # type: ignore[no-untyped-call]  # the slot only
-
-
-def _finish(task: LedgerTask, entry: Waiting, result: ApplyResult, apply_ms: float) -> None:
-    """A grouped update's aftermath, as Celery gives a task's: its result, its events and its
-    count (its acknowledgement is the group's: ``acknowledge``)."""
+def _finish(entry: Waiting, result: ApplyResult, apply_ms: float, results: _Results) -> None:
+    """A grouped update's aftermath, as Celery gives a task's: its result, its events, its log
+    lines and its count (its acknowledgement is the group's: ``waiting.acknowledge``)."""
     value = result.to_dict()
-    try:
-        if not entry.headers.get("ignore_result"):  # as Celery: a submission's result is its log
-            task.backend.store_result(entry.task_id, value, states.SUCCESS)
-    except Exception as exc:  # the outcome is committed; a result is a convenience
-        log.warning("group: could not store the result of %s: %r", entry.task_id, exc)
+    results.store(entry, value)
     _events(entry, value, apply_ms / 1000)
     _log(entry, value, apply_ms / 1000)
     count(result.status, apply_ms=apply_ms)
@@ -196,23 +183,6 @@ def _log(entry: Waiting, value: dict[str, Any], runtime_s: float) -> None:
     if trace.logger.isEnabledFor(logging.INFO):
         done = {**context, "return_value": saferepr(value), "runtime": runtime_s}
         trace.logger.info(trace.LOG_SUCCESS, done, extra={"data": done})
-
-
-def acknowledge(channel: Any, messages: Sequence[Any]) -> None:
-    """Acknowledge committed messages: their unacknowledged records deleted in one round
-    trip, their prefetch slots freed; never raises. A record that stays (the broker failed)
-    gives its message back at the take-over or the visibility timeout: a duplicate."""
-    qos = channel.qos
-    try:
-        with channel.conn_or_acquire() as client:
-            pipe = client.pipeline()
-            for message in messages:
-                qos._remove_from_indices(message.delivery_tag, pipe)
-            pipe.execute()
-    except Exception as exc:
-        log.warning("group: %d message(s) left unacknowledged: %r", len(messages), exc)
-    for message in messages:
-        VirtualQoS.ack(qos, message.delivery_tag)  # type: ignore[no-untyped-call]  # the slot only
 
 
 def _dispatcher() -> Any:
@@ -270,3 +240,12 @@ def _channel() -> Any:
     consumer = STATE.consumer
     task_consumer = None if consumer is None else getattr(consumer, "task_consumer", None)
     return None if task_consumer is None else getattr(task_consumer, "channel", None)
+
+
+def _recover_between_tasks() -> None:
+    channel = _channel()
+    if channel is not None and waiting.has_pending():
+        waiting.recover(channel)
+
+
+STATE.between_tasks.append(_recover_between_tasks)

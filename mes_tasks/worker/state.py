@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from celery import Task, bootsteps
@@ -37,6 +38,7 @@ class WorkerState:
         self._published_at = 0.0
         self.tally = Tally()  # outcomes for the metrics endpoint, flushed between tasks
         self.consumer: Any = None  # Celery's consumer, where a group takes the waiting updates from
+        self.between_tasks: list[Callable[[], None]] = []  # run by the tick below (never raising)
 
     @property
     def ledger(self) -> Ledger:
@@ -96,6 +98,8 @@ class ReleaseKeptLocks(bootsteps.StartStopStep):  # type: ignore[misc]
         if kept is not None:
             kept.release_idle()
         STATE.flush_counts()
+        for hook in STATE.between_tasks:
+            hook()
 
     def stop(self, c: Any) -> None:
         if self.timer_entry is not None:
