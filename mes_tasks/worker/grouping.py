@@ -170,18 +170,22 @@ def _finish(entry: Waiting, result: ApplyResult, apply_ms: float, results: _Resu
     lines and its count (its acknowledgement is the group's: ``waiting.acknowledge``)."""
     value = result.to_dict()
     results.store(entry, value)
-    _events(entry, value, apply_ms / 1000)
-    _log(entry, value, apply_ms / 1000)
+    dispatcher = _dispatcher()
+    logged = trace.logger.isEnabledFor(logging.INFO)
+    shown = saferepr(value) if dispatcher is not None or logged else ""  # one repr, both uses
+    if dispatcher is not None:
+        _events(dispatcher, entry, shown, apply_ms / 1000)
+    _log(entry, shown if logged else None, apply_ms / 1000)
     count(result.status, apply_ms=apply_ms)
 
 
-def _log(entry: Waiting, value: dict[str, Any], runtime_s: float) -> None:
+def _log(entry: Waiting, shown: str | None, runtime_s: float) -> None:
     """The worker log's two lines of a task, as Celery writes them: received, succeeded."""
     context = {"id": entry.task_id, "name": UPDATE_QUANTITY}
     if _received_log.isEnabledFor(logging.INFO):
         _received_log.info(trace.LOG_RECEIVED, context, extra={"data": context})
-    if trace.logger.isEnabledFor(logging.INFO):
-        done = {**context, "return_value": saferepr(value), "runtime": runtime_s}
+    if shown is not None:
+        done = {**context, "return_value": shown, "runtime": runtime_s}
         trace.logger.info(trace.LOG_SUCCESS, done, extra={"data": done})
 
 
@@ -212,10 +216,7 @@ def _events_batched() -> Iterator[None]:
             log.debug("group: events not sent: %r", exc)
 
 
-def _events(entry: Waiting, value: dict[str, Any], runtime_s: float) -> None:
-    dispatcher = _dispatcher()
-    if dispatcher is None:
-        return
+def _events(dispatcher: Any, entry: Waiting, shown: str, runtime_s: float) -> None:
     h = entry.headers
     try:
         dispatcher.send(
@@ -231,7 +232,7 @@ def _events(entry: Waiting, value: dict[str, Any], runtime_s: float) -> None:
             expires=None,
         )
         dispatcher.send("task-started", uuid=entry.task_id)
-        dispatcher.send("task-succeeded", uuid=entry.task_id, result=saferepr(value), runtime=runtime_s)
+        dispatcher.send("task-succeeded", uuid=entry.task_id, result=shown, runtime=runtime_s)
     except Exception as exc:
         log.debug("group: events of %s not sent: %r", entry.task_id, exc)
 
