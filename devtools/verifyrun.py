@@ -1,6 +1,6 @@
 """A long run of continuous verification on its defaults, as a plant would see it.
 
-    python -m devtools.verifyrun [--minutes 30] [--rate 60] [--injections 20] [--work-orders 16]
+    python -m devtools.verifyrun [--minutes 30] [--rate 100] [--injections 20] [--work-orders 16]
 
 Starts its own Redis and SecantusDB, the ``workorder`` worker, the ``audit`` worker and beat
 (every setting at its default: a pass every 30 s), and submits updates at ``--rate``. Every
@@ -129,7 +129,7 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--minutes", type=float, default=30)
-    parser.add_argument("--rate", type=float, default=60, help="updates offered per second")
+    parser.add_argument("--rate", type=float, default=100, help="updates offered per second")
     parser.add_argument("--injections", type=int, default=20)
     parser.add_argument("--work-orders", type=int, default=16)
     parser.add_argument("--seed", type=int, default=1)
