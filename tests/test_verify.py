@@ -4,6 +4,7 @@ false alarm while updates flow, a pass reading only what changed, every update a
 from __future__ import annotations
 
 import json
+import os
 import sys
 import threading
 import time
@@ -332,3 +333,34 @@ def test_the_nightly_audit_verifies_the_checkpoints_and_drops_a_wrong_one(ledger
     after = a_pass(ledger)
     assert (after.proved, after.findings) == (1, [])
     assert audit_and_report(ledger).checkpoints_reset == 0
+
+
+def test_checkpoints_survive_a_new_checker_process_and_a_redis_restart(
+    ledger: Ledger, servers: dict[str, object], tmp_path: Path
+) -> None:
+    """Each pass runs in a process of its own (``audit verify``, as a restarted audit worker
+    would), with Redis restarted between them: the second reads only the new logs, proves
+    nothing in full again, and still finds a drift that happened meanwhile."""
+    import subprocess
+
+    def verify_in_a_new_process() -> dict[str, object]:
+        env = {**os.environ, "MES_VERIFY_SWEEP": "0", "MES_REPORTS_DIR": str(tmp_path / "reports")}
+        done = subprocess.run(
+            [sys.executable, "-m", "celery", "-A", "mes_tasks", "audit", "verify", "--json"],
+            env=env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert done.returncode in (0, 1), done.stderr
+        data: dict[str, object] = json.loads(done.stdout)
+        return data
+
+    apply_some(ledger, 120, "old")
+    first = verify_in_a_new_process()
+    assert (first["proved"], first["logs_read"], first["drift"]) == (6, 120, [])
+    servers["redis"].restart()  # type: ignore[attr-defined]
+    apply_some(ledger, 5, "new")
+    WorkOrder._get_collection().update_one({"_id": "WO-V5"}, {"$inc": {"output_qty": 2}})
+    second = verify_in_a_new_process()
+    # The five new logs, and the drifted work order's 20 read once more to prove it in full
+    # before it is reported; not the 120 a checker that lost its checkpoints would read.
+    assert (second["changed"], second["proved"], second["drift"]) == (5, 1, ["WO-V5"])
+    assert second["logs_read"] == 5 + 20
