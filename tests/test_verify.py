@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -341,7 +342,6 @@ def test_checkpoints_survive_a_new_checker_process_and_a_redis_restart(
     """Each pass runs in a process of its own (``audit verify``, as a restarted audit worker
     would), with Redis restarted between them: the second reads only the new logs, proves
     nothing in full again, and still finds a drift that happened meanwhile."""
-    import subprocess
 
     def verify_in_a_new_process() -> dict[str, object]:
         env = {**os.environ, "MES_VERIFY_SWEEP": "0", "MES_REPORTS_DIR": str(tmp_path / "reports")}

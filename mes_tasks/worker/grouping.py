@@ -121,9 +121,10 @@ def _finish_all(
 ) -> None:
     per_update_ms = (time.monotonic() - started) * 1000 / size
     results = _Results(task)
-    with _events_batched():
+    logged = trace.logger.isEnabledFor(logging.INFO)
+    with _events_batched() as dispatcher:
         for entry, result in settled:
-            _finish(entry, result, per_update_ms, results)
+            _finish(entry, result, per_update_ms, results, dispatcher, logged)
 
 
 class _Results:
@@ -165,13 +166,13 @@ def _plain_update(message: Any) -> Waiting | None:
     return Waiting(message, headers["id"], req, headers)
 
 
-def _finish(entry: Waiting, result: ApplyResult, apply_ms: float, results: _Results) -> None:
+def _finish(
+    entry: Waiting, result: ApplyResult, apply_ms: float, results: _Results, dispatcher: Any, logged: bool
+) -> None:
     """A grouped update's aftermath, as Celery gives a task's: its result, its events, its log
     lines and its count (its acknowledgement is the group's: ``waiting.acknowledge``)."""
     value = result.to_dict()
     results.store(entry, value)
-    dispatcher = _dispatcher()
-    logged = trace.logger.isEnabledFor(logging.INFO)
     shown = saferepr(value) if dispatcher is not None or logged else ""  # one repr, both uses
     if dispatcher is not None:
         _events(dispatcher, entry, shown, apply_ms / 1000)
@@ -197,17 +198,18 @@ def _dispatcher() -> Any:
 
 
 @contextmanager
-def _events_batched() -> Iterator[None]:
+def _events_batched() -> Iterator[Any]:
     """The group's task events go out together, as one ``task.multi`` message (Celery's own
-    buffered form, which Flower and every event receiver read), not one publish each."""
+    buffered form, which Flower and every event receiver read), not one publish each. Yields
+    the worker's event dispatcher, or None when it sends no events."""
     dispatcher = _dispatcher()
     if dispatcher is None:
-        yield
+        yield None
         return
     group, limit = dispatcher.buffer_group, dispatcher.buffer_limit
     dispatcher.buffer_group, dispatcher.buffer_limit = frozenset({*group, "task"}), EVENTS_BUFFER_LIMIT
     try:
-        yield
+        yield dispatcher
     finally:
         dispatcher.buffer_group, dispatcher.buffer_limit = group, limit
         try:
