@@ -161,6 +161,7 @@ def verify_summary(outcome: VerifyOutcome, report: AuditReport | None) -> dict[s
         "changed": outcome.changed,
         "proved": outcome.proved,
         "logs_read": outcome.logs_read,
+        "log_changes": outcome.log_changes,
         "findings": [asdict(f) for f in outcome.findings],
         "drift": outcome.drift,
         "unexplained": outcome.unexplained,

@@ -103,16 +103,47 @@ def test_a_counter_restored_from_an_old_backup_is_found(ledger: Ledger) -> None:
     assert all(f.delta < 0 for f in found.findings)  # the counter is behind its logs
 
 
-def test_a_log_deleted_or_edited_behind_the_ledgers_back_is_found_by_the_sweep(ledger: Ledger) -> None:
+def test_a_log_deleted_edited_or_replaced_behind_the_ledgers_back_is_found_in_the_next_pass(
+    ledger: Ledger,
+) -> None:
     apply_some(ledger, 30, "r")
     assert a_pass(ledger).findings == []
-    QuantityLog._get_collection().delete_one({"request_id": "r0"})  # WO-V0 input 1
-    QuantityLog._get_collection().update_one({"request_id": "r4"}, {"$inc": {"quantity": 10}})  # WO-V4 input
-    sweeps = [a_pass(ledger, sweep=2) for _ in range(3)]  # two work orders a pass: all six in three
-    assert set().union(*(drift_of(s) for s in sweeps)) == {
+    logs = QuantityLog._get_collection()
+    logs.delete_one({"request_id": "r0"})  # WO-V0 input 1
+    logs.update_one({"request_id": "r4"}, {"$inc": {"quantity": 10}})  # WO-V4 input
+    moved = logs.find_one({"request_id": "r1"})  # WO-V1 output 2, replaced as WO-V5's
+    logs.replace_one({"_id": moved["_id"]}, {**moved, "work_order_id": "WO-V5"})
+    found = a_pass(ledger)  # no sweep: the logs' change stream names the work orders
+    assert drift_of(found) == {
         ("WO-V0", "input_qty", 1),
         ("WO-V4", "input_qty", -10),
+        ("WO-V1", "output_qty", 2),
+        ("WO-V5", "output_qty", -2),
     }
+    assert (found.proved, found.log_changes) == (4, 3)
+    assert a_pass(ledger).proved == 4  # still drifting: proved again, not forgotten
+
+
+def test_a_change_the_stream_cannot_place_makes_the_pass_prove_everything(ledger: Ledger) -> None:
+    apply_some(ledger, 12, "r")
+    assert a_pass(ledger).proved == 6
+    assert a_pass(ledger).proved == 0
+    VerifyState._get_collection().update_one({"_id": "log_stream"}, {"$set": {"token": {"_data": "00"}}})
+    QuantityLog._get_collection().delete_one({"request_id": "r3"})  # WO-V3 output 1
+    found = a_pass(ledger)  # a position the server does not know: everything, once
+    assert (found.proved, drift_of(found)) == (6, {("WO-V3", "output_qty", 1)})
+    assert a_pass(ledger).proved == 1  # the position is kept again: only the drifting one
+
+
+def test_the_sweep_proves_every_work_order_in_turn(ledger: Ledger) -> None:
+    apply_some(ledger, 30, "r")
+    assert a_pass(ledger).findings == []
+    WorkOrder._get_collection().update_one({"_id": "WO-V4"}, {"$inc": {"input_qty": 3}})
+    VerifyCheckpoint._get_collection().update_one({"_id": "WO-V4"}, {"$inc": {"input_qty": 3}})
+    # the checkpoint moved with the counter: only a proof in full finds it
+    assert a_pass(ledger).findings == []
+    sweeps = [a_pass(ledger, sweep=2) for _ in range(3)]  # two work orders a pass: all six in three
+    assert set().union(*(drift_of(s) for s in sweeps)) == {("WO-V4", "input_qty", 3)}
 
 
 def test_no_false_alarm_while_updates_flow_then_exactly_the_tampered(

@@ -16,14 +16,17 @@ through the ``wo_version`` index. A pass:
    counters = checkpoint + those logs moves the checkpoint forward. Anything else (a counter
    restored from an old backup, a write that moved the version too, a log written by a
    worker of an earlier release, which carries no version) makes it a suspect;
-4. every suspect is proved in full, in a snapshot, as the nightly audit re-checks: its
+4. a work order with a log deleted, edited or replaced since the last pass (read from the
+   logs' change stream, ``audit.logwatch``) is a suspect too, so such a change is found in
+   one pass without reading the logs that did not change;
+5. every suspect is proved in full, in a snapshot, as the nightly audit re-checks: its
    counters against the sums of all its logs. A mismatch is drift; a match sets a new
    checkpoint. So nothing that made a work order a suspect is ever a false alarm, and a
    checkpoint is only ever what a snapshot proved;
-5. the sweep proves in full the ``MES_VERIFY_SWEEP`` work orders whose logs were summed
-   longest ago, so a log deleted or edited behind mes_tasks's back is found within
-   (work orders / sweep) passes, not at the nightly audit;
-6. completeness: an outbox entry sent more than ``MES_VERIFY_COMPLETE_S`` ago must have an
+6. the sweep proves in full the ``MES_VERIFY_SWEEP`` work orders whose logs were summed
+   longest ago: the independent re-check of every work order over (work orders / sweep)
+   passes, should anything escape the stream;
+7. completeness: an outbox entry sent more than ``MES_VERIFY_COMPLETE_S`` ago must have an
    outcome (a log, or a dead letter not being retried) or still be in the broker. One with
    neither, which the relay has not re-sent for ``quiet_s`` either, is unexplained.
 
@@ -40,7 +43,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from mes_tasks.audit import alerts
+from mes_tasks.audit import alerts, logwatch
 from mes_tasks.audit.checks import Finding, compare, counters_of, snapshot, version_of
 from mes_tasks.audit.reports import write_files
 from mes_tasks.db import Mongo, mongo_errors
@@ -79,6 +82,7 @@ class VerifyOutcome:
     changed: int = 0  # versions moved since their checkpoints
     proved: int = 0  # proved in full (suspects, new work orders, the sweep)
     logs_read: int = 0
+    log_changes: int = 0  # logs deleted, edited or replaced behind mes_tasks's back (the stream)
     findings: list[Finding] = field(default_factory=list)
     unexplained: list[dict[str, Any]] = field(default_factory=list)
     completeness_checked: bool = False
@@ -99,12 +103,14 @@ def verify_pass(
     """One pass of continuous verification (see the module's doc)."""
     outcome = VerifyOutcome(started_at=utcnow())
     with mongo_errors():
+        changes = logwatch.read_changes()  # first: a log changed after this is the next pass's
+        outcome.log_changes = changes.events
         checkpoints = {c["_id"]: c for c in _checkpoints().find({})}
         suspects: list[str] = []
         for doc in WorkOrder._get_collection().find({"_id": {"$type": "string"}}, [VERSION, *COUNTERS]):
             outcome.work_orders += 1
             cp = checkpoints.pop(doc["_id"], None)
-            if cp is None:
+            if cp is None or cp.get("drift") or changes.everything or doc["_id"] in changes.work_orders:
                 suspects.append(doc["_id"])
             elif version_of(doc) != version_of(cp):
                 outcome.changed += 1
@@ -118,6 +124,7 @@ def verify_pass(
         swept = [c["_id"] for c in oldest] if sweep > 0 else []  # a limit of 0 is none
         for wo_id in dict.fromkeys([*suspects, *swept]):
             _prove(mongo, wo_id, outcome)
+        logwatch.keep(changes)
         outcome.unexplained, outcome.completeness_checked = _unexplained(complete_s, settled, held)
     outcome.finished_at = utcnow()
     return outcome
@@ -194,7 +201,9 @@ def _prove(mongo: Mongo, wo_id: str, outcome: VerifyOutcome) -> None:
     found = compare(wo_id, doc, sums)
     if found:
         outcome.findings.extend(found)
-        _checkpoints().update_one({"_id": wo_id}, {"$set": {"swept_at": utcnow()}})  # sweep the others first
+        # proved again each pass until it is repaired (a deleted log leaves the counter at its
+        # checkpoint); swept last
+        _checkpoints().update_one({"_id": wo_id}, {"$set": {"swept_at": utcnow(), "drift": True}})
         return
     _save(wo_id, version_of(doc), counters_of(doc), swept=True)
 
@@ -238,7 +247,7 @@ def _entry(doc: dict[str, Any], now: datetime) -> dict[str, Any]:
 
 
 def _save(wo_id: str, version: int, counters: dict[str, int], *, swept: bool = False) -> None:
-    values: dict[str, Any] = {VERSION: version, **counters, "proved_at": utcnow()}
+    values: dict[str, Any] = {VERSION: version, **counters, "proved_at": utcnow(), "drift": False}
     if swept:
         values["swept_at"] = values["proved_at"]
     _checkpoints().update_one({"_id": wo_id}, {"$set": values}, upsert=True)
