@@ -227,7 +227,7 @@ def verify(run: Run, watch: Watch | None = None) -> tuple[list[Row], dict[str, i
         "verify_passes": run.verify_passes,
         "verify_errors": run.verify_errors,
         "verify_false_alarms": len(run.verify_alarms),
-        "outbox_spooled": run.db.outbox.count_documents({"state": {"$ne": "sent"}}),
+        "outbox_spooled": run.db.outbox.count_documents({"state": {"$nin": ["sent", "settled"]}}),
     }
     if watch is not None:
         totals["double_consumers"] = len(watch.doubles)

@@ -30,6 +30,7 @@ CONTEXT_FIELDS = (
 )
 FAILED_STATUSES = ("open", "retried", "discarded", "resolved")
 VERIFY_TRIGGER = "verify"  # an AuditReport stored by a continuous-verification pass
+OUTBOX_SETTLED = "settled"  # an outbox entry whose update has its outcome, until a pass prunes it
 
 
 def utcnow() -> datetime:
@@ -138,12 +139,13 @@ class AuditReport(Document):
 
 
 class OutboxMessage(Document):
-    """A submitted update with no outcome yet: sent, or spooled while the broker was down."""
+    """A submitted update: sent, or spooled while the broker was down, until its outcome;
+    then settled, until a continuous-verification pass accounted for it."""
 
     job_id = StringField(required=True, unique=True)
     request_id = StringField(required=True)
     payload = StringField(required=True)  # JSON {"args": [...], "kwargs": {...}}
-    state = StringField(default="spooled")  # "sent" | "spooled" (not yet taken by the broker)
+    state = StringField(default="spooled")  # "sent" | "spooled" (not yet taken by the broker) | "settled"
     reason = StringField()
     created_at = DateTimeField(default=utcnow)
     sent_at = DateTimeField()
@@ -151,6 +153,7 @@ class OutboxMessage(Document):
     republished = IntField(default=0)
     last_error = StringField()
     last_attempt_at = DateTimeField()
+    settled_at = DateTimeField()
 
     meta = {
         "collection": "outbox",
@@ -202,6 +205,9 @@ class VerifyState(Document):
     drift = ListField(StringField())  # work orders whose counters do not equal their logs
     unexplained = ListField(DictField())  # outbox entries with no outcome, waiting nowhere
     completeness_checked = BooleanField(default=False)  # False: the broker could not be read
+    outbox_pruned = IntField(default=0)  # settled outbox entries the pass accounted for and deleted
+    logs_without_entry = IntField(default=0)  # logs the pass read whose request id has no outbox entry
+    logs_without_entry_total = IntField(default=0)  # the same, over every pass
 
     meta = {"collection": "verify_state", "strict": False}
 

@@ -166,5 +166,7 @@ def verify_summary(outcome: VerifyOutcome, report: AuditReport | None) -> dict[s
         "drift": outcome.drift,
         "unexplained": outcome.unexplained,
         "completeness_checked": outcome.completeness_checked,
+        "outbox_pruned": outcome.outbox_pruned,
+        "logs_without_entry": outcome.logs_without_entry,
         "report_id": None if report is None else str(report.id),
     }

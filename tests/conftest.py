@@ -119,6 +119,13 @@ def env_override(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., None
     get_settings.cache_clear()
 
 
+def outbox_waiting() -> int:
+    """Outbox entries still without their outcome (a settled one waits only for a verification pass)."""
+    from mes_tasks.models import OUTBOX_SETTLED, OutboxMessage
+
+    return int(OutboxMessage.objects(state__ne=OUTBOX_SETTLED).count())
+
+
 def make_work_orders(ids: list[str], **counters: int) -> None:
     from mes_tasks.models import WorkOrder
 

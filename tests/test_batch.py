@@ -13,7 +13,7 @@ import pytest
 import redis
 from pymongo import MongoClient, monitoring
 
-from conftest import Worker, make_work_orders, wait_until, with_redis_down
+from conftest import Worker, make_work_orders, outbox_waiting, wait_until, with_redis_down
 from devtools.devserver import Service
 from mes_tasks.db import Mongo
 from mes_tasks.keys import apply_ms_key, unrecorded_key
@@ -96,7 +96,7 @@ def test_an_empty_batch_writes_nothing_and_a_string_is_a_mistake_at_the_call_sit
     mongo: Mongo, redis_client: redis.Redis
 ) -> None:
     assert submit_quantity_updates([]) == []
-    assert OutboxMessage.objects.count() == 0 and redis_client.llen(WORKORDER_QUEUE) == 0
+    assert outbox_waiting() == 0 and redis_client.llen(WORKORDER_QUEUE) == 0
     with pytest.raises(TypeError, match="list of items"):
         submit_quantity_updates("WO-1")  # type: ignore[arg-type]
 
@@ -146,7 +146,7 @@ def test_a_batch_sent_while_redis_is_down_is_spooled_and_applied_once_after_it_r
     past = utcnow() - timedelta(minutes=1)  # every entry's turn passed: the relay looks at each
     OutboxMessage._get_collection().update_many({"state": "sent"}, {"$set": {"sent_at": past}})
     assert relay_outbox(grace_s=0)["settled"] == 11  # each entry settled: it has its outcome
-    assert OutboxMessage.objects.count() == 0
+    assert outbox_waiting() == 0
     assert relay_outbox(grace_s=0) == {"published": 0, "settled": 0, "republished": 0, "set_aside": 0}
     wo = WorkOrder.objects.get(id="WO-1")
     assert (wo.input_qty, wo.output_qty) == (sum(range(1, 11)), 3)
@@ -161,7 +161,7 @@ def test_a_batch_with_both_stores_down_tells_each_item_that_nothing_was_recorded
     lost, bad = (False, "QUEUE_ERROR", False), (False, "INVALID_KIND", None)
     assert [(r["success"], r["code"], r.get("recorded")) for r in results] == [lost, lost, bad]
     assert results[0]["error"].startswith("nothing was recorded")
-    assert OutboxMessage.objects.count() == 0
+    assert outbox_waiting() == 0
 
 
 def test_with_mongodb_down_a_batch_is_queued_and_counted_as_unrecorded(
@@ -185,7 +185,7 @@ def test_a_batch_larger_than_the_limit_is_refused_whole_with_the_limit_and_nothi
     assert len(results) == MAX_BATCH_ITEMS + 1
     assert {(r["success"], r["code"], r["job_id"]) for r in results} == {(False, "BATCH_TOO_LARGE", None)}
     assert f"at most {MAX_BATCH_ITEMS:,}" in results[0]["error"]
-    assert OutboxMessage.objects.count() == 0 and redis_client.llen(WORKORDER_QUEUE) == 0
+    assert outbox_waiting() == 0 and redis_client.llen(WORKORDER_QUEUE) == 0
 
 
 def test_the_relay_never_takes_an_update_of_a_batch_still_being_written_for_lost(

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from conftest import Worker, make_work_orders, spawn, wait_until
+from conftest import Worker, make_work_orders, outbox_waiting, spawn, wait_until
 from mes_tasks.apply.ledger import Ledger
 from mes_tasks.audit.alerts import summary
 from mes_tasks.audit.checks import repair
@@ -36,6 +36,7 @@ from mes_tasks.models import (
 from mes_tasks.send.outbox import settled_request_ids
 from mes_tasks.send.producer import submit_quantity_update
 from mes_tasks.settings import Settings
+from mes_tasks.tasks import relay_outbox
 from mes_tasks.validation import validate_update
 
 WOS = [f"WO-V{i}" for i in range(6)]
@@ -215,6 +216,37 @@ def test_an_old_update_with_no_outcome_and_nowhere_in_the_broker_is_unexplained(
     assert found.unexplained[0]["age_s"] >= 400
     unread = a_pass(ledger, held=lambda: None)  # the broker cannot be read: no finding made up
     assert (unread.completeness_checked, unread.unexplained) == (False, [])
+
+
+def test_the_outbox_is_pruned_only_once_a_pass_accounted_for_each_entry(
+    ledger: Ledger, env_override: Callable[..., None]
+) -> None:
+    apply_some(ledger, 6, "r")
+    for i in range(6):
+        outbox_entry(f"r{i}", 400)
+    FailedUpdate(request_id="dead", task_name="t", error_code="UNKNOWN_WORK_ORDER", status="retried").save()
+    outbox_entry("dead", 400)  # retried: on its way again under a newer entry
+    assert a_pass(ledger).outbox_pruned == 0  # nothing settled yet
+    assert relay_outbox(grace_s=0)["settled"] == 6  # each has its log: settled, kept
+    assert OutboxMessage.objects(state="settled").count() == 6 and outbox_waiting() == 1
+
+    ledger.apply(validate_update("WO-V1", "input", 5), "by-hand-1")  # no outbox entry:
+    ledger.apply(validate_update("WO-V2", "output", 1), "by-hand-2")  # MES_JOURNAL=0, or by hand
+    QuantityLog._get_collection().delete_one({"request_id": "r3"})  # WO-V3 output 1, behind the back
+    FailedUpdate.objects(request_id="dead").update_one(set__status="open")  # failed again: an outcome
+    assert relay_outbox(grace_s=0)["settled"] == 1
+    found = a_pass(ledger)
+    assert drift_of(found) == {("WO-V3", "output_qty", 1)}
+    assert (found.outbox_pruned, found.logs_without_entry) == (6, 2)  # all but r3, whose log is gone
+    assert [d.request_id for d in OutboxMessage.objects] == ["r3"]
+    state = record(found, ledger.settings) and VerifyState.objects.get(id="last")
+    assert state and (state.outbox_pruned, state.logs_without_entry_total) == (6, 2)
+
+    env_override(MES_VERIFY_INTERVAL_S="0")  # no passes: the relay deletes what has its outcome
+    ledger.apply(validate_update("WO-V4", "input", 1), "r-off")
+    outbox_entry("r-off", 400)
+    assert relay_outbox(grace_s=0)["settled"] == 1
+    assert [d.request_id for d in OutboxMessage.objects] == ["r3"]
 
 
 def test_a_pass_is_kept_and_new_findings_are_reported_and_alerted_once(ledger: Ledger) -> None:

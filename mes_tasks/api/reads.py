@@ -13,6 +13,7 @@ from mes_tasks.db import mongo_errors
 from mes_tasks.errors import UnknownWorkOrder
 from mes_tasks.models import (
     CONTEXT_FIELDS,
+    OUTBOX_SETTLED,
     FailedUpdate,
     OutboxMessage,
     QuantityLog,
@@ -75,7 +76,9 @@ def update_status(request_id: str, partitions: int, job_id: str | None = None) -
     with mongo_errors():
         log = QuantityLog._get_collection().find_one({"request_id": request_id})
         dead = FailedUpdate._get_collection().find_one({"request_id": request_id}) if log is None else None
-        entry = OutboxMessage._get_collection().find_one({"request_id": request_id}, sort=[("_id", -1)])
+        entry = OutboxMessage._get_collection().find_one(  # a settled one's outcome is read above
+            {"request_id": request_id, "state": {"$ne": OUTBOX_SETTLED}}, sort=[("_id", -1)]
+        )
     answer: dict[str, Any] = {"request_id": request_id}
     if log is not None:
         mine = job_id is None or log.get("task_id") == job_id

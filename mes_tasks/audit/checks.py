@@ -159,13 +159,15 @@ def snapshot(
 ) -> tuple[dict[str, Any] | None, dict[str, Any]]:
     """One work order's document and its log sums (``{input, input_n, output, output_n}``),
     read at one point in time; only the logs above ``after_version`` and up to the
-    document's version when given (continuous verification's "logs since a checkpoint")."""
+    document's version when given (continuous verification's "logs since a checkpoint"),
+    and then their request ids too (``request_ids``)."""
     with mongo.start_session() as session, session.start_transaction(read_concern=SNAPSHOT):
         doc = WorkOrder._get_collection().find_one({"_id": wo_id}, session=session)
         since = None
         if after_version is not None:
             since = {VERSION: {"$gt": after_version, "$lte": version_of(doc or {})}}
-        sums = next(iter(_log_sums([wo_id], since, session=session)), None)
+        rows = _log_sums([wo_id], since, with_ids=since is not None, session=session)
+        sums = next(iter(rows), None)
     return doc, sums or {"_id": wo_id}
 
 
@@ -227,10 +229,10 @@ def _counters(ids: list[str] | None) -> Iterator[dict[str, Any]]:
 
 
 def _log_sums(
-    ids: list[str] | None, match: dict[str, Any] | None = None, **kwargs: Any
+    ids: list[str] | None, match: dict[str, Any] | None = None, with_ids: bool = False, **kwargs: Any
 ) -> Iterator[dict[str, Any]]:
     """Per work order: ``{_id, input, input_n, output, output_n}``, sorted by ``_id``; of the
-    logs that also ``match``, when given.
+    logs that also ``match``, when given; ``with_ids``: and their ``request_ids``.
 
     Grouping on (work order, kind) with plain ``$sum`` costs little more than the bare
     ``$group`` floor; per-kind ``$cond`` sums or a ``$type`` match would double it.
@@ -245,6 +247,8 @@ def _log_sums(
         },
         {"$sort": {"_id": 1}},
     ]
+    if with_ids:
+        pipeline[0]["$group"]["r"] = {"$push": "$request_id"}
     wanted = {**({} if ids is None else {"work_order_id": {"$in": ids}}), **(match or {})}
     if wanted:
         pipeline.insert(0, {"$match": wanted})
@@ -263,6 +267,8 @@ def _fold_kinds(rows: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
                 yield current
             current = {"_id": wo_id}
         current[kind], current[f"{kind}_n"] = row["s"], row["n"]
+        if "r" in row:
+            current.setdefault("request_ids", []).extend(row["r"])
     if current is not None:
         yield current
 

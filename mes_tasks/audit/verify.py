@@ -28,7 +28,12 @@ through the ``wo_version`` index. A pass:
    passes, should anything escape the stream;
 7. completeness: an outbox entry sent more than ``MES_VERIFY_COMPLETE_S`` ago must have an
    outcome (a log, or a dead letter not being retried) or still be in the broker. One with
-   neither, which the relay has not re-sent for ``quiet_s`` either, is unexplained.
+   neither, which the relay has not re-sent for ``quiet_s`` either, is unexplained. The
+   relay marks an entry ``settled`` once its outcome exists; the pass deletes the entries
+   settled before it began, after finding their outcome again (``_prune``), so the outbox
+   is pruned only once completeness has accounted for an entry. The logs read since their
+   checkpoints whose request id has no outbox entry (sent with ``MES_JOURNAL=0``, or by
+   hand) are counted, looked up before the prune.
 
 The first pass proves every work order in full (there is no checkpoint yet): once, at the
 cost of a full audit.
@@ -49,9 +54,11 @@ from mes_tasks.audit.reports import write_files
 from mes_tasks.db import Mongo, mongo_errors
 from mes_tasks.models import (
     COUNTER_FIELDS,
+    OUTBOX_SETTLED,
     VERIFY_TRIGGER,
     VERSION,
     AuditReport,
+    FailedUpdate,
     OutboxMessage,
     VerifyCheckpoint,
     VerifyState,
@@ -65,6 +72,7 @@ log = logging.getLogger(__name__)
 
 COUNTERS = tuple(COUNTER_FIELDS.values())
 COMPLETE_PAGE = 1000  # outbox entries looked at per pass, oldest first
+PRUNE_PAGES = 20  # pages of settled entries a pass accounts for; the rest wait for the next
 RELAY_QUIET_S = 30.0  # an entry the relay has not sent for this long is not on its way again
 UNEXPLAINED = "unexplained_update"
 
@@ -86,6 +94,9 @@ class VerifyOutcome:
     findings: list[Finding] = field(default_factory=list)
     unexplained: list[dict[str, Any]] = field(default_factory=list)
     completeness_checked: bool = False
+    outbox_pruned: int = 0  # settled outbox entries accounted for and deleted
+    logs_without_entry: int = 0  # logs read since their checkpoints whose request id has no outbox entry
+    new_request_ids: list[str] = field(default_factory=list, repr=False)  # of those logs
 
     @property
     def drift(self) -> list[str]:
@@ -125,7 +136,9 @@ def verify_pass(
         for wo_id in dict.fromkeys([*suspects, *swept]):
             _prove(mongo, wo_id, outcome)
         logwatch.keep(changes)
+        outcome.logs_without_entry = _without_entry(outcome.new_request_ids)  # before the prune
         outcome.unexplained, outcome.completeness_checked = _unexplained(complete_s, settled, held)
+        outcome.outbox_pruned = _prune(outcome.started_at, settled)
     outcome.finished_at = utcnow()
     return outcome
 
@@ -147,6 +160,10 @@ def record(outcome: VerifyOutcome, settings: Settings) -> AuditReport | None:
             drift=outcome.drift,
             unexplained=outcome.unexplained,
             completeness_checked=outcome.completeness_checked,
+            outbox_pruned=outcome.outbox_pruned,
+            logs_without_entry=outcome.logs_without_entry,
+            logs_without_entry_total=outcome.logs_without_entry
+            + (before.logs_without_entry_total if before else 0),
         )
         if not outcome.completeness_checked and before is not None:
             state.unexplained = before.unexplained  # not looked at this time: as last known
@@ -187,6 +204,7 @@ def _advance(mongo: Mongo, wo_id: str, cp: dict[str, Any], outcome: VerifyOutcom
     if counters_of(doc) != expected:
         return False
     _save(wo_id, version_of(doc), expected)
+    outcome.new_request_ids.extend(sums.get("request_ids") or ())
     return True
 
 
@@ -232,6 +250,48 @@ def _unexplained(complete_s: float, settled: Settled, held: Held) -> tuple[list[
     absent = [d for d in open_ if d["job_id"] not in holds]
     done = settled(d["request_id"] for d in absent)  # applied while the broker was read
     return [_entry(d, now) for d in absent if d["request_id"] not in done], True
+
+
+def _without_entry(request_ids: list[str]) -> int:
+    """How many of these request ids (of logs just read) have no outbox entry: updates sent
+    with ``MES_JOURNAL=0`` or by hand. Counted, not a finding."""
+    outbox, missing = OutboxMessage._get_collection(), 0
+    for i in range(0, len(request_ids), COMPLETE_PAGE):
+        chunk = set(request_ids[i : i + COMPLETE_PAGE])
+        found = {
+            d["request_id"] for d in outbox.find({"request_id": {"$in": list(chunk)}}, {"request_id": 1})
+        }
+        missing += len(chunk - found)
+    return missing
+
+
+def _prune(before: datetime, settled: Settled) -> int:
+    """Delete the outbox entries settled before this pass began whose outcome is still there
+    (a log, or a dead letter; one being retried was sent again under a newer entry).
+
+    Each such log was written before its entry was settled, so before this pass began, and
+    was read since its checkpoint by this pass or an earlier one (``_without_entry`` looked
+    its entry up first). An entry whose log is gone (deleted behind mes_tasks's back: drift,
+    which the pass reports) is kept; the relay drops it after ``SETTLED_KEEP_S``.
+    """
+    outbox, pruned, last = OutboxMessage._get_collection(), 0, None
+    for _ in range(PRUNE_PAGES):
+        query: dict[str, Any] = {"state": OUTBOX_SETTLED, "settled_at": {"$lt": before}}
+        if last is not None:
+            query["_id"] = {"$gt": last}
+        page = list(outbox.find(query, {"request_id": 1}).sort("_id", 1).limit(COMPLETE_PAGE))
+        if not page:
+            break
+        last = page[-1]["_id"]
+        wanted = [d["request_id"] for d in page]
+        done = settled(wanted)
+        rest = [r for r in wanted if r not in done]
+        if rest:  # a retried dead letter is an outcome here: its newer entry carries the update
+            done |= set(FailedUpdate._get_collection().distinct("request_id", {"request_id": {"$in": rest}}))
+        gone = [d["_id"] for d in page if d["request_id"] in done]
+        if gone:
+            pruned += int(outbox.delete_many({"_id": {"$in": gone}, "state": OUTBOX_SETTLED}).deleted_count)
+    return pruned
 
 
 def _entry(doc: dict[str, Any], now: datetime) -> dict[str, Any]:

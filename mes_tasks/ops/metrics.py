@@ -46,7 +46,7 @@ from mes_tasks.models import VERIFY_TRIGGER, AuditReport, FailedUpdate, OutboxMe
 from mes_tasks.names import AUDIT_QUEUE, QUEUES, UPDATE_QUANTITY, WORKORDER_QUEUE
 from mes_tasks.partitions import every_queue, queue_names
 from mes_tasks.queues import UNACKED_KEY, queue_keys
-from mes_tasks.send.outbox import SENT, SPOOLED
+from mes_tasks.send.outbox import SENT, SPOOLED, WAITING
 from mes_tasks.tally import (
     APPLIED,
     APPLY_MS_BUCKETS,
@@ -167,7 +167,10 @@ def read_mongo(head_job_ids: Iterable[str]) -> MongoState:
     ids = sorted(set(head_job_ids) - {""})
     with mongo_errors():
         rows = OutboxMessage._get_collection().aggregate(
-            [{"$group": {"_id": "$state", "n": {"$sum": 1}, "oldest": {"$min": "$created_at"}}}]
+            [
+                {"$match": {"state": {"$in": [SENT, *WAITING]}}},  # not the settled ones (index state_sent)
+                {"$group": {"_id": "$state", "n": {"$sum": 1}, "oldest": {"$min": "$created_at"}}},
+            ]
         )
         outbox = _outbox_by_state(list(rows))
         heads = (
@@ -521,6 +524,11 @@ def verify_metrics(state: dict[str, Any] | None, now: float) -> Iterator[Metric]
         "mes_verify_unexplained_updates",
         "Accepted updates with no outcome that are waiting nowhere, as the last pass found.",
         len(state.get("unexplained") or ()),
+    )
+    yield _counter(
+        "mes_verify_logs_without_outbox",
+        "Logs the passes read whose request id has no outbox entry (sent with MES_JOURNAL=0, or by hand).",
+        float(state.get("logs_without_entry_total") or 0),
     )
 
 

@@ -15,18 +15,20 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterable, Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
 from pymongo.collection import Collection
 from pymongo.errors import BulkWriteError
 
 from mes_tasks.db import mongo_errors
-from mes_tasks.models import FailedUpdate, OutboxMessage, QuantityLog, utcnow
+from mes_tasks.models import OUTBOX_SETTLED, FailedUpdate, OutboxMessage, QuantityLog, utcnow
 
 log = logging.getLogger(__name__)
 
 SENT, SPOOLED = "sent", "spooled"
+SETTLED = OUTBOX_SETTLED  # has its outcome; kept until continuous verification accounted for it
+SETTLED_KEEP_S = 86400.0  # a settled entry no pass accounted for is deleted after this long
 WAITING = [SPOOLED, None]  # an entry written without a state is spooled (mongoengine's default)
 DUPLICATE_KEY = 11000  # MongoDB's error code: an entry of this job id exists
 
@@ -145,6 +147,30 @@ def settled_request_ids(request_ids: Iterable[str]) -> set[str]:
             )
             found.update(d["request_id"] for d in cursor)
     return found
+
+
+def settle(ids: list[Any], *, keep: bool) -> int:
+    """These entries' updates have their outcome: mark them ``settled`` for continuous
+    verification to account for and prune (``keep``), or delete them now (verification off).
+    Returns how many."""
+    if not ids:
+        return 0
+    with mongo_errors():
+        if not keep:
+            return int(outbox_collection().delete_many({"_id": {"$in": ids}}).deleted_count)
+        now = utcnow()
+        done = outbox_collection().update_many(
+            {"_id": {"$in": ids}, "state": SENT}, {"$set": {"state": SETTLED, "settled_at": now}}
+        )
+        return int(done.modified_count)
+
+
+def prune_settled(before: datetime) -> int:
+    """Delete the settled entries settled before ``before``, accounted for or not: the bound
+    on the outbox of a deployment whose verification passes do not run."""
+    with mongo_errors():
+        gone = outbox_collection().delete_many({"state": SETTLED, "settled_at": {"$lt": before}})
+        return int(gone.deleted_count)
 
 
 def outbox_collection() -> Collection[Doc]:

@@ -9,9 +9,11 @@ pile up however much is waiting:
    the task) is set aside as a dead letter (``UNPUBLISHABLE``), where ``failed
    list/show/discard`` see it, so it never holds up the entries behind it;
 2. looks at overdue entries only: sent, with ``sent_at`` more than ``grace_s`` ago (the
-   ``state_sent`` index reads them and nothing else), oldest first. It deletes those whose
+   ``state_sent`` index reads them and nothing else), oldest first. It settles those whose
    request id has an outcome: a ``QuantityLog``, or a ``FailedUpdate`` that is not ``retried``
-   (a retried update stays protected until it is applied or fails again). It re-publishes those
+   (a retried update stays protected until it is applied or fails again); a settled entry is
+   pruned by the next continuous-verification pass once it has accounted for it (or deleted
+   at once while verification is off, and after ``SETTLED_KEEP_S`` in any case). It re-publishes those
    still without one that the broker no longer holds (queued, or delivered and unacknowledged).
    Those the broker still holds wait before they are looked at again, each in proportion to
    the messages its queue delivers before it (``RELAY_SNOOZE_PER_HELD_S`` each, or the
@@ -49,7 +51,17 @@ from mes_tasks.keys import apply_ms_key
 from mes_tasks.models import utcnow
 from mes_tasks.names import UPDATE_QUANTITY, WORKORDER_QUEUE
 from mes_tasks.queues import in_use
-from mes_tasks.send.outbox import SENT, SPOOLED, WAITING, Doc, outbox_collection, settled_request_ids
+from mes_tasks.send.outbox import (
+    SENT,
+    SETTLED_KEEP_S,
+    SPOOLED,
+    WAITING,
+    Doc,
+    outbox_collection,
+    prune_settled,
+    settle,
+    settled_request_ids,
+)
 from mes_tasks.send.producer import publish
 from mes_tasks.settings import get_settings
 
@@ -66,6 +78,7 @@ RELAY_SNOOZE_PER_HELD_S = 0.01
 RELAY_SNOOZE_PER_READ_S = 0.001
 # ... and at most this long; a lost update is then re-sent that much later at most.
 RELAY_SNOOZE_MAX_S = 300.0
+SETTLED_PRUNE_EVERY_S = 600.0
 
 
 class Unpublishable(PermanentError):
@@ -82,7 +95,7 @@ class RelayResult:
     """What one relay run did."""
 
     published: int = 0  # spooled entries handed to the broker
-    settled: int = 0  # entries removed because their update has an outcome
+    settled: int = 0  # entries settled (or removed) because their update has an outcome
     republished: int = 0  # sent entries the broker no longer held, sent again
     set_aside: int = 0  # entries that can never be published, moved to the dead letters
 
@@ -118,7 +131,22 @@ def relay(
     until = time.monotonic() + (share if budget_s is None else budget_s)
     _publish_spooled(publish, limit, until, result)
     _check_overdue(publish, _Broker(held, pace), grace_s, limit, until, result)
+    _prune_now_and_then()
     return result
+
+
+_pruned_at = [float("-inf")]  # monotonic time of this process's last safety prune
+
+
+def _prune_now_and_then() -> None:
+    """Settled entries no verification pass accounted for in ``SETTLED_KEEP_S`` (passes off,
+    or failing): deleted, a look every ``SETTLED_PRUNE_EVERY_S`` at most."""
+    if time.monotonic() - _pruned_at[0] < SETTLED_PRUNE_EVERY_S:
+        return
+    _pruned_at[0] = time.monotonic()
+    gone = prune_settled(utcnow() - timedelta(seconds=SETTLED_KEEP_S))
+    if gone:
+        log.warning("outbox: %d settled entries no verification pass accounted for in a day, deleted", gone)
 
 
 def _publish_spooled(publish: Publish, limit: int, until: float, result: RelayResult) -> None:
@@ -256,7 +284,7 @@ def _check_overdue(
 def _check_page(publish: Publish, broker: _Broker, page: list[Doc], result: RelayResult) -> bool:
     """Settle, re-send or postpone each overdue entry of ``page``; False if the broker cannot be read."""
     done = settled_request_ids(d["request_id"] for d in page)
-    result.settled += _delete([d for d in page if d["request_id"] in done])
+    result.settled += _settle([d for d in page if d["request_id"] in done])
     waiting = [d for d in page if d["request_id"] not in done]
     if not waiting:
         return True
@@ -265,16 +293,13 @@ def _check_page(publish: Publish, broker: _Broker, page: list[Doc], result: Rela
         return False
     absent = [d for d in waiting if d["job_id"] not in in_broker]
     done = settled_request_ids(d["request_id"] for d in absent)  # applied and acknowledged meanwhile
-    result.settled += _delete([d for d in absent if d["request_id"] in done])
+    result.settled += _settle([d for d in absent if d["request_id"] in done])
     _postpone([d for d in waiting if d["job_id"] in in_broker], in_broker, broker.per_update_s)
     return _resend(publish, [d for d in absent if d["request_id"] not in done], result)
 
 
-def _delete(docs: list[Doc]) -> int:
-    if not docs:
-        return 0
-    with mongo_errors():
-        return int(outbox_collection().delete_many({"_id": {"$in": [d["_id"] for d in docs]}}).deleted_count)
+def _settle(docs: list[Doc]) -> int:
+    return settle([d["_id"] for d in docs], keep=get_settings().verify_interval_s > 0)
 
 
 def _postpone(docs: list[Doc], held: dict[str, int], per_update_s: float) -> None:
