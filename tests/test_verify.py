@@ -18,6 +18,7 @@ import redis
 
 from conftest import Worker, make_work_orders, outbox_waiting, spawn, wait_until
 from mes_tasks.apply.ledger import Ledger
+from mes_tasks.audit import logwatch
 from mes_tasks.audit.alerts import summary
 from mes_tasks.audit.checks import repair
 from mes_tasks.audit.verify import UNEXPLAINED, VerifyOutcome, record, verify_pass
@@ -134,6 +135,21 @@ def test_a_change_the_stream_cannot_place_makes_the_pass_prove_everything(ledger
     found = a_pass(ledger)  # a position the server does not know: everything, once
     assert (found.proved, drift_of(found)) == (6, {("WO-V3", "output_qty", 1)})
     assert a_pass(ledger).proved == 1  # the position is kept again: only the drifting one
+
+
+def test_before_mongodb_6_a_deleted_log_makes_the_pass_prove_everything(
+    ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(logwatch, "PRE_IMAGES_WIRE_VERSION", 99)  # a server without pre-images
+    apply_some(ledger, 12, "r")
+    assert a_pass(ledger).proved == 6
+    QuantityLog._get_collection().update_one({"request_id": "r2"}, {"$inc": {"quantity": 1}})  # WO-V2
+    found = a_pass(ledger)  # an edit is still placed: the log as it is now says its work order
+    assert (found.proved, drift_of(found)) == (1, {("WO-V2", "input_qty", -1)})
+    QuantityLog._get_collection().delete_one({"request_id": "r3"})  # WO-V3: nothing says whose it was
+    found = a_pass(ledger)
+    assert (found.proved, drift_of(found)) == (6, {("WO-V2", "input_qty", -1), ("WO-V3", "output_qty", 1)})
+    assert a_pass(ledger).proved == 2  # then the two drifting ones only
 
 
 def test_the_sweep_proves_every_work_order_in_turn(ledger: Ledger) -> None:

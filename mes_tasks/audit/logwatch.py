@@ -33,6 +33,7 @@ GONE = ["drop", "rename", "dropDatabase", "invalidate"]  # the collection itself
 PIPELINE = [{"$match": {"operationType": {"$in": CHANGED + GONE}}}]
 READ_BUDGET_S = 10.0  # at most this long a pass; the rest is read by the next one
 AWAIT_MS = 50  # how long the server waits for a change before it says there is none
+PRE_IMAGES_WIRE_VERSION = 17  # MongoDB 6.0: a change stream can carry the document before the change
 
 
 @dataclass
@@ -76,6 +77,8 @@ def enable_pre_images() -> bool:
     """Ask the server to keep a log as it was before a change, so that a deleted log's change
     says its work order; False where the server cannot (before MongoDB 6.0)."""
     logs = QuantityLog._get_collection()
+    if not _pre_images_known():
+        return False
     try:
         logs.database.command("collMod", logs.name, changeStreamPreAndPostImages={"enabled": True})
     except OperationFailure as exc:
@@ -90,7 +93,7 @@ def _read(token: Any, changes: LogChanges) -> Any:
         PIPELINE,
         resume_after=token,
         full_document="updateLookup",
-        full_document_before_change="whenAvailable",
+        full_document_before_change="whenAvailable" if _pre_images_known() else None,
         max_await_time_ms=AWAIT_MS,
         batch_size=1000,
     ) as stream:
@@ -107,6 +110,11 @@ def _read(token: Any, changes: LogChanges) -> Any:
             changes.work_orders.update(touched)
             changes.everything = changes.everything or not touched
         return stream.resume_token
+
+
+def _pre_images_known() -> bool:
+    wire = QuantityLog._get_collection().database.client.topology_description.common_wire_version
+    return wire is not None and wire >= PRE_IMAGES_WIRE_VERSION
 
 
 def _work_orders(event: dict[str, Any]) -> set[str]:
