@@ -249,7 +249,10 @@ def _log_sums(
     ]
     if with_ids:
         pipeline[0]["$group"]["r"] = {"$push": "$request_id"}
-    wanted = {**({} if ids is None else {"work_order_id": {"$in": ids}}), **(match or {})}
+    # one work order by equality: SecantusDB bounds the index range (``wo_version``) only then,
+    # and reads all that work order's keys for an ``$in`` of one
+    which = {} if ids is None else {"work_order_id": ids[0] if len(ids) == 1 else {"$in": ids}}
+    wanted = {**which, **(match or {})}
     if wanted:
         pipeline.insert(0, {"$match": wanted})
     coll = QuantityLog._get_collection()
