@@ -167,7 +167,7 @@ def _run(run: Run, args: argparse.Namespace, children: list[Child], var: Path) -
     from mes_tasks import db
     from mes_tasks.apply.ledger import Ledger
     from mes_tasks.audit.checks import run_audit
-    from mes_tasks.models import QuantityLog, WorkOrder
+    from mes_tasks.models import OutboxMessage, QuantityLog, VerifyState, WorkOrder
     from mes_tasks.settings import get_settings
 
     settings = get_settings()
@@ -213,6 +213,11 @@ def _run(run: Run, args: argparse.Namespace, children: list[Child], var: Path) -
     print(f"verifyrun: sent {run.sent}, applied {QuantityLog.objects.count()}; worst detection {worst:.1f} s "
           f"(goal {GOAL_S:g} s); false alarms {len(run.false_alarms)}; audit findings after the repairs "
           f"{len(findings)}: {'ok' if ok else 'FAIL'}", flush=True)  # fmt: skip
+    outbox = OutboxMessage._get_collection().aggregate([{"$group": {"_id": "$state", "n": {"$sum": 1}}}])
+    state = VerifyState.objects(id="last").first()
+    print(f"verifyrun: outbox at the end {({r['_id']: r['n'] for r in outbox})} (a settled entry whose log "
+          f"an injection deleted is kept); logs without an outbox entry, as the passes counted: "
+          f"{state.logs_without_entry_total if state else 0}", flush=True)  # fmt: skip
     for alarm in run.false_alarms[:20]:
         print(f"verifyrun:   false alarm: {alarm}", flush=True)
     return 0 if ok else 1
