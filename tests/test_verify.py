@@ -105,6 +105,17 @@ def test_a_counter_restored_from_an_old_backup_is_found(ledger: Ledger) -> None:
     assert all(f.delta < 0 for f in found.findings)  # the counter is behind its logs
 
 
+def test_a_counter_restored_to_exactly_its_checkpoint_is_found_without_another_update(ledger: Ledger) -> None:
+    apply_some(ledger, 12, "before")
+    assert a_pass(ledger).findings == []
+    backup = WorkOrder._get_collection().find_one({"_id": "WO-V1"})  # as its checkpoint has it
+    ledger.apply(validate_update("WO-V1", "input", 4), "after-1")
+    ledger.apply(validate_update("WO-V1", "output", 2), "after-2")
+    WorkOrder._get_collection().replace_one({"_id": "WO-V1"}, backup)  # then nothing more happens
+    found = a_pass(ledger)  # no sweep: its new logs carry versions above the work order's
+    assert drift_of(found) == {("WO-V1", "input_qty", -4), ("WO-V1", "output_qty", -2)}
+
+
 def test_a_log_deleted_edited_or_replaced_behind_the_ledgers_back_is_found_in_the_next_pass(
     ledger: Ledger,
 ) -> None:
@@ -135,6 +146,20 @@ def test_a_change_the_stream_cannot_place_makes_the_pass_prove_everything(ledger
     found = a_pass(ledger)  # a position the server does not know: everything, once
     assert (found.proved, drift_of(found)) == (6, {("WO-V3", "output_qty", 1)})
     assert a_pass(ledger).proved == 1  # the position is kept again: only the drifting one
+
+
+def test_a_stream_too_far_behind_makes_the_pass_prove_everything_once(
+    ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    apply_some(ledger, 12, "r")
+    assert a_pass(ledger).proved == 6
+    apply_some(ledger, 6, "more")
+    monkeypatch.setattr(logwatch, "READ_BUDGET_S", 0.0)  # as if the passes had stopped for a day
+    assert a_pass(ledger).proved == 6
+    monkeypatch.undo()
+    QuantityLog._get_collection().delete_one({"request_id": "more2"})  # WO-V2 input 3
+    found = a_pass(ledger)  # from the fresh position: the delete is seen
+    assert (found.proved, drift_of(found)) == (1, {("WO-V2", "input_qty", 3)})
 
 
 def test_before_mongodb_6_a_deleted_log_makes_the_pass_prove_everything(

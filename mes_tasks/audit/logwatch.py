@@ -1,17 +1,21 @@
 """The logs' change stream: which work orders had a log deleted, edited or replaced since the
-last verification pass.
+last verification pass, and the highest version each work order's new logs carry.
 
-mes_tasks only ever inserts logs, so every such change happened behind its back, and the
+mes_tasks only ever inserts logs, so every other change happened behind its back, and the
 work order it touched is proved in full by the same pass: a deleted or edited log is found
 within one pass, however many work orders there are, without reading the logs that did not
-change. The stream's position is kept (``VerifyState`` ``log_stream``) only after the pass
-that read it has proved what it named, so a pass that dies re-reads the same changes.
+change. A log is written with its counter in one transaction, so a work order read after
+the stream cannot have a lower version than its logs read from it: one that does was
+restored from a backup, even to exactly its checkpoint. The stream's position is kept
+(``VerifyState`` ``log_stream``) only after the pass that read it has proved what it
+named, so a pass that dies re-reads the same changes.
 
 The stream asks for the document before the change (``changeStreamPreAndPostImages``, set
 on the logs' collection whenever the stream starts afresh; MongoDB 6.0 or later). Where a change
 does not say its work order (an older server, a dropped collection, a position the server
-no longer has, no position yet), the pass proves every work order in full instead: once, at
-the cost of a full audit, and nothing is missed.
+no longer has or one more than ``READ_BUDGET_S`` of reading behind, no position yet), the
+pass proves every work order in full instead: once, at the cost of a full audit, and
+nothing is missed.
 """
 
 from __future__ import annotations
@@ -30,8 +34,19 @@ log = logging.getLogger(__name__)
 STREAM_ID = "log_stream"  # the VerifyState document that keeps the stream's position
 CHANGED = ["delete", "update", "replace"]
 GONE = ["drop", "rename", "dropDatabase", "invalidate"]  # the collection itself
-PIPELINE = [{"$match": {"operationType": {"$in": CHANGED + GONE}}}]
-READ_BUDGET_S = 10.0  # at most this long a pass; the rest is read by the next one
+WO, VERSION_AT = "work_order_id", "version"
+PIPELINE = [
+    {"$match": {"operationType": {"$in": ["insert", *CHANGED, *GONE]}}},
+    {
+        "$project": {
+            "operationType": 1,
+            f"fullDocument.{WO}": 1,
+            f"fullDocument.{VERSION_AT}": 1,
+            f"fullDocumentBeforeChange.{WO}": 1,
+        }
+    },
+]
+READ_BUDGET_S = 10.0  # a stream further behind than this much reading is started afresh
 AWAIT_MS = 50  # how long the server waits for a change before it says there is none
 PRE_IMAGES_WIRE_VERSION = 17  # MongoDB 6.0: a change stream can carry the document before the change
 
@@ -41,9 +56,17 @@ class LogChanges:
     """What the stream said since the last kept position."""
 
     work_orders: set[str] = field(default_factory=set)
+    # per work order, the highest version among the logs written since: a counter restored from
+    # a backup has a lower one, however it matches its checkpoint
+    logged: dict[str, int] = field(default_factory=dict)
     everything: bool = False  # prove every work order in full (see the module's doc)
-    events: int = 0
+    events: int = 0  # changes other than inserts
     token: Any = None  # the position after these changes; kept by ``keep`` once they are proved
+
+    def named(self, wo_id: str, version: int) -> bool:
+        """Whether work order ``wo_id``, read at ``version`` after these changes, must be
+        proved in full."""
+        return self.everything or wo_id in self.work_orders or self.logged.get(wo_id, 0) > version
 
 
 def read_changes() -> LogChanges:
@@ -53,11 +76,18 @@ def read_changes() -> LogChanges:
     if token is not None:
         try:
             changes.token = _read(token, changes)
-            return changes
         except OperationFailure as exc:  # the position is too old, or from another collection
             log.warning(
                 "verify: the logs' change stream cannot resume (code %s); every work order is proved in full",
                 exc.code,
+            )
+        else:
+            if changes.token is not None:
+                return changes
+            log.warning(  # passes stopped for long: proving everything once costs less than catching up
+                "verify: the logs' change stream is more than %g s of reading behind; every work order "
+                "is proved in full",
+                READ_BUDGET_S,
             )
     changes.everything = True
     enable_pre_images()
@@ -88,6 +118,8 @@ def enable_pre_images() -> bool:
 
 
 def _read(token: Any, changes: LogChanges) -> Any:
+    """Read the stream from ``token`` (None: from now) to its end into ``changes``; the
+    position there, or None when ``READ_BUDGET_S`` ran out first."""
     until = time.monotonic() + READ_BUDGET_S
     with QuantityLog._get_collection().watch(
         PIPELINE,
@@ -97,10 +129,15 @@ def _read(token: Any, changes: LogChanges) -> Any:
         max_await_time_ms=AWAIT_MS,
         batch_size=1000,
     ) as stream:
-        while time.monotonic() < until:
+        while True:
+            if time.monotonic() >= until:
+                return None  # not at the end yet: see ``read_changes``
             event = stream.try_next()
             if event is None:  # an empty batch: the server read to the end and waited AWAIT_MS
                 break
+            if event["operationType"] == "insert":
+                _logged(event.get("fullDocument") or {}, changes)
+                continue
             changes.events += 1
             if event["operationType"] == "invalidate":  # the stream is over: a new one, from now
                 changes.everything = True
@@ -110,6 +147,12 @@ def _read(token: Any, changes: LogChanges) -> Any:
             changes.work_orders.update(touched)
             changes.everything = changes.everything or not touched
         return stream.resume_token
+
+
+def _logged(log_doc: dict[str, Any], changes: LogChanges) -> None:
+    wo_id, version = log_doc.get(WO), log_doc.get(VERSION_AT)
+    if isinstance(wo_id, str) and isinstance(version, int):  # a log of an earlier release has none
+        changes.logged[wo_id] = max(version, changes.logged.get(wo_id, 0))
 
 
 def _pre_images_known() -> bool:

@@ -16,9 +16,10 @@ through the ``wo_version`` index. A pass:
    counters = checkpoint + those logs moves the checkpoint forward. Anything else (a counter
    restored from an old backup, a write that moved the version too, a log written by a
    worker of an earlier release, which carries no version) makes it a suspect;
-4. a work order with a log deleted, edited or replaced since the last pass (read from the
-   logs' change stream, ``audit.logwatch``) is a suspect too, so such a change is found in
-   one pass without reading the logs that did not change;
+4. a work order with a log deleted, edited or replaced since the last pass, or with a new
+   log whose version is above the work order's (restored from a backup), read from the logs'
+   change stream (``audit.logwatch``), is a suspect too: found in one pass without reading
+   the logs that did not change;
 5. every suspect is proved in full, in a snapshot, as the nightly audit re-checks: its
    counters against the sums of all its logs. A mismatch is drift; a match sets a new
    checkpoint. So nothing that made a work order a suspect is ever a false alarm, and a
@@ -121,7 +122,7 @@ def verify_pass(
         for doc in WorkOrder._get_collection().find({"_id": {"$type": "string"}}, [VERSION, *COUNTERS]):
             outcome.work_orders += 1
             cp = checkpoints.pop(doc["_id"], None)
-            if cp is None or cp.get("drift") or changes.everything or doc["_id"] in changes.work_orders:
+            if cp is None or cp.get("drift") or changes.named(doc["_id"], version_of(doc)):
                 suspects.append(doc["_id"])
             elif version_of(doc) != version_of(cp):
                 outcome.changed += 1

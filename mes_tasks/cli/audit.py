@@ -105,6 +105,11 @@ def _show_pass(data: dict[str, Any]) -> None:
         f"{data['proved']} proved in full, {data['logs_read']} logs read; {len(data['drift'])} drifted, "
         f"{len(data['unexplained'])} unexplained update(s)"
     )
+    click.echo(
+        f"{data['log_changes']} log(s) deleted or edited since the last pass; outbox: "
+        f"{data['outbox_pruned']} settled entries accounted for and pruned, "
+        f"{data['logs_without_entry']} new log(s) without an entry"
+    )
     if data["findings"]:
         echo_table(FINDING_HEADERS, [tuple(f.get(k) for k in _FINDING_KEYS) for f in data["findings"]])
     if data["unexplained"]:
