@@ -27,7 +27,6 @@ from mes_tasks.models import OUTBOX_SETTLED, FailedUpdate, OutboxMessage, Quanti
 log = logging.getLogger(__name__)
 
 SENT, SPOOLED = "sent", "spooled"
-SETTLED = OUTBOX_SETTLED  # has its outcome; kept until continuous verification accounted for it
 SETTLED_KEEP_S = 86400.0  # a settled entry no pass accounted for is deleted after this long
 WAITING = [SPOOLED, None]  # an entry written without a state is spooled (mongoengine's default)
 DUPLICATE_KEY = 11000  # MongoDB's error code: an entry of this job id exists
@@ -160,7 +159,7 @@ def settle(ids: list[Any], *, keep: bool) -> int:
             return int(outbox_collection().delete_many({"_id": {"$in": ids}}).deleted_count)
         now = utcnow()
         done = outbox_collection().update_many(
-            {"_id": {"$in": ids}, "state": SENT}, {"$set": {"state": SETTLED, "settled_at": now}}
+            {"_id": {"$in": ids}, "state": SENT}, {"$set": {"state": OUTBOX_SETTLED, "settled_at": now}}
         )
         return int(done.modified_count)
 
@@ -169,7 +168,7 @@ def prune_settled(before: datetime) -> int:
     """Delete the settled entries settled before ``before``, accounted for or not: the bound
     on the outbox of a deployment whose verification passes do not run."""
     with mongo_errors():
-        gone = outbox_collection().delete_many({"state": SETTLED, "settled_at": {"$lt": before}})
+        gone = outbox_collection().delete_many({"state": OUTBOX_SETTLED, "settled_at": {"$lt": before}})
         return int(gone.deleted_count)
 
 
