@@ -113,7 +113,7 @@ def create_app(settings: Settings | None = None, access: Access | None = None) -
 def _needs(role: str) -> Any:
     """A dependency that admits a bearer token of ``role`` (or ``operator``): 401 without, 403 below."""
 
-    def check(request: Request) -> str:
+    async def check(request: Request) -> str:  # no thread of its own: a header and a compare
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         found = _gateway(request).access.role_of(token.strip() if scheme.lower() == "bearer" else None)
         if found is None:
