@@ -93,6 +93,31 @@ def test_an_update_is_queued_applied_and_a_retried_call_counts_once(
     assert conflict.status == 409 and conflict.body["code"] == "REQUEST_ID_CONFLICT"
 
 
+def test_a_repeat_is_answered_from_the_log_only_for_a_request_id_a_submission_marked_as_sent(
+    api: Gateway, services: redis.Redis, settings: Any, start_worker: Callable[..., Worker]
+) -> None:
+    from mes_tasks.app import app
+    from mes_tasks.keys import sent_key
+    from mes_tasks.send.producer import SENT_MARK_S, submit_quantity_update
+
+    make_work_orders(["WO-1"])
+    item = {"work_order_id": "WO-1", "kind": "input", "quantity": 2}
+    assert submit_quantity_update(**item, request_id="py-1")["code"] == "QUEUED"  # a Python main app
+    assert 0 < services.ttl(sent_key(settings.key_prefix, "py-1")) <= SENT_MARK_S
+    app.send_task(UPDATE_QUANTITY, ["WO-1", "input", 5], {"request_id": "raw-1"})  # marks nothing
+    unnamed = api.call("POST", UPDATE, {**item, "quantity": 1})  # no request id given: nothing to mark
+    assert not services.exists(sent_key(settings.key_prefix, unnamed.body["job_id"]))
+    start_worker()
+    wait_until(lambda: _counters("WO-1") == (8, 0), 30, "the three updates applied")
+    marked = api.call("POST", UPDATE, {**item, "request_id": "py-1"})
+    assert marked.status == 200 and marked.body["code"] == "DUPLICATE"
+    unmarked = api.call("POST", UPDATE, {**item, "quantity": 5, "request_id": "raw-1"})  # not looked up:
+    assert unmarked.status == 202 and unmarked.body["code"] == "QUEUED"  # sent again, counted once
+    wait_until(lambda: api.call("GET", f"/api/updates/raw-1?job_id={unmarked.body['job_id']}").body["state"]
+               == "duplicate", 30, "the repeat seen as a duplicate")  # fmt: skip
+    assert _counters("WO-1") == (8, 0)
+
+
 def test_the_idempotency_key_header_is_the_request_id_and_must_agree_with_the_body(api: Gateway) -> None:
     make_work_orders(["WO-1"])
     item = {"work_order_id": "WO-1", "kind": "input", "quantity": 1}

@@ -6,6 +6,11 @@ at once, ``DUPLICATE`` with the log's value (or ``REQUEST_ID_CONFLICT`` for anot
 under that id), and not sent again. That is what makes a main app's retry of an HTTP call
 whose first call went through cheap and plain; the count is exactly-once either way,
 since the worker's log decides.
+
+Only a request id marked as sent (``Producer.sent_before``: queued by a submission within
+``SENT_MARK_S``) is looked up: a first call, the common case, costs MongoDB nothing before
+it is sent. One that is not marked (sent by ``.delay()``, or longer ago) is sent again,
+answered ``QUEUED``, and the log counts it once.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from mes_tasks.models import QuantityLog
 from mes_tasks.send.answers import refused
 from mes_tasks.send.binding import MAX_BATCH_ITEMS
 from mes_tasks.send.producer import Producer
-from mes_tasks.validation import UPDATE_FIELDS, shown, validate_item
+from mes_tasks.validation import shown, validate_item
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 DUPLICATE = "DUPLICATE"
@@ -46,10 +51,10 @@ def submit_one(producer: Producer, item: dict[str, Any]) -> dict[str, Any]:
         req = validate_item(item)
     except ValidationError as exc:
         return refused(exc)
-    logged = _logged_if_readable([req.request_id] if req.request_id else [])
+    logged = _logged_of(producer, [req.request_id] if req.request_id else [])
     if req.request_id in logged:
         return _already(logged[req.request_id], item)
-    return producer.submit(*(item.get(name) for name in UPDATE_FIELDS))
+    return producer.submit_valid(req)
 
 
 def submit_batch(producer: Producer, items: Sequence[Any]) -> list[dict[str, Any]]:
@@ -64,7 +69,7 @@ def submit_batch(producer: Producer, items: Sequence[Any]) -> list[dict[str, Any
             "sent; send it as several batches",
             code="BATCH_TOO_LARGE",
         )
-    logged = _logged_if_readable(_request_ids(items))
+    logged = _logged_of(producer, _request_ids(items))
     results: list[dict[str, Any] | None] = [None] * len(items)
     sent_at = []
     for i, item in enumerate(items):
@@ -97,11 +102,13 @@ def logged_updates(request_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
         return {d["request_id"]: d for d in found}
 
 
-def _logged_if_readable(request_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """``logged_updates``, or nothing with MongoDB down: the producer answers for the broker
-    then (queued unrecorded, spooled, or nothing recorded), and the worker's log decides."""
+def _logged_of(producer: Producer, request_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """``logged_updates`` of those request ids that may be logged: the ones marked as sent, or
+    all of them when Redis cannot say. Nothing with MongoDB down: the producer answers for
+    the broker then (queued unrecorded, spooled, or nothing recorded), and the log decides."""
+    marked = producer.sent_before(request_ids)
     try:
-        return logged_updates(request_ids)
+        return logged_updates(request_ids if marked is None else [r for r in request_ids if r in marked])
     except MongoUnavailable:
         return {}
 

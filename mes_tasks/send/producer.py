@@ -21,7 +21,7 @@ from pymongo.collection import Collection
 from mes_tasks import db
 from mes_tasks.broker import is_outage
 from mes_tasks.errors import MesError, QueueError, ValidationError
-from mes_tasks.keys import apply_ms_key, unrecorded_key
+from mes_tasks.keys import apply_ms_key, sent_key, unrecorded_key
 from mes_tasks.models import OutboxMessage
 from mes_tasks.partitions import queue_names
 from mes_tasks.queues import ask_waiting, waiting_from
@@ -31,13 +31,16 @@ from mes_tasks.send.binding import MAX_BATCH_ITEMS, job_of, listed, slots, too_l
 from mes_tasks.send.outbox import Job
 from mes_tasks.send.publish import PUBLISH_DEADLINE_S, PUBLISH_TIMEOUT_S, Publisher
 from mes_tasks.settings import Settings, get_settings, mask_secrets
-from mes_tasks.validation import bind_update, check_update_size, validate_update
+from mes_tasks.validation import UpdateRequest, bind_update, check_update_size, validate_update
 
 log = logging.getLogger(__name__)
 
 DEFAULT_APPLY_MS = 10.0  # estimate per queued update until the worker has measured one
 OUTBOX_DOWN_BACKOFF_S = 1.0  # after the outbox failed, submissions skip it this long
 BATCH_CHUNK = 500  # updates of a batch published in one pipeline, then recorded in one write
+# How long a request id the caller gave stays marked as sent (``sent_before``): a repeat within
+# it is looked up in the log by the gateway; a later one is sent again, and the log counts it once.
+SENT_MARK_S = 600
 
 
 class Producer:
@@ -67,7 +70,15 @@ class Producer:
     ) -> dict[str, Any]:
         """Validate and enqueue one update; see ``submit_quantity_update``."""
         try:
-            job = job_of(validate_update(work_order_id, kind, quantity, request_id, context))
+            req = validate_update(work_order_id, kind, quantity, request_id, context)
+        except ValidationError as exc:
+            return refused(exc)
+        return self.submit_valid(req)
+
+    def submit_valid(self, req: UpdateRequest) -> dict[str, Any]:
+        """Enqueue one update that ``validate_update`` (or ``validate_item``) passed; see ``submit``."""
+        try:
+            job = job_of(req)
             sent = self.send(*job)
         except (ValidationError, QueueError) as exc:
             return refused(exc)
@@ -230,9 +241,11 @@ class Producer:
         self.publisher.publish_all(jobs)
 
     def _answers(self, jobs: Sequence[Job], sent: dict[str, Sent]) -> dict[str, dict[str, Any]]:
-        """Each update's result dict, by job id; the queue is read once, if any was queued."""
+        """Each update's result dict, by job id; the queue is read once, if any was queued, and
+        the request ids the callers gave to the queued ones marked as sent in the same round trip."""
         queued = [job for job in jobs if sent[job.job_id].queued]
-        length, per_update_ms = self.queue_state() if queued else (None, None)
+        given = [rid for job in queued if (rid := job.kwargs["request_id"]) != job.job_id]  # not defaulted
+        length, per_update_ms = self.queue_state(marking=given) if queued else (None, None)
         behind = {job.job_id: len(queued) - 1 - i for i, job in enumerate(queued)}  # queued after it
         return {job.job_id: answer(job, sent[job.job_id], length, per_update_ms, behind.get(job.job_id, 0))
                 for job in jobs}  # fmt: skip
@@ -249,20 +262,38 @@ class Producer:
         length, per_update_ms = self.queue_state()
         return length, estimated_delay_ms(length, per_update_ms)
 
-    def queue_state(self) -> tuple[int | None, float | None]:
+    def queue_state(self, marking: Sequence[str] = ()) -> tuple[int | None, float | None]:
         """Messages waiting per workorder queue (the mean, over partitions) and the worker's
-        average time per update (ms)."""
+        average time per update (ms); ``marking``: request ids to mark as sent on the way."""
         queues = queue_names(self.settings.partitions)
         try:
             pipe = self.redis.pipeline(transaction=False)
             asked = ask_waiting(pipe, queues)
             pipe.get(apply_ms_key(self.settings.key_prefix))
+            for rid in marking:
+                pipe.set(sent_key(self.settings.key_prefix, rid), 1, ex=SENT_MARK_S)
             replies = pipe.execute()
         except redis.RedisError:
             return None, None
         lengths, apply_ms = waiting_from(queues, replies[:asked]).values(), replies[asked]
         self._seen = round(sum(lengths) / len(queues)), float(apply_ms) if apply_ms else DEFAULT_APPLY_MS
         return self._seen
+
+    def sent_before(self, request_ids: Sequence[str]) -> set[str] | None:
+        """Those of ``request_ids`` that a submission queued within ``SENT_MARK_S``, in one read;
+        None when Redis cannot say.
+
+        A request id in the log was sent before, and lately if its repeat is an HTTP retry: a
+        caller that answers repeats from the log (the gateway) looks up these only. A request
+        id sent by ``.delay()``, or longer ago, is not marked.
+        """
+        if not request_ids:
+            return set()
+        try:
+            found = self.redis.mget([sent_key(self.settings.key_prefix, rid) for rid in request_ids])
+        except redis.RedisError:
+            return None
+        return {rid for rid, mark in zip(request_ids, found, strict=True) if mark is not None}
 
 
 def _which(jobs: Sequence[Job]) -> str:
