@@ -51,6 +51,13 @@ class Client:
         self.headers = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
 
     def post(self, path: str, body: Any) -> dict[str, Any]:
+        try:
+            return self._post(path, body)
+        except ConnectionError:  # closed while idle (the server's keep-alive timeout): once more, anew
+            self.conn.close()
+            return self._post(path, body)
+
+    def _post(self, path: str, body: Any) -> dict[str, Any]:
         self.conn.request("POST", path, body=json.dumps(body), headers=self.headers)
         response = self.conn.getresponse()
         answer: dict[str, Any] = json.loads(response.read())
