@@ -41,6 +41,8 @@ BATCH_CHUNK = 500  # updates of a batch published in one pipeline, then recorded
 # How long a request id the caller gave stays marked as sent (``sent_before``): a repeat within
 # it is looked up in the log by the gateway; a later one is sent again, and the log counts it once.
 SENT_MARK_S = 600
+# Marks request ids as sent, each key with its expiry, in one command however many there are.
+_MARK_SENT = "for _, key in ipairs(KEYS) do redis.call('SET', key, '1', 'EX', ARGV[1]) end"
 
 
 class Producer:
@@ -270,8 +272,9 @@ class Producer:
             pipe = self.redis.pipeline(transaction=False)
             asked = ask_waiting(pipe, queues)
             pipe.get(apply_ms_key(self.settings.key_prefix))
-            for rid in marking:
-                pipe.set(sent_key(self.settings.key_prefix, rid), 1, ex=SENT_MARK_S)
+            if marking:
+                keys = [sent_key(self.settings.key_prefix, rid) for rid in marking]
+                pipe.eval(_MARK_SENT, len(keys), *keys, SENT_MARK_S)
             replies = pipe.execute()
         except redis.RedisError:
             return None, None
