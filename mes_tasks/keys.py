@@ -29,10 +29,12 @@ Key patterns:
                                    successor ends them (``killSessions``, see ``sessions``)
     {prefix}negwait:{request_id}   string, epoch seconds of the first time the update would have
                                    taken a counter below zero; EX = 2 x MES_NEGATIVE_WAIT_S
-    {prefix}sent:{request_id}      string "1", set by ``submit_quantity_update(s)`` (and so the
-                                   gateway) once the broker took an update whose request id the
-                                   caller gave; EX = ``SENT_MARK_S`` (600 s). The gateway looks a
-                                   request id up in the log only when it is marked
+    {prefix}sent                   sorted set, request id -> epoch seconds it was sent: added by
+                                   ``submit_quantity_update(s)`` (and so the gateway) once the
+                                   broker took an update whose request id the caller gave, trimmed
+                                   to the last ``SENT_MARK_S`` (600 s) at each addition; EX = 600 s.
+                                   The gateway looks a request id up in the log only when it is
+                                   in it. One key, so that no scan of the keyspace grows with it
     {prefix}stats:unrecorded       string, submissions queued without an outbox record
                                    (MongoDB down at the producer)
     {prefix}stats:apply_ms         string, moving average of one update's duration (ms), for
@@ -98,8 +100,8 @@ def negative_wait_key(prefix: str, request_id: str) -> str:
     return f"{prefix}negwait:{request_id}"
 
 
-def sent_key(prefix: str, request_id: str) -> str:
-    return f"{prefix}sent:{request_id}"
+def sent_key(prefix: str) -> str:
+    return f"{prefix}sent"
 
 
 def unrecorded_key(prefix: str) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import sys
+import time
 from typing import Any
 
 import pytest
@@ -11,10 +12,10 @@ import redis
 
 from cases import BAD_INPUTS, GOOD
 from devtools.devserver import Service
-from mes_tasks.keys import apply_ms_key
+from mes_tasks.keys import apply_ms_key, sent_key
 from mes_tasks.models import QuantityLog
 from mes_tasks.names import WORKORDER_QUEUE
-from mes_tasks.send.producer import Producer, submit_quantity_update
+from mes_tasks.send.producer import SENT_MARK_S, Producer, submit_quantity_update, submit_quantity_updates
 
 # An error in a result handle's __del__ (a talk to a Redis that is down) fails the test.
 pytestmark = pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
@@ -29,6 +30,23 @@ def test_a_queued_update_reports_its_job_queue_length_and_estimated_delay(redis_
     assert (second["queue_length"], second["estimated_delay_ms"]) == (2, 60)
     assert second["request_id"] == second["job_id"]  # no request id given: the task id stands in
     assert redis_client.llen(WORKORDER_QUEUE) == 2
+
+
+def test_request_ids_sent_lately_are_told_from_the_others_and_old_marks_are_trimmed(
+    redis_client: redis.Redis,
+) -> None:
+    sent = sent_key("mes:")
+    redis_client.zadd(
+        sent, {"long-ago": time.time() - SENT_MARK_S - 5, "lingering": time.time() - SENT_MARK_S - 1}
+    )
+    submit_quantity_update("WO-1", "input", 1, request_id="one")
+    submit_quantity_updates([{"work_order_id": "WO-1", "kind": "input", "quantity": 1, "request_id": f"b{i}"}
+                             for i in range(3)])  # fmt: skip
+    assert Producer().sent_before(["one", "b0", "b2", "never", "long-ago"]) == {"one", "b0", "b2"}
+    assert redis_client.zscore(sent, "long-ago") is None  # trimmed as new marks came in
+    assert 0 < redis_client.ttl(sent) <= SENT_MARK_S  # an idle deployment drops the set
+    redis_client.zadd(sent, {"lingering": time.time() - SENT_MARK_S - 1})
+    assert Producer().sent_before(["lingering"]) == set()  # not yet trimmed, but too old all the same
 
 
 @pytest.mark.parametrize(("override", "code"), BAD_INPUTS)

@@ -41,8 +41,12 @@ BATCH_CHUNK = 500  # updates of a batch published in one pipeline, then recorded
 # How long a request id the caller gave stays marked as sent (``sent_before``): a repeat within
 # it is looked up in the log by the gateway; a later one is sent again, and the log counts it once.
 SENT_MARK_S = 600
-# Marks request ids as sent, each key with its expiry, in one command however many there are.
-_MARK_SENT = "for _, key in ipairs(KEYS) do redis.call('SET', key, '1', 'EX', ARGV[1]) end"
+# When each of ARGV was marked as sent (nil if not), in one command however many they are
+# (ZMSCORE would need Redis 6.2).
+_SENT_AT = (
+    "local at = {} for i, rid in ipairs(ARGV) do at[i] = redis.call('ZSCORE', KEYS[1], rid) or false end "
+    "return at"
+)
 
 
 class Producer:
@@ -273,8 +277,10 @@ class Producer:
             asked = ask_waiting(pipe, queues)
             pipe.get(apply_ms_key(self.settings.key_prefix))
             if marking:
-                keys = [sent_key(self.settings.key_prefix, rid) for rid in marking]
-                pipe.eval(_MARK_SENT, len(keys), *keys, SENT_MARK_S)
+                now, sent = time.time(), sent_key(self.settings.key_prefix)
+                pipe.zadd(sent, dict.fromkeys(marking, now))
+                pipe.zremrangebyscore(sent, "-inf", now - SENT_MARK_S)
+                pipe.expire(sent, SENT_MARK_S)
             replies = pipe.execute()
         except redis.RedisError:
             return None, None
@@ -293,10 +299,12 @@ class Producer:
         if not request_ids:
             return set()
         try:
-            found = self.redis.mget([sent_key(self.settings.key_prefix, rid) for rid in request_ids])
+            sent_at = self.redis.eval(_SENT_AT, 1, sent_key(self.settings.key_prefix), *request_ids)
         except redis.RedisError:
             return None
-        return {rid for rid, mark in zip(request_ids, found, strict=True) if mark is not None}
+        since = time.time() - SENT_MARK_S
+        lately = [at is not None and float(at) > since for at in sent_at]
+        return {rid for rid, marked in zip(request_ids, lately, strict=True) if marked}
 
 
 def _which(jobs: Sequence[Job]) -> str:
