@@ -16,6 +16,7 @@ from conftest import with_redis_down
 from devtools.devserver import Service
 from devtools.faultproxy import FaultProxy
 from mes_tasks import broker
+from mes_tasks.api.submit import submit_one
 from mes_tasks.app import app
 from mes_tasks.models import OutboxMessage
 from mes_tasks.names import WORKORDER_QUEUE
@@ -70,11 +71,14 @@ def test_a_batch_and_a_single_update_answer_within_about_a_second_while_redis_is
     proxy.stall(30)  # every connection, open or new, forwards nothing: a frozen or cut-off Redis
     answers, took = timed(lambda: producer.submit_many(items(BURST, "silent")))
     one, took_one = timed(lambda: producer.submit("WO-1", "input", 1, "silent-one"))
+    gateway_item = {"work_order_id": "WO-1", "kind": "input", "quantity": 1, "request_id": "silent-http"}
+    over_http, took_http = timed(lambda: submit_one(producer, gateway_item))  # the sent marks read first
     proxy.clear()
     assert took < ANSWER_BOUND_S, f"a batch of {BURST} held its caller {took:.1f} s"
     assert took_one < ANSWER_BOUND_S, f"a single update held its caller {took_one:.1f} s"
-    assert {a["code"] for a in answers} == {"SPOOLED"} and one["code"] == "SPOOLED"
-    assert OutboxMessage.objects(state="spooled").count() == BURST + 1
+    assert took_http < ANSWER_BOUND_S, f"a gateway submission held its caller {took_http:.1f} s"
+    assert {a["code"] for a in answers} == {"SPOOLED"} and one["code"] == over_http["code"] == "SPOOLED"
+    assert OutboxMessage.objects(state="spooled").count() == BURST + 2
 
 
 def test_every_update_answered_queued_is_in_the_broker_in_a_producer_that_lived_through_an_outage(

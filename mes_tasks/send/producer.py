@@ -60,6 +60,9 @@ class Producer:
             redis_timeout_s=min(self.settings.redis_timeout_s, PUBLISH_TIMEOUT_S),
         )
         self.redis = redis_client or db.redis_client(bounded)
+        # The sent marks are read once, never tried again: a silent Redis then costs the
+        # gateway's submission one timeout before its publish gives up, not two.
+        self._marks = redis_client or db.redis_client(bounded, retry=False)
         self._outbox: Collection[dict[str, Any]] | None = None
         self._outbox_down_until = 0.0
         self.unrecorded = 0  # submissions sent without an outbox record, in this process
@@ -299,7 +302,7 @@ class Producer:
         if not request_ids:
             return set()
         try:
-            sent_at = self.redis.eval(_SENT_AT, 1, sent_key(self.settings.key_prefix), *request_ids)
+            sent_at = self._marks.eval(_SENT_AT, 1, sent_key(self.settings.key_prefix), *request_ids)
         except redis.RedisError:
             return None
         since = time.time() - SENT_MARK_S
