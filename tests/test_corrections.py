@@ -10,7 +10,9 @@ from conftest import Worker, make_work_orders, wait_until
 from devtools.devserver import Service
 from mes_tasks.models import FailedUpdate, QuantityLog, WorkOrder
 from mes_tasks.send.producer import Producer
+from mes_tasks.settings import Settings
 from mes_tasks.tasks import relay_outbox
+from mes_tasks.worker.retries import NEGATIVE_QUICK_RETRIES, negative_wait_backoff_s
 
 
 def test_a_correction_that_overtakes_its_spooled_count_nets_to_zero_with_no_operator(
@@ -43,3 +45,15 @@ def test_a_correction_whose_count_never_comes_is_dead_lettered_after_the_wait(
     failed = FailedUpdate.objects.get(request_id="scrap-2")
     assert failed.error_code == "NEGATIVE_COUNTER" and failed.attempts > 1  # retried, then given up
     assert WorkOrder.objects.get(id="WO-1").output_qty == 2
+
+
+def test_a_correction_waiting_for_its_count_looks_again_within_a_step_a_few_times_then_backs_off() -> None:
+    """A count spooled in an outage arrives seconds after its correction: the correction must
+    not sleep through it on a 2-4 s step (chaos: "spooled counts, corrections first")."""
+    settings = Settings(retry_backoff_s=1.0, retry_backoff_max_s=60.0)
+    for retries in range(NEGATIVE_QUICK_RETRIES):
+        assert all(0.5 <= negative_wait_backoff_s(retries, settings) <= 1.0 for _ in range(50)), retries
+    assert 3 <= NEGATIVE_QUICK_RETRIES <= 5  # quick looks cover the relay's few seconds, and no more
+    later = [negative_wait_backoff_s(NEGATIVE_QUICK_RETRIES + 1, settings) for _ in range(50)]
+    assert all(2.0 <= s <= 4.0 for s in later)  # then the steps grow as any retry's do
+    assert negative_wait_backoff_s(50, settings) <= 60.0

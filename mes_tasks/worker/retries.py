@@ -33,6 +33,10 @@ from mes_tasks.worker.state import STATE, LedgerTask
 log = logging.getLogger(__name__)
 
 MAX_ERROR_CHARS = 500  # of an unexpected error's text, in logs and dead letters
+# A correction that overtook its count is looked at again this many times on the backoff's
+# first step before the steps grow: the count is usually a few seconds behind (spooled in an
+# outage and relayed once the broker is back), and the third step (2-4 s) made it wait on.
+NEGATIVE_QUICK_RETRIES = 4
 
 
 class InternalError(TransientError):
@@ -45,6 +49,12 @@ def backoff_s(retries: int, settings: Settings) -> float:
     """Capped exponential backoff with jitter (half to full of the capped step)."""
     step = min(settings.retry_backoff_max_s, settings.retry_backoff_s * 2**retries)
     return float(step * random.uniform(0.5, 1.0))
+
+
+def negative_wait_backoff_s(retries: int, settings: Settings) -> float:
+    """The countdown of a correction waiting for its count: the first ``NEGATIVE_QUICK_RETRIES``
+    retries each wait the first step of ``backoff_s``, the later ones its growing steps."""
+    return backoff_s(max(0, retries - NEGATIVE_QUICK_RETRIES + 1), settings)
 
 
 def count(outcome: str, code: str | None = None, apply_ms: float | None = None) -> None:
@@ -95,7 +105,7 @@ def wait_for_count_or_dead_letter(task: LedgerTask, exc: NegativeCounter, reques
     left = settings.negative_wait_s - waited
     if left <= 0:
         dead_letter(task, exc)
-    countdown = min(backoff_s(task.request.retries, settings), left)
+    countdown = min(negative_wait_backoff_s(task.request.retries, settings), left)
     log.warning("%s: %s; its count may be late: retry in %.2fs (%.0fs of %gs waited)",
                 exc.code, exc.message, countdown, waited, settings.negative_wait_s)  # fmt: skip
     count(tally.RETRIED, exc.code)
