@@ -103,3 +103,24 @@ def test_a_relay_run_stays_short_however_many_updates_are_spooled(
         published, runs = published + relay_outbox(grace_s=60)["published"], runs + 1
     assert published == n and redis_client.llen(WORKORDER_QUEUE) == n
     assert OutboxMessage.objects(state="spooled").count() == 0
+
+
+def test_spooled_updates_the_broker_refused_at_the_start_of_a_run_go_out_at_its_end(
+    mongo: Mongo, redis_client: redis.Redis
+) -> None:
+    """The broker comes back while a run looks at overdue entries: the spooled ones (a count a
+    correction overtook) are published in that run, not a run later."""
+    OutboxMessage._get_collection().insert_many(entries(3, "back", state="spooled"))
+    long_ago = utcnow() - timedelta(seconds=120)
+    OutboxMessage._get_collection().insert_many(entries(1, "lost", state="sent", sent_at=long_ago))
+    refusals = [OSError("broker still down")]
+
+    def publish_once_back(job_id: str, args: list[Any], kwargs: dict[str, Any]) -> Any:
+        if refusals:
+            raise refusals.pop()
+        return publish(job_id, args, kwargs)
+
+    result = relay.relay(publish_once_back, lambda: {}, grace_s=60)
+    assert (result.published, result.republished) == (3, 1)  # the broker read: the lost one sent again
+    assert redis_client.llen(WORKORDER_QUEUE) == 4
+    assert OutboxMessage.objects(state="spooled").count() == 0

@@ -22,7 +22,9 @@ pile up however much is waiting:
    none while nothing is overdue, and a read of N messages at most every N x
    ``RELAY_SNOOZE_PER_READ_S``. An
    update near the head of a long queue that the broker then loses (its ``BRPOP``'s reply
-   never read) is re-sent seconds later, not after the whole queue's drain.
+   never read) is re-sent seconds later, not after the whole queue's drain;
+3. if the broker refused step 1 and then answered step 2's read, tries step 1 once more: a
+   spooled count that a correction overtook then waits one run less.
 
 Step 2's re-publish covers what the broker itself can lose: kombu's Redis transport pops a
 message (BRPOP) and records it as unacknowledged in a second step, so a worker killed or a
@@ -129,8 +131,11 @@ def relay(
     result = RelayResult()
     share = get_settings().outbox_relay_interval_s * RELAY_BUDGET_SHARE
     until = time.monotonic() + (share if budget_s is None else budget_s)
-    _publish_spooled(publish, limit, until, result)
-    _check_overdue(publish, _Broker(held, pace), grace_s, limit, until, result)
+    broker = _Broker(held, pace)
+    refused = not _publish_spooled(publish, limit, until, result)
+    _check_overdue(publish, broker, grace_s, limit, until, result)
+    if refused and broker.ids is not None:  # it answered since: spooled counts wait one run less
+        _publish_spooled(publish, limit, until, result)
     _prune_now_and_then()
     return result
 
@@ -149,18 +154,19 @@ def _prune_now_and_then() -> None:
         log.warning("outbox: %d settled entries no verification pass accounted for in a day, deleted", gone)
 
 
-def _publish_spooled(publish: Publish, limit: int, until: float, result: RelayResult) -> None:
-    """Spooled entries, oldest first, a page at a time, until the broker refuses one or time is up."""
+def _publish_spooled(publish: Publish, limit: int, until: float, result: RelayResult) -> bool:
+    """Spooled entries, oldest first, a page at a time, until the broker refuses one or time is
+    up; False if the broker refused one."""
     while True:
         with mongo_errors():
             page = list(outbox_collection().find({"state": {"$in": WAITING}}).sort("sent_at", 1).limit(limit))
         if not page:
-            return
+            return True
         sent, complete = _send_all(publish, page, result)
         _mark_sent(sent, {"$inc": {"attempts": 1}})
         result.published += len(sent)
         if not complete or time.monotonic() >= until:
-            return
+            return complete
 
 
 def _send_all(publish: Publish, page: list[Doc], result: RelayResult) -> tuple[list[Any], bool]:
