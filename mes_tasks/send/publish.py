@@ -81,15 +81,17 @@ def _connections(settings: Settings) -> tuple[Any, Any]:
     return pool, app.events.Dispatcher(connection=conn, enabled=False, buffer_while_offline=False)
 
 
-def send_task(job: Job, options: dict[str, Any]) -> AsyncResult:
+def send_task(job: Job, options: dict[str, Any], where: dict[str, str] | None = None) -> AsyncResult:
     """Every publish of an update; Flower and the logs show it as ``readable`` puts it.
 
     With ``MES_PARTITIONS`` > 1 the update goes to its work order's partition, whatever
-    queue the caller named: one work order's updates must share one queue.
+    queue the caller named: one work order's updates must share one queue. ``where``: its
+    ``route``, if the caller has it already.
     """
     reprs = readable(job.args, job.kwargs)
+    where = route(job) if where is None else where
     result: AsyncResult = app.send_task(
-        UPDATE_QUANTITY, job.args, job.kwargs, task_id=job.job_id, **{**reprs, **options, **route(job)}
+        UPDATE_QUANTITY, job.args, job.kwargs, task_id=job.job_id, **{**reprs, **options, **where}
     )
     return result
 
@@ -148,8 +150,9 @@ class Publisher:
                     # A queue is declared by its first message of the batch only: kombu's own
                     # check that it is declared already costs each message a copy of the queue
                     # (about a sixth of a batch's publish).
-                    queue = route(job).get("queue")
-                    send_task(job, options if queue not in declared else {**options, "declare": []})
+                    where = route(job)
+                    queue = where.get("queue")
+                    send_task(job, options if queue not in declared else {**options, "declare": []}, where)
                     declared.add(queue)
                 batch.flush()  # raises where leaving the context could skip an aborted batch
 
